@@ -1,0 +1,86 @@
+#pragma once
+// fusedattn::MultiheadAttention: torch.nn.MultiheadAttention's options, parameters (names,
+// shapes, initialisation) and forward semantics, computed by the fused attention op.
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/common.h>
+#include <torch/nn/pimpl.h>
+
+#include <optional>
+#include <ostream>
+#include <tuple>
+
+#include "fusedattn/macros.h"
+
+namespace fusedattn {
+
+struct FUSEDATTN_API MultiheadAttentionOptions {
+  MultiheadAttentionOptions(int64_t embed_dim, int64_t num_heads);
+  TORCH_ARG(int64_t, embed_dim);
+  TORCH_ARG(int64_t, num_heads);
+  // Dropout on the attention probabilities, applied in training mode only.
+  TORCH_ARG(double, dropout) = 0.0;
+  // Biases of the input and output projections.
+  TORCH_ARG(bool, bias) = true;
+  // Learned key and value appended to the key/value sequences (bias_k, bias_v).
+  TORCH_ARG(bool, add_bias_kv) = false;
+  // A zero key and value appended to the key/value sequences.
+  TORCH_ARG(bool, add_zero_attn) = false;
+  // Feature sizes of key and value (default embed_dim).
+  TORCH_ARG(int64_t, kdim);
+  TORCH_ARG(int64_t, vdim);
+  // Inputs and output are (N, L, E) instead of (L, N, E).
+  TORCH_ARG(bool, batch_first) = false;
+  // Per-head projection size (default embed_dim / num_heads): q/k/v map to num_heads *
+  // head_dim features and out_proj maps back to embed_dim. Beyond torch.
+  TORCH_ARG(std::optional<int64_t>, head_dim) = std::nullopt;
+};
+
+class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<MultiheadAttentionImpl> {
+ public:
+  MultiheadAttentionImpl(int64_t embed_dim, int64_t num_heads)
+      : MultiheadAttentionImpl(MultiheadAttentionOptions(embed_dim, num_heads)) {}
+  explicit MultiheadAttentionImpl(const MultiheadAttentionOptions& options);
+
+  // query (L, N, E), key (S, N, kdim), value (S, N, vdim); (N, ...) first with batch_first;
+  // 2-D for one unbatched sequence. key_padding_mask (N, S): bool True = ignore that key, or
+  // float added. attn_mask (L, S) or (N * num_heads, L, S): bool True = NOT allowed, or float
+  // added. is_causal: apply a causal mask (together with attn_mask if both are given).
+  // -> (attn_output like query, attn_weights (N, L, S) averaged over heads or (N, H, L, S),
+  //     undefined unless need_weights). Weights are the probabilities before dropout.
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query, const at::Tensor& key,
+                                             const at::Tensor& value,
+                                             const at::Tensor& key_padding_mask = {},
+                                             bool need_weights = true,
+                                             const at::Tensor& attn_mask = {},
+                                             bool average_attn_weights = true,
+                                             bool is_causal = false);
+
+  void reset() override;
+  void reset_parameters();
+  void pretty_print(std::ostream& stream) const override;
+
+  int64_t head_dim() const;            // per-head projection size
+  bool qkv_same_embed_dim() const;     // kdim == vdim == embed_dim: in_proj_weight is packed
+
+  MultiheadAttentionOptions options;
+  // Undefined where torch's module has None.
+  at::Tensor in_proj_weight;   // (3 * H * head_dim, E) when qkv_same_embed_dim()
+  at::Tensor q_proj_weight;    // (H * head_dim, E)     otherwise
+  at::Tensor k_proj_weight;    // (H * head_dim, kdim)
+  at::Tensor v_proj_weight;    // (H * head_dim, vdim)
+  at::Tensor in_proj_bias;     // (3 * H * head_dim) with bias
+  at::Tensor bias_k, bias_v;   // (1, 1, H * head_dim) with add_bias_kv
+  torch::nn::Linear out_proj = nullptr;  // H * head_dim -> E
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({3, torch::nn::AnyValue(at::Tensor())},
+                           {4, torch::nn::AnyValue(true)},
+                           {5, torch::nn::AnyValue(at::Tensor())},
+                           {6, torch::nn::AnyValue(true)},
+                           {7, torch::nn::AnyValue(false)})
+};
+
+TORCH_MODULE(MultiheadAttention);
+
+}  // namespace fusedattn

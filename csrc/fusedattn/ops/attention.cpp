@@ -1,0 +1,101 @@
+#include "fusedattn/ops/attention.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <limits>
+
+namespace fusedattn {
+namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+}  // namespace
+
+namespace ops {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
+    c10::string_view causal_alignment, bool return_weights, bool return_lse) {
+  static auto op = op_handle<decltype(attention)>("fusedattn::attention");
+  return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                 key_padding_mask, causal_alignment, return_weights, return_lse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+  static auto op = op_handle<decltype(attention_forward)>("fusedattn::_attention_forward");
+  return op.call(query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
+                 is_causal, bottom_right, scale, enable_gqa, return_weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
+    bool key_padding_mask_grad) {
+  static auto op = op_handle<decltype(attention_backward)>("fusedattn::_attention_backward");
+  return op.call(grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
+                 key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale,
+                 enable_gqa, attn_mask_grad, key_padding_mask_grad);
+}
+
+}  // namespace ops
+
+AttentionResult attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const AttentionOptions& o) {
+  auto [out, weights, lse] =
+      ops::attention(query, key, value, opt(o.attn_mask()), o.dropout_p(), o.is_causal(),
+                     o.scale(), o.enable_gqa(), opt(o.key_padding_mask()), o.causal_alignment(),
+                     o.return_weights(), o.return_lse());
+  AttentionResult r;
+  r.out = std::move(out);
+  if (o.return_weights()) r.weights = std::move(weights);
+  if (o.return_lse()) r.lse = std::move(lse);
+  return r;
+}
+
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
+    c10::string_view causal_alignment, bool return_weights, bool return_lse) {
+  TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
+              "attention: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
+              std::string(causal_alignment), "\"");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0,
+              "attention: dropout_p must be in [0, 1], got ", dropout_p);
+  // The seed is drawn with an ATen op (not by reading the generator directly) so that
+  // torch.compile records the draw instead of baking one seed into the graph.
+  std::optional<at::Tensor> seed;
+  if (dropout_p > 0.0) {
+    seed = at::randint(std::numeric_limits<int64_t>::max(), {1},
+                       at::TensorOptions().dtype(at::kLong));
+  }
+  auto [out, lse, weights] =
+      ops::attention_forward(query, key, value, attn_mask, key_padding_mask, seed, dropout_p,
+                             is_causal, causal_alignment == "bottom_right", scale, enable_gqa,
+                             return_weights);
+  (void)return_lse;  // lse is always computed (the backward needs it); the caller picks.
+  return {out, weights, lse};
+}
+
+}  // namespace detail
+}  // namespace fusedattn

@@ -1,0 +1,87 @@
+#pragma once
+// The C++ face of the op `fusedattn::attention`: thin wrappers that call the dispatcher, so a
+// C++ caller goes through exactly the path (backend kernels, autograd) that Python takes.
+#include <ATen/core/Tensor.h>
+#include <torch/arg.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "fusedattn/macros.h"
+
+namespace fusedattn {
+
+// Shapes: query (..., H, L, E), key (..., Hk, S, E), value (..., Hk, S, Ev); "..." are the
+// same batch dims for all three; Hk == H, or H % Hk == 0 with enable_gqa.
+struct FUSEDATTN_API AttentionOptions {
+  // bool: True where attention is allowed; float (query's dtype): added to the scaled scores.
+  // Any shape that broadcasts to (..., H, L, S).
+  TORCH_ARG(at::Tensor, attn_mask);
+  TORCH_ARG(double, dropout_p) = 0.0;
+  TORCH_ARG(bool, is_causal) = false;
+  // Default 1 / sqrt(E).
+  TORCH_ARG(std::optional<double>, scale) = std::nullopt;
+  TORCH_ARG(bool, enable_gqa) = false;
+  // (..., S): bool True = this key is padding and is ignored; float: added to the scores.
+  TORCH_ARG(at::Tensor, key_padding_mask);
+  // "top_left" (SDPA's rule: query i sees keys j <= i) or "bottom_right" (query i sees keys
+  // j <= i + S - L: the last query sees every key, as a decoder with a KV cache needs).
+  TORCH_ARG(std::string, causal_alignment) = "top_left";
+  TORCH_ARG(bool, return_weights) = false;
+  TORCH_ARG(bool, return_lse) = false;
+};
+
+struct AttentionResult {
+  at::Tensor out;                     // (..., H, L, Ev), query's dtype
+  std::optional<at::Tensor> weights;  // (..., H, L, S) probabilities after masking, before dropout
+  std::optional<at::Tensor> lse;      // (..., H, L) log-sum-exp of the scaled, masked scores
+};
+
+// Rows whose keys are all masked give out = 0, weights = 0, lse = -inf and zero gradients.
+FUSEDATTN_API AttentionResult attention(const at::Tensor& query, const at::Tensor& key,
+                                        const at::Tensor& value,
+                                        const AttentionOptions& options = {});
+
+namespace ops {
+// One function per schema, calling the dispatcher (the schemas are in registration.cpp).
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
+    c10::string_view causal_alignment, bool return_weights, bool return_lse);
+
+// -> (out, lse, weights); weights is empty unless return_weights.
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights);
+
+// -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask); the last two
+// are empty unless asked for.
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
+                   const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
+                   const at::Tensor& key, const at::Tensor& value, const at::Tensor& out,
+                   const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+                   const std::optional<at::Tensor>& key_padding_mask,
+                   const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+                   bool is_causal, bool bottom_right, std::optional<double> scale,
+                   bool enable_gqa, bool attn_mask_grad, bool key_padding_mask_grad);
+}  // namespace ops
+
+namespace detail {
+// Defined next to the op registrations; fusedattn.h references it (see there).
+FUSEDATTN_API int64_t link_anchor();
+
+// The CompositeImplicitAutograd kernel of `attention`: validates the flags, draws the dropout
+// seed from torch's default generator and calls `_attention_forward`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
+    c10::string_view causal_alignment, bool return_weights, bool return_lse);
+}  // namespace detail
+
+}  // namespace fusedattn

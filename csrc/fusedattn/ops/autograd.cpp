@@ -1,0 +1,92 @@
+// Autograd for `_attention_forward`, in C++ so C++ apps differentiate through the same code
+// as Python. Forward and backward each call the dispatcher below the autograd key, so the
+// backend kernels (CPU, CUDA) and torch.compile's fake kernels are reached the same way.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "fusedattn/ops/attention.h"
+
+namespace fusedattn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  // Inputs 0..4 are tensors (query, key, value, attn_mask, key_padding_mask); a float mask
+  // may require grad. The outputs are (out, lse, weights); all three are differentiable.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+                               bool is_causal, bool bottom_right, std::optional<double> scale,
+                               bool enable_gqa, bool return_weights) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse, weights] =
+        ops::attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_seed,
+                               dropout_p, is_causal, bottom_right, scale, enable_gqa,
+                               return_weights);
+    ctx->save_for_backward({query, key, value, out, lse, attn_mask.value_or(at::Tensor()),
+                            key_padding_mask.value_or(at::Tensor()),
+                            dropout_seed.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["enable_gqa"] = enable_gqa;
+    ctx->set_materialize_grads(false);
+    if (!return_weights) ctx->mark_non_differentiable({weights});
+    return {out, lse, weights};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fusedattn.attention: double backward (create_graph=True) is not supported");
+    const auto saved = ctx->get_saved_variables();
+    const auto &query = saved[0], &key = saved[1], &value = saved[2], &out = saved[3],
+               &lse = saved[4], &attn_mask = saved[5], &key_padding_mask = saved[6],
+               &dropout_seed = saved[7];
+    const bool mask_grad = attn_mask.defined() && ctx->needs_input_grad(3);
+    const bool kpm_grad = key_padding_mask.defined() && ctx->needs_input_grad(4);
+    const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+
+    auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_backward(
+        grad_out, defined_or_none(grads[2]), defined_or_none(grads[1]), query, key, value, out,
+        lse, defined_or_none(attn_mask), defined_or_none(key_padding_mask),
+        defined_or_none(dropout_seed), ctx->saved_data["dropout_p"].toDouble(),
+        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),
+        ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(),
+        mask_grad, kpm_grad);
+    return {dq,
+            dk,
+            dv,
+            mask_grad ? d_mask : at::Tensor(),
+            kpm_grad ? d_kpm : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+  auto outs = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
+                                       dropout_seed, dropout_p, is_causal, bottom_right, scale,
+                                       enable_gqa, return_weights);
+  return {outs[0], outs[1], outs[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedattn, Autograd, m) {
+  m.impl("_attention_forward", &attention_forward_autograd);
+}
+
+}  // namespace fusedattn

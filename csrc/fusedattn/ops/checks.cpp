@@ -1,0 +1,122 @@
+#include "fusedattn/ops/checks.h"
+
+#include <c10/util/irange.h>
+
+#include <cmath>
+
+namespace fusedattn {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_mask_dtype(const at::Tensor& mask, const char* name, const at::Tensor& query) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == query.scalar_type(),
+              "attention: ", name, " must be bool or have query's dtype (", query.scalar_type(),
+              "), got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == query.device(), "attention: ", name,
+              " must be on query's device (", query.device(), "), got ", mask.device());
+}
+
+}  // namespace
+
+at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::vector<int64_t> AttentionProblem::out_shape() const {
+  auto s = batch;
+  s.insert(s.end(), {heads, q_len, v_head_dim});
+  return s;
+}
+std::vector<int64_t> AttentionProblem::lse_shape() const {
+  auto s = batch;
+  s.insert(s.end(), {heads, q_len});
+  return s;
+}
+std::vector<int64_t> AttentionProblem::weights_shape() const {
+  auto s = batch;
+  s.insert(s.end(), {heads, q_len, kv_len});
+  return s;
+}
+
+AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
+                                        const at::Tensor& value,
+                                        const std::optional<at::Tensor>& attn_mask,
+                                        const std::optional<at::Tensor>& key_padding_mask,
+                                        double dropout_p, std::optional<double> scale,
+                                        bool enable_gqa) {
+  TORCH_CHECK(query.dim() >= 3, "attention: query must have shape (..., H, L, E) with at least 3 dims, got ",
+              query.sizes());
+  TORCH_CHECK(key.dim() == query.dim() && value.dim() == query.dim(),
+              "attention: query, key and value must have the same number of dims, got query ",
+              query.sizes(), ", key ", key.sizes(), ", value ", value.sizes());
+  TORCH_CHECK(is_supported_float(query.scalar_type()),
+              "attention: query must be float64, float32, bfloat16 or float16, got ",
+              query.scalar_type());
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
+              "attention: query, key and value must have the same dtype, got query ",
+              query.scalar_type(), ", key ", key.scalar_type(), ", value ", value.scalar_type());
+  TORCH_CHECK(key.device() == query.device() && value.device() == query.device(),
+              "attention: query, key and value must be on the same device, got query ",
+              query.device(), ", key ", key.device(), ", value ", value.device());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ",
+              dropout_p);
+
+  const int64_t nd = query.dim();
+  AttentionProblem p;
+  p.batch.assign(query.sizes().begin(), query.sizes().end() - 3);
+  for (int64_t d : p.batch) p.batch_size *= d;
+  p.heads = query.size(-3);
+  p.q_len = query.size(-2);
+  p.head_dim = query.size(-1);
+  p.kv_heads = key.size(-3);
+  p.kv_len = key.size(-2);
+  p.v_head_dim = value.size(-1);
+
+  for (int64_t d = 0; d < nd - 3; ++d) {
+    TORCH_CHECK(key.size(d) == query.size(d) && value.size(d) == query.size(d),
+                "attention: query, key and value must have the same batch dims (...), got query ",
+                query.sizes(), ", key ", key.sizes(), ", value ", value.sizes());
+  }
+  TORCH_CHECK(key.size(-1) == p.head_dim, "attention: key must have shape (..., Hk, S, E) with E = ",
+              p.head_dim, " (query's last dim), got ", key.sizes());
+  TORCH_CHECK(value.size(-3) == p.kv_heads && value.size(-2) == p.kv_len,
+              "attention: value must have shape (..., Hk, S, Ev) with (Hk, S) = (", p.kv_heads, ", ",
+              p.kv_len, ") from key, got ", value.sizes());
+  if (enable_gqa) {
+    TORCH_CHECK(p.kv_heads > 0 && p.heads % p.kv_heads == 0,
+                "attention: with enable_gqa the number of query heads (", p.heads,
+                ") must be a multiple of the number of key/value heads (", p.kv_heads, ")");
+  } else {
+    TORCH_CHECK(p.kv_heads == p.heads, "attention: key and value must have H = ", p.heads,
+                " heads like query (or pass enable_gqa=True), got ", p.kv_heads);
+  }
+
+  if (attn_mask) {
+    const auto& m = *attn_mask;
+    check_mask_dtype(m, "attn_mask", query);
+    const auto target = p.weights_shape();
+    bool ok = m.dim() <= static_cast<int64_t>(target.size());
+    for (int64_t i = 1; ok && i <= m.dim(); ++i) {
+      const int64_t ms = m.size(-i), ts = target[target.size() - i];
+      ok = ms == 1 || ms == ts;
+    }
+    TORCH_CHECK(ok, "attention: attn_mask must broadcast to (..., H, L, S) = ",
+                c10::IntArrayRef(target), ", got ", m.sizes());
+  }
+  if (key_padding_mask) {
+    const auto& m = *key_padding_mask;
+    check_mask_dtype(m, "key_padding_mask", query);
+    auto expected = p.batch;
+    expected.push_back(p.kv_len);
+    TORCH_CHECK(m.sizes().equals(expected), "attention: key_padding_mask must have shape (..., S) = ",
+                c10::IntArrayRef(expected), ", got ", m.sizes());
+  }
+  p.scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim));
+  TORCH_CHECK(std::isfinite(p.scale), "attention: scale must be finite, got ", p.scale);
+  return p;
+}
+
+}  // namespace fusedattn

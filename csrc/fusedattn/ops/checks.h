@@ -1,0 +1,38 @@
+#pragma once
+// Argument checking for the attention kernels: one place that turns tensors into sizes and
+// rejects bad input with a message naming the argument. Every backend calls it before it
+// touches data.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace fusedattn {
+
+struct AttentionProblem {
+  std::vector<int64_t> batch;  // the leading "..." dims shared by query, key and value
+  int64_t batch_size = 1;      // product of batch
+  int64_t heads = 0;           // H
+  int64_t kv_heads = 0;        // Hk; H % Hk == 0
+  int64_t q_len = 0;           // L
+  int64_t kv_len = 0;          // S
+  int64_t head_dim = 0;        // E
+  int64_t v_head_dim = 0;      // Ev
+  double scale = 1.0;          // given, or 1 / sqrt(E)
+
+  std::vector<int64_t> out_shape() const;      // (..., H, L, Ev)
+  std::vector<int64_t> lse_shape() const;      // (..., H, L)
+  std::vector<int64_t> weights_shape() const;  // (..., H, L, S)
+};
+
+AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
+                                        const at::Tensor& value,
+                                        const std::optional<at::Tensor>& attn_mask,
+                                        const std::optional<at::Tensor>& key_padding_mask,
+                                        double dropout_p, std::optional<double> scale,
+                                        bool enable_gqa);
+
+// The dtype the kernels accumulate in: fp64 for fp64 inputs, fp32 otherwise. lse has it.
+at::ScalarType accumulate_type(at::ScalarType t);
+
+}  // namespace fusedattn

@@ -1,0 +1,41 @@
+#pragma once
+// The op `fusedattn::multihead_attention`: torch.nn.MultiheadAttention's forward over the
+// attention op. The C++ module and the Python module both call it through the dispatcher.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "fusedattn/macros.h"
+
+namespace fusedattn {
+namespace ops {
+// query (L, N, E) or (N, L, E) with batch_first, or (L, E) unbatched; key/value likewise with
+// S and kdim/vdim. in_proj_weight (3*H*Dh, E) packed, or q/k/v_proj_weight (H*Dh, E|kdim|vdim);
+// in_proj_bias (3*H*Dh); bias_k/bias_v (1, 1, H*Dh); out_proj_weight (E, H*Dh).
+// -> (attn_output like query, attn_weights (N, L, S') averaged or (N, H, L, S'), or empty)
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> multihead_attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, const std::optional<at::Tensor>& bias_k,
+    const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
+    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal);
+}  // namespace ops
+
+namespace detail {
+// Its CompositeImplicitAutograd kernel. Written with SymInt sizes so that torch.compile can
+// trace it with dynamic shapes.
+std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, const std::optional<at::Tensor>& bias_k,
+    const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
+    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal);
+}  // namespace detail
+}  // namespace fusedattn

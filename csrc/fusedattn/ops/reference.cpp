@@ -1,0 +1,189 @@
+#include "fusedattn/ops/reference.h"
+
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
+#include <ATen/Parallel.h>
+
+#include <limits>
+
+#include "fusedattn/kernels/dropout.h"
+
+namespace fusedattn::reference {
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// (..., Hk, S, D) -> (..., H, S, D): query head h reads key/value head h / (H / Hk).
+at::Tensor expand_kv_heads(const AttentionProblem& p, const at::Tensor& t) {
+  if (p.kv_heads == p.heads) return t;
+  const int64_t group = p.heads / p.kv_heads;
+  auto shape = t.sizes().vec();
+  auto expanded = t.unsqueeze(-3).expand({-1, group, -1, -1}).contiguous();  // (..., Hk, G, S, D)
+  shape[shape.size() - 3] = p.heads;
+  return expanded.view(shape);
+}
+
+// (..., H, S, D) -> (..., Hk, S, D): the gradient of expand_kv_heads.
+at::Tensor reduce_kv_heads(const AttentionProblem& p, const at::Tensor& t) {
+  if (p.kv_heads == p.heads) return t;
+  auto shape = t.sizes().vec();
+  shape[shape.size() - 3] = p.kv_heads;
+  shape.insert(shape.end() - 2, p.heads / p.kv_heads);
+  return t.reshape(shape).sum(-3);
+}
+
+// Scaled scores with every mask applied: (..., H, L, S) in the accumulate type.
+at::Tensor masked_scores(const AttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
+                         const std::optional<at::Tensor>& attn_mask,
+                         const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
+                         bool bottom_right) {
+  auto s = at::matmul(q, k.transpose(-2, -1)).mul_(p.scale);
+  if (attn_mask) {
+    if (attn_mask->scalar_type() == at::kBool) {
+      s.masked_fill_(attn_mask->logical_not(), kNegInf);
+    } else {
+      s.add_(attn_mask->to(s.scalar_type()));
+    }
+  }
+  if (key_padding_mask) {
+    auto shape = p.batch;
+    shape.insert(shape.end(), {1, 1, p.kv_len});
+    auto kpm = key_padding_mask->reshape(shape);
+    if (kpm.scalar_type() == at::kBool) {
+      s.masked_fill_(kpm, kNegInf);
+    } else {
+      s.add_(kpm.to(s.scalar_type()));
+    }
+  }
+  if (is_causal) {
+    auto opts = at::TensorOptions().dtype(at::kLong).device(s.device());
+    const int64_t offset = bottom_right ? p.kv_len - p.q_len : 0;
+    auto row = at::arange(p.q_len, opts).unsqueeze(1);
+    auto col = at::arange(p.kv_len, opts).unsqueeze(0);
+    s.masked_fill_(col > row + offset, kNegInf);
+  }
+  return s;
+}
+
+// softmax rows from the scores and their log-sum-exp; a row with lse = -inf (every key
+// masked) gives zeros instead of exp(-inf - -inf) = NaN.
+at::Tensor probabilities(const at::Tensor& scores, const at::Tensor& lse) {
+  auto safe = lse.masked_fill(lse == kNegInf, 0.0);
+  return at::exp(scores - safe.unsqueeze(-1));
+}
+
+}  // namespace
+
+uint64_t dropout_seed_value(const std::optional<at::Tensor>& dropout_seed) {
+  TORCH_CHECK(dropout_seed && dropout_seed->numel() == 1 && dropout_seed->scalar_type() == at::kLong,
+              "attention: dropout_p > 0 needs dropout_seed, a one-element int64 tensor");
+  return static_cast<uint64_t>(dropout_seed->item<int64_t>());
+}
+
+at::Tensor dropout_multiplier(const AttentionProblem& p, const at::Tensor& dropout_seed,
+                              double dropout_p, const at::TensorOptions& options) {
+  const auto params = kernels::DropoutParams::make(dropout_seed_value(dropout_seed), dropout_p);
+  auto mult = at::empty(p.weights_shape(), options.device(at::kCPU).dtype(at::kFloat));
+  float* data = mult.data_ptr<float>();
+  const float keep_scale = params.keep_scale;
+  at::parallel_for(0, mult.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      data[i] = params.keep(static_cast<uint64_t>(i)) ? keep_scale : 0.f;
+    }
+  });
+  return mult.to(options);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const AttentionProblem& p, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dropout_seed,
+    double dropout_p, bool is_causal, bool bottom_right, bool return_weights) {
+  const auto acc = accumulate_type(query.scalar_type());
+  auto q = query.to(acc);
+  auto k = expand_kv_heads(p, key.to(acc));
+  auto v = expand_kv_heads(p, value.to(acc));
+  auto s = masked_scores(p, q, k, attn_mask, key_padding_mask, is_causal, bottom_right);
+  auto lse = at::logsumexp(s, -1);
+  auto probs = probabilities(s, lse);
+  auto dropped = dropout_p > 0.0 ? probs * dropout_multiplier(p, *dropout_seed, dropout_p, probs.options())
+                                 : probs;
+  auto out = at::matmul(dropped, v).to(query.scalar_type());
+  auto weights = return_weights ? probs.to(query.scalar_type()) : at::empty({0}, query.options());
+  return {out, lse, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const AttentionProblem& p, const at::Tensor& grad_out,
+    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lse,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, bool attn_mask_grad, bool key_padding_mask_grad) {
+  const auto acc = accumulate_type(query.scalar_type());
+  auto q = query.to(acc);
+  auto k = expand_kv_heads(p, key.to(acc));
+  auto v = expand_kv_heads(p, value.to(acc));
+  auto d_out = grad_out.to(acc);
+  auto s = masked_scores(p, q, k, attn_mask, key_padding_mask, is_causal, bottom_right);
+  auto probs = probabilities(s, lse.to(acc));
+
+  at::Tensor mult;
+  if (dropout_p > 0.0) mult = dropout_multiplier(p, *dropout_seed, dropout_p, probs.options());
+  auto dropped = mult.defined() ? probs * mult : probs;
+
+  auto dv = at::matmul(dropped.transpose(-2, -1), d_out);  // (..., H, S, Ev)
+  auto dp = at::matmul(d_out, v.transpose(-2, -1));        // d loss / d probs, (..., H, L, S)
+  if (mult.defined()) dp.mul_(mult);
+  if (grad_weights && grad_weights->numel() > 0) dp.add_(grad_weights->to(acc));
+  // softmax backward: ds = P * (dP - rowsum(P * dP)); lse's own gradient adds P * dlse.
+  auto ds = probs * (dp - (probs * dp).sum(-1, /*keepdim=*/true));
+  if (grad_lse && grad_lse->numel() > 0) ds.add_(probs * grad_lse->to(acc).unsqueeze(-1));
+
+  auto dq = at::matmul(ds, k).mul_(p.scale);
+  auto dk = at::matmul(ds.transpose(-2, -1), q).mul_(p.scale);
+  dk = reduce_kv_heads(p, dk);
+  dv = reduce_kv_heads(p, dv);
+
+  at::Tensor d_mask = at::empty({0}, query.options());
+  if (attn_mask_grad && attn_mask && attn_mask->is_floating_point()) {
+    d_mask = at::sum_to(ds, attn_mask->sizes()).to(attn_mask->scalar_type());
+  }
+  at::Tensor d_kpm = at::empty({0}, query.options());
+  if (key_padding_mask_grad && key_padding_mask && key_padding_mask->is_floating_point()) {
+    d_kpm = ds.sum({-3, -2}).to(key_padding_mask->scalar_type());
+  }
+  return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dv.to(value.scalar_type()), d_mask,
+          d_kpm};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_op(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+  const auto problem = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
+                                              dropout_p, scale, enable_gqa);
+  return attention_forward(problem, query, key, value, attn_mask, key_padding_mask, dropout_seed,
+                           dropout_p, is_causal, bottom_right, return_weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
+    bool key_padding_mask_grad) {
+  const auto problem = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
+                                              dropout_p, scale, enable_gqa);
+  TORCH_CHECK(grad_out.sizes().equals(problem.out_shape()),
+              "attention backward: grad_out must have shape ", c10::IntArrayRef(problem.out_shape()),
+              ", got ", grad_out.sizes());
+  return attention_backward(problem, grad_out, grad_weights, grad_lse, query, key, value, lse,
+                            attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
+                            bottom_right, attn_mask_grad, key_padding_mask_grad);
+}
+
+}  // namespace fusedattn::reference

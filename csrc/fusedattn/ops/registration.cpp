@@ -1,0 +1,52 @@
+// The schemas of every fusedattn op, in one place (C++ apps get them without Python), with
+// the kernels that are not tied to a backend. Backend kernels register in cpu/ and cuda/,
+// autograd in ops/autograd.cpp, fake (meta) kernels for torch.compile in python/fusedattn.
+#include <torch/library.h>
+
+#include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/multihead_attention.h"
+
+namespace fusedattn::detail {
+int64_t link_anchor() { return 1; }
+}  // namespace fusedattn::detail
+
+TORCH_LIBRARY(fusedattn, m) {
+  // Public: scaled_dot_product_attention's arguments plus key padding, both causal
+  // alignments and returned weights / log-sum-exp. Returns (out, weights, lse); weights is
+  // empty unless return_weights (the Python wrapper turns what was not asked into None).
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, *, "
+      "Tensor? key_padding_mask=None, str causal_alignment=\"top_left\", "
+      "bool return_weights=False, bool return_lse=False) -> (Tensor, Tensor, Tensor)");
+  m.impl("attention", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::attention_composite));
+
+  // Internal, pure given dropout_seed: what the backends implement. -> (out, lse, weights)
+  m.def(
+      "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, Tensor? dropout_seed, float dropout_p, bool is_causal, "
+      "bool bottom_right, float? scale, bool enable_gqa, bool return_weights) "
+      "-> (Tensor, Tensor, Tensor)");
+  // -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask)
+  m.def(
+      "_attention_backward(Tensor grad_out, Tensor? grad_weights, Tensor? grad_lse, "
+      "Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, Tensor? dropout_seed, float dropout_p, bool is_causal, "
+      "bool bottom_right, float? scale, bool enable_gqa, bool attn_mask_grad, "
+      "bool key_padding_mask_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The forward of fusedattn::MultiheadAttention (C++ and Python modules both call it), with
+  // torch.nn.MultiheadAttention's semantics. dropout_p is the effective one (0 in eval).
+  // Returns (attn_output, attn_weights); attn_weights is empty unless need_weights.
+  m.def(
+      "multihead_attention(Tensor query, Tensor key, Tensor value, int num_heads, "
+      "Tensor? in_proj_weight, Tensor? in_proj_bias, Tensor? q_proj_weight, "
+      "Tensor? k_proj_weight, Tensor? v_proj_weight, Tensor? bias_k, Tensor? bias_v, "
+      "bool add_zero_attn, float dropout_p, Tensor out_proj_weight, Tensor? out_proj_bias, "
+      "bool batch_first=False, Tensor? key_padding_mask=None, bool need_weights=True, "
+      "Tensor? attn_mask=None, bool average_attn_weights=True, bool is_causal=False) "
+      "-> (Tensor, Tensor)");
+  m.impl("multihead_attention", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::multihead_attention_composite));
+}

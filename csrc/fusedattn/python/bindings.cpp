@@ -1,0 +1,60 @@
+// fusedattn._C: loading it loads libfusedattn, whose static initialisers register the ops
+// (torch.ops.fusedattn.*). It also exposes the C++ modules; python/fusedattn builds the
+// torch.nn.Module classes on them.
+#include <torch/python.h>
+
+#include "fusedattn/fusedattn.h"
+
+namespace py = pybind11;
+
+namespace {
+at::Tensor undefined_if_none(const std::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); }
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedattn C++ extension: the C++ modules; the ops are under torch.ops.fusedattn";
+
+  // _C.cpp.MultiheadAttention: the C++ module itself (parameters, train/eval, clone, forward).
+  torch::python::bind_module<fusedattn::MultiheadAttentionImpl, /*force_enable=*/true>(
+      m, "MultiheadAttention")
+      .def(py::init([](int64_t embed_dim, int64_t num_heads, double dropout, bool bias,
+                       bool add_bias_kv, bool add_zero_attn, std::optional<int64_t> kdim,
+                       std::optional<int64_t> vdim, bool batch_first,
+                       std::optional<int64_t> head_dim) {
+             auto o = fusedattn::MultiheadAttentionOptions(embed_dim, num_heads)
+                          .dropout(dropout)
+                          .bias(bias)
+                          .add_bias_kv(add_bias_kv)
+                          .add_zero_attn(add_zero_attn)
+                          .kdim(kdim.value_or(embed_dim))
+                          .vdim(vdim.value_or(embed_dim))
+                          .batch_first(batch_first)
+                          .head_dim(head_dim);
+             return std::make_shared<fusedattn::MultiheadAttentionImpl>(o);
+           }),
+           py::arg("embed_dim"), py::arg("num_heads"), py::arg("dropout") = 0.0,
+           py::arg("bias") = true, py::arg("add_bias_kv") = false, py::arg("add_zero_attn") = false,
+           py::arg("kdim") = py::none(), py::arg("vdim") = py::none(),
+           py::arg("batch_first") = false, py::arg("head_dim") = py::none())
+      .def(
+          "forward",
+          [](fusedattn::MultiheadAttentionImpl& self, const at::Tensor& query,
+             const at::Tensor& key, const at::Tensor& value,
+             const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
+             const std::optional<at::Tensor>& attn_mask, bool average_attn_weights,
+             bool is_causal) {
+            return self.forward(query, key, value, undefined_if_none(key_padding_mask),
+                                need_weights, undefined_if_none(attn_mask), average_attn_weights,
+                                is_causal);
+          },
+          py::arg("query"), py::arg("key"), py::arg("value"),
+          py::arg("key_padding_mask") = py::none(), py::arg("need_weights") = true,
+          py::arg("attn_mask") = py::none(), py::arg("average_attn_weights") = true,
+          py::arg("is_causal") = false)
+      .def_property_readonly("head_dim", &fusedattn::MultiheadAttentionImpl::head_dim)
+      .def("__repr__", [](const fusedattn::MultiheadAttentionImpl& self) {
+        std::ostringstream s;
+        self.pretty_print(s);
+        return s.str();
+      });
+}

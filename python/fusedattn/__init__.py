@@ -1,0 +1,20 @@
+"""fusedattn: fused multi-head attention for PyTorch and LibTorch.
+
+``fusedattn.attention`` is the op (``torch.ops.fusedattn.attention``);
+``fusedattn.MultiheadAttention`` is a drop-in for ``torch.nn.MultiheadAttention``.
+The C++ library behind both is ``libfusedattn``; ``cmake_prefix_path`` points a C++ build at
+its CMake package (``find_package(fusedattn)``).
+"""
+import os
+
+import torch  # noqa: F401  (loads LibTorch before the extension)
+
+from . import _C  # noqa: F401  (loading it registers the ops)
+from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+from ._ops import attention
+from .modules import MultiheadAttention
+
+__version__ = "0.1.0"
+cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")
+
+__all__ = ["attention", "MultiheadAttention", "cmake_prefix_path"]
