@@ -1,0 +1,158 @@
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <fusedattn/fusedattn.h>
+
+#include "reference.h"
+
+using fusedattn::AttentionOptions;
+using testing::reference_attention;
+using testing::RefOptions;
+
+namespace {
+torch::Tensor randn(std::vector<int64_t> shape, torch::Dtype dtype = torch::kDouble) {
+  return torch::randn(shape, torch::TensorOptions().dtype(dtype));
+}
+void require_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
+  REQUIRE(a.sizes() == b.sizes());
+  const double err = (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
+  INFO("max abs error " << err);
+  REQUIRE(err <= tol);
+}
+}  // namespace
+
+TEST_CASE("attention matches the fp64 formula on odd sizes", "[attention]") {
+  torch::manual_seed(0);
+  for (auto [L, S] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {7, 33}, {33, 7}, {5, 1}}) {
+    auto q = randn({2, 3, L, 5}), k = randn({2, 3, S, 5}), v = randn({2, 3, S, 3});
+    auto r = fusedattn::attention(q, k, v, AttentionOptions().return_weights(true).return_lse(true));
+    auto [out, w] = reference_attention(q, k, v);
+    require_close(r.out, out, 1e-12);
+    require_close(*r.weights, w, 1e-12);
+    auto s = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(5.0);
+    require_close(*r.lse, torch::logsumexp(s, -1), 1e-12);
+  }
+}
+
+TEST_CASE("attention masks: bool, float, key padding, both causal alignments, GQA", "[attention]") {
+  torch::manual_seed(1);
+  const int64_t N = 2, H = 4, Hk = 2, L = 6, S = 9;
+  auto q = randn({N, H, L, 8}), k = randn({N, Hk, S, 8}), v = randn({N, Hk, S, 8});
+  auto bool_mask = torch::rand({L, S}) > 0.3;
+  auto float_mask = randn({N, 1, L, S});
+  auto kpm = torch::zeros({N, S}, torch::kBool);
+  kpm.index_put_({0, torch::indexing::Slice(5)}, true);
+  for (bool causal : {false, true}) {
+    for (bool bottom_right : {false, true}) {
+      auto r = fusedattn::attention(q, k, v,
+                                    AttentionOptions()
+                                        .attn_mask(bool_mask)
+                                        .key_padding_mask(kpm)
+                                        .is_causal(causal)
+                                        .enable_gqa(true)
+                                        .causal_alignment(bottom_right ? "bottom_right" : "top_left"));
+      RefOptions ro;
+      ro.attn_mask = bool_mask;
+      ro.key_padding_mask = kpm;
+      ro.causal = causal;
+      ro.bottom_right = bottom_right;
+      require_close(r.out, reference_attention(q, k, v, ro).first, 1e-12);
+    }
+  }
+  auto r = fusedattn::attention(q, k, v, AttentionOptions().attn_mask(float_mask).enable_gqa(true).scale(0.3));
+  RefOptions ro;
+  ro.attn_mask = float_mask;
+  ro.scale = 0.3;
+  require_close(r.out, reference_attention(q, k, v, ro).first, 1e-12);
+}
+
+TEST_CASE("a query whose keys are all masked gives zeros, never NaN", "[attention]") {
+  auto q = randn({1, 1, 3, 4}, torch::kFloat).requires_grad_(), k = randn({1, 1, 5, 4}, torch::kFloat),
+       v = randn({1, 1, 5, 4}, torch::kFloat);
+  auto mask = torch::ones({3, 5}, torch::kBool);
+  mask[1] = false;  // row 1 sees nothing
+  auto r = fusedattn::attention(q, k, v, AttentionOptions().attn_mask(mask).return_weights(true));
+  REQUIRE_FALSE(r.out.isnan().any().item<bool>());
+  REQUIRE(r.out[0][0][1].abs().max().item<float>() == 0.f);
+  REQUIRE(r.weights->index({0, 0, 1}).abs().max().item<float>() == 0.f);
+  r.out.sum().backward();
+  REQUIRE_FALSE(q.grad().isnan().any().item<bool>());
+  REQUIRE(q.grad()[0][0][1].abs().max().item<float>() == 0.f);
+}
+
+TEST_CASE("attention gradients match autograd through the formula", "[attention][backward]") {
+  torch::manual_seed(2);
+  auto q = randn({2, 4, 7, 6}).requires_grad_(), k = randn({2, 2, 11, 6}).requires_grad_(),
+       v = randn({2, 2, 11, 5}).requires_grad_();
+  auto mask = randn({1, 4, 7, 11}).requires_grad_();
+  auto r = fusedattn::attention(q, k, v, AttentionOptions().attn_mask(mask).is_causal(true).enable_gqa(true)
+                                             .causal_alignment("bottom_right").return_weights(true));
+  auto go = randn({2, 4, 7, 5}), gw = randn({2, 4, 7, 11});
+  auto grads = torch::autograd::grad({r.out, *r.weights}, {q, k, v, mask}, {go, gw});
+  RefOptions ro;
+  ro.attn_mask = mask;
+  ro.causal = true;
+  ro.bottom_right = true;
+  auto [out, w] = reference_attention(q, k, v, ro);
+  auto expected = torch::autograd::grad({out, w}, {q, k, v, mask}, {go, gw});
+  for (size_t i = 0; i < grads.size(); ++i) require_close(grads[i], expected[i], 1e-10);
+}
+
+TEST_CASE("attention in float32, bfloat16 and float16 against fp64", "[attention][dtype]") {
+  torch::manual_seed(3);
+  auto q = randn({1, 2, 17, 16}), k = randn({1, 2, 13, 16}), v = randn({1, 2, 13, 16});
+  auto expected = reference_attention(q, k, v).first;
+  for (auto [dtype, tol] : std::vector<std::pair<torch::Dtype, double>>{
+           {torch::kFloat, 1e-5}, {torch::kBFloat16, 3e-2}, {torch::kHalf, 5e-3}}) {
+    auto out = fusedattn::attention(q.to(dtype), k.to(dtype), v.to(dtype)).out;
+    REQUIRE(out.dtype() == dtype);
+    require_close(out, expected, tol);
+  }
+}
+
+TEST_CASE("dropout repeats under a seed and keeps the expectation", "[attention][dropout]") {
+  auto q = randn({2, 2, 16, 8}), k = randn({2, 2, 16, 8}), v = randn({2, 2, 16, 8});
+  torch::manual_seed(7);
+  auto a = fusedattn::attention(q, k, v, AttentionOptions().dropout_p(0.3)).out;
+  torch::manual_seed(7);
+  auto b = fusedattn::attention(q, k, v, AttentionOptions().dropout_p(0.3)).out;
+  auto c = fusedattn::attention(q, k, v, AttentionOptions().dropout_p(0.3)).out;
+  REQUIRE(torch::equal(a, b));
+  REQUIRE_FALSE(torch::equal(a, c));
+  // With V = 1 every output is the sum of the kept, rescaled probabilities of its row.
+  auto ones = torch::ones({2, 2, 16, 8}, torch::kDouble);
+  double mean = 0;
+  for (int i = 0; i < 20; ++i) mean += fusedattn::attention(q, k, ones, AttentionOptions().dropout_p(0.3)).out.mean().item<double>();
+  REQUIRE(std::abs(mean / 20 - 1.0) < 0.02);
+}
+
+TEST_CASE("attention rejects bad input with the argument's name", "[attention][errors]") {
+  auto q = randn({2, 4, 5, 8}), k = randn({2, 4, 6, 8}), v = randn({2, 4, 6, 8});
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, k, randn({2, 4, 7, 8})),
+                      Catch::Contains("value must have shape"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, randn({2, 4, 6, 7}), v), Catch::Contains("key must have shape"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, k.to(torch::kFloat), v), Catch::Contains("same dtype"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, randn({2, 3, 6, 8}), randn({2, 3, 6, 8}),
+                                           AttentionOptions().enable_gqa(true)),
+                      Catch::Contains("multiple of the number of key/value heads"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, randn({2, 2, 6, 8}), randn({2, 2, 6, 8})),
+                      Catch::Contains("enable_gqa"));
+  REQUIRE_THROWS_WITH(
+      fusedattn::attention(q, k, v, AttentionOptions().key_padding_mask(torch::zeros({2, 5}, torch::kBool))),
+      Catch::Contains("key_padding_mask must have shape (..., S) = [2, 6], got [2, 5]"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, k, v, AttentionOptions().attn_mask(torch::zeros({5, 5}, torch::kBool))),
+                      Catch::Contains("attn_mask must broadcast"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, k, v, AttentionOptions().attn_mask(torch::zeros({5, 6}, torch::kInt))),
+                      Catch::Contains("attn_mask must be bool"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, k, v, AttentionOptions().causal_alignment("left")),
+                      Catch::Contains("causal_alignment"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, k, v, AttentionOptions().dropout_p(1.5)), Catch::Contains("dropout_p"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(randn({5, 8}), randn({5, 8}), randn({5, 8})),
+                      Catch::Contains("at least 3 dims"));
+}
+
+TEST_CASE("the op is registered for C++ callers that use the dispatcher by name", "[attention][registration]") {
+  auto handle = c10::Dispatcher::singleton().findSchema({"fusedattn::attention", ""});
+  REQUIRE(handle.has_value());
+  REQUIRE(c10::Dispatcher::singleton().findSchema({"fusedattn::multihead_attention", ""}).has_value());
+}

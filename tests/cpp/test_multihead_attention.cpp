@@ -1,0 +1,170 @@
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <fusedattn/fusedattn.h>
+
+#include <sstream>
+
+namespace {
+
+void require_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
+  REQUIRE(a.sizes() == b.sizes());
+  const double err = (a - b).abs().max().item<double>();
+  INFO("max abs error " << err);
+  REQUIRE(err <= tol);
+}
+
+// torch's own C++ MultiheadAttention with our parameters copied in: the reference.
+torch::nn::MultiheadAttention torch_twin(fusedattn::MultiheadAttention& ours, bool add_bias_kv,
+                                         bool add_zero_attn, int64_t kdim, int64_t vdim) {
+  const auto& o = ours->options;
+  torch::nn::MultiheadAttention ref(torch::nn::MultiheadAttentionOptions(o.embed_dim(), o.num_heads())
+                                        .bias(o.bias())
+                                        .add_bias_kv(add_bias_kv)
+                                        .add_zero_attn(add_zero_attn)
+                                        .kdim(kdim)
+                                        .vdim(vdim));
+  ref->to(torch::kDouble);
+  torch::NoGradGuard g;
+  auto theirs = ref->named_parameters();
+  for (const auto& p : ours->named_parameters()) {
+    REQUIRE(theirs.contains(p.key()));
+    theirs[p.key()].copy_(p.value());
+  }
+  REQUIRE(theirs.size() == ours->named_parameters().size());
+  return ref;
+}
+
+}  // namespace
+
+TEST_CASE("MultiheadAttention matches torch::nn::MultiheadAttention", "[mha]") {
+  struct Case { bool bias, bias_kv, zero_attn; int64_t kdim, vdim; };
+  for (auto c : std::vector<Case>{{true, false, false, 12, 12}, {false, false, false, 12, 12},
+                                  {true, true, true, 12, 12}, {true, false, false, 5, 5},
+                                  {true, true, false, 6, 6}}) {  // torch C++ needs kdim == vdim
+    INFO("bias " << c.bias << " add_bias_kv " << c.bias_kv << " add_zero_attn " << c.zero_attn
+                 << " kdim " << c.kdim << " vdim " << c.vdim);
+    torch::manual_seed(0);
+    fusedattn::MultiheadAttention ours(fusedattn::MultiheadAttentionOptions(12, 3)
+                                           .bias(c.bias).add_bias_kv(c.bias_kv).add_zero_attn(c.zero_attn)
+                                           .kdim(c.kdim).vdim(c.vdim));
+    ours->to(torch::kDouble);
+    auto ref = torch_twin(ours, c.bias_kv, c.zero_attn, c.kdim, c.vdim);
+    auto q = torch::randn({7, 2, 12}, torch::kDouble).requires_grad_();
+    auto k = torch::randn({9, 2, c.kdim}, torch::kDouble);
+    auto v = torch::randn({9, 2, c.vdim}, torch::kDouble);
+    auto kpm = torch::zeros({2, 9}, torch::kBool);
+    kpm.index_put_({1, torch::indexing::Slice(6)}, true);
+    // torch's C++ functional adds attn_mask to the scores whatever its dtype (a bool mask
+    // would add 1), so the twin gets the float form of a random mask.
+    auto mask = torch::zeros({7, 9}, torch::kDouble)
+                    .masked_fill(torch::rand({7, 9}) > 0.8, -std::numeric_limits<double>::infinity());
+    auto [y, w] = ours->forward(q, k, v, kpm, true, mask, false);
+    auto [y_ref, w_ref] = ref->forward(q, k, v, kpm, true, mask, false);
+    require_close(y, y_ref, 1e-12);
+    require_close(w, w_ref, 1e-12);
+    auto g = torch::autograd::grad({y}, {q}, {torch::ones_like(y)})[0];
+    auto g_ref = torch::autograd::grad({y_ref}, {q}, {torch::ones_like(y_ref)})[0];
+    require_close(g, g_ref, 1e-12);
+  }
+}
+
+void copy_parameters(torch::nn::Module& from, torch::nn::Module& to) {
+  torch::NoGradGuard g;
+  auto dst = to.named_parameters();
+  for (const auto& p : from.named_parameters()) dst[p.key()].copy_(p.value());
+}
+
+TEST_CASE("MultiheadAttention: batch_first, unbatched, averaged weights, 3-D float masks", "[mha]") {
+  torch::manual_seed(1);
+  fusedattn::MultiheadAttention seq_first(fusedattn::MultiheadAttentionOptions(8, 2));
+  fusedattn::MultiheadAttention batch_first(fusedattn::MultiheadAttentionOptions(8, 2).batch_first(true));
+  copy_parameters(*seq_first, *batch_first);
+  auto x = torch::randn({5, 3, 8});
+  auto mask = torch::randn({3 * 2, 5, 5});
+  auto [a, wa] = seq_first->forward(x, x, x, {}, true, mask);
+  auto [b, wb] = batch_first->forward(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), {}, true, mask);
+  require_close(a, b.transpose(0, 1), 1e-6);
+  require_close(wa, wb, 1e-6);
+  REQUIRE(wa.sizes() == torch::IntArrayRef({3, 5, 5}));
+  auto [u, wu] = seq_first->forward(x.select(1, 0), x.select(1, 0), x.select(1, 0), {}, true, {}, false);
+  auto [full, wfull] = seq_first->forward(x, x, x, {}, true, {}, false);
+  require_close(u, full.select(1, 0), 1e-6);
+  REQUIRE(wu.sizes() == torch::IntArrayRef({2, 5, 5}));
+  auto [y, none] = seq_first->forward(x, x, x, {}, /*need_weights=*/false);
+  REQUIRE_FALSE(none.defined());
+}
+
+TEST_CASE("MultiheadAttention: is_causal alone, and with attn_mask", "[mha]") {
+  torch::manual_seed(2);
+  fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(8, 2));
+  auto x = torch::randn({6, 2, 8});
+  auto causal = torch::triu(torch::ones({6, 6}, torch::kBool), 1);  // True = not allowed
+  auto [a, wa] = m->forward(x, x, x, {}, true, {}, true, /*is_causal=*/true);
+  auto [b, wb] = m->forward(x, x, x, {}, true, causal);
+  auto [c, wc] = m->forward(x, x, x, {}, true, causal, true, true);
+  require_close(a, b, 1e-6);
+  require_close(c, b, 1e-6);
+  REQUIRE(wa.triu(1).abs().max().item<float>() == 0.f);
+}
+
+TEST_CASE("MultiheadAttention: head_dim independent of embed_dim", "[mha]") {
+  fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(10, 3).head_dim(4));
+  REQUIRE(m->in_proj_weight.sizes() == torch::IntArrayRef({36, 10}));
+  REQUIRE(m->out_proj->weight.sizes() == torch::IntArrayRef({10, 12}));
+  auto x = torch::randn({4, 2, 10});
+  auto [y, w] = m->forward(x, x, x);
+  REQUIRE(y.sizes() == x.sizes());
+  REQUIRE_THROWS_WITH(fusedattn::MultiheadAttention(fusedattn::MultiheadAttentionOptions(10, 3)),
+                      Catch::Contains("embed_dim (10) must be divisible by num_heads (3)"));
+}
+
+TEST_CASE("MultiheadAttention: dropout only in training", "[mha][dropout]") {
+  torch::manual_seed(3);
+  fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(8, 2).dropout(0.5));
+  auto x = torch::randn({6, 2, 8});
+  m->eval();
+  auto [a, wa] = m->forward(x, x, x);
+  auto [b, wb] = m->forward(x, x, x);
+  REQUIRE(torch::equal(a, b));
+  m->train();
+  auto [c, wc] = m->forward(x, x, x);
+  REQUIRE_FALSE(torch::allclose(a, c));
+}
+
+TEST_CASE("MultiheadAttention: save/load and clone", "[mha][serialize]") {
+  torch::manual_seed(4);
+  fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(8, 2).add_bias_kv(true));
+  std::stringstream stream;
+  torch::save(m, stream);
+  fusedattn::MultiheadAttention loaded(fusedattn::MultiheadAttentionOptions(8, 2).add_bias_kv(true));
+  torch::load(loaded, stream);
+  auto x = torch::randn({3, 2, 8});
+  require_close(std::get<0>(m->forward(x, x, x)), std::get<0>(loaded->forward(x, x, x)), 0);
+
+  auto copy = std::dynamic_pointer_cast<fusedattn::MultiheadAttentionImpl>(m->clone());
+  REQUIRE(copy);
+  require_close(std::get<0>(copy->forward(x, x, x)), std::get<0>(m->forward(x, x, x)), 0);
+  {
+    torch::NoGradGuard g;
+    copy->in_proj_weight.zero_();
+  }
+  REQUIRE(m->in_proj_weight.abs().sum().item<float>() > 0);
+}
+
+TEST_CASE("MultiheadAttention rejects bad input with the argument's name", "[mha][errors]") {
+  fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(8, 2));
+  auto x = torch::randn({5, 3, 8});
+  REQUIRE_THROWS_WITH(m->forward(torch::randn({5, 3, 7}), x, x), Catch::Contains("embed_dim = 8"));
+  REQUIRE_THROWS_WITH(m->forward(x, torch::randn({5, 2, 8}), torch::randn({5, 2, 8})),
+                      Catch::Contains("same batch size"));
+  REQUIRE_THROWS_WITH(m->forward(x, x, torch::randn({4, 3, 8})), Catch::Contains("same sequence length"));
+  REQUIRE_THROWS_WITH(m->forward(x, x, x, torch::zeros({3, 4}, torch::kBool)),
+                      Catch::Contains("key_padding_mask must have shape (N, S) = (3, 5)"));
+  REQUIRE_THROWS_WITH(m->forward(x, x, x, {}, true, torch::zeros({5, 4}, torch::kBool)),
+                      Catch::Contains("attn_mask must have shape (L, S) = (5, 5)"));
+  REQUIRE_THROWS_WITH(m->forward(x, x, x, {}, true, torch::zeros({5, 5}, torch::kInt)),
+                      Catch::Contains("only bool and float attn_mask"));
+  REQUIRE_THROWS_WITH(m->forward(torch::randn({8}), x, x), Catch::Contains("query must be 3-D"));
+  REQUIRE_THROWS_WITH(m->forward(x, x, x.to(torch::kDouble)), Catch::Contains("same dtype"));
+}

@@ -18,9 +18,10 @@ at::Tensor expand_kv_heads(const AttentionProblem& p, const at::Tensor& t) {
   if (p.kv_heads == p.heads) return t;
   const int64_t group = p.heads / p.kv_heads;
   auto shape = t.sizes().vec();
-  auto expanded = t.unsqueeze(-3).expand({-1, group, -1, -1}).contiguous();  // (..., Hk, G, S, D)
+  auto grouped = shape;
+  grouped.insert(grouped.end() - 2, group);  // (..., Hk, G, S, D)
   shape[shape.size() - 3] = p.heads;
-  return expanded.view(shape);
+  return t.unsqueeze(-3).expand(grouped).reshape(shape);
 }
 
 // (..., H, S, D) -> (..., Hk, S, D): the gradient of expand_kv_heads.
