@@ -51,8 +51,11 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto &query = saved[0], &key = saved[1], &value = saved[2], &out = saved[3],
                &lse = saved[4], &attn_mask = saved[5], &key_padding_mask = saved[6],
                &dropout_seed = saved[7];
+    // needs_input_grad counts only the tensors that were passed: an absent optional mask
+    // takes no slot, so key_padding_mask is input 3 when there is no attn_mask.
     const bool mask_grad = attn_mask.defined() && ctx->needs_input_grad(3);
-    const bool kpm_grad = key_padding_mask.defined() && ctx->needs_input_grad(4);
+    const bool kpm_grad =
+        key_padding_mask.defined() && ctx->needs_input_grad(attn_mask.defined() ? 4 : 3);
     const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
 
     auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_backward(

@@ -1,0 +1,292 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedattn
+from conftest import reference_attention
+
+SIZES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (33, 33)]
+
+
+def rand(*shape, dtype=torch.float64, requires_grad=False):
+    return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("L,S", SIZES)
+@pytest.mark.parametrize("heads", [(1, 1), (4, 4), (4, 2)])
+def test_matches_sdpa_and_reference(L, S, heads):
+    H, Hk = heads
+    q, k, v = rand(2, H, L, 5), rand(2, Hk, S, 5), rand(2, Hk, S, 3)
+    gqa = H != Hk
+    out = fusedattn.attention(q, k, v, enable_gqa=gqa)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa))
+    torch.testing.assert_close(out, reference_attention(q, k, v)[0])
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "bool_bcast", "float_heads"])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+@pytest.mark.parametrize("L,S", [(7, 33), (33, 7), (1, 7), (5, 5)])
+def test_masks_against_reference(mask_kind, causal, L, S):
+    N, H = 2, 3
+    q, k, v = rand(N, H, L, 8), rand(N, H, S, 8), rand(N, H, S, 8)
+    mask = {"bool": torch.rand(N, H, L, S) > 0.3, "float": rand(L, S),
+            "bool_bcast": torch.rand(S) > 0.2, "float_heads": rand(H, 1, S)}[mask_kind]
+    kpm = torch.rand(N, S) > 0.7
+    out, w, lse = fusedattn.attention(q, k, v, mask, is_causal=causal is not None,
+                                      causal_alignment=causal or "top_left",
+                                      key_padding_mask=kpm, return_weights=True, return_lse=True)
+    ref_out, ref_w = reference_attention(q, k, v, mask, kpm, causal is not None,
+                                         causal == "bottom_right")
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(w, ref_w)
+    assert not out.isnan().any() and not w.isnan().any()
+    assert lse.shape == (N, H, L) and lse.dtype == torch.float64
+
+
+def test_top_left_causal_matches_sdpa_and_bottom_right_matches_torch_bias():
+    from torch.nn.attention.bias import causal_lower_right
+    q, k, v = rand(2, 2, 5, 8), rand(2, 2, 9, 8), rand(2, 2, 9, 8)
+    torch.testing.assert_close(fusedattn.attention(q, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(
+        fusedattn.attention(q, k, v, is_causal=True, causal_alignment="bottom_right"),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 9)))
+
+
+def test_float_key_padding_mask_and_scale():
+    q, k, v = rand(2, 2, 6, 4), rand(2, 2, 9, 4), rand(2, 2, 9, 4)
+    kpm = rand(2, 9)
+    torch.testing.assert_close(fusedattn.attention(q, k, v, scale=0.7, key_padding_mask=kpm),
+                               reference_attention(q, k, v, key_padding_mask=kpm, scale=0.7)[0])
+
+
+def test_more_batch_dims_and_3d_inputs():
+    q, k, v = rand(2, 3, 2, 5, 4), rand(2, 3, 2, 6, 4), rand(2, 3, 2, 6, 4)
+    torch.testing.assert_close(fusedattn.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(fusedattn.attention(q[0, 0], k[0, 0], v[0, 0]),
+                               F.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0]))
+
+
+def test_non_contiguous_inputs():
+    base = rand(2, 7, 3, 8)  # (N, L, H, E) viewed as (N, H, L, E)
+    q = k = v = base.transpose(1, 2)
+    assert not q.is_contiguous()
+    torch.testing.assert_close(fusedattn.attention(q, k, v), reference_attention(q, k, v)[0])
+
+
+def test_fully_masked_rows_give_zero_not_nan():
+    q = rand(1, 2, 4, 8, requires_grad=True)
+    k, v = rand(1, 2, 6, 8, requires_grad=True), rand(1, 2, 6, 8, requires_grad=True)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[2] = False
+    out, w, lse = fusedattn.attention(q, k, v, mask, return_weights=True, return_lse=True)
+    assert (out[:, :, 2] == 0).all() and (w[:, :, 2] == 0).all()
+    assert torch.isneginf(lse[:, :, 2]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert not t.grad.isnan().any()
+    assert (q.grad[:, :, 2] == 0).all()
+    kpm = torch.ones(1, 6, dtype=torch.bool)  # every key is padding
+    assert (fusedattn.attention(q, k, v, key_padding_mask=kpm) == 0).all()
+
+
+def test_zero_length_sequences():
+    out = fusedattn.attention(rand(1, 2, 0, 4), rand(1, 2, 5, 4), rand(1, 2, 5, 3))
+    assert out.shape == (1, 2, 0, 3)
+    out = fusedattn.attention(rand(1, 2, 3, 4), rand(1, 2, 0, 4), rand(1, 2, 0, 3))
+    assert out.shape == (1, 2, 3, 3) and (out == 0).all()
+
+
+def test_return_values():
+    q, k, v = rand(1, 2, 3, 4), rand(1, 2, 5, 4), rand(1, 2, 5, 4)
+    assert isinstance(fusedattn.attention(q, k, v), torch.Tensor)
+    out, w, lse = fusedattn.attention(q, k, v, return_weights=True)
+    assert w.shape == (1, 2, 3, 5) and lse is None
+    out, w, lse = fusedattn.attention(q, k, v, return_lse=True)
+    assert w is None and lse.shape == (1, 2, 3)
+    s = q @ k.transpose(-2, -1) / 2
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_error_at_most_twice_torchs(dtype):
+    q, k, v = rand(2, 4, 37, 40), rand(2, 4, 29, 40), rand(2, 4, 29, 40)
+    mask = torch.rand(37, 29) > 0.2
+    ref = reference_attention(q, k, v, mask)[0]
+    ours = fusedattn.attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    theirs = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    assert ours.dtype == dtype
+    err = (ours.double() - ref).abs().max().item()
+    torch_err = (theirs.double() - ref).abs().max().item()
+    assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+def test_gradients_against_reference_all_features():
+    q = rand(2, 4, 7, 6, requires_grad=True)
+    k, v = rand(2, 2, 11, 6, requires_grad=True), rand(2, 2, 11, 5, requires_grad=True)
+    mask = rand(4, 1, 11, requires_grad=True)
+    kpm = rand(2, 11, requires_grad=True)
+    out, w, lse = fusedattn.attention(q, k, v, mask, is_causal=True, enable_gqa=True,
+                                      key_padding_mask=kpm, causal_alignment="bottom_right",
+                                      return_weights=True, return_lse=True)
+    ref_out, ref_w = reference_attention(q, k, v, mask, kpm, True, True)
+    go, gw = torch.randn_like(out), torch.randn_like(w)
+    gl = torch.randn_like(lse)
+    ours = torch.autograd.grad((out, w), (q, k, v, mask, kpm), (go, gw), retain_graph=True)
+    theirs = torch.autograd.grad((ref_out, ref_w), (q, k, v, mask, kpm), (go, gw))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    # lse's gradient: d lse / d s = softmax(s)
+    (g_lse,) = torch.autograd.grad(lse, q, gl)
+    s = (q @ k.repeat_interleave(2, 1).transpose(-2, -1)) / math.sqrt(6) + mask + kpm[:, None, None]
+    causal = torch.arange(11)[None] <= torch.arange(7)[:, None] + 4
+    s = s.masked_fill(~causal, -math.inf)
+    (g_ref,) = torch.autograd.grad(torch.logsumexp(s, -1), q, gl)
+    torch.testing.assert_close(g_lse, g_ref)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck(causal):
+    q = rand(1, 2, 3, 4, requires_grad=True)
+    k, v = rand(1, 1, 5, 4, requires_grad=True), rand(1, 1, 5, 3, requires_grad=True)
+    mask = rand(3, 5, requires_grad=True)
+    kpm = torch.tensor([[False, True, False, False, False]])
+
+    def f(q, k, v, mask):
+        out, w, lse = fusedattn.attention(q, k, v, mask, is_causal=causal, enable_gqa=True,
+                                          key_padding_mask=kpm, return_weights=True,
+                                          return_lse=True)
+        return out, w, lse
+
+    assert torch.autograd.gradcheck(f, (q, k, v, mask))
+
+
+def test_gradcheck_with_dropout_through_the_seeded_op():
+    q = rand(1, 2, 4, 4, requires_grad=True)
+    k, v = rand(1, 2, 5, 4, requires_grad=True), rand(1, 2, 5, 3, requires_grad=True)
+    seed = torch.tensor([1234])
+
+    def f(q, k, v):
+        out, lse, _ = torch.ops.fusedattn._attention_forward(
+            q, k, v, None, None, seed, 0.4, False, False, None, False, False)
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_dropout_repeats_under_manual_seed_and_is_unbiased():
+    q, k, v = rand(2, 2, 16, 8), rand(2, 2, 16, 8), rand(2, 2, 16, 8)
+    torch.manual_seed(5)
+    a = fusedattn.attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(5)
+    b = fusedattn.attention(q, k, v, dropout_p=0.3)
+    c = fusedattn.attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Fraction of dropped probabilities and unbiasedness: V = identity rows expose P * mask.
+    S = 64
+    q, k = rand(4, 4, 64, 8), rand(4, 4, S, 8)
+    v = torch.eye(S, dtype=torch.float64).expand(4, 4, S, S)
+    w = fusedattn.attention(q, k, v, return_weights=True)[1]
+    out = torch.stack([fusedattn.attention(q, k, v, dropout_p=0.25) for _ in range(8)])
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - 0.25) < 0.01, dropped
+    torch.testing.assert_close(out.mean(0).mean(), w.mean(), rtol=0.02, atol=0)
+    kept = out[0] != 0
+    torch.testing.assert_close(out[0][kept], (w / 0.75)[kept])
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    q = rand(1, 1, 6, 4, requires_grad=True)
+    k, v = rand(1, 1, 6, 4), rand(1, 1, 6, 4, requires_grad=True)
+    out = fusedattn.attention(q, k, v, dropout_p=0.5)
+    (gv,) = torch.autograd.grad(out.sum(), v)
+    # out = (P * M) V, so dL/dV = (P * M)^T 1: recover P * M from out with V = I.
+    torch.manual_seed(0)
+    out = fusedattn.attention(q, k, v, dropout_p=0.5)
+    (gv1,) = torch.autograd.grad(out.sum(), v)
+    torch.manual_seed(0)
+    pm = fusedattn.attention(q, k, torch.eye(6, dtype=torch.float64)[None, None], dropout_p=0.5)
+    torch.testing.assert_close(gv1, pm.transpose(-2, -1) @ torch.ones(1, 1, 6, 4, dtype=torch.float64))
+
+
+def opcheck_samples():
+    yield (rand(2, 3, 5, 8), rand(2, 3, 7, 8), rand(2, 3, 7, 4)), {}
+    yield (rand(2, 4, 5, 8, requires_grad=True), rand(2, 2, 7, 8, requires_grad=True),
+           rand(2, 2, 7, 8, requires_grad=True), torch.rand(5, 7) > 0.3), dict(
+        enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
+        key_padding_mask=torch.rand(2, 7) > 0.8, return_weights=True)
+    yield (rand(1, 2, 3, 4, dtype=torch.float32, requires_grad=True),
+           rand(1, 2, 6, 4, dtype=torch.float32), rand(1, 2, 6, 4, dtype=torch.float32),
+           rand(3, 6, dtype=torch.float32, requires_grad=True)), dict(scale=0.5, return_lse=True)
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_opcheck(i):
+    args, kwargs = list(opcheck_samples())[i]
+    torch.library.opcheck(torch.ops.fusedattn.attention.default, args, kwargs)
+
+
+def test_opcheck_internal_forward_with_dropout_seed():
+    args = (rand(2, 2, 5, 8, requires_grad=True), rand(2, 2, 7, 8, requires_grad=True),
+            rand(2, 2, 7, 8, requires_grad=True), None, torch.rand(2, 7) > 0.5,
+            torch.tensor([42]), 0.2, True, False, None, False, True)
+    torch.library.opcheck(torch.ops.fusedattn._attention_forward.default, args)
+
+
+def test_torch_compile_fullgraph_dynamic():
+    def f(q, k, v, kpm):
+        out, w, _ = fusedattn.attention(q, k, v, key_padding_mask=kpm, is_causal=True,
+                                        return_weights=True)
+        return out * 2 + w.sum(-1, keepdim=True)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for L in (5, 9):
+        q = rand(2, 2, L, 8, requires_grad=True)
+        k, v = rand(2, 2, L, 8), rand(2, 2, L, 8)
+        kpm = torch.rand(2, L) > 0.8
+        got, want = compiled(q, k, v, kpm), f(q, k, v, kpm)
+        torch.testing.assert_close(got, want)
+        g1, = torch.autograd.grad(got.sum(), q)
+        g2, = torch.autograd.grad(want.sum(), q)
+        torch.testing.assert_close(g1, g2)
+
+
+def test_torch_compile_dropout_draws_a_new_mask_each_call():
+    f = torch.compile(lambda q, k, v: fusedattn.attention(q, k, v, dropout_p=0.5), fullgraph=True)
+    q, k, v = rand(1, 1, 8, 4), rand(1, 1, 8, 4), rand(1, 1, 8, 4)
+    assert not torch.equal(f(q, k, v), f(q, k, v))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda q, k, v: fusedattn.attention(q, k, v[..., :5, :]), "value must have shape"),
+    (lambda q, k, v: fusedattn.attention(q, k.float(), v), "same dtype"),
+    (lambda q, k, v: fusedattn.attention(q, k[:, :1], v[:, :1]), "enable_gqa"),
+    (lambda q, k, v: fusedattn.attention(q[:, :3], k[:, :2], v[:, :2], enable_gqa=True),
+     "must be a multiple"),
+    (lambda q, k, v: fusedattn.attention(q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)),
+     r"key_padding_mask must have shape \(..., S\) = \[2, 6\], got \[2, 5\]"),
+    (lambda q, k, v: fusedattn.attention(q, k, v, torch.ones(4, 4, dtype=torch.bool)),
+     "attn_mask must broadcast"),
+    (lambda q, k, v: fusedattn.attention(q, k, v, torch.ones(5, 6, dtype=torch.int32)),
+     "attn_mask must be bool or have query's dtype"),
+    (lambda q, k, v: fusedattn.attention(q, k, v, causal_alignment="diagonal"), "causal_alignment"),
+    (lambda q, k, v: fusedattn.attention(q, k, v, dropout_p=-0.1), "dropout_p"),
+    (lambda q, k, v: fusedattn.attention(q[0, 0], k[0, 0], v[0, 0]), "at least 3 dims"),
+    (lambda q, k, v: fusedattn.attention(q.int(), k.int(), v.int()), "query must be float64"),
+    (lambda q, k, v: fusedattn.attention(q, k, v, key_padding_mask=torch.ones(2, 6)),
+     "key_padding_mask must be bool or have query's dtype"),
+])
+def test_errors_name_the_argument(call, message):
+    q, k, v = rand(2, 4, 5, 8), rand(2, 4, 6, 8), rand(2, 4, 6, 8)
+    with pytest.raises(RuntimeError, match=message):
+        call(q, k, v)
+
+
+def test_gradcheck_float_key_padding_mask_without_attn_mask():
+    q, k, v = (rand(2, 2, 3, 4, requires_grad=True), rand(2, 2, 5, 4, requires_grad=True),
+               rand(2, 2, 5, 4, requires_grad=True))
+    kpm = rand(2, 5, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, kpm: fusedattn.attention(q, k, v, key_padding_mask=kpm), (q, k, v, kpm))
