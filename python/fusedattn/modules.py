@@ -15,6 +15,9 @@ class MultiheadAttention(torch.nn.Module):
     registered op ``torch.ops.fusedattn.multihead_attention``, the same code the C++ module's
     forward runs, which ``torch.compile`` traces without graph breaks.
 
+    In ``torch.nn.TransformerEncoderLayer`` it stays the attention that runs: its
+    ``_qkv_same_embed_dim`` is False, which turns off the layer's own inference fast path.
+
     Differences from torch: ``is_causal=True`` applies a causal mask by itself (torch needs
     ``attn_mask`` too); returned weights are the probabilities before dropout; a query whose
     keys are all masked gives zeros instead of NaN.
@@ -42,11 +45,11 @@ class MultiheadAttention(torch.nn.Module):
         self.dropout = dropout
         self.batch_first = batch_first
         self.add_zero_attn = add_zero_attn
-        # torch's meaning: in_proj_weight is packed (3 * embed_dim, embed_dim). torch's
-        # Transformer layers read it to decide on their own fast path, which assumes that
-        # layout, so a custom head_dim reports False.
-        self._qkv_same_embed_dim = (self.kdim == embed_dim and self.vdim == embed_dim
-                                    and self.head_dim * num_heads == embed_dim)
+        # torch's Transformer layers read this flag, in eval without grad, to decide to skip
+        # self_attn and run their own fused kernel on its weights (which also assumes
+        # head_dim == embed_dim // num_heads). False keeps them calling this module; nothing
+        # else reads it, since this module picks packed or separate weights by which exist.
+        self._qkv_same_embed_dim = False
         # Registration order as in torch (it orders parameters() and optimizer state).
         packed = "in_proj_weight" in params
         names = (["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"] if packed

@@ -138,7 +138,6 @@ def test_head_dim_beyond_torch():
     p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1)
     ref = (p @ v).permute(2, 0, 1, 3).reshape(4, 2, 12) @ m.out_proj.weight.T + m.out_proj.bias
     torch.testing.assert_close(out, ref)
-    assert not m._qkv_same_embed_dim  # keeps torch's Transformer fast path away
 
 
 def test_is_a_torch_module_in_a_parent():
@@ -228,6 +227,24 @@ def test_in_transformer_layers(train, batch_first):
     assert isinstance(stack.layers[1].self_attn, fusedattn.MultiheadAttention)
     stack(src, src_key_padding_mask=pad).sum().backward()
     assert stack.layers[0].self_attn.in_proj_weight.grad is not None
+
+
+def test_transformer_encoder_layer_calls_it_in_eval_without_grad(monkeypatch):
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+    ref = copy.deepcopy(layer)
+    mine = fusedattn.MultiheadAttention(16, 4, batch_first=True)
+    mine.load_state_dict(layer.self_attn.state_dict())
+    layer.self_attn = mine
+    src = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        expected = ref(src)
+
+    def torch_fast_path(*args, **kwargs):
+        raise AssertionError("torch's fused encoder layer ran instead of fusedattn")
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", torch_fast_path)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(src), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_torch_compile_fullgraph_of_a_model_with_it():
