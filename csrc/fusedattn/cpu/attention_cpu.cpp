@@ -1,13 +1,180 @@
-// CPU implementations of `_attention_forward` and `_attention_backward`.
+// CPU implementations of `_attention_forward` and `_attention_backward`: the fused kernels
+// (kernels/flash_cpu.h) for every call they cover, the ATen reference for the rest.
 //
-// This is the seam where fused CPU kernels plug in: a kernel registered here checks its
-// arguments with check_attention_inputs and hands the calls it does not cover to the
-// reference. Until the fused kernels land, the reference serves every CPU call.
+// The fused path covers fp64/fp32/bf16/fp16, every mask kind (read through strides, never
+// expanded), causal in both alignments, GQA, dropout, lse and returned weights. The
+// backward falls back to the reference when a gradient is asked of a float mask or of the
+// returned weights (both need the L x S gradient of the scores anyway).
+// FUSEDATTN_CPU_KERNEL=reference in the environment sends every call to the reference.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "fusedattn/kernels/flash_cpu.h"
+#include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/reference.h"
 
-TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
-  m.impl("_attention_forward", &fusedattn::reference::attention_forward_op);
-  m.impl("_attention_backward", &fusedattn::reference::attention_backward_op);
+namespace fusedattn::cpu {
+namespace {
+
+using kernels::FlashParams;
+using kernels::MaskKind;
+
+bool reference_requested() {
+  const char* v = std::getenv("FUSEDATTN_CPU_KERNEL");
+  return v != nullptr && std::strcmp(v, "reference") == 0;
 }
+
+kernels::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kernels::DType::Float;
+    case at::kDouble: return kernels::DType::Double;
+    case at::kBFloat16: return kernels::DType::BFloat16;
+    default: return kernels::DType::Half;  // check_attention_inputs allows no other
+  }
+}
+
+// (..., X, R, C) -> a (B, X, R, C) view (a copy only where the batch dims cannot merge),
+// with a contiguous last dim as the kernels and BLAS need.
+at::Tensor as_4d(const at::Tensor& t, int64_t batch) {
+  auto r = t.reshape({batch, t.size(-3), t.size(-2), t.size(-1)});
+  return (r.size(-1) > 1 && r.stride(-1) != 1) ? r.contiguous() : r;
+}
+
+// Everything but the outputs: sizes, strides and masks of one call. The returned tensors
+// keep the views the pointers point into alive.
+struct Launch {
+  FlashParams p;
+  at::Tensor q, k, v, mask, kpm;
+};
+
+Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Tensor& key,
+               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+               const std::optional<at::Tensor>& key_padding_mask,
+               const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+               bool bottom_right) {
+  Launch l;
+  auto& p = l.p;
+  p.dtype = kernel_dtype(query.scalar_type());
+  p.B = pb.batch_size, p.H = pb.heads, p.Hk = pb.kv_heads;
+  p.L = pb.q_len, p.S = pb.kv_len, p.E = pb.head_dim, p.Ev = pb.v_head_dim;
+  p.scale = pb.scale;
+  l.q = as_4d(query, p.B), l.k = as_4d(key, p.B), l.v = as_4d(value, p.B);
+  p.q = l.q.data_ptr(), p.q_sb = l.q.stride(0), p.q_sh = l.q.stride(1), p.q_sr = l.q.stride(2);
+  p.k = l.k.data_ptr(), p.k_sb = l.k.stride(0), p.k_sh = l.k.stride(1), p.k_sr = l.k.stride(2);
+  p.v = l.v.data_ptr(), p.v_sb = l.v.stride(0), p.v_sh = l.v.stride(1), p.v_sr = l.v.stride(2);
+  if (attn_mask) {
+    // A broadcast view: stride 0 where the mask repeats, no copy.
+    l.mask = attn_mask->expand(pb.weights_shape()).reshape({p.B, p.H, p.L, p.S});
+    p.mask_kind = l.mask.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
+    p.mask = l.mask.data_ptr();
+    p.m_sb = l.mask.stride(0), p.m_sh = l.mask.stride(1), p.m_sr = l.mask.stride(2),
+    p.m_sc = l.mask.stride(3);
+  }
+  if (key_padding_mask) {
+    l.kpm = key_padding_mask->reshape({p.B, p.S});
+    p.kpm_kind = l.kpm.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
+    p.kpm = l.kpm.data_ptr(), p.p_sb = l.kpm.stride(0), p.p_sc = l.kpm.stride(1);
+  }
+  p.causal = is_causal;
+  p.causal_offset = bottom_right ? p.S - p.L : 0;
+  if (dropout_p > 0.0) {
+    p.dropout = true;
+    p.drop = kernels::DropoutParams::make(reference::dropout_seed_value(dropout_seed), dropout_p);
+  }
+  return l;
+}
+
+template <typename Kernel>
+void run_tasks(int64_t tasks, const FlashParams& p, Kernel kernel) {
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
+                                         dropout_p, scale, enable_gqa);
+  if (reference_requested()) {
+    return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
+                                        dropout_seed, dropout_p, is_causal, bottom_right,
+                                        return_weights);
+  }
+  auto launch = prepare(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
+                        dropout_p, is_causal, bottom_right);
+  auto& p = launch.p;
+  auto out = at::empty(pb.out_shape(), query.options());
+  auto lse = at::empty(pb.lse_shape(), query.options().dtype(accumulate_type(query.scalar_type())));
+  p.out = out.data_ptr(), p.o_sh = p.L * p.Ev, p.o_sb = p.H * p.o_sh, p.o_sr = p.Ev;
+  p.lse = lse.data_ptr();
+  run_tasks(kernels::flash_forward_tasks(p), p, kernels::flash_forward_cpu);
+  at::Tensor weights = at::empty({0}, query.options());
+  if (return_weights) {
+    weights = at::empty(pb.weights_shape(), query.options());
+    p.weights = weights.data_ptr();
+    run_tasks(kernels::flash_forward_tasks(p), p, kernels::flash_weights_cpu);
+  }
+  return {out, lse, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
+    bool key_padding_mask_grad) {
+  const bool mask_grad = attn_mask_grad && attn_mask && attn_mask->is_floating_point();
+  const bool kpm_grad =
+      key_padding_mask_grad && key_padding_mask && key_padding_mask->is_floating_point();
+  const bool weights_grad = grad_weights && grad_weights->numel() > 0;
+  if (reference_requested() || mask_grad || kpm_grad || weights_grad) {
+    return reference::attention_backward_op(
+        grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
+        key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale, enable_gqa,
+        attn_mask_grad, key_padding_mask_grad);
+  }
+  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
+                                         dropout_p, scale, enable_gqa);
+  TORCH_CHECK(grad_out.sizes().equals(pb.out_shape()) && out.sizes().equals(pb.out_shape()),
+              "attention backward: grad_out and out must have shape ",
+              c10::IntArrayRef(pb.out_shape()), ", got ", grad_out.sizes(), " and ", out.sizes());
+  const auto acc = accumulate_type(query.scalar_type());
+  TORCH_CHECK(lse.sizes().equals(pb.lse_shape()) && lse.scalar_type() == acc,
+              "attention backward: lse must be ", acc, " of shape ",
+              c10::IntArrayRef(pb.lse_shape()), ", got ", lse.scalar_type(), " ", lse.sizes());
+  auto launch = prepare(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
+                        dropout_p, is_causal, bottom_right);
+  auto& p = launch.p;
+  auto out4 = as_4d(out, p.B), dout4 = as_4d(grad_out, p.B);
+  auto lse_c = lse.contiguous();
+  at::Tensor dlse;
+  if (grad_lse && grad_lse->numel() > 0) dlse = grad_lse->to(acc).contiguous();
+  p.out = out4.data_ptr(), p.o_sb = out4.stride(0), p.o_sh = out4.stride(1), p.o_sr = out4.stride(2);
+  p.dout = dout4.data_ptr(), p.do_sb = dout4.stride(0), p.do_sh = dout4.stride(1),
+  p.do_sr = dout4.stride(2);
+  p.lse = lse_c.data_ptr();
+  p.dlse = dlse.defined() ? dlse.data_ptr() : nullptr;
+  auto dq = at::empty(query.sizes(), query.options());
+  auto dk = at::empty(key.sizes(), key.options());
+  auto dv = at::empty(value.sizes(), value.options());
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  run_tasks(kernels::flash_backward_tasks(p), p, kernels::flash_backward_cpu);
+  return {dq, dk, dv, at::empty({0}, query.options()), at::empty({0}, query.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
+  m.impl("_attention_forward", &attention_forward);
+  m.impl("_attention_backward", &attention_backward);
+}
+
+}  // namespace fusedattn::cpu

@@ -1,0 +1,445 @@
+// Flash-style attention kernels for the CPU (see flash_cpu.h). Block products go through
+// BLAS (blas.h); the softmax arithmetic in between is plain loops in functions that GCC
+// compiles for AVX-512, AVX2 and baseline x86-64 and picks at load time (target_clones).
+#include "fusedattn/kernels/flash_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "fusedattn/kernels/blas.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSEDATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FUSEDATTN_CLONES
+#endif
+
+namespace fusedattn::kernels {
+namespace {
+
+constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+
+// Block sizes. Forward: a 64 x 512 fp32 score block is 128 KiB and stays in L2 (2 MiB per
+// core here) next to the K/V blocks; backward keeps two 64 x 256 blocks (P and dP).
+constexpr int64_t kFwdBlockQ = 64, kFwdBlockK = 512;
+constexpr int64_t kBwdBlockQ = 64, kBwdBlockK = 256;
+
+// ------------------------------------------------------------------ storage types
+struct bf16 { uint16_t x; };
+struct fp16 { uint16_t x; };
+
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(bf16 v) { return bits_to_float(uint32_t(v.x) << 16); }
+inline float to_acc(fp16 v) {
+  const uint32_t sign = uint32_t(v.x & 0x8000u) << 16, exp = (v.x >> 10) & 0x1fu, mant = v.x & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24
+    const float f = float(mant) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
+}
+inline float to_acc(uint8_t v) { return float(v); }
+
+inline void store(float f, float* d) { *d = f; }
+inline void store(double f, double* d) { *d = f; }
+inline void store(float f, bf16* d) {  // round to nearest even; NaN stays NaN
+  const uint32_t u = float_to_bits(f);
+  d->x = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u)
+                                          : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline void store(float f, fp16* d) {
+  uint32_t x = float_to_bits(f);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) { d->x = sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u); return; }
+  if (x >= 0x477ff000u) { d->x = sign | 0x7c00u; return; }  // rounds to >= 65520: inf
+  if (x < 0x38800000u) {                                    // below 2^-14: subnormal half
+    d->x = sign | uint16_t(std::nearbyint(bits_to_float(x) * 16777216.f));
+    return;
+  }
+  x += 0xfffu + ((x >> 13) & 1u);  // round to nearest even on the 13 dropped bits
+  d->x = sign | uint16_t((x - (112u << 23)) >> 13);
+}
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// ------------------------------------------------------------------ vector loops (fp32)
+// exp(x) for x <= 88 (softmax only exponentiates s - max <= 0 and s - lse <= ~0): Cephes'
+// range reduction and polynomial, written to vectorise; -inf and x < -87.3 give exactly 0,
+// NaN stays NaN. Relative error ~2 ulp.
+inline float exp_approx(float x) {
+  constexpr float lo = -87.33654475f, hi = 88.0f;
+  const float xc = std::min(std::max(x, lo), hi);
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
+  float res = y * scale;
+  res = x < lo ? 0.f : res;
+  return x != x ? x : res;
+}
+
+// Reductions keep kLanes partial results so that they vectorise without -ffast-math (which
+// would also let the compiler assume away the infinities that masking produces).
+constexpr int64_t kLanes = 16;
+
+FUSEDATTN_CLONES float row_max(const float* x, int64_t n) {
+  float part[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) part[l] = kNegInfF;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = part[l] < x[i + l] ? x[i + l] : part[l];
+  }
+  float m = kNegInfF;
+  for (; i < n; ++i) m = m < x[i] ? x[i] : m;
+  for (int64_t l = 0; l < kLanes; ++l) m = m < part[l] ? part[l] : m;
+  return m;
+}
+// x = exp(x - sub), returns the sum.
+FUSEDATTN_CLONES float exp_sub_sum(float* x, int64_t n, float sub) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_approx(x[i] - sub);
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += x[i + l];
+  }
+  float s = 0.f;
+  for (; i < n; ++i) s += x[i];
+  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+FUSEDATTN_CLONES void scale_row(float* x, int64_t n, float a) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+FUSEDATTN_CLONES void add_row(float* x, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += b[i];
+}
+// dp = p * (dp - d) + p * glse: softmax's backward plus lse's own gradient, one row.
+FUSEDATTN_CLONES void softmax_grad_row(float* dp, const float* p, int64_t n, float d, float glse) {
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
+}
+
+// fp64 versions: plain loops with std::exp (correctness over speed).
+double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+double exp_sub_sum(double* x, int64_t n, double sub) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - sub));
+  return s;
+}
+void scale_row(double* x, int64_t n, double a) { for (int64_t i = 0; i < n; ++i) x[i] *= a; }
+void add_row(double* x, const double* b, int64_t n) { for (int64_t i = 0; i < n; ++i) x[i] += b[i]; }
+void softmax_grad_row(double* dp, const double* p, int64_t n, double d, double glse) {
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
+}
+inline float exp_scalar(float x) { return exp_approx(x); }
+inline double exp_scalar(double x) { return std::exp(x); }
+
+// ------------------------------------------------------------------ the kernel
+template <typename T>
+struct Flash {
+  using A = typename AccOf<T>::type;
+  static constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const FlashParams& p;
+  int64_t group;  // query heads per key/value head
+
+  explicit Flash(const FlashParams& params) : p(params), group(params.H / params.Hk) {}
+
+  const T* q_rows(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + i * p.q_sr;
+  }
+  const T* k_rows(int64_t b, int64_t hk, int64_t j) const {
+    return static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + j * p.k_sr;
+  }
+  const T* v_rows(int64_t b, int64_t hk, int64_t j) const {
+    return static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + j * p.v_sr;
+  }
+  A* lse_row(int64_t b, int64_t h) const { return static_cast<A*>(p.lse) + (b * p.H + h) * p.L; }
+
+  // rows x cols block of a row-major source with row stride ld_src, times mul, as A. A
+  // float source with mul == 1 is used in place; ld tells the caller the stride it got.
+  static const A* load(const T* src, int64_t ld_src, int64_t rows, int64_t cols, A mul, A* buf,
+                       int64_t& ld) {
+    if constexpr (std::is_same_v<T, A>) {
+      if (mul == A(1)) {
+        ld = ld_src;
+        return src;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* s = src + r * ld_src;
+      A* d = buf + r * cols;
+      for (int64_t c = 0; c < cols; ++c) d[c] = to_acc(s[c]) * mul;
+    }
+    ld = cols;
+    return buf;
+  }
+
+  // Keys [j0, j0 + bk) the queries [i0, i0 + bq) may see at all (causal), as a block count.
+  int64_t visible_end(int64_t i_last) const {
+    return p.causal ? std::clamp<int64_t>(i_last + p.causal_offset + 1, 0, p.S) : p.S;
+  }
+
+  // s (bq x bk, row stride bk) += every mask, for queries i0.. and keys j0..
+  void apply_masks(A* s, int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
+                   A* col_bias) const {
+    if (p.kpm_kind != MaskKind::None) {
+      for (int64_t c = 0; c < bk; ++c) {
+        const int64_t off = b * p.p_sb + (j0 + c) * p.p_sc;
+        col_bias[c] = p.kpm_kind == MaskKind::Bool
+                          ? (static_cast<const uint8_t*>(p.kpm)[off] ? kNegInf : A(0))
+                          : A(to_acc(static_cast<const T*>(p.kpm)[off]));
+      }
+    }
+    for (int64_t r = 0; r < bq; ++r) {
+      A* row = s + r * bk;
+      const int64_t i = i0 + r;
+      if (p.mask_kind != MaskKind::None) {
+        const int64_t base = b * p.m_sb + h * p.m_sh + i * p.m_sr + j0 * p.m_sc;
+        if (p.mask_kind == MaskKind::Bool) {
+          const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
+          for (int64_t c = 0; c < bk; ++c) row[c] = m[c * p.m_sc] ? row[c] : kNegInf;
+        } else {
+          const T* m = static_cast<const T*>(p.mask) + base;
+          for (int64_t c = 0; c < bk; ++c) row[c] += A(to_acc(m[c * p.m_sc]));
+        }
+      }
+      if (p.kpm_kind != MaskKind::None) add_row(row, col_bias, bk);
+      if (p.causal) {
+        const int64_t first_hidden = std::max<int64_t>(i + p.causal_offset + 1 - j0, 0);
+        for (int64_t c = first_hidden; c < bk; ++c) row[c] = kNegInf;
+      }
+    }
+  }
+
+  // Dropout on one row of probabilities: kept ones scaled by 1 / (1 - p), others 0.
+  void drop_row(A* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t bk) const {
+    const uint64_t base = uint64_t(((b * p.H + h) * p.L + i) * p.S + j0);
+    const A ks = A(p.drop.keep_scale);
+    for (int64_t c = 0; c < bk; ++c) row[c] = p.drop.keep(base + uint64_t(c)) ? row[c] * ks : A(0);
+  }
+
+  struct FwdWork {
+    std::vector<A> q, s, k, v, acc, m, l, bias;
+    explicit FwdWork(const FlashParams& p)
+        : q(kFwdBlockQ * p.E), s(kFwdBlockQ * kFwdBlockK), k(kFwdBlockK * p.E),
+          v(kFwdBlockK * p.Ev), acc(kFwdBlockQ * p.Ev), m(kFwdBlockQ), l(kFwdBlockQ),
+          bias(kFwdBlockK) {}
+  };
+
+  int64_t q_blocks() const { return (p.L + kFwdBlockQ - 1) / kFwdBlockQ; }
+
+  void forward(int64_t begin, int64_t end) const {
+    FwdWork w(p);
+    for (int64_t t = begin; t < end; ++t) forward_task(t, w);
+  }
+
+  void forward_task(int64_t t, FwdWork& w) const {
+    const int64_t nqb = q_blocks(), bh = t / nqb, b = bh / p.H, h = bh % p.H, hk = h / group;
+    const int64_t i0 = (t % nqb) * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
+    int64_t ldq, ldk, ldv;
+    const A* qb = load(q_rows(b, h, i0), p.q_sr, bq, p.E, A(p.scale), w.q.data(), ldq);
+    std::fill(w.m.begin(), w.m.end(), kNegInf);
+    std::fill(w.l.begin(), w.l.end(), A(0));
+    std::fill(w.acc.begin(), w.acc.end(), A(0));
+    const int64_t kv_end = visible_end(i0 + bq - 1);
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
+      const int64_t bk = std::min(kFwdBlockK, kv_end - j0);
+      const A* kb = load(k_rows(b, hk, j0), p.k_sr, bk, p.E, A(1), w.k.data(), ldk);
+      A* s = w.s.data();
+      gemm(false, true, bq, bk, p.E, A(1), qb, ldq, kb, ldk, A(0), s, bk);
+      apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
+      for (int64_t r = 0; r < bq; ++r) {
+        A* row = s + r * bk;
+        const A m_new = std::max(w.m[r], row_max(row, bk));
+        if (m_new == kNegInf) {  // this row has seen no visible key yet
+          std::fill(row, row + bk, A(0));
+          continue;
+        }
+        const A row_sum = exp_sub_sum(row, bk, m_new);
+        const A alpha = exp_scalar(w.m[r] - m_new);  // 0 when m was -inf
+        w.l[r] = w.l[r] * alpha + row_sum;
+        if (alpha != A(1)) scale_row(w.acc.data() + r * p.Ev, p.Ev, alpha);
+        w.m[r] = m_new;
+        if (p.dropout) drop_row(row, b, h, i0 + r, j0, bk);
+      }
+      const A* vb = load(v_rows(b, hk, j0), p.v_sr, bk, p.Ev, A(1), w.v.data(), ldv);
+      gemm(false, false, bq, p.Ev, bk, A(1), s, bk, vb, ldv, A(1), w.acc.data(), p.Ev);
+    }
+    T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i0 * p.o_sr;
+    A* lse = lse_row(b, h) + i0;
+    for (int64_t r = 0; r < bq; ++r) {
+      const A inv = w.l[r] > A(0) ? A(1) / w.l[r] : A(0);  // no visible key: output 0
+      const A* a = w.acc.data() + r * p.Ev;
+      for (int64_t c = 0; c < p.Ev; ++c) store(a[c] * inv, out + r * p.o_sr + c);
+      lse[r] = w.l[r] > A(0) ? w.m[r] + std::log(w.l[r]) : (w.l[r] == A(0) ? kNegInf : w.l[r]);
+    }
+  }
+
+  void weights(int64_t begin, int64_t end) const {
+    FwdWork w(p);
+    for (int64_t t = begin; t < end; ++t) weights_task(t, w);
+  }
+
+  void weights_task(int64_t t, FwdWork& w) const {
+    const int64_t nqb = q_blocks(), bh = t / nqb, b = bh / p.H, h = bh % p.H, hk = h / group;
+    const int64_t i0 = (t % nqb) * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
+    int64_t ldq, ldk;
+    const A* qb = load(q_rows(b, h, i0), p.q_sr, bq, p.E, A(p.scale), w.q.data(), ldq);
+    const A* lse = lse_row(b, h) + i0;
+    T* wout = static_cast<T*>(p.weights) + (bh * p.L + i0) * p.S;
+    const int64_t kv_end = visible_end(i0 + bq - 1);
+    for (int64_t j0 = 0; j0 < p.S; j0 += kFwdBlockK) {
+      const int64_t bk = std::min(kFwdBlockK, p.S - j0);
+      A* s = w.s.data();
+      if (j0 >= kv_end) {
+        std::fill(s, s + bq * bk, A(0));
+      } else {
+        const A* kb = load(k_rows(b, hk, j0), p.k_sr, bk, p.E, A(1), w.k.data(), ldk);
+        gemm(false, true, bq, bk, p.E, A(1), qb, ldq, kb, ldk, A(0), s, bk);
+        apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
+        for (int64_t r = 0; r < bq; ++r) {
+          A* row = s + r * bk;
+          if (lse[r] == kNegInf) {
+            std::fill(row, row + bk, A(0));
+          } else {
+            exp_sub_sum(row, bk, lse[r]);
+          }
+        }
+      }
+      for (int64_t r = 0; r < bq; ++r) {
+        for (int64_t c = 0; c < bk; ++c) store(s[r * bk + c], wout + r * p.S + j0 + c);
+      }
+    }
+  }
+
+  struct BwdWork {
+    std::vector<A> q, dout, k, v, s, dp, dq, dk, dv, d, bias;
+    explicit BwdWork(const FlashParams& p)
+        : q(kBwdBlockQ * p.E), dout(kBwdBlockQ * p.Ev), k(kBwdBlockK * p.E),
+          v(kBwdBlockK * p.Ev), s(kBwdBlockQ * kBwdBlockK), dp(kBwdBlockQ * kBwdBlockK),
+          dq(p.L * p.E), dk(p.S * p.E), dv(p.S * p.Ev), d(p.L), bias(kBwdBlockK) {}
+  };
+
+  void backward(int64_t begin, int64_t end) const {
+    BwdWork w(p);
+    for (int64_t t = begin; t < end; ++t) backward_task(t, w);
+  }
+
+  void backward_task(int64_t t, BwdWork& w) const {
+    const int64_t b = t / p.Hk, hk = t % p.Hk;
+    std::fill(w.dk.begin(), w.dk.end(), A(0));
+    std::fill(w.dv.begin(), w.dv.end(), A(0));
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const A* lse = lse_row(b, h);
+      const A* dlse = p.dlse ? static_cast<const A*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
+      // D_i = rowsum(dO * O): softmax's backward term, one dot per query row.
+      for (int64_t i = 0; i < p.L; ++i) {
+        const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
+        const T* g = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sr;
+        A acc = 0;
+        for (int64_t c = 0; c < p.Ev; ++c) acc += A(to_acc(o[c])) * A(to_acc(g[c]));
+        w.d[i] = acc;
+      }
+      std::fill(w.dq.begin(), w.dq.end(), A(0));
+      for (int64_t j0 = 0; j0 < p.S; j0 += kBwdBlockK) {
+        const int64_t bk = std::min(kBwdBlockK, p.S - j0);
+        // Queries that see any key of this block: i >= j0 - causal_offset.
+        const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
+        if (i_first >= p.L) continue;
+        int64_t ldk, ldv, ldq, ldo;
+        const A* kb = load(k_rows(b, hk, j0), p.k_sr, bk, p.E, A(1), w.k.data(), ldk);
+        const A* vb = load(v_rows(b, hk, j0), p.v_sr, bk, p.Ev, A(1), w.v.data(), ldv);
+        for (int64_t i0 = i_first / kBwdBlockQ * kBwdBlockQ; i0 < p.L; i0 += kBwdBlockQ) {
+          const int64_t bq = std::min(kBwdBlockQ, p.L - i0);
+          const A* qb = load(q_rows(b, h, i0), p.q_sr, bq, p.E, A(p.scale), w.q.data(), ldq);
+          const T* g = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i0 * p.do_sr;
+          const A* ob = load(g, p.do_sr, bq, p.Ev, A(1), w.dout.data(), ldo);
+          A* s = w.s.data();
+          A* dp = w.dp.data();
+          gemm(false, true, bq, bk, p.E, A(1), qb, ldq, kb, ldk, A(0), s, bk);
+          apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
+          for (int64_t r = 0; r < bq; ++r) {  // P = exp(s - lse); rows that see nothing: 0
+            A* row = s + r * bk;
+            if (lse[i0 + r] == kNegInf) {
+              std::fill(row, row + bk, A(0));
+            } else {
+              exp_sub_sum(row, bk, lse[i0 + r]);
+            }
+          }
+          // dP = dO V^T. With dropout the forward used P * M: dP picks up M here, and dV
+          // takes P * M below, once dS (which needs P itself) is formed.
+          gemm(false, true, bq, bk, p.Ev, A(1), ob, ldo, vb, ldv, A(0), dp, bk);
+          if (p.dropout) {
+            for (int64_t r = 0; r < bq; ++r) drop_row(dp + r * bk, b, h, i0 + r, j0, bk);
+          }
+          for (int64_t r = 0; r < bq; ++r) {
+            softmax_grad_row(dp + r * bk, s + r * bk, bk, w.d[i0 + r], dlse ? dlse[i0 + r] : A(0));
+          }
+          if (p.dropout) {
+            for (int64_t r = 0; r < bq; ++r) drop_row(s + r * bk, b, h, i0 + r, j0, bk);
+          }
+          gemm(true, false, bk, p.Ev, bq, A(1), s, bk, ob, ldo, A(1), w.dv.data() + j0 * p.Ev, p.Ev);
+          // dS is in dp. dQ += scale * dS K; dK += dS^T (scale * Q).
+          gemm(false, false, bq, p.E, bk, A(p.scale), dp, bk, kb, ldk, A(1), w.dq.data() + i0 * p.E, p.E);
+          gemm(true, false, bk, p.E, bq, A(1), dp, bk, qb, ldq, A(1), w.dk.data() + j0 * p.E, p.E);
+        }
+      }
+      T* dq = static_cast<T*>(p.dq) + (b * p.H + h) * p.L * p.E;
+      for (int64_t i = 0; i < p.L * p.E; ++i) store(w.dq[i], dq + i);
+    }
+    T* dk = static_cast<T*>(p.dk) + (b * p.Hk + hk) * p.S * p.E;
+    T* dv = static_cast<T*>(p.dv) + (b * p.Hk + hk) * p.S * p.Ev;
+    for (int64_t i = 0; i < p.S * p.E; ++i) store(w.dk[i], dk + i);
+    for (int64_t i = 0; i < p.S * p.Ev; ++i) store(w.dv[i], dv + i);
+  }
+};
+
+template <typename F>
+void with_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float: return f(float{});
+    case DType::Double: return f(double{});
+    case DType::BFloat16: return f(bf16{});
+    case DType::Half: return f(fp16{});
+  }
+}
+
+}  // namespace
+
+int64_t flash_forward_tasks(const FlashParams& p) {
+  return p.B * p.H * ((p.L + kFwdBlockQ - 1) / kFwdBlockQ);
+}
+int64_t flash_backward_tasks(const FlashParams& p) { return p.B * p.Hk; }
+
+void flash_forward_cpu(const FlashParams& p, int64_t begin, int64_t end) {
+  with_type(p.dtype, [&](auto tag) { Flash<decltype(tag)>(p).forward(begin, end); });
+}
+void flash_weights_cpu(const FlashParams& p, int64_t begin, int64_t end) {
+  with_type(p.dtype, [&](auto tag) { Flash<decltype(tag)>(p).weights(begin, end); });
+}
+void flash_backward_cpu(const FlashParams& p, int64_t begin, int64_t end) {
+  with_type(p.dtype, [&](auto tag) { Flash<decltype(tag)>(p).backward(begin, end); });
+}
+
+}  // namespace fusedattn::kernels

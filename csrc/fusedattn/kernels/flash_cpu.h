@@ -1,0 +1,69 @@
+#pragma once
+// Fused (flash-style) attention on the CPU: tiled online softmax over blocks of queries and
+// keys, never holding an L x S score matrix. Free of torch types: the launcher in
+// cpu/attention_cpu.cpp fills FlashParams from tensors and runs the tasks in parallel.
+//
+// Layout: every tensor is seen as (B, H, rows, cols) with B the flattened batch dims; q, k,
+// v, out and grad_out have a contiguous last dim and arbitrary (b, h, row) strides, masks
+// arbitrary strides (0 where they broadcast); lse, weights and the gradients are contiguous.
+#include <cstdint>
+
+#include "fusedattn/kernels/dropout.h"
+
+namespace fusedattn::kernels {
+
+enum class DType : uint8_t { Float, Double, BFloat16, Half };
+enum class MaskKind : uint8_t { None, Bool, Additive };  // Bool: 1 byte, nonzero = allowed
+
+struct FlashParams {
+  DType dtype = DType::Float;
+  int64_t B = 0, H = 0, Hk = 0;         // batch, query heads, key/value heads (H % Hk == 0)
+  int64_t L = 0, S = 0, E = 0, Ev = 0;  // query length, key length, head dims of q/k and v
+  double scale = 1.0;
+
+  const void* q = nullptr;  // (B, H, L, E)
+  int64_t q_sb = 0, q_sh = 0, q_sr = 0;
+  const void* k = nullptr;  // (B, Hk, S, E)
+  int64_t k_sb = 0, k_sh = 0, k_sr = 0;
+  const void* v = nullptr;  // (B, Hk, S, Ev)
+  int64_t v_sb = 0, v_sh = 0, v_sr = 0;
+  void* out = nullptr;      // (B, H, L, Ev), written by the forward; read by the backward
+  int64_t o_sb = 0, o_sh = 0, o_sr = 0;
+  void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
+
+  // attn_mask viewed as (B, H, L, S); its element type is the query's for Additive.
+  MaskKind mask_kind = MaskKind::None;
+  const void* mask = nullptr;
+  int64_t m_sb = 0, m_sh = 0, m_sr = 0, m_sc = 0;
+  // key_padding_mask (B, S); Bool here means nonzero = padding (torch's MHA convention).
+  MaskKind kpm_kind = MaskKind::None;
+  const void* kpm = nullptr;
+  int64_t p_sb = 0, p_sc = 0;
+  // Key j is visible to query i iff j <= i + causal_offset (0 top-left, S - L bottom-right).
+  bool causal = false;
+  int64_t causal_offset = 0;
+  bool dropout = false;
+  DropoutParams drop;  // element index ((b * H + h) * L + i) * S + j, as the reference
+
+  void* weights = nullptr;  // (B, H, L, S) contiguous, query's dtype: flash_weights_cpu
+
+  // Backward inputs and outputs.
+  const void* dout = nullptr;  // (B, H, L, Ev)
+  int64_t do_sb = 0, do_sh = 0, do_sr = 0;
+  const void* dlse = nullptr;  // (B, H, L) contiguous, lse's type, or null
+  void* dq = nullptr;          // (B, H, L, E) contiguous
+  void* dk = nullptr;          // (B, Hk, S, E) contiguous
+  void* dv = nullptr;          // (B, Hk, S, Ev) contiguous
+};
+
+// Forward: one task per (b, h, block of queries); writes out and lse.
+int64_t flash_forward_tasks(const FlashParams& p);
+void flash_forward_cpu(const FlashParams& p, int64_t task_begin, int64_t task_end);
+// Weights exp(s - lse) into p.weights, from the forward's lse; the same tasks.
+void flash_weights_cpu(const FlashParams& p, int64_t task_begin, int64_t task_end);
+// Backward: one task per (b, key/value head), looping over the heads that share it, so dk
+// and dv are summed without atomics; dq, dk, dv are fully written.
+int64_t flash_backward_tasks(const FlashParams& p);
+void flash_backward_cpu(const FlashParams& p, int64_t task_begin, int64_t task_end);
+
+}  // namespace fusedattn::kernels
