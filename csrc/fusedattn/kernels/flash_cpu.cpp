@@ -38,16 +38,7 @@ inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); ret
 inline float to_acc(float v) { return v; }
 inline double to_acc(double v) { return v; }
 inline float to_acc(bf16 v) { return bits_to_float(uint32_t(v.x) << 16); }
-inline float to_acc(fp16 v) {
-  const uint32_t sign = uint32_t(v.x & 0x8000u) << 16, exp = (v.x >> 10) & 0x1fu, mant = v.x & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24
-    const float f = float(mant) * 5.9604644775390625e-8f;
-    return sign ? -f : f;
-  }
-  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
-  return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
-}
-inline float to_acc(uint8_t v) { return float(v); }
+inline float to_acc(fp16 v) { _Float16 h; std::memcpy(&h, &v.x, 2); return float(h); }
 
 inline void store(float f, float* d) { *d = f; }
 inline void store(double f, double* d) { *d = f; }
@@ -56,22 +47,11 @@ inline void store(float f, bf16* d) {  // round to nearest even; NaN stays NaN
   d->x = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u)
                                           : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
-inline void store(float f, fp16* d) {
-  uint32_t x = float_to_bits(f);
-  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
-  x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) { d->x = sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u); return; }
-  if (x >= 0x477ff000u) { d->x = sign | 0x7c00u; return; }  // rounds to >= 65520: inf
-  if (x < 0x38800000u) {                                    // below 2^-14: subnormal half
-    d->x = sign | uint16_t(std::nearbyint(bits_to_float(x) * 16777216.f));
-    return;
-  }
-  x += 0xfffu + ((x >> 13) & 1u);  // round to nearest even on the 13 dropped bits
-  d->x = sign | uint16_t((x - (112u << 23)) >> 13);
-}
+inline void store(float f, fp16* d) { const _Float16 h = _Float16(f); std::memcpy(&d->x, &h, 2); }
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
+template <typename T> constexpr bool kIsHalf = std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
 
 // ------------------------------------------------------------------ vector loops (fp32)
 // exp(x) for x <= 88 (softmax only exponentiates s - max <= 0 and s - lse <= ~0): Cephes'
@@ -112,9 +92,9 @@ FUSEDATTN_CLONES float row_max(const float* x, int64_t n) {
   for (int64_t l = 0; l < kLanes; ++l) m = m < part[l] ? part[l] : m;
   return m;
 }
-// x = exp(x - sub), returns the sum.
-FUSEDATTN_CLONES float exp_sub_sum(float* x, int64_t n, float sub) {
-  for (int64_t i = 0; i < n; ++i) x[i] = exp_approx(x[i] - sub);
+// x = exp(x * mul - sub), returns the sum.
+FUSEDATTN_CLONES float exp_sum(float* x, int64_t n, float mul, float sub) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_approx(x[i] * mul - sub);
   float part[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -131,20 +111,26 @@ FUSEDATTN_CLONES void scale_row(float* x, int64_t n, float a) {
 FUSEDATTN_CLONES void add_row(float* x, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += b[i];
 }
-// dp = p * (dp - d) + p * glse: softmax's backward plus lse's own gradient, one row.
+// dp = p * (dp - d + glse): softmax's backward plus lse's own gradient, one row.
 FUSEDATTN_CLONES void softmax_grad_row(float* dp, const float* p, int64_t n, float d, float glse) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
+}
+FUSEDATTN_CLONES void narrow_row(const float* x, bf16* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store(x[i], y + i);
+}
+void narrow_row(const float* x, fp16* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store(x[i], y + i);
 }
 
 // fp64 versions: plain loops with std::exp (correctness over speed).
 double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  for (int64_t i = 0; i < n; ++i) m = m < x[i] ? x[i] : m;
   return m;
 }
-double exp_sub_sum(double* x, int64_t n, double sub) {
+double exp_sum(double* x, int64_t n, double mul, double sub) {
   double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - sub));
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] * mul - sub));
   return s;
 }
 void scale_row(double* x, int64_t n, double a) { for (int64_t i = 0; i < n; ++i) x[i] *= a; }
@@ -156,14 +142,49 @@ inline float exp_scalar(float x) { return exp_approx(x); }
 inline double exp_scalar(double x) { return std::exp(x); }
 
 // ------------------------------------------------------------------ the kernel
+// Scores are S = Q K^T straight from the inputs (no copies: the GEMMs read q, k, v, dout
+// through their row strides). The softmax scale is folded into the exponent,
+// exp(s * scale - m * scale), unless an additive mask has to be added to scaled scores (or
+// the scale is not positive): then the masking pass scales S first and the exponent's
+// multiplier is 1. Accumulation is in A (fp32, fp64 for fp64 inputs); for bf16/fp16 the
+// probabilities and dS are rounded to the input type for their GEMMs, as FlashAttention does.
 template <typename T>
 struct Flash {
   using A = typename AccOf<T>::type;
   static constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const FlashParams& p;
-  int64_t group;  // query heads per key/value head
+  int64_t group;     // query heads per key/value head
+  bool fold;         // scale folded into the exponent
+  A mul;             // the exponent's multiplier: scale if fold, else 1
+  bool mask_pass;    // apply_masks has work to do
 
-  explicit Flash(const FlashParams& params) : p(params), group(params.H / params.Hk) {}
+  explicit Flash(const FlashParams& params) : p(params), group(params.H / params.Hk) {
+    fold = p.scale > 0 && p.mask_kind != MaskKind::Additive && p.kpm_kind != MaskKind::Additive;
+    mul = fold ? A(p.scale) : A(1);
+    mask_pass = !fold || p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None || p.causal;
+  }
+
+  // Row-major C = alpha op(A) op(B) + beta C with A, B in the input type.
+  static void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const T* a,
+                 int64_t lda, const T* b, int64_t ldb, A beta, A* c, int64_t ldc) {
+    if constexpr (kIsHalf<T>) {
+      gemm(std::is_same_v<T, bf16> ? Half16::BFloat16 : Half16::Float16, ta, tb, m, n, k, alpha,
+           reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b), ldb,
+           beta, c, ldc);
+    } else {
+      gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+  }
+  // An accumulator block as a GEMM operand: itself, or rounded into buf for half types.
+  static const T* operand(const A* x, int64_t n, T* buf) {
+    if constexpr (kIsHalf<T>) {
+      narrow_row(x, buf, n);
+      return buf;
+    } else {
+      (void)buf, (void)n;
+      return x;
+    }
+  }
 
   const T* q_rows(int64_t b, int64_t h, int64_t i) const {
     return static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + i * p.q_sr;
@@ -174,35 +195,21 @@ struct Flash {
   const T* v_rows(int64_t b, int64_t hk, int64_t j) const {
     return static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + j * p.v_sr;
   }
+  const T* dout_rows(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sr;
+  }
   A* lse_row(int64_t b, int64_t h) const { return static_cast<A*>(p.lse) + (b * p.H + h) * p.L; }
 
-  // rows x cols block of a row-major source with row stride ld_src, times mul, as A. A
-  // float source with mul == 1 is used in place; ld tells the caller the stride it got.
-  static const A* load(const T* src, int64_t ld_src, int64_t rows, int64_t cols, A mul, A* buf,
-                       int64_t& ld) {
-    if constexpr (std::is_same_v<T, A>) {
-      if (mul == A(1)) {
-        ld = ld_src;
-        return src;
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* s = src + r * ld_src;
-      A* d = buf + r * cols;
-      for (int64_t c = 0; c < cols; ++c) d[c] = to_acc(s[c]) * mul;
-    }
-    ld = cols;
-    return buf;
-  }
-
-  // Keys [j0, j0 + bk) the queries [i0, i0 + bq) may see at all (causal), as a block count.
+  // One past the last key that any of the queries up to i_last may see.
   int64_t visible_end(int64_t i_last) const {
     return p.causal ? std::clamp<int64_t>(i_last + p.causal_offset + 1, 0, p.S) : p.S;
   }
 
-  // s (bq x bk, row stride bk) += every mask, for queries i0.. and keys j0..
+  // Scores block s (bq x bk, row stride bk) for queries i0.. and keys j0..: scale unless
+  // folded, then every mask.
   void apply_masks(A* s, int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
                    A* col_bias) const {
+    if (!mask_pass) return;
     if (p.kpm_kind != MaskKind::None) {
       for (int64_t c = 0; c < bk; ++c) {
         const int64_t off = b * p.p_sb + (j0 + c) * p.p_sc;
@@ -214,6 +221,7 @@ struct Flash {
     for (int64_t r = 0; r < bq; ++r) {
       A* row = s + r * bk;
       const int64_t i = i0 + r;
+      if (!fold) scale_row(row, bk, A(p.scale));
       if (p.mask_kind != MaskKind::None) {
         const int64_t base = b * p.m_sb + h * p.m_sh + i * p.m_sr + j0 * p.m_sc;
         if (p.mask_kind == MaskKind::Bool) {
@@ -239,12 +247,24 @@ struct Flash {
     for (int64_t c = 0; c < bk; ++c) row[c] = p.drop.keep(base + uint64_t(c)) ? row[c] * ks : A(0);
   }
 
+  // Rows of s -> exp(s * mul - lse) from the forward's lse; rows with no visible key: 0.
+  void probabilities(A* s, int64_t bq, int64_t bk, const A* lse) const {
+    for (int64_t r = 0; r < bq; ++r) {
+      A* row = s + r * bk;
+      if (lse[r] == kNegInf) {
+        std::fill(row, row + bk, A(0));
+      } else {
+        exp_sum(row, bk, mul, lse[r]);
+      }
+    }
+  }
+
   struct FwdWork {
-    std::vector<A> q, s, k, v, acc, m, l, bias;
+    std::vector<A> s, acc, m, l, bias;
+    std::vector<T> narrow;
     explicit FwdWork(const FlashParams& p)
-        : q(kFwdBlockQ * p.E), s(kFwdBlockQ * kFwdBlockK), k(kFwdBlockK * p.E),
-          v(kFwdBlockK * p.Ev), acc(kFwdBlockQ * p.Ev), m(kFwdBlockQ), l(kFwdBlockQ),
-          bias(kFwdBlockK) {}
+        : s(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * p.Ev), m(kFwdBlockQ), l(kFwdBlockQ),
+          bias(kFwdBlockK), narrow(kIsHalf<T> ? kFwdBlockQ * kFwdBlockK : 0) {}
   };
 
   int64_t q_blocks() const { return (p.L + kFwdBlockQ - 1) / kFwdBlockQ; }
@@ -257,17 +277,15 @@ struct Flash {
   void forward_task(int64_t t, FwdWork& w) const {
     const int64_t nqb = q_blocks(), bh = t / nqb, b = bh / p.H, h = bh % p.H, hk = h / group;
     const int64_t i0 = (t % nqb) * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
-    int64_t ldq, ldk, ldv;
-    const A* qb = load(q_rows(b, h, i0), p.q_sr, bq, p.E, A(p.scale), w.q.data(), ldq);
-    std::fill(w.m.begin(), w.m.end(), kNegInf);
+    const T* q = q_rows(b, h, i0);
+    std::fill(w.m.begin(), w.m.end(), kNegInf);  // running max, in units of raw s
     std::fill(w.l.begin(), w.l.end(), A(0));
     std::fill(w.acc.begin(), w.acc.end(), A(0));
     const int64_t kv_end = visible_end(i0 + bq - 1);
     for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
       const int64_t bk = std::min(kFwdBlockK, kv_end - j0);
-      const A* kb = load(k_rows(b, hk, j0), p.k_sr, bk, p.E, A(1), w.k.data(), ldk);
       A* s = w.s.data();
-      gemm(false, true, bq, bk, p.E, A(1), qb, ldq, kb, ldk, A(0), s, bk);
+      mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, k_rows(b, hk, j0), p.k_sr, A(0), s, bk);
       apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
       for (int64_t r = 0; r < bq; ++r) {
         A* row = s + r * bk;
@@ -276,15 +294,15 @@ struct Flash {
           std::fill(row, row + bk, A(0));
           continue;
         }
-        const A row_sum = exp_sub_sum(row, bk, m_new);
-        const A alpha = exp_scalar(w.m[r] - m_new);  // 0 when m was -inf
+        const A row_sum = exp_sum(row, bk, mul, m_new * mul);
+        const A alpha = exp_scalar((w.m[r] - m_new) * mul);  // 0 when m was -inf
         w.l[r] = w.l[r] * alpha + row_sum;
         if (alpha != A(1)) scale_row(w.acc.data() + r * p.Ev, p.Ev, alpha);
         w.m[r] = m_new;
         if (p.dropout) drop_row(row, b, h, i0 + r, j0, bk);
       }
-      const A* vb = load(v_rows(b, hk, j0), p.v_sr, bk, p.Ev, A(1), w.v.data(), ldv);
-      gemm(false, false, bq, p.Ev, bk, A(1), s, bk, vb, ldv, A(1), w.acc.data(), p.Ev);
+      mm(false, false, bq, p.Ev, bk, A(1), operand(s, bq * bk, w.narrow.data()), bk,
+         v_rows(b, hk, j0), p.v_sr, A(1), w.acc.data(), p.Ev);
     }
     T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i0 * p.o_sr;
     A* lse = lse_row(b, h) + i0;
@@ -292,7 +310,8 @@ struct Flash {
       const A inv = w.l[r] > A(0) ? A(1) / w.l[r] : A(0);  // no visible key: output 0
       const A* a = w.acc.data() + r * p.Ev;
       for (int64_t c = 0; c < p.Ev; ++c) store(a[c] * inv, out + r * p.o_sr + c);
-      lse[r] = w.l[r] > A(0) ? w.m[r] + std::log(w.l[r]) : (w.l[r] == A(0) ? kNegInf : w.l[r]);
+      // l == 0: no visible key, lse = -inf; l NaN (NaN input) stays NaN.
+      lse[r] = w.l[r] > A(0) ? w.m[r] * mul + std::log(w.l[r]) : (w.l[r] == A(0) ? kNegInf : w.l[r]);
     }
   }
 
@@ -304,8 +323,6 @@ struct Flash {
   void weights_task(int64_t t, FwdWork& w) const {
     const int64_t nqb = q_blocks(), bh = t / nqb, b = bh / p.H, h = bh % p.H, hk = h / group;
     const int64_t i0 = (t % nqb) * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
-    int64_t ldq, ldk;
-    const A* qb = load(q_rows(b, h, i0), p.q_sr, bq, p.E, A(p.scale), w.q.data(), ldq);
     const A* lse = lse_row(b, h) + i0;
     T* wout = static_cast<T*>(p.weights) + (bh * p.L + i0) * p.S;
     const int64_t kv_end = visible_end(i0 + bq - 1);
@@ -315,17 +332,10 @@ struct Flash {
       if (j0 >= kv_end) {
         std::fill(s, s + bq * bk, A(0));
       } else {
-        const A* kb = load(k_rows(b, hk, j0), p.k_sr, bk, p.E, A(1), w.k.data(), ldk);
-        gemm(false, true, bq, bk, p.E, A(1), qb, ldq, kb, ldk, A(0), s, bk);
+        mm(false, true, bq, bk, p.E, A(1), q_rows(b, h, i0), p.q_sr, k_rows(b, hk, j0), p.k_sr,
+           A(0), s, bk);
         apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
-        for (int64_t r = 0; r < bq; ++r) {
-          A* row = s + r * bk;
-          if (lse[r] == kNegInf) {
-            std::fill(row, row + bk, A(0));
-          } else {
-            exp_sub_sum(row, bk, lse[r]);
-          }
-        }
+        probabilities(s, bq, bk, lse);
       }
       for (int64_t r = 0; r < bq; ++r) {
         for (int64_t c = 0; c < bk; ++c) store(s[r * bk + c], wout + r * p.S + j0 + c);
@@ -334,11 +344,13 @@ struct Flash {
   }
 
   struct BwdWork {
-    std::vector<A> q, dout, k, v, s, dp, dq, dk, dv, d, bias;
+    std::vector<A> s, dp, dq, dk, dv, d, bias;
+    std::vector<T> narrow_s, narrow_dp;
     explicit BwdWork(const FlashParams& p)
-        : q(kBwdBlockQ * p.E), dout(kBwdBlockQ * p.Ev), k(kBwdBlockK * p.E),
-          v(kBwdBlockK * p.Ev), s(kBwdBlockQ * kBwdBlockK), dp(kBwdBlockQ * kBwdBlockK),
-          dq(p.L * p.E), dk(p.S * p.E), dv(p.S * p.Ev), d(p.L), bias(kBwdBlockK) {}
+        : s(kBwdBlockQ * kBwdBlockK), dp(kBwdBlockQ * kBwdBlockK), dq(p.L * p.E),
+          dk(p.S * p.E), dv(p.S * p.Ev), d(p.L), bias(kBwdBlockK),
+          narrow_s(kIsHalf<T> ? kBwdBlockQ * kBwdBlockK : 0),
+          narrow_dp(kIsHalf<T> ? kBwdBlockQ * kBwdBlockK : 0) {}
   };
 
   void backward(int64_t begin, int64_t end) const {
@@ -356,7 +368,7 @@ struct Flash {
       // D_i = rowsum(dO * O): softmax's backward term, one dot per query row.
       for (int64_t i = 0; i < p.L; ++i) {
         const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
-        const T* g = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sr;
+        const T* g = dout_rows(b, h, i);
         A acc = 0;
         for (int64_t c = 0; c < p.Ev; ++c) acc += A(to_acc(o[c])) * A(to_acc(g[c]));
         w.d[i] = acc;
@@ -366,30 +378,20 @@ struct Flash {
         const int64_t bk = std::min(kBwdBlockK, p.S - j0);
         // Queries that see any key of this block: i >= j0 - causal_offset.
         const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
-        if (i_first >= p.L) continue;
-        int64_t ldk, ldv, ldq, ldo;
-        const A* kb = load(k_rows(b, hk, j0), p.k_sr, bk, p.E, A(1), w.k.data(), ldk);
-        const A* vb = load(v_rows(b, hk, j0), p.v_sr, bk, p.Ev, A(1), w.v.data(), ldv);
+        const T* k = k_rows(b, hk, j0);
+        const T* v = v_rows(b, hk, j0);
         for (int64_t i0 = i_first / kBwdBlockQ * kBwdBlockQ; i0 < p.L; i0 += kBwdBlockQ) {
           const int64_t bq = std::min(kBwdBlockQ, p.L - i0);
-          const A* qb = load(q_rows(b, h, i0), p.q_sr, bq, p.E, A(p.scale), w.q.data(), ldq);
-          const T* g = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i0 * p.do_sr;
-          const A* ob = load(g, p.do_sr, bq, p.Ev, A(1), w.dout.data(), ldo);
+          const T* q = q_rows(b, h, i0);
+          const T* dout = dout_rows(b, h, i0);
           A* s = w.s.data();
           A* dp = w.dp.data();
-          gemm(false, true, bq, bk, p.E, A(1), qb, ldq, kb, ldk, A(0), s, bk);
+          mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, k, p.k_sr, A(0), s, bk);
           apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
-          for (int64_t r = 0; r < bq; ++r) {  // P = exp(s - lse); rows that see nothing: 0
-            A* row = s + r * bk;
-            if (lse[i0 + r] == kNegInf) {
-              std::fill(row, row + bk, A(0));
-            } else {
-              exp_sub_sum(row, bk, lse[i0 + r]);
-            }
-          }
+          probabilities(s, bq, bk, lse + i0);
           // dP = dO V^T. With dropout the forward used P * M: dP picks up M here, and dV
           // takes P * M below, once dS (which needs P itself) is formed.
-          gemm(false, true, bq, bk, p.Ev, A(1), ob, ldo, vb, ldv, A(0), dp, bk);
+          mm(false, true, bq, bk, p.Ev, A(1), dout, p.do_sr, v, p.v_sr, A(0), dp, bk);
           if (p.dropout) {
             for (int64_t r = 0; r < bq; ++r) drop_row(dp + r * bk, b, h, i0 + r, j0, bk);
           }
@@ -399,10 +401,14 @@ struct Flash {
           if (p.dropout) {
             for (int64_t r = 0; r < bq; ++r) drop_row(s + r * bk, b, h, i0 + r, j0, bk);
           }
-          gemm(true, false, bk, p.Ev, bq, A(1), s, bk, ob, ldo, A(1), w.dv.data() + j0 * p.Ev, p.Ev);
-          // dS is in dp. dQ += scale * dS K; dK += dS^T (scale * Q).
-          gemm(false, false, bq, p.E, bk, A(p.scale), dp, bk, kb, ldk, A(1), w.dq.data() + i0 * p.E, p.E);
-          gemm(true, false, bk, p.E, bq, A(1), dp, bk, qb, ldq, A(1), w.dk.data() + j0 * p.E, p.E);
+          mm(true, false, bk, p.Ev, bq, A(1), operand(s, bq * bk, w.narrow_s.data()), bk, dout,
+             p.do_sr, A(1), w.dv.data() + j0 * p.Ev, p.Ev);
+          // dS is in dp: dQ += scale dS K, dK += scale dS^T Q.
+          const T* ds = operand(dp, bq * bk, w.narrow_dp.data());
+          mm(false, false, bq, p.E, bk, A(p.scale), ds, bk, k, p.k_sr, A(1),
+             w.dq.data() + i0 * p.E, p.E);
+          mm(true, false, bk, p.E, bq, A(p.scale), ds, bk, q, p.q_sr, A(1),
+             w.dk.data() + j0 * p.E, p.E);
         }
       }
       T* dq = static_cast<T*>(p.dq) + (b * p.H + h) * p.L * p.E;

@@ -1,0 +1,153 @@
+"""The fused CPU kernels against the fp64 formula and against the ATen reference path, on
+sizes that cross their blocks (64 queries x 512 keys forward, 64 x 256 backward)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedattn
+from conftest import reference_attention
+
+# (L, S): single partial block, exact block edges, several blocks with ragged ends.
+SIZES = [(1, 1), (65, 513), (130, 600), (600, 130), (257, 1031)]
+
+
+def rand(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+
+
+def masks(kind, N, H, L, S, dtype):
+    if kind == "none":
+        return None, None
+    if kind == "bool":
+        m = torch.rand(N, 1, L, S) > 0.2
+        m[..., 0] = True
+        return m, None
+    if kind == "float":
+        return rand(H, L, S, dtype=dtype), None
+    if kind == "kpm_bool":
+        kpm = torch.rand(N, S) > 0.7
+        kpm[:, 0] = False
+        return None, kpm
+    if kind == "kpm_float":
+        return None, rand(N, S, dtype=dtype)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("L,S", SIZES)
+@pytest.mark.parametrize("kind", ["none", "bool", "float", "kpm_bool", "kpm_float"])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+def test_forward_and_backward_fp32_against_fp64(L, S, kind, causal):
+    N, H, Hk, E = 2, 4, 2, 24
+    q = rand(N, H, L, E, requires_grad=True)
+    k, v = rand(N, Hk, S, E, requires_grad=True), rand(N, Hk, S, 20, requires_grad=True)
+    mask, kpm = masks(kind, N, H, L, S, torch.float32)
+    kw = dict(is_causal=causal is not None, causal_alignment=causal or "top_left",
+              enable_gqa=True, key_padding_mask=kpm)
+    out, w, lse = fusedattn.attention(q, k, v, mask, return_weights=True, return_lse=True, **kw)
+    ref, ref_w = reference_attention(q, k, v, mask, kpm, causal is not None, causal == "bottom_right")
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(w.double(), ref_w, atol=2e-6, rtol=2e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g.double())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_types_error_at_most_twice_torchs(dtype, causal):
+    N, H, L, S, E = 2, 3, 130, 600, 40
+    q, k, v = (rand(N, H, n, E, dtype=torch.float64, requires_grad=True) for n in (L, S, S))
+    kpm = torch.rand(N, S) > 0.8
+    ref, _ = reference_attention(q, k, v, key_padding_mask=kpm, is_causal=causal, bottom_right=True)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    lo = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    ours = fusedattn.attention(*lo, key_padding_mask=kpm, is_causal=causal,
+                               causal_alignment="bottom_right")
+    our_grads = torch.autograd.grad(ours, lo, g.to(dtype))
+    # torch in the same dtype, with the same masks as one boolean mask (bottom-right causal).
+    allowed = ~kpm[:, None, None, :]
+    if causal:
+        allowed = allowed & (torch.arange(S)[None] <= torch.arange(L)[:, None] + S - L)
+    theirs = torch.nn.functional.scaled_dot_product_attention(*lo, attn_mask=allowed)
+    their_grads = torch.autograd.grad(theirs, lo, g.to(dtype))
+    for a, b, r in [(ours, theirs, ref)] + list(zip(our_grads, their_grads, ref_grads)):
+        err = (a.double() - r).abs().max().item()
+        torch_err = (b.double() - r).abs().max().item()
+        assert err <= 2 * torch_err + 1e-4, (err, torch_err)
+
+
+def _run_with_reference_kernel(code):
+    env = dict(os.environ, FUSEDATTN_CPU_KERNEL="reference")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_dropout_mask_is_the_reference_paths_mask(tmp_path):
+    """Both paths draw dropout from the same counter-based generator: identical outputs and
+    gradients under one seed."""
+    code = f"""
+import torch, fusedattn
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, 3, n, 16, dtype=torch.float64, requires_grad=True) for n in (70, 530, 530))
+torch.manual_seed(1)
+out = fusedattn.attention(q, k, v, dropout_p=0.3, is_causal=True, causal_alignment="bottom_right")
+out.backward(torch.ones_like(out))
+torch.save((out.detach(), q.grad, k.grad, v.grad), r"{tmp_path}/result.pt")
+"""
+    _run_with_reference_kernel(code)
+    ref = torch.load(tmp_path / "result.pt")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, dtype=torch.float64, requires_grad=True) for n in (70, 530, 530))
+    torch.manual_seed(1)
+    out = fusedattn.attention(q, k, v, dropout_p=0.3, is_causal=True, causal_alignment="bottom_right")
+    out.backward(torch.ones_like(out))
+    for a, b in zip((out.detach(), q.grad, k.grad, v.grad), ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_mha_layout_strides_are_read_in_place():
+    # The module hands the op (N, H, L, D) views of (L, N, H*D) projections: not contiguous.
+    L, N, H, D = 70, 3, 4, 16
+    x = rand(L, N, 3 * H * D)
+    q, k, v = (t.reshape(L, N, H, D).permute(1, 2, 0, 3) for t in x.chunk(3, -1))
+    assert not q.is_contiguous()
+    torch.testing.assert_close(fusedattn.attention(q, k, v, is_causal=True).double(),
+                               reference_attention(q, k, v, is_causal=True)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_broadcast_mask_is_not_materialised():
+    # A (1, 1, 1, S) mask broadcast to (N, H, L, S) is read through stride-0 views.
+    N, H, L, S = 2, 2, 300, 700
+    q, k, v = rand(N, H, L, 8), rand(N, H, S, 8), rand(N, H, S, 8)
+    mask = (torch.rand(S) > 0.5).view(1, 1, 1, S)
+    torch.testing.assert_close(fusedattn.attention(q, k, v, mask).double(),
+                               reference_attention(q, k, v, mask)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_nan_inputs_are_not_hidden():
+    q, k, v = rand(1, 1, 4, 8), rand(1, 1, 600, 8), rand(1, 1, 600, 8)
+    k[0, 0, 3, 0] = float("nan")
+    out = fusedattn.attention(q, k, v)
+    assert out.isnan().all()
+    v2 = v.clone()
+    v2[0, 0, 7, 0] = float("nan")
+    assert fusedattn.attention(q, k, v2)[..., 0].isnan().all()
+
+
+def test_fully_masked_rows_across_blocks_zero_output_and_grads():
+    q = rand(1, 2, 130, 8, requires_grad=True)
+    k, v = rand(1, 2, 700, 8, requires_grad=True), rand(1, 2, 700, 8, requires_grad=True)
+    # bottom-right with L > S: the first L - S queries see nothing
+    out, w, lse = fusedattn.attention(q, k[:, :, :100], v[:, :, :100], is_causal=True,
+                                      causal_alignment="bottom_right", return_weights=True,
+                                      return_lse=True)
+    assert (out[:, :, :30] == 0).all() and (w[:, :, :30] == 0).all()
+    assert torch.isneginf(lse[:, :, :30]).all() and not out.isnan().any()
+    (gq,) = torch.autograd.grad(out.sum(), q)
+    assert (gq[:, :, :30] == 0).all() and not gq.isnan().any()
