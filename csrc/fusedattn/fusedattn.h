@@ -2,10 +2,13 @@
 // Everything of fusedattn's C++ API:
 //   fusedattn::attention(q, k, v, AttentionOptions)   the attention op (fused where it can be)
 //   fusedattn::MultiheadAttention                       drop-in for torch::nn::MultiheadAttention
+//   fusedattn::SelfAttention, AttentionPooling, GaussianKernelAttention   the seeds' layers
 //   fusedattn::ops::*                                   one function per registered op schema
 #include "fusedattn/macros.h"
+#include "fusedattn/modules/layers.h"
 #include "fusedattn/modules/multihead_attention.h"
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/layers.h"
 #include "fusedattn/ops/multihead_attention.h"
 
 namespace fusedattn::detail {

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/layers.h"
 #include "fusedattn/ops/multihead_attention.h"
 
 namespace fusedattn::detail {
@@ -49,4 +50,23 @@ TORCH_LIBRARY(fusedattn, m) {
       "-> (Tensor, Tensor)");
   m.impl("multihead_attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::multihead_attention_composite));
+
+  // The seed layers (ops/layers.h): SelfAttention, AttentionPooling, Gaussian-kernel attention.
+  m.def(
+      "self_attention(Tensor x, Tensor q_weight, Tensor? q_bias, Tensor k_weight, Tensor? k_bias, "
+      "Tensor v_weight, Tensor? v_bias, Tensor? key_padding_mask=None, bool is_causal=False, "
+      "bool need_weights=True) -> (Tensor, Tensor)");
+  m.impl("self_attention", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::self_attention_composite));
+  m.def(
+      "attention_pooling(Tensor h, str score, Tensor score_weight, Tensor? query_weight, "
+      "Tensor? score_vector, Tensor output_weight, Tensor? key_padding_mask=None) "
+      "-> (Tensor, Tensor)");
+  m.impl("attention_pooling", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::attention_pooling_composite));
+  m.def(
+      "gaussian_kernel_attention(Tensor query, Tensor key, Tensor value, Tensor bandwidth, "
+      "bool need_weights=False) -> (Tensor, Tensor)");
+  m.impl("gaussian_kernel_attention", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::gaussian_kernel_attention_composite));
 }

@@ -57,4 +57,44 @@ PYBIND11_MODULE(_C, m) {
         self.pretty_print(s);
         return s.str();
       });
+
+  namespace fa = fusedattn;
+  torch::python::bind_module<fa::SelfAttentionImpl, /*force_enable=*/true>(m, "SelfAttention")
+      .def(py::init([](int64_t in_dim, int64_t d_k, std::optional<int64_t> d_v, bool bias) {
+             return std::make_shared<fa::SelfAttentionImpl>(
+                 fa::SelfAttentionOptions(in_dim, d_k).d_v(d_v).bias(bias));
+           }),
+           py::arg("in_dim"), py::arg("d_k"), py::arg("d_v") = py::none(), py::arg("bias") = true)
+      .def(
+          "forward",
+          [](fa::SelfAttentionImpl& self, const at::Tensor& x,
+             const std::optional<at::Tensor>& key_padding_mask, bool is_causal, bool need_weights) {
+            return self.forward(x, undefined_if_none(key_padding_mask), is_causal, need_weights);
+          },
+          py::arg("x"), py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false,
+          py::arg("need_weights") = true);
+
+  torch::python::bind_module<fa::AttentionPoolingImpl, /*force_enable=*/true>(m, "AttentionPooling")
+      .def(py::init([](int64_t input_dim, int64_t units, std::string score) {
+             return std::make_shared<fa::AttentionPoolingImpl>(
+                 fa::AttentionPoolingOptions(input_dim).units(units).score(score));
+           }),
+           py::arg("input_dim"), py::arg("units") = 128, py::arg("score") = "luong")
+      .def(
+          "forward",
+          [](fa::AttentionPoolingImpl& self, const at::Tensor& h,
+             const std::optional<at::Tensor>& key_padding_mask) {
+            return self.forward(h, undefined_if_none(key_padding_mask));
+          },
+          py::arg("h"), py::arg("key_padding_mask") = py::none());
+
+  torch::python::bind_module<fa::GaussianKernelAttentionImpl, /*force_enable=*/true>(
+      m, "GaussianKernelAttention")
+      .def(py::init([](double bandwidth, bool learnable) {
+             return std::make_shared<fa::GaussianKernelAttentionImpl>(
+                 fa::GaussianKernelAttentionOptions().bandwidth(bandwidth).learnable(learnable));
+           }),
+           py::arg("bandwidth") = 1.0, py::arg("learnable") = true)
+      .def("forward", &fa::GaussianKernelAttentionImpl::forward, py::arg("query"), py::arg("key"),
+           py::arg("value"), py::arg("need_weights") = false);
 }
