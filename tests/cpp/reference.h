@@ -1,12 +1,20 @@
 #pragma once
 // A direct fp64 implementation of the attention formula, written here (not in the library)
 // so the tests compare the library against something it does not share code with.
+#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <limits>
 #include <optional>
 
 namespace testing {
+
+inline void require_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
+  REQUIRE(a.sizes() == b.sizes());
+  const double err = (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
+  INFO("max abs error " << err);
+  REQUIRE(err <= tol);
+}
 
 struct RefOptions {
   torch::Tensor attn_mask;         // bool True = allowed, or float added

@@ -5,6 +5,8 @@
 
 #include "reference.h"
 
+using testing::require_close;
+
 using fusedattn::AttentionOptions;
 using testing::reference_attention;
 using testing::RefOptions;
@@ -12,12 +14,6 @@ using testing::RefOptions;
 namespace {
 torch::Tensor randn(std::vector<int64_t> shape, torch::Dtype dtype = torch::kDouble) {
   return torch::randn(shape, torch::TensorOptions().dtype(dtype));
-}
-void require_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
-  REQUIRE(a.sizes() == b.sizes());
-  const double err = (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
-  INFO("max abs error " << err);
-  REQUIRE(err <= tol);
 }
 }  // namespace
 

@@ -3,17 +3,12 @@
 
 #include <fusedattn/fusedattn.h>
 
+#include "reference.h"
+
+using testing::require_close;
+
 #include <cmath>
 #include <sstream>
-
-namespace {
-void require_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
-  REQUIRE(a.sizes() == b.sizes());
-  const double err = (a - b).abs().max().item<double>();
-  INFO("max abs error " << err);
-  REQUIRE(err <= tol);
-}
-}  // namespace
 
 TEST_CASE("SelfAttention matches softmax(QK^T / sqrt(d_k)) V with padding", "[layers]") {
   torch::manual_seed(0);

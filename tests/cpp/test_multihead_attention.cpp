@@ -3,16 +3,13 @@
 
 #include <fusedattn/fusedattn.h>
 
+#include "reference.h"
+
+using testing::require_close;
+
 #include <sstream>
 
 namespace {
-
-void require_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
-  REQUIRE(a.sizes() == b.sizes());
-  const double err = (a - b).abs().max().item<double>();
-  INFO("max abs error " << err);
-  REQUIRE(err <= tol);
-}
 
 // torch's own C++ MultiheadAttention with our parameters copied in: the reference.
 torch::nn::MultiheadAttention torch_twin(fusedattn::MultiheadAttention& ours, bool add_bias_kv,

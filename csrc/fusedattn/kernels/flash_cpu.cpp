@@ -269,14 +269,21 @@ struct Flash {
 
   int64_t q_blocks() const { return (p.L + kFwdBlockQ - 1) / kFwdBlockQ; }
 
+  // Forward task t: batch-head bh = (b, h), key/value head hk, queries [i0, i0 + bq).
+  struct QTask { int64_t bh, b, h, hk, i0, bq; };
+  QTask q_task(int64_t t) const {
+    const int64_t nqb = q_blocks(), bh = t / nqb, h = bh % p.H;
+    const int64_t i0 = (t % nqb) * kFwdBlockQ;
+    return {bh, bh / p.H, h, h / group, i0, std::min(kFwdBlockQ, p.L - i0)};
+  }
+
   void forward(int64_t begin, int64_t end) const {
     FwdWork w(p);
     for (int64_t t = begin; t < end; ++t) forward_task(t, w);
   }
 
   void forward_task(int64_t t, FwdWork& w) const {
-    const int64_t nqb = q_blocks(), bh = t / nqb, b = bh / p.H, h = bh % p.H, hk = h / group;
-    const int64_t i0 = (t % nqb) * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
+    const auto [bh, b, h, hk, i0, bq] = q_task(t);
     const T* q = q_rows(b, h, i0);
     std::fill(w.m.begin(), w.m.end(), kNegInf);  // running max, in units of raw s
     std::fill(w.l.begin(), w.l.end(), A(0));
@@ -321,8 +328,7 @@ struct Flash {
   }
 
   void weights_task(int64_t t, FwdWork& w) const {
-    const int64_t nqb = q_blocks(), bh = t / nqb, b = bh / p.H, h = bh % p.H, hk = h / group;
-    const int64_t i0 = (t % nqb) * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
+    const auto [bh, b, h, hk, i0, bq] = q_task(t);
     const A* lse = lse_row(b, h) + i0;
     T* wout = static_cast<T*>(p.weights) + (bh * p.L + i0) * p.S;
     const int64_t kv_end = visible_end(i0 + bq - 1);
