@@ -92,9 +92,11 @@ FUSEDATTN_CLONES float row_max(const float* x, int64_t n) {
   for (int64_t l = 0; l < kLanes; ++l) m = m < part[l] ? part[l] : m;
   return m;
 }
-// x = exp(x * mul - sub), returns the sum.
-FUSEDATTN_CLONES float exp_sum(float* x, int64_t n, float mul, float sub) {
+// x = exp(x * mul - sub).
+FUSEDATTN_CLONES void exp_rows(float* x, int64_t n, float mul, float sub) {
   for (int64_t i = 0; i < n; ++i) x[i] = exp_approx(x[i] * mul - sub);
+}
+FUSEDATTN_CLONES float row_sum(const float* x, int64_t n) {
   float part[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -128,9 +130,12 @@ double row_max(const double* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) m = m < x[i] ? x[i] : m;
   return m;
 }
-double exp_sum(double* x, int64_t n, double mul, double sub) {
+void exp_rows(double* x, int64_t n, double mul, double sub) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] * mul - sub);
+}
+double row_sum(const double* x, int64_t n) {
   double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] * mul - sub));
+  for (int64_t i = 0; i < n; ++i) s += x[i];
   return s;
 }
 void scale_row(double* x, int64_t n, double a) { for (int64_t i = 0; i < n; ++i) x[i] *= a; }
@@ -254,7 +259,7 @@ struct Flash {
       if (lse[r] == kNegInf) {
         std::fill(row, row + bk, A(0));
       } else {
-        exp_sum(row, bk, mul, lse[r]);
+        exp_rows(row, bk, mul, lse[r]);
       }
     }
   }
@@ -301,9 +306,10 @@ struct Flash {
           std::fill(row, row + bk, A(0));
           continue;
         }
-        const A row_sum = exp_sum(row, bk, mul, m_new * mul);
+        exp_rows(row, bk, mul, m_new * mul);
+        const A block_sum = row_sum(row, bk);
         const A alpha = exp_scalar((w.m[r] - m_new) * mul);  // 0 when m was -inf
-        w.l[r] = w.l[r] * alpha + row_sum;
+        w.l[r] = w.l[r] * alpha + block_sum;
         if (alpha != A(1)) scale_row(w.acc.data() + r * p.Ev, p.Ev, alpha);
         w.m[r] = m_new;
         if (p.dropout) drop_row(row, b, h, i0 + r, j0, bk);
