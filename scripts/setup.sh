@@ -20,7 +20,8 @@ PY=${PYTHON:-python3}
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch>=2.11"
 fi
-$PY -c "import pytest, numpy" 2>/dev/null || $PY -m pip install -q pytest numpy
+# matplotlib: the Nadaraya-Watson example's plot and the benchmark's PNG.
+$PY -c "import pytest, numpy, matplotlib" 2>/dev/null || $PY -m pip install -q pytest numpy matplotlib
 $PY -c "import setuptools, wheel" 2>/dev/null || $PY -m pip install -q setuptools wheel
 
 # Builds libfusedattn, fusedattn._C and the Catch2 tests in ./build, installs the package.

@@ -26,4 +26,6 @@ def test_find_package_app_builds_and_runs(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "found op fusedattn::attention" in run.stdout
-    assert "save/load round trip ok" in run.stdout
+    assert "\nsave/load round trip ok" in run.stdout
+    assert "regressor save/load round trip ok" in run.stdout
+    assert "seed layers: train MAE" in run.stdout
