@@ -151,3 +151,23 @@ def test_fully_masked_rows_across_blocks_zero_output_and_grads():
     assert torch.isneginf(lse[:, :, :30]).all() and not out.isnan().any()
     (gq,) = torch.autograd.grad(out.sum(), q)
     assert (gq[:, :, :30] == 0).all() and not gq.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,Ev", [(1, 1), (2, 1), (64, 64)])
+def test_expanded_grad_and_odd_strides_reach_blas_correctly(dtype, E, Ev):
+    # out.sum().backward() hands the backward a grad_out of row stride 0, and a single-row
+    # matrix may carry any row stride; BLAS rejects such leading dimensions and skips the
+    # product, which once left the gradients wrong without an error.
+    N, H, L, S = 2, 3, 1 if E == 64 else 7, 9
+    q = torch.randn(N, H, E * L).as_strided((N, H, L, E), (H * L * E, L * E, 1, 1)) \
+        if L == 1 else torch.randn(N, H, L, E)
+    q = q.to(dtype).requires_grad_()
+    k = torch.randn(N, H, S, E, dtype=dtype, requires_grad=True)
+    v = torch.randn(N, H, S, Ev, dtype=dtype, requires_grad=True)
+    fusedattn.attention(q, k, v).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference_attention(q64, k64, v64)[0].sum().backward()
+    tol = 1e-9 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 5e-2)
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)

@@ -78,8 +78,11 @@ def test_gaussian_kernel_module_learns_its_bandwidth_with_correct_gradient():
         lambda b: fusedattn.gaussian_kernel_attention(xq, xk, yk, bandwidth=b),
         (torch.tensor([0.8], dtype=torch.float64, requires_grad=True),))
     out, _ = m(xq, xk, yk)
-    out.sum().backward()
-    assert m.bandwidth.grad is not None
+    out.sum().backward()  # an expanded (row stride 0) gradient reaches the kernel
+    b = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
+    d = xq[:, None] - xk[None]
+    (torch.softmax(-d * d / (2 * b * b), -1) @ yk).sum().backward()
+    torch.testing.assert_close(m.bandwidth.grad, b.grad)
     fixed = fusedattn.GaussianKernelAttention(0.8, learnable=False)
     assert list(fixed.parameters()) == [] and "bandwidth" in fixed.state_dict()
 

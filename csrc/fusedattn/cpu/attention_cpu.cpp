@@ -39,10 +39,13 @@ kernels::DType kernel_dtype(at::ScalarType t) {
 }
 
 // (..., X, R, C) -> a (B, X, R, C) view (a copy only where the batch dims cannot merge),
-// with a contiguous last dim as the kernels and BLAS need.
+// with a contiguous last dim and rows that do not overlap, as the kernels and BLAS need (an
+// expanded tensor, e.g. the gradient of a sum, has row stride 0: copied).
 at::Tensor as_4d(const at::Tensor& t, int64_t batch) {
   auto r = t.reshape({batch, t.size(-3), t.size(-2), t.size(-1)});
-  return (r.size(-1) > 1 && r.stride(-1) != 1) ? r.contiguous() : r;
+  const bool inner_ok = r.size(-1) <= 1 || r.stride(-1) == 1;
+  const bool rows_ok = r.size(-2) <= 1 || r.stride(-2) >= r.size(-1);
+  return (inner_ok && rows_ok) ? r : r.contiguous();
 }
 
 // Everything but the outputs: sizes, strides and masks of one call. The returned tensors

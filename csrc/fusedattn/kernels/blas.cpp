@@ -1,5 +1,6 @@
 #include "fusedattn/kernels/blas.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -37,24 +38,48 @@ void gemm_loop(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const
   }
 }
 
+// BLAS rejects (and then skips: C keeps its old values) a leading dimension below the stored
+// row length, even for a single row, whose ld is never used to step. Stored shapes: A is
+// (ta ? k x m : m x k), B is (tb ? n x k : k x n), C is m x n. legal_ld() repairs the
+// single-row case; blas_can() says whether the rest is acceptable (else: the loop, which takes
+// any strides, e.g. 0 for an expanded gradient; the CPU op copies such inputs first).
+int64_t legal_ld(int64_t rows, int64_t cols, int64_t ld) {
+  return rows <= 1 ? std::max<int64_t>(ld, std::max<int64_t>(cols, 1)) : ld;
+}
+struct Lds {
+  int64_t a, b, c;
+  bool ok;
+};
+Lds blas_lds(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+             int64_t ldc) {
+  const int64_t ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+  Lds l{legal_ld(ar, ac, lda), legal_ld(br, bc, ldb), legal_ld(m, n, ldc), true};
+  constexpr int64_t kMaxInt = 2147483647;
+  l.ok = l.a >= std::max<int64_t>(ac, 1) && l.b >= std::max<int64_t>(bc, 1) &&
+         l.c >= std::max<int64_t>(n, 1) && std::max({m, n, k, l.a, l.b, l.c}) <= kMaxInt;
+  return l;
+}
+
 }  // namespace
 
 // Row-major C (m x n) = column-major C^T (n x m) = op(B)^T op(A)^T: swap the operands.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (!sgemm_ || k == 0) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const Lds l = blas_lds(ta, tb, m, n, k, lda, ldb, ldc);
+  if (!sgemm_ || k == 0 || !l.ok) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-  const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+  const int im = int(m), in = int(n), ik = int(k), ilda = int(l.a), ildb = int(l.b), ildc = int(l.c);
   sgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
 }
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
           int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (!dgemm_ || k == 0) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const Lds l = blas_lds(ta, tb, m, n, k, lda, ldb, ldc);
+  if (!dgemm_ || k == 0 || !l.ok) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-  const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+  const int im = int(m), in = int(n), ik = int(k), ilda = int(l.a), ildb = int(l.b), ildc = int(l.c);
   dgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
 }
 
@@ -84,9 +109,10 @@ void gemm(Half16 kind, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float 
           int64_t ldc) {
   if (m == 0 || n == 0) return;
   auto* native = kind == Half16::BFloat16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
-  if (native && k > 0) {
+  const Lds l = blas_lds(ta, tb, m, n, k, lda, ldb, ldc);
+  if (native && k > 0 && l.ok) {
     return native(101, ta ? 112 : 111, tb ? 112 : 111, int(m), int(n), int(k), alpha, a,
-                  int(lda), b, int(ldb), beta, c, int(ldc));
+                  int(l.a), b, int(l.b), beta, c, int(l.c));
   }
   // Stored shapes: A is (ta ? k x m : m x k), B is (tb ? n x k : k x n).
   auto wa = widen(kind, a, ta ? k : m, ta ? m : k, lda);
