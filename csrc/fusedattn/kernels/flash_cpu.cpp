@@ -54,57 +54,118 @@ template <> struct AccOf<double> { using type = double; };
 template <typename T> constexpr bool kIsHalf = std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
 
 // ------------------------------------------------------------------ vector loops (fp32)
-// exp(x) for x <= 88 (softmax only exponentiates s - max <= 0 and s - lse <= ~0): Cephes'
-// range reduction and polynomial, written to vectorise; -inf and x < -87.3 give exactly 0,
-// NaN stays NaN. Relative error ~2 ulp.
-inline float exp_approx(float x) {
-  constexpr float lo = -87.33654475f, hi = 88.0f;
-  const float xc = std::min(std::max(x, lo), hi);
-  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
-  const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-  float res = y * scale;
-  res = x < lo ? 0.f : res;
-  return x != x ? x : res;
-}
-
-// Reductions keep kLanes partial results so that they vectorise without -ffast-math (which
-// would also let the compiler assume away the infinities that masking produces).
+// Written on GCC's 16-lane vector type, which each target_clones clone lowers to its own
+// registers (one zmm, two ymm, four xmm). GCC's auto-vectoriser left the lane-array form of
+// these reductions scalar (vmaxss/vaddss: row_max alone was 6% of a forward); explicit vectors
+// also keep IEEE semantics without -ffast-math, which would assume away masking's infinities.
+// Helpers are always_inline so that each clone compiles them for its own target (the -Wpsabi
+// note about passing 64-byte vectors by value never applies: no such call survives).
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define FUSEDATTN_VINLINE inline __attribute__((always_inline))
 constexpr int64_t kLanes = 16;
+using vf = float __attribute__((vector_size(4 * kLanes)));
+using vi = int32_t __attribute__((vector_size(4 * kLanes)));
+using vh = uint16_t __attribute__((vector_size(2 * kLanes)));
 
-FUSEDATTN_CLONES float row_max(const float* x, int64_t n) {
-  float part[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) part[l] = kNegInfF;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) part[l] = part[l] < x[i + l] ? x[i + l] : part[l];
-  }
-  float m = kNegInfF;
-  for (; i < n; ++i) m = m < x[i] ? x[i] : m;
-  for (int64_t l = 0; l < kLanes; ++l) m = m < part[l] ? part[l] : m;
+FUSEDATTN_VINLINE vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+FUSEDATTN_VINLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+FUSEDATTN_VINLINE vf vsplat(float x) { return vf{} + x; }
+FUSEDATTN_VINLINE float hmax(vf v) {
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = m < v[l] ? v[l] : m;
   return m;
 }
-// x = exp(x * mul - sub).
-FUSEDATTN_CLONES void exp_rows(float* x, int64_t n, float mul, float sub) {
-  for (int64_t i = 0; i < n; ++i) x[i] = exp_approx(x[i] * mul - sub);
+FUSEDATTN_VINLINE float hsum(vf v) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
 }
-FUSEDATTN_CLONES float row_sum(const float* x, int64_t n) {
-  float part[kLanes] = {};
+
+// 2^t; exp(y) = 2^(y log2(e)), with y = x * mul - sub formed first: folding log2(e) into mul
+// and sub instead saves a multiply but adds |x * mul| * 6e-8 of error (Gaussian-kernel scores
+// reach |x * mul| ~ 500: the weights then sum to 1 +- 1e-5). t = n + f with n = round(t), f in
+// [-1/2, 1/2]; 2^f is a degree-5 polynomial (coefficients fitted here, minimax in relative
+// error: 2.3e-7, about 2 ulp, measured in fp32 arithmetic over [-1/2, 1/2]); 2^n goes into the
+// exponent bits. t < -126 (and -inf) gives exactly 0, NaN stays NaN; t is clamped at 127
+// (softmax only exponentiates s - max <= 0 and s - lse <= ~0). About 15 vector operations,
+// against 22 for the Cephes exp this replaced (measured: see PERFORMANCE.md, entry 3b).
+constexpr float kLog2e = 1.44269504088896341f;
+FUSEDATTN_VINLINE vf vexp2(vf t) {
+  const vf lo = vsplat(-126.f), hi = vsplat(127.f);
+  vf tc = t < lo ? lo : t;
+  tc = tc > hi ? hi : tc;
+  const vf n = (tc + 12582912.f) - 12582912.f;  // round to nearest (|tc| < 2^22)
+  const vf f = tc - n;
+  vf y = vsplat(1.327647129073739e-3f);
+  y = y * f + 9.675540961325169e-3f;
+  y = y * f + 5.550713092088699e-2f;
+  y = y * f + 2.4022120237350464e-1f;
+  y = y * f + 6.931469440460205e-1f;
+  y = y * f + 1.0000001192092896f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf res = y * __builtin_bit_cast(vf, e);
+  res = t < lo ? vf{} : res;
+  return t != t ? t : res;
+}
+FUSEDATTN_VINLINE vf vexp(vf x) { return vexp2(x * kLog2e); }
+FUSEDATTN_VINLINE float exp_approx(float x) {
+  float buf[kLanes] = {x};
+  return vexp(vload(buf))[0];
+}
+
+FUSEDATTN_CLONES float row_max(const float* x, int64_t n) {
+  vf m = vsplat(kNegInfF);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += x[i + l];
+    const vf v = vload(x + i);
+    m = m < v ? v : m;
   }
-  float s = 0.f;
-  for (; i < n; ++i) s += x[i];
-  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
+  float r = hmax(m);
+  for (; i < n; ++i) r = r < x[i] ? x[i] : r;
+  return r;
+}
+// x = exp(x * mul - sub); returns the row's sum.
+FUSEDATTN_CLONES float exp_sum_row(float* x, int64_t n, float mul, float sub) {
+  vf acc{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf e = vexp(vload(x + i) * mul - sub);
+    vstore(x + i, e);
+    acc += e;
+  }
+  float s = hsum(acc);
+  for (; i < n; ++i) s += (x[i] = exp_approx(x[i] * mul - sub));
+  return s;
+}
+// x = exp(x * mul - sub), no sum (probabilities from a known lse).
+FUSEDATTN_CLONES void exp_rows(float* x, int64_t n, float mul, float sub) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) vstore(x + i, vexp(vload(x + i) * mul - sub));
+  for (; i < n; ++i) x[i] = exp_approx(x[i] * mul - sub);
+}
+// bf16 bits of x, round to nearest even; NaN stays NaN (quiet).
+FUSEDATTN_VINLINE vi bf16_bits(vf x) {
+  const vi u = __builtin_bit_cast(vi, x);
+  const vi rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+  const vi nan = (u >> 16) | 0x40;
+  return ((u & 0x7fffffff) > 0x7f800000 ? nan : rounded) & 0xffff;
+}
+// y = bf16(exp(x * mul - sub)), x untouched; returns the sum of the fp32 values.
+FUSEDATTN_CLONES float exp_sum_narrow_row(const float* x, bf16* y, int64_t n, float mul, float sub) {
+  vf acc{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf e = vexp(vload(x + i) * mul - sub);
+    acc += e;
+    const vh b = __builtin_convertvector(bf16_bits(e), vh);
+    std::memcpy(y + i, &b, sizeof b);
+  }
+  float s = hsum(acc);
+  for (; i < n; ++i) {
+    const float e = exp_approx(x[i] * mul - sub);
+    s += e;
+    store(e, y + i);
+  }
   return s;
 }
 FUSEDATTN_CLONES void scale_row(float* x, int64_t n, float a) {
@@ -118,7 +179,12 @@ FUSEDATTN_CLONES void softmax_grad_row(float* dp, const float* p, int64_t n, flo
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
 }
 FUSEDATTN_CLONES void narrow_row(const float* x, bf16* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) store(x[i], y + i);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vh b = __builtin_convertvector(bf16_bits(vload(x + i)), vh);
+    std::memcpy(y + i, &b, sizeof b);
+  }
+  for (; i < n; ++i) store(x[i], y + i);
 }
 void narrow_row(const float* x, fp16* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store(x[i], y + i);
@@ -133,9 +199,9 @@ double row_max(const double* x, int64_t n) {
 void exp_rows(double* x, int64_t n, double mul, double sub) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] * mul - sub);
 }
-double row_sum(const double* x, int64_t n) {
+double exp_sum_row(double* x, int64_t n, double mul, double sub) {
   double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += x[i];
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] * mul - sub));
   return s;
 }
 void scale_row(double* x, int64_t n, double a) { for (int64_t i = 0; i < n; ++i) x[i] *= a; }
@@ -299,23 +365,40 @@ struct Flash {
       A* s = w.s.data();
       mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, k_rows(b, hk, j0), p.k_sr, A(0), s, bk);
       apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
+      // P for the P V product: s itself, or (half types) rounded into w.narrow row by row
+      // while the row is still in L1.
+      T* pn = kIsHalf<T> ? w.narrow.data() : nullptr;
       for (int64_t r = 0; r < bq; ++r) {
         A* row = s + r * bk;
         const A m_new = std::max(w.m[r], row_max(row, bk));
         if (m_new == kNegInf) {  // this row has seen no visible key yet
           std::fill(row, row + bk, A(0));
+          if constexpr (kIsHalf<T>) narrow_row(row, pn + r * bk, bk);
           continue;
         }
-        exp_rows(row, bk, mul, m_new * mul);
-        const A block_sum = row_sum(row, bk);
+        A block_sum;
+        if constexpr (std::is_same_v<T, bf16>) {
+          if (!p.dropout) {  // one pass: exp, sum, round to bf16
+            block_sum = exp_sum_narrow_row(row, pn + r * bk, bk, mul, m_new * mul);
+          } else {
+            block_sum = exp_sum_row(row, bk, mul, m_new * mul);
+            drop_row(row, b, h, i0 + r, j0, bk);
+            narrow_row(row, pn + r * bk, bk);
+          }
+        } else {
+          block_sum = exp_sum_row(row, bk, mul, m_new * mul);
+          if (p.dropout) drop_row(row, b, h, i0 + r, j0, bk);
+          if constexpr (kIsHalf<T>) narrow_row(row, pn + r * bk, bk);
+        }
         const A alpha = exp_scalar((w.m[r] - m_new) * mul);  // 0 when m was -inf
-        w.l[r] = w.l[r] * alpha + block_sum;
+        w.l[r] = w.l[r] * alpha + block_sum;  // normaliser of the probabilities before dropout
         if (alpha != A(1)) scale_row(w.acc.data() + r * p.Ev, p.Ev, alpha);
         w.m[r] = m_new;
-        if (p.dropout) drop_row(row, b, h, i0 + r, j0, bk);
       }
-      mm(false, false, bq, p.Ev, bk, A(1), operand(s, bq * bk, w.narrow.data()), bk,
-         v_rows(b, hk, j0), p.v_sr, A(1), w.acc.data(), p.Ev);
+      const T* pv = nullptr;
+      if constexpr (kIsHalf<T>) pv = pn; else pv = s;
+      mm(false, false, bq, p.Ev, bk, A(1), pv, bk, v_rows(b, hk, j0), p.v_sr, A(1),
+         w.acc.data(), p.Ev);
     }
     T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i0 * p.o_sr;
     A* lse = lse_row(b, h) + i0;
