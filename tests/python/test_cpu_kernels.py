@@ -171,3 +171,39 @@ def test_expanded_grad_and_odd_strides_reach_blas_correctly(dtype, E, Ev):
     tol = 1e-9 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 5e-2)
     for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (2, 130, 7)])
+@pytest.mark.parametrize("extra", ["causal_tl", "causal_br", "bool_mask", "float_kpm", "dropout"])
+def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra):
+    # bf16/fp16 forwards with >= 128 queries per key/value head multiply by K^T and V blocks
+    # packed once (oneDNN brgemm, where the CPU has AMX); "unpacked" multiplies in place.
+    # Same rounding of P to the input type, so the two differ only by summation order.
+    N, H, Hk, L = 2, 4, 2, 131
+    gen = torch.Generator().manual_seed(E + S)
+    q = torch.randn(N, H, L, E, generator=gen).to(dtype)
+    k = torch.randn(N, Hk, S, E, generator=gen).to(dtype)
+    v = torch.randn(N, Hk, S, Ev, generator=gen).to(dtype)
+    kw = dict(enable_gqa=True, return_lse=True)
+    if extra.startswith("causal"):
+        kw.update(is_causal=True, causal_alignment="top_left" if extra == "causal_tl" else "bottom_right")
+    elif extra == "bool_mask":
+        kw["attn_mask"] = torch.rand(N, 1, L, S, generator=gen) > 0.3
+    elif extra == "float_kpm":
+        kw["key_padding_mask"] = torch.randn(N, S, generator=gen).to(dtype)
+    else:
+        kw["dropout_p"] = 0.2
+
+    def run():
+        torch.manual_seed(7)
+        out, _, lse = fusedattn.attention(q, k, v, **kw)
+        return out.double(), lse
+
+    packed = run()
+    monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "unpacked")
+    unpacked = run()
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(packed[0], unpacked[0], atol=tol, rtol=0)
+    torch.testing.assert_close(packed[1], unpacked[1], atol=1e-4, rtol=1e-5)
+    assert not packed[0].isnan().any()

@@ -5,11 +5,14 @@
 // expanded), causal in both alignments, GQA, dropout, lse and returned weights. The
 // backward falls back to the reference when a gradient is asked of a float mask or of the
 // returned weights (both need the L x S gradient of the scores anyway).
-// FUSEDATTN_CPU_KERNEL=reference in the environment sends every call to the reference.
+// FUSEDATTN_CPU_KERNEL=reference in the environment sends every call to the reference;
+// FUSEDATTN_CPU_KERNEL=unpacked keeps bf16/fp16 forwards off the packed (AMX brgemm) GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -27,6 +30,52 @@ using kernels::MaskKind;
 bool reference_requested() {
   const char* v = std::getenv("FUSEDATTN_CPU_KERNEL");
   return v != nullptr && std::strcmp(v, "reference") == 0;
+}
+
+bool packing_disabled() {
+  const char* v = std::getenv("FUSEDATTN_CPU_KERNEL");
+  return v != nullptr && std::strcmp(v, "unpacked") == 0;
+}
+
+// The kernels' packed-GEMM hooks on LibTorch's cpublas (oneDNN's brgemm: AMX where the CPU has
+// it; could_pack says whether it does), one set per half type. oneDNN packs B in panels whose
+// row length is 16, 32, 48 or 64 (any other is refused): a k x n matrix becomes panels of 64
+// columns (the last rounded up to 16), panel c at offset k * c, and the product loops over them.
+int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+template <typename T>
+kernels::PackedGemm cpublas_packed_gemm() {
+  kernels::PackedGemm g;
+  g.pack = [](int64_t k, int64_t n, int64_t ld_in, const void* in, void* out) {
+    constexpr auto dt = c10::CppTypeToScalarType<T>::value;
+    for (int64_t c = 0; c < n; c += 64) {
+      const int64_t w = std::min<int64_t>(64, n - c);
+      at::native::cpublas::pack(k, w, ld_in, round16(w), dt, dt, static_cast<const T*>(in) + c,
+                                static_cast<T*>(out) + k * c);
+    }
+  };
+  g.gemm = [](int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool add_c,
+              const void* a, const void* b, float* c) {
+    for (int64_t p = 0; p < n; p += 64) {
+      const int64_t w = std::min<int64_t>(64, n - p);
+      at::native::cpublas::brgemm(m, w, k, lda, round16(w), ldc, add_c, static_cast<const T*>(a),
+                                  static_cast<const T*>(b) + k * p, c + p, /*is_vnni=*/true);
+    }
+  };
+  g.release = [] { at::native::cpublas::brgemm_release(/*is_vnni=*/true); };
+  return g;
+}
+
+// Packing K/V costs one pass over them per call; worth it when each packed block serves
+// several query blocks (L * H / Hk >= 128 queries per key/value head).
+const kernels::PackedGemm* packed_gemm_for(const FlashParams& p, at::ScalarType t) {
+  if (packing_disabled() || p.E % 2 != 0 || p.S == 0 || p.L * (p.H / p.Hk) < 128) return nullptr;
+  static const bool bf16_ok = at::native::cpublas::could_pack(at::kBFloat16);
+  static const bool fp16_ok = at::native::cpublas::could_pack(at::kHalf);
+  static const kernels::PackedGemm bf16 = cpublas_packed_gemm<at::BFloat16>();
+  static const kernels::PackedGemm fp16 = cpublas_packed_gemm<at::Half>();
+  if (t == at::kBFloat16 && bf16_ok) return &bf16;
+  if (t == at::kHalf && fp16_ok) return &fp16;
+  return nullptr;
 }
 
 kernels::DType kernel_dtype(at::ScalarType t) {
@@ -116,7 +165,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   auto lse = at::empty(pb.lse_shape(), query.options().dtype(accumulate_type(query.scalar_type())));
   p.out = out.data_ptr(), p.o_sh = p.L * p.Ev, p.o_sb = p.H * p.o_sh, p.o_sr = p.Ev;
   p.lse = lse.data_ptr();
+  at::Tensor packed_ws;
+  if ((p.packed = packed_gemm_for(p, query.scalar_type()))) {
+    packed_ws = at::empty({kernels::flash_packed_elems(p)}, query.options());
+    p.packed_ws = packed_ws.data_ptr();
+    run_tasks(kernels::flash_pack_tasks(p), p, kernels::flash_pack_cpu);
+  }
   run_tasks(kernels::flash_forward_tasks(p), p, kernels::flash_forward_cpu);
+  p.packed = nullptr;  // the weights pass below multiplies in place
   at::Tensor weights = at::empty({0}, query.options());
   if (return_weights) {
     weights = at::empty(pb.weights_shape(), query.options());
