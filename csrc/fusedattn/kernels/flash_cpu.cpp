@@ -399,10 +399,13 @@ struct Flash {
     const int64_t kv_end = visible_end(i0 + bq - 1);
     const bool packed = kIsHalf<T> && p.packed != nullptr;
     for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
-      // Packed: whole key blocks (the causal mask hides the columns past kv_end); bkp is P's
-      // row stride and the P V product's depth, even for the packed layout (P's extra column
-      // is 0, V's extra row too).
-      const int64_t bk = std::min(kFwdBlockK, (packed ? p.S : kv_end) - j0);
+      // Packed: the block's columns up to kv_end rounded up to whole 64-column panels of the
+      // packed layout (the causal mask hides the extra ones); a prefix of a packed V block is
+      // a valid packed operand. bkp is P's row stride and the P V product's depth, even for
+      // the packed layout (when odd, the block is S's last: P's extra column is 0, and so is
+      // the extra row packed with V).
+      int64_t bk = std::min(kFwdBlockK, kv_end - j0);
+      if (packed) bk = std::min(std::min(kFwdBlockK, p.S - j0), (bk + 63) / 64 * 64);
       const int64_t bkp = packed ? bk + (bk & 1) : bk;
       A* s = w.s.data();
       if (packed) {
