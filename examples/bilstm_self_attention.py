@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusedattn
-from common import progress
+from common import fit
 
 PAD, NUM_CLASSES, VOCAB, MAX_LEN = 0, 5, 60, 64
 KEYWORDS = range(1, 1 + NUM_CLASSES)  # tokens 1..5; filler is 6..VOCAB-1
@@ -53,16 +53,13 @@ def run(steps=150, batch=64, seed=0, quiet=False):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     model = Classifier()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
+
+    def batch_loss():
         tokens, pad, labels = make_batch(batch, gen)
-        loss = F.cross_entropy(model(tokens, pad)[0], labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if not quiet and (step % 10 == 0 or step == steps):
-            progress(step, steps, f"loss {loss.item():.3f}")
+        return F.cross_entropy(model(tokens, pad)[0], labels)
+
+    start = time.perf_counter()
+    fit(model, steps, batch_loss, quiet=quiet)
     model.eval()
     tokens, pad, labels = make_batch(1000, torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusedattn
-from common import progress
+from common import fit
 
 PAD, BOS, FIRST_DIGIT, DIGITS, MAX_LEN = 0, 1, 2, 10, 10
 VOCAB = FIRST_DIGIT + DIGITS
@@ -81,17 +81,14 @@ def run(steps=800, batch=64, attention="multihead", seed=0, quiet=False):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     model = Seq2Seq(attention)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
+
+    def batch_loss():
         src, pad, tgt_in, tgt = make_batch(batch, gen)
         logits = model(src, pad, tgt_in)
-        loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=PAD)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if not quiet and (step % 10 == 0 or step == steps):
-            progress(step, steps, f"loss {loss.item():.3f}")
+        return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=PAD)
+
+    start = time.perf_counter()
+    fit(model, steps, batch_loss, quiet=quiet)
     model.eval()
     src, pad, _, tgt = make_batch(1000, torch.Generator().manual_seed(seed + 2))
     pred = model.greedy(src, pad, MAX_LEN).masked_fill(pad, PAD)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusedattn
-from common import progress
+from common import fit
 
 MAX_LEN = 20
 
@@ -48,16 +48,13 @@ def run(steps=300, batch=64, score="luong", seed=0, quiet=False):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     model = Regressor(score)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
+
+    def batch_loss():
         x, pad, y = make_batch(batch, gen)
-        loss = F.l1_loss(model(x, pad)[0], y)  # Keras's loss='mae'
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if not quiet and (step % 10 == 0 or step == steps):
-            progress(step, steps, f"MAE {loss.item():.3f}")
+        return F.l1_loss(model(x, pad)[0], y)  # Keras's loss='mae'
+
+    start = time.perf_counter()
+    fit(model, steps, batch_loss, quiet=quiet, label="MAE")
     model.eval()
     x, pad, y = make_batch(2000, torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
