@@ -62,25 +62,34 @@ Lds blas_lds(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda, int
 
 }  // namespace
 
+namespace {
+template <typename T>
+using FortranGemm = void(const char*, const char*, const int*, const int*, const int*, const T*,
+                         const T*, const int*, const T*, const int*, const T*, T*, const int*);
+
 // Row-major C (m x n) = column-major C^T (n x m) = op(B)^T op(A)^T: swap the operands.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+// `blas` is null when LibTorch carries no BLAS (weak symbol): then the loop.
+template <typename T>
+void fortran_gemm(FortranGemm<T>* blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                  T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                  int64_t ldc) {
   if (m == 0 || n == 0) return;
   const Lds l = blas_lds(ta, tb, m, n, k, lda, ldb, ldc);
-  if (!sgemm_ || k == 0 || !l.ok) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (!blas || k == 0 || !l.ok) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
   const int im = int(m), in = int(n), ik = int(k), ilda = int(l.a), ildb = int(l.b), ildc = int(l.c);
-  sgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+  blas(&cb, &ca, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+}
+}  // namespace
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  fortran_gemm<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
           int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  const Lds l = blas_lds(ta, tb, m, n, k, lda, ldb, ldc);
-  if (!dgemm_ || k == 0 || !l.ok) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-  const int im = int(m), in = int(n), ik = int(k), ilda = int(l.a), ildb = int(l.b), ildc = int(l.c);
-  dgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+  fortran_gemm<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 namespace {
