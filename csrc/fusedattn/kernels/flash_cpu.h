@@ -9,11 +9,9 @@
 #include <cstdint>
 
 #include "fusedattn/kernels/dropout.h"
+#include "fusedattn/kernels/types.h"
 
 namespace fusedattn::kernels {
-
-enum class DType : uint8_t { Float, Double, BFloat16, Half };
-enum class MaskKind : uint8_t { None, Bool, Additive };  // Bool: 1 byte, nonzero = allowed
 
 // Optional bf16/fp16 block products whose B operand is packed once per call into the layout of
 // the CPU's matrix unit (AMX: pairs of rows interleaved), supplied by the caller's BLAS
@@ -46,7 +44,7 @@ struct FlashParams {
   int64_t o_sb = 0, o_sh = 0, o_sr = 0;
   void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
 
-  // attn_mask viewed as (B, H, L, S); its element type is the query's for Additive.
+  // attn_mask viewed as (B, H, L, S); Bool: nonzero = allowed; Additive: the query's type.
   MaskKind mask_kind = MaskKind::None;
   const void* mask = nullptr;
   int64_t m_sb = 0, m_sh = 0, m_sr = 0, m_sc = 0;

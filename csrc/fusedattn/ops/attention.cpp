@@ -83,11 +83,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0,
               "attention: dropout_p must be in [0, 1], got ", dropout_p);
   // The seed is drawn with an ATen op (not by reading the generator directly) so that
-  // torch.compile records the draw instead of baking one seed into the graph.
+  // torch.compile records the draw instead of baking one seed into the graph; on the query's
+  // device, so a CUDA call draws from torch's CUDA generator and the kernel reads the seed
+  // from device memory: a captured CUDA graph draws a fresh one on every replay.
   std::optional<at::Tensor> seed;
   if (dropout_p > 0.0) {
     seed = at::randint(std::numeric_limits<int64_t>::max(), {1},
-                       at::TensorOptions().dtype(at::kLong));
+                       at::TensorOptions().dtype(at::kLong).device(query.device()));
   }
   auto [out, lse, weights] =
       ops::attention_forward(query, key, value, attn_mask, key_padding_mask, seed, dropout_p,

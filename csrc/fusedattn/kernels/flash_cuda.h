@@ -1,0 +1,79 @@
+#pragma once
+// Fused attention forward on NVIDIA GPUs (sm_80 and later): the FlashAttention-2 algorithm on
+// the tensor cores (mma.sync m16n8k16, fp32 accumulation) for fp16 and bf16. Free of torch
+// types: cuda/attention_cuda.cpp checks the tensors, fills FlashCudaParams, takes the current
+// stream and device, and calls the launchers below.
+//
+// Layout: every tensor is seen as (B, H, rows, cols). q, k, v and out have a contiguous last
+// dim, 16-byte aligned base pointers and (b, h, row) strides that are multiples of 8 elements,
+// and E, Ev are multiples of 8 (the kernel moves rows in 16-byte pieces; the launcher copies
+// or pads inputs that are not so). Masks have arbitrary strides (0 where they broadcast).
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fusedattn/kernels/types.h"
+
+namespace fusedattn::kernels {
+
+struct FlashCudaParams {
+  DType dtype = DType::Half;  // Half or BFloat16
+  int64_t B = 0, H = 0, Hk = 0;         // batch, query heads, key/value heads (H % Hk == 0)
+  int64_t L = 0, S = 0, E = 0, Ev = 0;  // lengths; head dims of q/k and of v (<= head_dim)
+  int head_dim = 0;                     // the compiled tile width: flash_cuda_head_dim(E, Ev)
+  float scale_log2 = 0.f;               // softmax scale * log2(e): the kernel works in base 2
+
+  const void* q = nullptr;  // (B, H, L, E)
+  int64_t q_sb = 0, q_sh = 0, q_sr = 0;
+  const void* k = nullptr;  // (B, Hk, S, E)
+  int64_t k_sb = 0, k_sh = 0, k_sr = 0;
+  const void* v = nullptr;  // (B, Hk, S, Ev)
+  int64_t v_sb = 0, v_sh = 0, v_sr = 0;
+  void* out = nullptr;      // (B, H, L, Ev)
+  int64_t o_sb = 0, o_sh = 0, o_sr = 0;
+  float* lse = nullptr;     // (B, H, L) contiguous, natural log; -inf for fully masked rows
+
+  // attn_mask viewed as (B, H, L, S): Bool nonzero = allowed; Additive: q's type, added to the
+  // scaled scores. key_padding_mask (B, S): Bool nonzero = padding; Additive: added.
+  MaskKind mask_kind = MaskKind::None;
+  const void* mask = nullptr;
+  int64_t m_sb = 0, m_sh = 0, m_sr = 0, m_sc = 0;
+  MaskKind kpm_kind = MaskKind::None;
+  const void* kpm = nullptr;
+  int64_t p_sb = 0, p_sc = 0;
+  // Key j is visible to query i iff j <= i + causal_offset (0 top-left, S - L bottom-right).
+  bool causal = false;
+  int64_t causal_offset = 0;
+
+  // Dropout: the counter-based generator of dropout.h, element index ((b*H + h)*L + i)*S + j,
+  // so the CUDA reference and the CPU kernels draw the same mask from the same seed. The seed
+  // is read on the device from a one-element int64 tensor that torch's CUDA generator filled
+  // (at::randint on the query's device), so a captured CUDA graph draws a new one per replay.
+  bool dropout = false;
+  const int64_t* dropout_seed = nullptr;
+  uint32_t drop_threshold = 0;  // drop when the 32-bit draw is below this
+  bool drop_all = false;
+  float keep_scale = 1.f;
+
+  void* weights = nullptr;  // (B, H, L, S) contiguous, q's type: flash_weights_cuda
+};
+
+// The smallest compiled tile width that holds E and Ev (both <= 256), or 0 if none was built
+// (CMake's FUSEDATTN_CUDA_HEAD_DIMS chooses them).
+int flash_cuda_head_dim(int64_t E, int64_t Ev);
+// Dynamic shared memory one block of the forward needs at that width, with or without a mask.
+int flash_cuda_smem_bytes(int head_dim, bool masked);
+
+// out and lse; L > 0 and B * H > 0. Returns the launch's error code.
+cudaError_t flash_forward_cuda(const FlashCudaParams& p, cudaStream_t stream);
+// weights = exp(s - lse) from the forward's lse (masked entries and fully masked rows 0).
+cudaError_t flash_weights_cuda(const FlashCudaParams& p, cudaStream_t stream);
+
+namespace flash_cuda {
+// The kernels for element type T (__half, __nv_bfloat16) and head-dim tile kD, defined in
+// flash_fwd_cuda.cuh and instantiated in one generated translation unit each.
+template <typename T, int kD>
+cudaError_t run(const FlashCudaParams& p, cudaStream_t stream, bool weights);
+}  // namespace flash_cuda
+
+}  // namespace fusedattn::kernels
