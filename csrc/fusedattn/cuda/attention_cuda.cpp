@@ -20,6 +20,7 @@
 #include <limits>
 
 #include "fusedattn/kernels/dropout.h"
+#include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/reference.h"
 
@@ -175,6 +176,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 }
 
 }  // namespace
+}  // namespace fusedattn::cuda
+
+namespace fusedattn {
+bool cuda_kernels_built() {
+#ifdef FUSEDATTN_WITH_CUDA_KERNELS
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace fusedattn
+
+namespace fusedattn::cuda {
 
 TORCH_LIBRARY_IMPL(fusedattn, CUDA, m) {
   m.impl("_attention_forward", &attention_forward);

@@ -143,9 +143,6 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int 
   }
 }
 
-// The scores of one kBlockN-key tile for this thread's rows, scaled to base 2 and masked:
-// s[mt][nt][e] is row row0 + 16 mt + 8 (e / 2), key col0 + 8 nt + 2 t + (e % 2). Masked
-// entries, keys past S and rows past L are -inf.
 // This block's (b, h) slices of the masks.
 struct MaskBase {
   const void* mask = nullptr;  // at (b, h, 0, 0)
@@ -195,7 +192,10 @@ __device__ __forceinline__ void stage_bias(const FlashCudaParams& p, const MaskB
   }
 }
 
-// Row and column indices are int: the launcher keeps L and S below 2^31.
+// The scores of one kBlockN-key tile for this thread's rows, scaled to base 2 and masked:
+// s[mt][nt][e] is row row0 + warp_row + 16 mt + g + 8 (e / 2), key col0 + 8 nt + 2 t + (e % 2).
+// Masked entries, keys past S and rows past L are -inf. sB: stage_bias's tile, read only when
+// there is a mask. Row and column indices are int: the launcher keeps L and S below 2^31.
 template <typename T, int kD>
 __device__ __forceinline__ void scores_tile(
     const FlashCudaParams& p, const T* sQ, const T* sK, const float* sB, int warp_row,

@@ -43,6 +43,11 @@ FUSEDATTN_API AttentionResult attention(const at::Tensor& query, const at::Tenso
                                         const at::Tensor& value,
                                         const AttentionOptions& options = {});
 
+// Whether this build holds the fused CUDA kernels (a CUDA toolkit was found at build time).
+// Without them, or with FUSEDATTN_CUDA_KERNEL unset (see cuda/attention_cuda.cpp), CUDA
+// tensors take the ATen reference.
+FUSEDATTN_API bool cuda_kernels_built();
+
 namespace ops {
 // One function per schema, calling the dispatcher (the schemas are in registration.cpp).
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(

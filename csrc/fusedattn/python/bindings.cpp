@@ -13,6 +13,8 @@ at::Tensor undefined_if_none(const std::optional<at::Tensor>& t) { return t.valu
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedattn C++ extension: the C++ modules; the ops are under torch.ops.fusedattn";
+  m.def("_cuda_kernels_built", &fusedattn::cuda_kernels_built,
+        "Whether this build holds the fused CUDA kernels");
 
   // _C.cpp.MultiheadAttention: the C++ module itself (parameters, train/eval, clone, forward).
   torch::python::bind_module<fusedattn::MultiheadAttentionImpl, /*force_enable=*/true>(

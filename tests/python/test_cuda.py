@@ -1,0 +1,267 @@
+"""The fused CUDA forward (kernels/flash_fwd_cuda.cuh) against an fp64 reference.
+
+Runs only where a CUDA GPU of compute capability 8.0 or later is present and the build holds
+the kernels; skipped with the reason otherwise. Every test turns the kernel on
+(FUSEDATTN_CUDA_KERNEL=fused) and poisons the outputs with NaN before it runs
+(FUSEDATTN_CUDA_POISON=1), so an element the kernel fails to write shows.
+
+Tolerance, FlashAttention's rule: the kernel's largest error against the fp64 reference is at
+most twice that of PyTorch computing the same formula in the same dtype (plus a hair for
+cases where that error is 0).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+import fusedattn
+from conftest import reference_attention
+
+if not torch.cuda.is_available():
+    pytestmark = pytest.mark.skip(reason="no CUDA GPU: the fused CUDA kernel needs one to run")
+elif not fusedattn._C._cuda_kernels_built():
+    pytestmark = pytest.mark.skip(reason="this build has no CUDA kernels (no CUDA toolkit "
+                                         "was found when it was built)")
+elif torch.cuda.get_device_capability() < (8, 0):
+    pytestmark = pytest.mark.skip(reason="the fused CUDA kernel needs compute capability 8.0+")
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _fused(monkeypatch):
+    monkeypatch.setenv("FUSEDATTN_CUDA_KERNEL", "fused")
+    monkeypatch.setenv("FUSEDATTN_CUDA_POISON", "1")
+
+
+def inputs(B, H, Hk, L, S, E, Ev=None, dtype=torch.float16):
+    Ev = E if Ev is None else Ev
+    q = torch.randn(B, H, L, E, device="cuda", dtype=dtype)
+    k = torch.randn(B, Hk, S, E, device="cuda", dtype=dtype)
+    v = torch.randn(B, Hk, S, Ev, device="cuda", dtype=dtype)
+    return q, k, v
+
+
+def same_dtype_torch(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False,
+                     bottom_right=False, scale=None):
+    """The formula in q's dtype on the GPU (PyTorch's own error at this precision)."""
+    H, Hk, L, S = q.shape[-3], k.shape[-3], q.shape[-2], k.shape[-2]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=-3)
+        v = v.repeat_interleave(H // Hk, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    allowed = torch.ones(L, S, dtype=torch.bool, device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.reshape(*key_padding_mask.shape[:-1], 1, 1, S)
+        if kpm.dtype == torch.bool:
+            allowed = allowed & ~kpm
+        else:
+            s = s + kpm
+    if is_causal:
+        offset = S - L if bottom_right else 0
+        idx = torch.arange(S, device=q.device)[None, :] <= torch.arange(L, device=q.device)[:, None] + offset
+        allowed = allowed & idx
+    s = s.masked_fill(~allowed.expand_as(s), -math.inf)
+    p = torch.softmax(s.float(), -1).to(q.dtype)
+    p = torch.nan_to_num(p, nan=0.0)
+    return p @ v, p
+
+
+def check(q, k, v, **kw):
+    """fusedattn (fused) vs fp64 reference, with twice torch's same-dtype error allowed."""
+    bottom_right = kw.pop("bottom_right", False)
+    out, w, lse = fusedattn.attention(
+        q, k, v, causal_alignment="bottom_right" if bottom_right else "top_left",
+        return_weights=True, return_lse=True, **kw)
+    torch.cuda.synchronize()
+    args = dict(attn_mask=kw.get("attn_mask"), key_padding_mask=kw.get("key_padding_mask"),
+                is_causal=kw.get("is_causal", False), bottom_right=bottom_right, scale=kw.get("scale"))
+    cpu = {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in args.items()}
+    ref_out, ref_w = reference_attention(q.cpu(), k.cpu(), v.cpu(), **cpu)
+    pt_out, pt_w = same_dtype_torch(q, k, v, **args)
+    assert not out.isnan().any() and not w.isnan().any(), "unwritten (NaN-poisoned) elements"
+    for name, got, pt, ref in (("out", out, pt_out, ref_out), ("weights", w, pt_w, ref_w)):
+        err = (got.double().cpu() - ref).abs().max().item() if ref.numel() else 0.0
+        pt_err = (pt.double().cpu() - ref).abs().max().item() if ref.numel() else 0.0
+        assert err <= 2 * pt_err + 1e-4, f"{name}: error {err:.3g} vs torch's {pt_err:.3g}"
+    # lse against the reference path's (fp32 scores, at::logsumexp); -inf where nothing is seen.
+    os.environ["FUSEDATTN_CUDA_KERNEL"] = "reference"
+    try:
+        _, _, ref_lse = fusedattn.attention(
+            q, k, v, causal_alignment="bottom_right" if bottom_right else "top_left",
+            return_lse=True, **kw)
+    finally:
+        os.environ["FUSEDATTN_CUDA_KERNEL"] = "fused"
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf())
+    seen = ~ref_lse.isneginf()
+    torch.testing.assert_close(lse[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
+    return out, w, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [40, 64, 80, 128, 256])
+@pytest.mark.parametrize("L,S", [(1, 1), (17, 129), (129, 17), (1000, 1000), (1, 1000), (129, 1000)])
+def test_plain(dtype, E, L, S):
+    check(*inputs(2, 3, 3, L, S, E, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bottom_right", [False, True])
+@pytest.mark.parametrize("L,S", [(17, 129), (129, 17), (1000, 1000), (1, 1000)])
+def test_causal(dtype, bottom_right, L, S):
+    check(*inputs(2, 4, 4, L, S, 64, dtype=dtype), is_causal=True, bottom_right=bottom_right)
+
+
+def masks(B, H, L, S, dtype):
+    dev = "cuda"
+    yield "bool (L, S)", dict(attn_mask=torch.rand(L, S, device=dev) > 0.3)
+    yield "bool (B, H, L, S) transposed", dict(
+        attn_mask=(torch.rand(B, H, S, L, device=dev) > 0.3).transpose(-1, -2))
+    yield "bool (B, 1, 1, S)", dict(attn_mask=torch.rand(B, 1, 1, S, device=dev) > 0.2)
+    yield "float (B, H, L, S)", dict(attn_mask=torch.randn(B, H, L, S, device=dev, dtype=dtype))
+    yield "float (H, 1, S)", dict(attn_mask=torch.randn(H, 1, S, device=dev, dtype=dtype))
+    yield "float with -inf", dict(attn_mask=torch.where(
+        torch.rand(L, S, device=dev) > 0.5, 0.0, -math.inf).to(dtype))
+    yield "key padding bool", dict(key_padding_mask=torch.rand(B, S, device=dev) > 0.7)
+    yield "key padding float", dict(key_padding_mask=torch.randn(B, S, device=dev, dtype=dtype))
+    yield "bool + key padding + causal", dict(
+        attn_mask=torch.rand(L, S, device=dev) > 0.2, key_padding_mask=torch.rand(B, S, device=dev) > 0.8,
+        is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("L,S", [(17, 129), (129, 1000), (1000, 17)])
+def test_masks(dtype, case, L, S):
+    B, H = 2, 3
+    name, kw = list(masks(B, H, L, S, dtype))[case]
+    check(*inputs(B, H, H, L, S, 80, dtype=dtype), **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_scale_and_value_dim(dtype, causal):
+    q, k, v = inputs(2, 8, 2, 129, 257, 64, Ev=40, dtype=dtype)
+    check(q, k, v, enable_gqa=True, is_causal=causal, scale=0.3)
+
+
+def test_unaligned_and_strided_inputs():
+    # (B, L, H, E) memory seen as (B, H, L, E): row stride H * E; and E = 20 (not a multiple
+    # of 8) and a storage offset of one element, both of which the launcher must copy.
+    x = torch.randn(2, 129, 4, 3 * 64, device="cuda", dtype=torch.float16)
+    q, k, v = (t.transpose(1, 2) for t in x.split(64, dim=-1))
+    check(q, k, v)
+    base = torch.randn(2 * 3 * 33 * 20 + 1, device="cuda", dtype=torch.float16)
+    q = base[1:].view(2, 3, 33, 20)
+    check(q, q, q)
+
+
+def test_fully_masked_rows_give_zero():
+    q, k, v = inputs(1, 2, 2, 70, 33, 64)
+    mask = torch.rand(70, 33, device="cuda") > 0.5
+    mask[5] = False
+    out, w, lse = check(q, k, v, attn_mask=mask)
+    assert (out[:, :, 5] == 0).all() and (w[:, :, 5] == 0).all() and lse[:, :, 5].isneginf().all()
+    # bottom-right with L > S: the first L - S queries see nothing.
+    out, w, lse = check(q, k, v, is_causal=True, bottom_right=True)
+    assert (out[:, :, :37] == 0).all() and lse[:, :, :37].isneginf().all()
+
+
+def test_empty():
+    q, k, v = inputs(2, 2, 2, 0, 5, 64)
+    assert fusedattn.attention(q, k, v).shape == (2, 2, 0, 64)
+    q, k, v = inputs(2, 2, 2, 7, 0, 64)
+    out, w, lse = fusedattn.attention(q, k, v, return_weights=True, return_lse=True)
+    assert (out == 0).all() and w.shape == (2, 2, 7, 0) and lse.isneginf().all()
+
+
+def test_fp32_takes_the_reference():
+    q, k, v = inputs(2, 2, 2, 33, 40, 64, dtype=torch.float32)
+    ref, _ = reference_attention(q.cpu(), k.cpu(), v.cpu())
+    torch.testing.assert_close(fusedattn.attention(q, k, v).cpu().double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_matches_the_reference_mask(dtype, monkeypatch):
+    # Both paths draw the seed from the CUDA generator and the mask from dropout.h's counters.
+    q, k, v = inputs(2, 3, 3, 129, 200, 64, dtype=dtype)
+    torch.manual_seed(7)
+    fused = fusedattn.attention(q, k, v, dropout_p=0.3, is_causal=True)
+    monkeypatch.setenv("FUSEDATTN_CUDA_KERNEL", "reference")
+    torch.manual_seed(7)
+    ref = fusedattn.attention(q, k, v, dropout_p=0.3, is_causal=True)
+    torch.testing.assert_close(fused, ref, atol=2e-2, rtol=2e-2)
+    torch.manual_seed(8)
+    monkeypatch.setenv("FUSEDATTN_CUDA_KERNEL", "fused")
+    other = fusedattn.attention(q, k, v, dropout_p=0.3, is_causal=True)
+    assert not torch.equal(other, fused)
+
+
+def test_dropout_statistics():
+    # v = 1 everywhere: each output is sum_j keep_j p_j / (1 - p), mean 1 over many rows.
+    q, k, _ = inputs(4, 8, 8, 256, 256, 64)
+    v = torch.ones(4, 8, 256, 64, device="cuda", dtype=torch.float16)
+    out = fusedattn.attention(q, k, v, dropout_p=0.25)
+    assert abs(out.float().mean().item() - 1.0) < 0.02
+    assert fusedattn.attention(q, k, v, dropout_p=1.0).abs().max().item() == 0.0
+
+
+def test_dropout_under_cuda_graph_draws_per_replay():
+    q, k, v = inputs(1, 2, 2, 64, 64, 64)
+    static_out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        static_out.copy_(fusedattn.attention(q, k, v, dropout_p=0.5))  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out.copy_(fusedattn.attention(q, k, v, dropout_p=0.5))
+    graph.replay()
+    first = static_out.clone()
+    graph.replay()
+    assert not torch.equal(first, static_out), "the captured graph reused one dropout seed"
+    assert not first.isnan().any()
+
+
+def test_module_and_backward_through_reference():
+    mha = fusedattn.MultiheadAttention(128, 8, batch_first=True).cuda().half()
+    ref = torch.nn.MultiheadAttention(128, 8, batch_first=True).cuda().half()
+    ref.load_state_dict(mha.state_dict())
+    x = torch.randn(4, 37, 128, device="cuda", dtype=torch.float16, requires_grad=True)
+    kpm = torch.rand(4, 37, device="cuda") > 0.7
+    kpm[:, 0] = False
+    out, w = mha(x, x, x, key_padding_mask=kpm)
+    ref_out, ref_w = ref(x, x, x, key_padding_mask=kpm)
+    torch.testing.assert_close(out, ref_out, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(w, ref_w, atol=5e-3, rtol=5e-3)
+    out.float().sum().backward()  # the backward is the reference until issue 6
+    assert x.grad is not None and not x.grad.isnan().any()
+
+
+def test_opcheck_cuda():
+    q, k, v = inputs(2, 4, 2, 9, 13, 64)
+    q.requires_grad_()
+    torch.library.opcheck(torch.ops.fusedattn.attention.default, (q, k, v), dict(
+        enable_gqa=True, is_causal=True, key_padding_mask=torch.rand(2, 13, device="cuda") > 0.8,
+        return_weights=True))
+
+
+def test_sanitizer_cases():
+    """Small calls covering every code path, for scripts/cuda_sanitize.sh (memcheck, racecheck)."""
+    for dtype in DTYPES:
+        for E in (40, 64, 128, 256):
+            q, k, v = inputs(1, 2, 1, 67, 45, E, dtype=dtype)
+            check(q, k, v, enable_gqa=True)
+            check(q, k, v, enable_gqa=True, is_causal=True, bottom_right=True,
+                  attn_mask=torch.rand(67, 45, device="cuda") > 0.3,
+                  key_padding_mask=torch.randn(1, 45, device="cuda", dtype=dtype))
+            fusedattn.attention(q, k, v, enable_gqa=True, dropout_p=0.2)
+    torch.cuda.synchronize()
