@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <tuple>
 
 #include "fusedattn/kernels/flash_cpu.h"
 #include "fusedattn/ops/checks.h"
@@ -25,7 +26,6 @@ namespace fusedattn::cpu {
 namespace {
 
 using kernels::FlashParams;
-using kernels::MaskKind;
 
 bool reference_requested() {
   const char* v = std::getenv("FUSEDATTN_CPU_KERNEL");
@@ -119,21 +119,8 @@ Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Te
   p.q = l.q.data_ptr(), p.q_sb = l.q.stride(0), p.q_sh = l.q.stride(1), p.q_sr = l.q.stride(2);
   p.k = l.k.data_ptr(), p.k_sb = l.k.stride(0), p.k_sh = l.k.stride(1), p.k_sr = l.k.stride(2);
   p.v = l.v.data_ptr(), p.v_sb = l.v.stride(0), p.v_sh = l.v.stride(1), p.v_sr = l.v.stride(2);
-  if (attn_mask) {
-    // A broadcast view: stride 0 where the mask repeats, no copy.
-    l.mask = attn_mask->expand(pb.weights_shape()).reshape({p.B, p.H, p.L, p.S});
-    p.mask_kind = l.mask.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.mask = l.mask.data_ptr();
-    p.m_sb = l.mask.stride(0), p.m_sh = l.mask.stride(1), p.m_sr = l.mask.stride(2),
-    p.m_sc = l.mask.stride(3);
-  }
-  if (key_padding_mask) {
-    l.kpm = key_padding_mask->reshape({p.B, p.S});
-    p.kpm_kind = l.kpm.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.kpm = l.kpm.data_ptr(), p.p_sb = l.kpm.stride(0), p.p_sc = l.kpm.stride(1);
-  }
-  p.causal = is_causal;
-  p.causal_offset = bottom_right ? p.S - p.L : 0;
+  std::tie(l.mask, l.kpm) =
+      fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p);
   if (dropout_p > 0.0) {
     p.dropout = true;
     p.drop = kernels::DropoutParams::make(reference::dropout_seed_value(dropout_seed), dropout_p);

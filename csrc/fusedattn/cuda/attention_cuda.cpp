@@ -38,7 +38,6 @@ namespace {
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
 
 using kernels::FlashCudaParams;
-using kernels::MaskKind;
 
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
@@ -119,22 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
   p.v = v.data_ptr(), p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sr = v.stride(2);
   p.out = out_padded.data_ptr(), p.o_sh = p.L * p.Ev, p.o_sb = p.H * p.o_sh, p.o_sr = p.Ev;
   p.lse = lse.data_ptr<float>();
-  at::Tensor mask, kpm, seed;
-  if (attn_mask) {
-    // A broadcast view: stride 0 where the mask repeats, nothing copied.
-    mask = attn_mask->expand(pb.weights_shape()).reshape({p.B, p.H, p.L, p.S});
-    p.mask_kind = mask.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.mask = mask.data_ptr();
-    p.m_sb = mask.stride(0), p.m_sh = mask.stride(1), p.m_sr = mask.stride(2),
-    p.m_sc = mask.stride(3);
-  }
-  if (key_padding_mask) {
-    kpm = key_padding_mask->reshape({p.B, p.S});
-    p.kpm_kind = kpm.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.kpm = kpm.data_ptr(), p.p_sb = kpm.stride(0), p.p_sc = kpm.stride(1);
-  }
-  p.causal = is_causal;
-  p.causal_offset = bottom_right ? p.S - p.L : 0;
+  const auto mask_views =
+      fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p);
+  at::Tensor seed;
   if (dropout_p > 0.0) {
     TORCH_CHECK(dropout_seed && dropout_seed->numel() == 1 &&
                     dropout_seed->scalar_type() == at::kLong,

@@ -28,7 +28,7 @@ struct PackedGemm {
   void (*release)() = nullptr;  // end of a thread's run of gemm calls (AMX tile state)
 };
 
-struct FlashParams {
+struct FlashParams : MaskParams {
   DType dtype = DType::Float;
   int64_t B = 0, H = 0, Hk = 0;         // batch, query heads, key/value heads (H % Hk == 0)
   int64_t L = 0, S = 0, E = 0, Ev = 0;  // query length, key length, head dims of q/k and v
@@ -44,17 +44,6 @@ struct FlashParams {
   int64_t o_sb = 0, o_sh = 0, o_sr = 0;
   void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
 
-  // attn_mask viewed as (B, H, L, S); Bool: nonzero = allowed; Additive: the query's type.
-  MaskKind mask_kind = MaskKind::None;
-  const void* mask = nullptr;
-  int64_t m_sb = 0, m_sh = 0, m_sr = 0, m_sc = 0;
-  // key_padding_mask (B, S); Bool here means nonzero = padding (torch's MHA convention).
-  MaskKind kpm_kind = MaskKind::None;
-  const void* kpm = nullptr;
-  int64_t p_sb = 0, p_sc = 0;
-  // Key j is visible to query i iff j <= i + causal_offset (0 top-left, S - L bottom-right).
-  bool causal = false;
-  int64_t causal_offset = 0;
   bool dropout = false;
   DropoutParams drop;  // element index ((b * H + h) * L + i) * S + j, as the reference
 

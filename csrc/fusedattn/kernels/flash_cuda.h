@@ -16,7 +16,7 @@
 
 namespace fusedattn::kernels {
 
-struct FlashCudaParams {
+struct FlashCudaParams : MaskParams {
   DType dtype = DType::Half;  // Half or BFloat16
   int64_t B = 0, H = 0, Hk = 0;         // batch, query heads, key/value heads (H % Hk == 0)
   int64_t L = 0, S = 0, E = 0, Ev = 0;  // lengths; head dims of q/k and of v (<= head_dim)
@@ -32,18 +32,6 @@ struct FlashCudaParams {
   void* out = nullptr;      // (B, H, L, Ev)
   int64_t o_sb = 0, o_sh = 0, o_sr = 0;
   float* lse = nullptr;     // (B, H, L) contiguous, natural log; -inf for fully masked rows
-
-  // attn_mask viewed as (B, H, L, S): Bool nonzero = allowed; Additive: q's type, added to the
-  // scaled scores. key_padding_mask (B, S): Bool nonzero = padding; Additive: added.
-  MaskKind mask_kind = MaskKind::None;
-  const void* mask = nullptr;
-  int64_t m_sb = 0, m_sh = 0, m_sr = 0, m_sc = 0;
-  MaskKind kpm_kind = MaskKind::None;
-  const void* kpm = nullptr;
-  int64_t p_sb = 0, p_sc = 0;
-  // Key j is visible to query i iff j <= i + causal_offset (0 top-left, S - L bottom-right).
-  bool causal = false;
-  int64_t causal_offset = 0;
 
   // Dropout: the counter-based generator of dropout.h, element index ((b*H + h)*L + i)*S + j,
   // so the CUDA reference and the CPU kernels draw the same mask from the same seed. The seed

@@ -119,4 +119,29 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
   return p;
 }
 
+std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
+                                                   const std::optional<at::Tensor>& attn_mask,
+                                                   const std::optional<at::Tensor>& key_padding_mask,
+                                                   bool is_causal, bool bottom_right,
+                                                   kernels::MaskParams& p) {
+  using kernels::MaskKind;
+  at::Tensor mask, kpm;
+  if (attn_mask) {
+    mask = attn_mask->expand(pb.weights_shape())
+               .reshape({pb.batch_size, pb.heads, pb.q_len, pb.kv_len});
+    p.mask_kind = mask.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
+    p.mask = mask.data_ptr();
+    p.m_sb = mask.stride(0), p.m_sh = mask.stride(1), p.m_sr = mask.stride(2),
+    p.m_sc = mask.stride(3);
+  }
+  if (key_padding_mask) {
+    kpm = key_padding_mask->reshape({pb.batch_size, pb.kv_len});
+    p.kpm_kind = kpm.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
+    p.kpm = kpm.data_ptr(), p.p_sb = kpm.stride(0), p.p_sc = kpm.stride(1);
+  }
+  p.causal = is_causal;
+  p.causal_offset = bottom_right ? pb.kv_len - pb.q_len : 0;
+  return {mask, kpm};
+}
+
 }  // namespace fusedattn

@@ -5,7 +5,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
+
+#include "fusedattn/kernels/types.h"
 
 namespace fusedattn {
 
@@ -31,6 +34,15 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
                                         const std::optional<at::Tensor>& key_padding_mask,
                                         double dropout_p, std::optional<double> scale,
                                         bool enable_gqa);
+
+// attn_mask, key_padding_mask and causality as the kernels' MaskParams: the masks as views of
+// (B, H, L, S) and (B, S), stride 0 where they broadcast, never copied. Returns the views the
+// pointers point into (undefined where a mask is absent); keep them alive over the launch.
+std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
+                                                   const std::optional<at::Tensor>& attn_mask,
+                                                   const std::optional<at::Tensor>& key_padding_mask,
+                                                   bool is_causal, bool bottom_right,
+                                                   kernels::MaskParams& p);
 
 // The dtype the kernels accumulate in: fp64 for fp64 inputs, fp32 otherwise. lse has it.
 at::ScalarType accumulate_type(at::ScalarType t);
