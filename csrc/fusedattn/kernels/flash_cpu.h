@@ -28,20 +28,8 @@ struct PackedGemm {
   void (*release)() = nullptr;  // end of a thread's run of gemm calls (AMX tile state)
 };
 
-struct FlashParams : MaskParams {
-  DType dtype = DType::Float;
-  int64_t B = 0, H = 0, Hk = 0;         // batch, query heads, key/value heads (H % Hk == 0)
-  int64_t L = 0, S = 0, E = 0, Ev = 0;  // query length, key length, head dims of q/k and v
+struct FlashParams : ProblemParams {  // out: written by the forward, read by the backward
   double scale = 1.0;
-
-  const void* q = nullptr;  // (B, H, L, E)
-  int64_t q_sb = 0, q_sh = 0, q_sr = 0;
-  const void* k = nullptr;  // (B, Hk, S, E)
-  int64_t k_sb = 0, k_sh = 0, k_sr = 0;
-  const void* v = nullptr;  // (B, Hk, S, Ev)
-  int64_t v_sb = 0, v_sh = 0, v_sr = 0;
-  void* out = nullptr;      // (B, H, L, Ev), written by the forward; read by the backward
-  int64_t o_sb = 0, o_sh = 0, o_sr = 0;
   void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
 
   bool dropout = false;

@@ -16,21 +16,9 @@
 
 namespace fusedattn::kernels {
 
-struct FlashCudaParams : MaskParams {
-  DType dtype = DType::Half;  // Half or BFloat16
-  int64_t B = 0, H = 0, Hk = 0;         // batch, query heads, key/value heads (H % Hk == 0)
-  int64_t L = 0, S = 0, E = 0, Ev = 0;  // lengths; head dims of q/k and of v (<= head_dim)
-  int head_dim = 0;                     // the compiled tile width: flash_cuda_head_dim(E, Ev)
-  float scale_log2 = 0.f;               // softmax scale * log2(e): the kernel works in base 2
-
-  const void* q = nullptr;  // (B, H, L, E)
-  int64_t q_sb = 0, q_sh = 0, q_sr = 0;
-  const void* k = nullptr;  // (B, Hk, S, E)
-  int64_t k_sb = 0, k_sh = 0, k_sr = 0;
-  const void* v = nullptr;  // (B, Hk, S, Ev)
-  int64_t v_sb = 0, v_sh = 0, v_sr = 0;
-  void* out = nullptr;      // (B, H, L, Ev)
-  int64_t o_sb = 0, o_sh = 0, o_sr = 0;
+struct FlashCudaParams : ProblemParams {  // dtype: Half or BFloat16; Ev <= head_dim
+  int head_dim = 0;         // the compiled tile width: flash_cuda_head_dim(E, Ev)
+  float scale_log2 = 0.f;   // softmax scale * log2(e): the kernel works in base 2
   float* lse = nullptr;     // (B, H, L) contiguous, natural log; -inf for fully masked rows
 
   // Dropout: the counter-based generator of dropout.h, element index ((b*H + h)*L + i)*S + j,
