@@ -258,6 +258,35 @@ __device__ __forceinline__ void scores_tile(
   }
 }
 
+// Where a block works: its (batch, head), its first query row, this thread's warp rows, the
+// block's slices of q, k and the masks. Block i of m_blocks per (b, h); heaviest_first numbers
+// the query blocks from the last (under causality the last ones see the most keys).
+template <typename T, int kD>
+struct Block {
+  int64_t bh, b, h, hk;
+  int row0, valid_q, warp_row, lane;
+  bool masked;
+  MaskBase mb;
+  const T* q;  // at (b, h, row0, 0)
+  const T* k;  // at (b, hk, 0, 0)
+
+  __device__ __forceinline__ Block(const FlashCudaParams& p, bool heaviest_first) {
+    using Tl = Tiles<kD>;
+    const int m_blocks = static_cast<int>((p.L + Tl::kBlockM - 1) / Tl::kBlockM);
+    bh = blockIdx.x / m_blocks;
+    const int i = static_cast<int>(blockIdx.x % m_blocks);
+    b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hk);
+    row0 = (heaviest_first ? m_blocks - 1 - i : i) * Tl::kBlockM;
+    valid_q = static_cast<int>(p.L - row0 < Tl::kBlockM ? p.L - row0 : Tl::kBlockM);
+    lane = threadIdx.x % 32;
+    warp_row = (threadIdx.x / 32) * 16 * Tl::kMTiles;
+    masked = p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None;
+    mb = mask_base<T>(p, b, h);
+    q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + row0 * p.q_sr;
+    k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  }
+};
+
 // Keys [0, n_end) can be visible to some query of the block starting at row0.
 __device__ __forceinline__ int64_t visible_keys(const FlashCudaParams& p, int64_t row0,
                                                 int block_m) {
@@ -278,23 +307,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const FlashCudaParams
   float* sB = reinterpret_cast<float*>(sV + Tl::kBlockN * Tl::kStride);  // only with a mask
 
   // Blocks are numbered heaviest first under causality: the last query blocks see most keys.
-  const int m_blocks = static_cast<int>((p.L + Tl::kBlockM - 1) / Tl::kBlockM);
-  const int64_t bh = blockIdx.x / m_blocks;
-  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);
-  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hk);
-  const int row0 = m_block * Tl::kBlockM;
-  const MaskBase mb = mask_base<T>(p, b, h);
-  const bool masked = p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int warp_row = warp * 16 * Tl::kMTiles;
+  const Block<T, kD> blk(p, /*heaviest_first=*/true);
+  const int64_t bh = blk.bh, b = blk.b, hk = blk.hk;
+  const int row0 = blk.row0, valid_q = blk.valid_q, warp_row = blk.warp_row, lane = blk.lane;
   const int g = lane / 4, t = lane % 4;
-
-  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + row0 * p.q_sr;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const MaskBase& mb = blk.mb;
+  const bool masked = blk.masked;
+  const T* q = blk.q;
+  const T* k = blk.k;
   const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
   const int64_t n_end = visible_keys(p, row0, Tl::kBlockM);
   const int n_blocks = static_cast<int>((n_end + Tl::kBlockN - 1) / Tl::kBlockN);
-  const int valid_q = static_cast<int>(p.L - row0 < Tl::kBlockM ? p.L - row0 : Tl::kBlockM);
   auto rows_at = [&](int nb) {
     const int64_t left = p.S - static_cast<int64_t>(nb) * Tl::kBlockN;
     return static_cast<int>(left < Tl::kBlockN ? left : Tl::kBlockN);
@@ -428,7 +451,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const FlashCudaParams
     }
   }
   __syncwarp();
-  T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + row0 * p.o_sr;
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + blk.h * p.o_sh + row0 * p.o_sr;
   constexpr int kWarpRows = 16 * Tl::kMTiles;
 #pragma unroll
   for (int i = lane; i < kWarpRows * kD8; i += 32) {
@@ -451,20 +474,14 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const FlashCudaParams
   T* sK = sQ + Tl::kBlockM * Tl::kStride;
   float* sB = reinterpret_cast<float*>(sK + Tl::kBlockN * Tl::kStride);  // only with a mask
 
-  const int m_blocks = static_cast<int>((p.L + Tl::kBlockM - 1) / Tl::kBlockM);
-  const int64_t bh = blockIdx.x / m_blocks;
-  const int m_block = static_cast<int>(blockIdx.x % m_blocks);
-  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hk);
-  const int row0 = m_block * Tl::kBlockM;
-  const MaskBase mb = mask_base<T>(p, b, h);
-  const bool masked = p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int warp_row = warp * 16 * Tl::kMTiles;
+  const Block<T, kD> blk(p, /*heaviest_first=*/false);
+  const int64_t bh = blk.bh;
+  const int row0 = blk.row0, valid_q = blk.valid_q, warp_row = blk.warp_row, lane = blk.lane;
   const int g = lane / 4, t = lane % 4;
-  const int valid_q = static_cast<int>(p.L - row0 < Tl::kBlockM ? p.L - row0 : Tl::kBlockM);
-
-  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + row0 * p.q_sr;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const MaskBase& mb = blk.mb;
+  const bool masked = blk.masked;
+  const T* q = blk.q;
+  const T* k = blk.k;
   T* w = static_cast<T*>(p.weights) + bh * p.L * p.S;
   // lse in base 2 per row; +inf for fully masked rows makes every exp2 0.
   float lse2[Tl::kMTiles][2];
