@@ -116,9 +116,7 @@ Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Te
   p.L = pb.q_len, p.S = pb.kv_len, p.E = pb.head_dim, p.Ev = pb.v_head_dim;
   p.scale = pb.scale;
   l.q = as_4d(query, p.B), l.k = as_4d(key, p.B), l.v = as_4d(value, p.B);
-  p.q = l.q.data_ptr(), p.q_sb = l.q.stride(0), p.q_sh = l.q.stride(1), p.q_sr = l.q.stride(2);
-  p.k = l.k.data_ptr(), p.k_sb = l.k.stride(0), p.k_sh = l.k.stride(1), p.k_sr = l.k.stride(2);
-  p.v = l.v.data_ptr(), p.v_sb = l.v.stride(0), p.v_sh = l.v.stride(1), p.v_sr = l.v.stride(2);
+  fill_operands(l.q, l.k, l.v, p);
   std::tie(l.mask, l.kpm) =
       fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p);
   if (dropout_p > 0.0) {

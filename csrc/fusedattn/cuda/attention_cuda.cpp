@@ -60,23 +60,26 @@ at::Tensor kernel_view(const at::Tensor& t, int64_t batch, int64_t cols) {
   return padded;
 }
 
-// Null where the fused kernel cannot take the call; the reason is for nobody but a debugger.
-const char* unsupported(const AttentionProblem& pb, const at::Tensor& query) {
-  if (!env_is("FUSEDATTN_CUDA_KERNEL", "fused")) return "not requested";
+// The compiled head-dim tile the fused kernel runs this call at, or 0 where the call goes to
+// the reference: not requested, fp32/fp64, head dim > 256, below sm_80, too little shared
+// memory, lengths or grid past int32.
+int fused_head_dim(const AttentionProblem& pb, const at::Tensor& query) {
+  if (!env_is("FUSEDATTN_CUDA_KERNEL", "fused")) return 0;
   const auto t = query.scalar_type();
-  if (t != at::kHalf && t != at::kBFloat16) return "dtype";
+  if (t != at::kHalf && t != at::kBFloat16) return 0;
   const int head_dim = kernels::flash_cuda_head_dim(round8(pb.head_dim), round8(pb.v_head_dim));
-  if (head_dim == 0) return "head dim";
+  if (head_dim == 0) return 0;
   const auto* prop = at::cuda::getDeviceProperties(query.device().index());
-  if (prop->major < 8) return "compute capability below 8.0";
-  if (kernels::flash_cuda_smem_bytes(head_dim, /*masked=*/true) >
-      static_cast<int>(prop->sharedMemPerBlockOptin)) {
-    return "shared memory";
+  if (prop->major < 8 || kernels::flash_cuda_smem_bytes(head_dim, /*masked=*/true) >
+                             static_cast<int>(prop->sharedMemPerBlockOptin)) {
+    return 0;
   }
   constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
-  if (pb.q_len >= kMaxInt || pb.kv_len >= kMaxInt) return "length";
-  if ((pb.q_len + 63) / 64 * pb.batch_size * pb.heads >= kMaxInt) return "grid";
-  return nullptr;
+  if (pb.q_len >= kMaxInt || pb.kv_len >= kMaxInt ||
+      (pb.q_len + 63) / 64 * pb.batch_size * pb.heads >= kMaxInt) {
+    return 0;
+  }
+  return head_dim;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
@@ -84,14 +87,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, bool return_weights) {
+    bool bottom_right, bool return_weights, int head_dim) {
   const c10::cuda::CUDAGuard guard(query.device());
   FlashCudaParams p;
   p.dtype = query.scalar_type() == at::kHalf ? kernels::DType::Half : kernels::DType::BFloat16;
   p.B = pb.batch_size, p.H = pb.heads, p.Hk = pb.kv_heads;
   p.L = pb.q_len, p.S = pb.kv_len;
   p.E = round8(pb.head_dim), p.Ev = round8(pb.v_head_dim);
-  p.head_dim = kernels::flash_cuda_head_dim(p.E, p.Ev);
+  p.head_dim = head_dim;
   p.scale_log2 = static_cast<float>(pb.scale * 1.4426950408889634);
 
   auto out_padded = at::empty({p.B, p.H, p.L, p.Ev}, query.options());
@@ -113,24 +116,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
   const auto q = kernel_view(query, p.B, p.E);
   const auto k = kernel_view(key, p.B, p.E);
   const auto v = kernel_view(value, p.B, p.Ev);
-  p.q = q.data_ptr(), p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sr = q.stride(2);
-  p.k = k.data_ptr(), p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sr = k.stride(2);
-  p.v = v.data_ptr(), p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sr = v.stride(2);
+  fill_operands(q, k, v, p);
   p.out = out_padded.data_ptr(), p.o_sh = p.L * p.Ev, p.o_sb = p.H * p.o_sh, p.o_sr = p.Ev;
   p.lse = lse.data_ptr<float>();
   const auto mask_views =
       fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p);
   at::Tensor seed;
   if (dropout_p > 0.0) {
-    TORCH_CHECK(dropout_seed && dropout_seed->numel() == 1 &&
-                    dropout_seed->scalar_type() == at::kLong,
-                "attention: dropout_p > 0 needs dropout_seed, a one-element int64 tensor");
     // Read on the device (drawn there by the op unless a caller passed a CPU seed).
-    seed = dropout_seed->to(query.device()).contiguous();
-    const auto d = kernels::DropoutParams::make(0, dropout_p);
+    seed = reference::checked_dropout_seed(dropout_seed).to(query.device()).contiguous();
     p.dropout = true;
+    p.drop = kernels::DropoutParams::make(0, dropout_p);
     p.dropout_seed = seed.data_ptr<int64_t>();
-    p.drop_threshold = d.threshold, p.drop_all = d.drop_all, p.keep_scale = d.keep_scale;
   }
   const auto stream = at::cuda::getCurrentCUDAStream(query.device().index()).stream();
   C10_CUDA_CHECK(kernels::flash_forward_cuda(p, stream));
@@ -151,9 +148,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                          dropout_p, scale, enable_gqa);
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
-  if (unsupported(pb, query) == nullptr) {
+  if (const int head_dim = fused_head_dim(pb, query)) {
     return fused_forward(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                         dropout_p, is_causal, bottom_right, return_weights);
+                         dropout_p, is_causal, bottom_right, return_weights, head_dim);
   }
 #endif
   return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,

@@ -32,9 +32,6 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   double scale = 1.0;
   void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
 
-  bool dropout = false;
-  DropoutParams drop;  // element index ((b * H + h) * L + i) * S + j, as the reference
-
   void* weights = nullptr;  // (B, H, L, S) contiguous, query's dtype: flash_weights_cpu
 
   // Backward inputs and outputs.

@@ -21,15 +21,10 @@ struct FlashCudaParams : ProblemParams {  // dtype: Half or BFloat16; Ev <= head
   float scale_log2 = 0.f;   // softmax scale * log2(e): the kernel works in base 2
   float* lse = nullptr;     // (B, H, L) contiguous, natural log; -inf for fully masked rows
 
-  // Dropout: the counter-based generator of dropout.h, element index ((b*H + h)*L + i)*S + j,
-  // so the CUDA reference and the CPU kernels draw the same mask from the same seed. The seed
-  // is read on the device from a one-element int64 tensor that torch's CUDA generator filled
-  // (at::randint on the query's device), so a captured CUDA graph draws a new one per replay.
-  bool dropout = false;
+  // Dropout: drop.seed is unused; the seed is read on the device from a one-element int64
+  // tensor that torch's CUDA generator filled (at::randint on the query's device), so a
+  // captured CUDA graph draws a new one per replay.
   const int64_t* dropout_seed = nullptr;
-  uint32_t drop_threshold = 0;  // drop when the 32-bit draw is below this
-  bool drop_all = false;
-  float keep_scale = 1.f;
 
   void* weights = nullptr;  // (B, H, L, S) contiguous, q's type: flash_weights_cuda
 };

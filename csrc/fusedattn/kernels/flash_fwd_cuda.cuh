@@ -75,6 +75,16 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return r;
 }
 
+template <int M, int N>
+__device__ __forceinline__ void zero(float (&x)[M][N][4]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[m][n][e] = 0.f;
+}
+
 // c += a b for one m16n8k16 tile.
 template <typename T>
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -199,12 +209,7 @@ __device__ __forceinline__ void scores_tile(
     float (&s)[Tiles<kD>::kMTiles][Tiles<kD>::kBlockN / 8][4]) {
   using Tl = Tiles<kD>;
   constexpr int kN8 = Tl::kBlockN / 8;
-#pragma unroll
-  for (int mt = 0; mt < Tl::kMTiles; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < kN8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+  zero(s);
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
     uint32_t a[Tl::kMTiles][4];
@@ -323,21 +328,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const FlashCudaParams
     return static_cast<int>(left < Tl::kBlockN ? left : Tl::kBlockN);
   };
 
-  DropoutParams drop;
-  if (p.dropout) {
-    drop.seed = static_cast<uint64_t>(*p.dropout_seed);
-    drop.threshold = p.drop_threshold;
-    drop.drop_all = p.drop_all;
-    drop.keep_scale = p.keep_scale;
-  }
+  DropoutParams drop = p.drop;
+  if (p.dropout) drop.seed = static_cast<uint64_t>(*p.dropout_seed);
 
   float o[Tl::kMTiles][kD8][4];
-#pragma unroll
-  for (int mt = 0; mt < Tl::kMTiles; ++mt)
-#pragma unroll
-    for (int dt = 0; dt < kD8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
+  zero(o);
   float row_max[Tl::kMTiles][2], row_sum[Tl::kMTiles][2];
 #pragma unroll
   for (int mt = 0; mt < Tl::kMTiles; ++mt)

@@ -2,6 +2,8 @@
 // Element and mask kinds shared by the CPU and CUDA kernels' parameter structs (torch-free).
 #include <cstdint>
 
+#include "fusedattn/kernels/dropout.h"
+
 namespace fusedattn::kernels {
 
 enum class DType : uint8_t { Float, Double, BFloat16, Half };
@@ -38,6 +40,10 @@ struct ProblemParams : MaskParams {
   int64_t v_sb = 0, v_sh = 0, v_sr = 0;
   void* out = nullptr;      // (B, H, L, Ev)
   int64_t o_sb = 0, o_sh = 0, o_sr = 0;
+  // Dropout on the probabilities; element index ((b * H + h) * L + i) * S + j, as the
+  // reference, so every backend draws the same mask from the same seed.
+  bool dropout = false;
+  DropoutParams drop;
 };
 
 }  // namespace fusedattn::kernels

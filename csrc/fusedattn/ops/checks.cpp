@@ -119,6 +119,13 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
   return p;
 }
 
+void fill_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   kernels::ProblemParams& p) {
+  p.q = q.data_ptr(), p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sr = q.stride(2);
+  p.k = k.data_ptr(), p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sr = k.stride(2);
+  p.v = v.data_ptr(), p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sr = v.stride(2);
+}
+
 std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
                                                    const std::optional<at::Tensor>& attn_mask,
                                                    const std::optional<at::Tensor>& key_padding_mask,

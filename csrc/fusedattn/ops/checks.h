@@ -44,6 +44,11 @@ std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
                                                    bool is_causal, bool bottom_right,
                                                    kernels::MaskParams& p);
 
+// Pointers and (b, h, row) strides of q, k, v, each already viewed as 4-d (B, heads, rows,
+// cols) with a contiguous last dim, into the kernels' ProblemParams.
+void fill_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   kernels::ProblemParams& p);
+
 // The dtype the kernels accumulate in: fp64 for fp64 inputs, fp32 otherwise. lse has it.
 at::ScalarType accumulate_type(at::ScalarType t);
 

@@ -75,10 +75,14 @@ at::Tensor probabilities(const at::Tensor& scores, const at::Tensor& lse) {
 
 }  // namespace
 
-uint64_t dropout_seed_value(const std::optional<at::Tensor>& dropout_seed) {
+const at::Tensor& checked_dropout_seed(const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(dropout_seed && dropout_seed->numel() == 1 && dropout_seed->scalar_type() == at::kLong,
               "attention: dropout_p > 0 needs dropout_seed, a one-element int64 tensor");
-  return static_cast<uint64_t>(dropout_seed->item<int64_t>());
+  return *dropout_seed;
+}
+
+uint64_t dropout_seed_value(const std::optional<at::Tensor>& dropout_seed) {
+  return static_cast<uint64_t>(checked_dropout_seed(dropout_seed).item<int64_t>());
 }
 
 at::Tensor dropout_multiplier(const AttentionProblem& p, const at::Tensor& dropout_seed,

@@ -49,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 at::Tensor dropout_multiplier(const AttentionProblem& problem, const at::Tensor& dropout_seed,
                               double dropout_p, const at::TensorOptions& options);
 
-// The seed a kernel draws its dropout from; checks the seed tensor.
+// The dropout seed tensor, checked (one int64 element), and its value (a sync on CUDA).
+const at::Tensor& checked_dropout_seed(const std::optional<at::Tensor>& dropout_seed);
 uint64_t dropout_seed_value(const std::optional<at::Tensor>& dropout_seed);
 
 }  // namespace fusedattn::reference
