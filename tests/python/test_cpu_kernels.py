@@ -130,14 +130,17 @@ def test_broadcast_mask_is_not_materialised():
                                reference_attention(q, k, v, mask)[0], atol=2e-5, rtol=2e-5)
 
 
-def test_nan_inputs_are_not_hidden():
-    q, k, v = rand(1, 1, 4, 8), rand(1, 1, 600, 8), rand(1, 1, 600, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [4, 300])  # 300: bf16 takes the packed (AMX) path where it can
+def test_nan_inputs_are_not_hidden(dtype, L):
+    q, k, v = rand(1, 1, L, 8, dtype=dtype), rand(1, 1, 600, 8, dtype=dtype), rand(1, 1, 600, 8, dtype=dtype)
     k[0, 0, 3, 0] = float("nan")
     out = fusedattn.attention(q, k, v)
     assert out.isnan().all()
-    v2 = v.clone()
-    v2[0, 0, 7, 0] = float("nan")
-    assert fusedattn.attention(q, k, v2)[..., 0].isnan().all()
+    k[0, 0, 3, 0] = 0.0
+    v[0, 0, 7, 0] = float("nan")
+    out2 = fusedattn.attention(q, k, v)
+    assert out2[..., 0].isnan().all() and not out2[..., 1:].isnan().any()
 
 
 def test_fully_masked_rows_across_blocks_zero_output_and_grads():
