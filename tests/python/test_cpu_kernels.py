@@ -178,11 +178,15 @@ def test_expanded_grad_and_odd_strides_reach_blas_correctly(dtype, E, Ev):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (2, 130, 7)])
-@pytest.mark.parametrize("extra", ["causal_tl", "causal_br", "bool_mask", "float_kpm", "dropout"])
+@pytest.mark.parametrize("extra", ["plain", "causal_tl", "causal_br", "bool_mask", "bool_kpm",
+                                   "float_kpm", "dropout"])
 def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra):
     # bf16/fp16 forwards with >= 128 queries per key/value head multiply by K^T and V blocks
     # packed once (oneDNN brgemm, where the CPU has AMX); "unpacked" multiplies in place.
-    # Same rounding of P to the input type, so the two differ only by summation order.
+    # Same rounding of P to the input type, so the two differ only by summation order. bf16
+    # without attn_mask or dropout takes the keys-as-rows path (S^T = K Q^T, P^T packed by the
+    # exp pass) where the CPU has AVX512-BF16. causal_br with S = 7 < L and bool_kpm with a
+    # fully padded batch give rows with no visible key (0 out, lse -inf).
     N, H, Hk, L = 2, 4, 2, 131
     gen = torch.Generator().manual_seed(E + S)
     q = torch.randn(N, H, L, E, generator=gen).to(dtype)
@@ -193,9 +197,12 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra):
         kw.update(is_causal=True, causal_alignment="top_left" if extra == "causal_tl" else "bottom_right")
     elif extra == "bool_mask":
         kw["attn_mask"] = torch.rand(N, 1, L, S, generator=gen) > 0.3
+    elif extra == "bool_kpm":
+        kw["key_padding_mask"] = torch.rand(N, S, generator=gen) > 0.6
+        kw["key_padding_mask"][0] = True
     elif extra == "float_kpm":
         kw["key_padding_mask"] = torch.randn(N, S, generator=gen).to(dtype)
-    else:
+    elif extra == "dropout":
         kw["dropout_p"] = 0.2
 
     def run():

@@ -193,14 +193,17 @@ FUSEDATTN_CLONES float exp_sum_bf16_row_vec(const float* x, bf16* y, int64_t n, 
 // run the same code under a lane mask instead of a scalar loop.
 // Measured (perf, bf16 forward, L=1024): the portable loop was 25 instructions per 16
 // elements, 23 of them on the two vector ports, and 26% of the forward; this one is 12.
+// GCC 12's AVX-512 headers build unmasked intrinsics on _mm512_undefined_*(), which its own
+// -Wmaybe-uninitialized then reports (GCC bug 105593): silenced for this section only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define FUSEDATTN_ZMM __attribute__((target("avx512f")))
 #define FUSEDATTN_ZMM_INLINE FUSEDATTN_ZMM inline __attribute__((always_inline))
 template <bool kShort>
-FUSEDATTN_ZMM_INLINE __m512 exp2_zmm(__m512 t) {
-  const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
-  // (The maskz form: GCC 12 warns of an uninitialised value inside the unmasked one.)
-  const __m512 n = _mm512_maskz_roundscale_ps(__mmask16(0xffff), t,
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+FUSEDATTN_ZMM_INLINE __m512 exp2_zmm(__m512 t, __mmask16 keep = 0xffff) {
+  const __mmask16 live = _mm512_mask_cmp_ps_mask(keep, t, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 y;
   if constexpr (kShort) {
@@ -230,12 +233,7 @@ FUSEDATTN_ZMM_INLINE float exp_row_zmm(const float* x, int64_t n, float mul, flo
     if constexpr (kSum) acc = _mm512_mask_add_ps(acc, lanes, acc, e);
     sink(i, lanes, e);
   }
-  if constexpr (!kSum) return 0.f;
-  vf a = __builtin_bit_cast(vf, acc);  // halve four times: 15 adds in a tree of depth 4
-  a += __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  a += __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
-  a += __builtin_shufflevector(a, a, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
-  return a[0] + a[1];
+  return kSum ? _mm512_reduce_add_ps(acc) : 0.f;
 }
 #define FUSEDATTN_STORE_F32 \
   [x](int64_t i, __mmask16 lanes, __m512 e) FUSEDATTN_ZMM { _mm512_mask_storeu_ps(x + i, lanes, e); }
@@ -276,6 +274,7 @@ float exp_sum_bf16_row(const float* x, bf16* y, int64_t n, float mul, float sub)
   return has_zmm_bf16() ? exp_sum_bf16_row_zmm(x, y, n, mul, sub)
                         : exp_sum_bf16_row_vec(x, y, n, mul, sub);
 }
+#pragma GCC diagnostic pop
 #else
 float exp_sum_row(float* x, int64_t n, float mul, float sub) { return exp_sum_row_vec(x, n, mul, sub); }
 void exp_rows(float* x, int64_t n, float mul, float sub) { exp_rows_vec(x, n, mul, sub); }
@@ -329,6 +328,38 @@ void softmax_grad_row(double* dp, const double* p, int64_t n, double d, double g
 inline float exp_scalar(float x) { return std::exp(x); }
 inline double exp_scalar(double x) { return std::exp(x); }
 
+// The bf16 forward with keys as the rows of its GEMMs (Flash::forward_task_kr) writes the
+// packed B operand of its second product itself, in the VNNI layout: a k x n matrix (k even)
+// as k/2 rows of n pairs {B[2r][j], B[2r+1][j]}, row stride 2 * round_up(n, 16). Checked once
+// against the caller's pack(); any other layout keeps the query-rows path.
+bool packed_layout_is_vnni(const PackedGemm& g) {
+  constexpr int64_t k = 4;
+  for (const int64_t n : {48, 64}) {
+    std::vector<uint16_t> in(k * n), out(k * 64, 0);
+    for (int64_t i = 0; i < k * n; ++i) in[i] = uint16_t(0x3f80 + i);  // finite bf16 values
+    g.pack(k, n, n, in.data(), out.data());
+    const int64_t ldb = (n + 15) / 16 * 16;
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t j = 0; j < n; ++j)
+        if (out[(r / 2) * 2 * ldb + 2 * j + r % 2] != in[r * n + j]) return false;
+  }
+  return true;
+}
+// Which bf16 forwards take that path: packed GEMMs (AMX), AVX512-BF16, no attn_mask and no
+// dropout (those keep the query-rows path, which reads masks row by row).
+bool keys_as_rows(const FlashParams& p) {
+#ifdef FUSEDATTN_ZMM_BF16
+  if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None ||
+      p.dropout || !has_zmm_bf16())
+    return false;
+  static const bool vnni = packed_layout_is_vnni(*p.packed);  // bf16's hooks: one object
+  return vnni;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 // ------------------------------------------------------------------ the kernel
 // Scores are S = Q K^T straight from the inputs (no copies: the GEMMs read q, k, v, dout
 // through their row strides). The softmax scale is folded into the exponent,
@@ -345,11 +376,13 @@ struct Flash {
   bool fold;         // scale folded into the exponent
   A mul;             // the exponent's multiplier: scale if fold, else 1
   bool mask_pass;    // apply_masks has work to do
+  bool kr;           // bf16 forward with keys as GEMM rows (keys_as_rows)
 
   explicit Flash(const FlashParams& params) : p(params), group(params.H / params.Hk) {
     fold = p.scale > 0 && p.mask_kind != MaskKind::Additive && p.kpm_kind != MaskKind::Additive;
     mul = fold ? A(p.scale) : A(1);
     mask_pass = !fold || p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None || p.causal;
+    kr = keys_as_rows(p);
   }
 
   // Row-major C = alpha op(A) op(B) + beta C with A, B in the input type.
@@ -393,19 +426,23 @@ struct Flash {
     return p.causal ? std::clamp<int64_t>(i_last + p.causal_offset + 1, 0, p.S) : p.S;
   }
 
+  // key_padding_mask of keys j0 .. j0 + bk - 1 as an additive bias (-inf: padding); none: 0.
+  void key_bias(int64_t b, int64_t j0, int64_t bk, A* bias) const {
+    for (int64_t c = 0; c < bk; ++c) {
+      const int64_t off = b * p.p_sb + (j0 + c) * p.p_sc;
+      bias[c] = p.kpm_kind == MaskKind::None ? A(0)
+                : p.kpm_kind == MaskKind::Bool
+                    ? (static_cast<const uint8_t*>(p.kpm)[off] ? kNegInf : A(0))
+                    : A(to_acc(static_cast<const T*>(p.kpm)[off]));
+    }
+  }
+
   // Scores block s (bq x bk, row stride bk) for queries i0.. and keys j0..: scale unless
   // folded, then every mask.
   void apply_masks(A* s, int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
                    A* col_bias) const {
     if (!mask_pass) return;
-    if (p.kpm_kind != MaskKind::None) {
-      for (int64_t c = 0; c < bk; ++c) {
-        const int64_t off = b * p.p_sb + (j0 + c) * p.p_sc;
-        col_bias[c] = p.kpm_kind == MaskKind::Bool
-                          ? (static_cast<const uint8_t*>(p.kpm)[off] ? kNegInf : A(0))
-                          : A(to_acc(static_cast<const T*>(p.kpm)[off]));
-      }
-    }
+    key_bias(b, j0, bk, col_bias);
     for (int64_t r = 0; r < bq; ++r) {
       A* row = s + r * bk;
       const int64_t i = i0 + r;
@@ -449,10 +486,13 @@ struct Flash {
 
   struct FwdWork {
     std::vector<A> s, acc, m, l, bias;
-    std::vector<T> narrow;
+    std::vector<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
+    std::vector<uint16_t> keep;            // its lane masks per key
     explicit FwdWork(const FlashParams& p)
         : s(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * p.Ev), m(kFwdBlockQ), l(kFwdBlockQ),
-          bias(kFwdBlockK), narrow(kIsHalf<T> ? kFwdBlockQ * kFwdBlockK : 0) {}
+          bias(kFwdBlockK), narrow(kIsHalf<T> ? kFwdBlockQ * kFwdBlockK : 0),
+          qt(keys_as_rows(p) ? p.E * kFwdBlockQ : 0), qt_packed(qt.size()),
+          keep(keys_as_rows(p) ? 4 * kFwdBlockK : 0) {}
   };
 
   int64_t q_blocks() const { return (p.L + kFwdBlockQ - 1) / kFwdBlockQ; }
@@ -477,8 +517,13 @@ struct Flash {
   // k x n matrix takes up to k * round_up(n, 64) elements (kFwdBlockK is a multiple of 64).
   static int64_t key_blocks(const FlashParams& q) { return (q.S + kFwdBlockK - 1) / kFwdBlockK; }
   static int64_t packed_slot(const FlashParams& q) {
-    return kFwdBlockK * (q.E + (q.Ev + 63) / 64 * 64);
+    return keys_as_rows(q) ? q.Ev * kLdVt : kFwdBlockK * (q.E + (q.Ev + 63) / 64 * 64);
   }
+  // Keys-as-rows path: the slot holds V^T (Ev x bkp, row stride kLdVt; column bk zero when bk
+  // is odd), the A operand of O^T += V^T P^T. The stride is a cache line more than the block
+  // (see pack()).
+  static constexpr int64_t kLdVt = kFwdBlockK + 32;  // (bf16 only; packed_slot is T-free)
+  T* packed_vt(int64_t b, int64_t hk, int64_t jb) const { return packed_kt(b, hk, jb); }
   T* packed_kt(int64_t b, int64_t hk, int64_t jb) const {
     return static_cast<T*>(p.packed_ws) + ((b * p.Hk + hk) * key_blocks(p) + jb) * packed_slot(p);
   }
@@ -486,6 +531,7 @@ struct Flash {
     return packed_kt(b, hk, jb) + kFwdBlockK * p.E;
   }
   void pack(int64_t begin, int64_t end) const {
+    if (kr) return pack_vt(begin, end);
     // K^T's row stride in tmp: one cache line more than the block, so that the transposing
     // stores (a column of K^T per row of K) do not all fall into the same few L1 sets; at a
     // power-of-two stride (1 KiB) they did, and this loop was 10% of a bf16 forward (perf).
@@ -509,7 +555,159 @@ struct Flash {
     }
   }
 
+  void pack_vt(int64_t begin, int64_t end) const {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = key_blocks(p), jb = t % nb, b = t / nb / p.Hk, hk = t / nb % p.Hk;
+      const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
+      const T* v = v_rows(b, hk, j0);
+      T* vt = packed_vt(b, hk, jb);
+      for (int64_t r = 0; r < bk; ++r)
+        for (int64_t c = 0; c < p.Ev; ++c) vt[c * kLdVt + r] = v[r * p.v_sr + c];
+      if (bk & 1)
+        for (int64_t c = 0; c < p.Ev; ++c) vt[c * kLdVt + bk] = T{};
+    }
+  }
+
+#ifdef FUSEDATTN_ZMM_BF16
+#pragma GCC diagnostic push  // (see FUSEDATTN_ZMM)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+  // bf16 forward, keys as the GEMMs' rows. S^T (bk x bq) = K Q^T takes K's rows straight
+  // from the input as the A operand and Q^T, packed once per task, as B (one panel: bq <= 64);
+  // the softmax then runs down S^T's columns, 16 queries to a vector (running max and sum as
+  // vectors: no horizontal reductions, no call per row), and its exp pass writes P^T in the
+  // packed layout itself (pairs of keys interleaved: vcvtne2ps2bf16 + vpermw), the B operand
+  // of O^T (Ev x bq) += V^T P^T. Two brgemm calls per block where the query-rows path makes
+  // nine (S in 64-column panels, then P V), and no packing of K.
+  // Per element of S: one load + FMA + masked max; then sub-free FMA, exp (8 ops), add, and
+  // half a convert/permute/store. Masks: key padding as a per-key bias, causal as lane masks.
+  FUSEDATTN_ZMM_BF16 void forward_task_kr(int64_t t, FwdWork& w) const {
+    static_assert(kFwdBlockQ <= 64, "Q^T must be one packed panel");
+    constexpr int64_t kLd = kFwdBlockQ;  // row stride of S^T and O^T
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    const auto [bh, b, h, hk, i0, bq] = q_task(t);
+    const int64_t nc = (bq + 15) / 16, ldb = 16 * nc;  // vectors of queries; P^T's pair stride
+    const T* q = q_rows(b, h, i0);
+    T* qt = w.qt.data();
+    for (int64_t i = 0; i < bq; ++i)
+      for (int64_t c = 0; c < p.E; ++c) qt[c * kLd + i] = q[i * p.q_sr + c];
+    p.packed->pack(p.E, bq, kLd, qt, w.qt_packed.data());
+    float* ot = w.acc.data();
+    std::fill(ot, ot + p.Ev * kLd, 0.f);
+
+    const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
+    const __m512 ninf = _mm512_set1_ps(-kInf), zero = _mm512_setzero_ps();
+    __m512 m[4], l[4];  // per 16 queries: running max (of scaled + biased scores) and sum
+    __mmask16 qmask[4];        // lanes that are queries of this task
+    for (int c = 0; c < 4; ++c) {
+      m[c] = ninf, l[c] = zero;
+      const int64_t n = std::clamp<int64_t>(bq - 16 * c, 0, 16);
+      qmask[c] = __mmask16((1u << n) - 1);
+    }
+    // Key j is hidden from query i < j - causal_offset. Clamped so that the cut below fits
+    // int32 (any cut <= -16 or >= 32 acts the same).
+    const int64_t causal_shift = p.causal ? std::clamp<int64_t>(p.causal_offset, -(1 << 30), 1 << 30) : 0;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    // Lane k of vector 2 i is lane i of the low half, of 2 i + 1 the high half: pairs of keys.
+    alignas(64) static constexpr uint16_t kInterleave[32] = {
+        0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i inter = _mm512_load_si512(kInterleave);
+
+    const int64_t kv_end = visible_end(i0 + bq - 1);
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
+      const int64_t bk = std::min(kFwdBlockK, kv_end - j0), bkp = bk + (bk & 1);
+      float* st = w.s.data();
+      p.packed->gemm(bk, bq, p.E, p.k_sr, kLd, false, k_rows(b, hk, j0), w.qt_packed.data(), st);
+      float* bias = w.bias.data();
+      key_bias(b, j0, bk, bias);
+
+      // keep[c * kFwdBlockK + j]: the lanes of query vector c that see key j (causal; padding,
+      // a bias of -inf, hides a key from all), 16 keys at a time.
+      uint16_t* keep = w.keep.data();
+      for (int64_t j = 0; j < bk; j += 16) {
+        const __mmask16 in = __mmask16((1u << std::min<int64_t>(bk - j, 16)) - 1);
+        const __m512 bj = _mm512_maskz_loadu_ps(in, bias + j);
+        const __mmask16 alive = _mm512_mask_cmp_ps_mask(in, bj, ninf, _CMP_NEQ_UQ);
+        // Lanes below cut(j) = j - offset - i0 - 16 c are hidden by causality.
+        const __m512i cut0 = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0 + j - causal_shift - i0)), lane);
+        for (int c = 0; c < nc; ++c) {
+          __m512i k = _mm512_set1_epi32(qmask[c]);
+          if (p.causal) {
+            const __m512i cut = _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(cut0, _mm512_set1_epi32(16 * c)),
+                                                                  _mm512_setzero_si512()), _mm512_set1_epi32(16));
+            k = _mm512_and_si512(k, _mm512_sllv_epi32(_mm512_set1_epi32(0xffff), cut));
+          }
+          _mm512_mask_cvtepi32_storeu_epi16(keep + c * kFwdBlockK + j, in, _mm512_maskz_mov_epi32(alive, k));
+        }
+      }
+      T* pt = w.narrow.data();
+      // One vector of queries at a time, so that its max and sum stay in registers.
+      for (int c = 0; c < nc; ++c, keep += kFwdBlockK) {
+        const float* col = st + 16 * c;
+        __m512 mb0 = ninf, mb1 = ninf;  // two chains: vmaxps' latency, not its throughput
+        int64_t j = 0;
+        for (; j + 1 < bk; j += 2) {
+          const __m512 v0 = _mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale, _mm512_set1_ps(bias[j]));
+          const __m512 v1 = _mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale,
+                                            _mm512_set1_ps(bias[j + 1]));
+          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, v0);
+          mb1 = _mm512_mask_max_ps(mb1, keep[j + 1], mb1, v1);
+        }
+        if (j < bk) {
+          const __m512 v0 = _mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale, _mm512_set1_ps(bias[j]));
+          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, v0);
+        }
+        // The new max, and where it is still -inf (no visible key yet) 0 for the exponents,
+        // so that exp(-inf - 0) = 0 instead of NaN.
+        const __m512 mn = _mm512_max_ps(m[c], _mm512_max_ps(mb0, mb1));
+        const __m512 ms = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mn, ninf, _CMP_EQ_OQ), mn, zero);
+        const __m512 alpha = exp2_zmm<false>(_mm512_mul_ps(_mm512_sub_ps(m[c], ms), l2e));
+        m[c] = mn;
+        for (int64_t r = 0; r < p.Ev; ++r) {
+          float* o = ot + r * kLd + 16 * c;
+          _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
+        }
+        // exp((s * scale + bias_j) - m) for keys j, j + 1, rounded and interleaved in pairs.
+        __m512 sum = _mm512_mul_ps(l[c], alpha);
+        T* pc = pt + 32 * c;
+        for (j = 0; j < bk; j += 2) {
+          const __m512 x0 = _mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale,
+                                            _mm512_sub_ps(_mm512_set1_ps(bias[j]), ms));
+          const __m512 e0 = exp2_zmm<true>(_mm512_mul_ps(x0, l2e), keep[j]);
+          __m512 e1 = zero;  // the zero key that pads an odd block
+          if (j + 1 < bk) {
+            const __m512 x1 = _mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale,
+                                              _mm512_sub_ps(_mm512_set1_ps(bias[j + 1]), ms));
+            e1 = exp2_zmm<true>(_mm512_mul_ps(x1, l2e), keep[j + 1]);
+          }
+          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+          const __m512i pair = _mm512_permutexvar_epi16(inter, __m512i(_mm512_cvtne2ps_pbh(e1, e0)));
+          _mm512_storeu_si512(pc + (j / 2) * 2 * ldb, pair);
+        }
+        l[c] = sum;
+      }
+      p.packed->gemm(p.Ev, bq, bkp, kLdVt, kLd, true, packed_vt(b, hk, j0 / kFwdBlockK), pt, ot);
+    }
+    alignas(64) float mf[64], lf[64];
+    for (int c = 0; c < nc; ++c) _mm512_store_ps(mf + 16 * c, m[c]), _mm512_store_ps(lf + 16 * c, l[c]);
+    T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i0 * p.o_sr;
+    A* lse = lse_row(b, h) + i0;
+    for (int64_t i = 0; i < bq; ++i) {
+      const float inv = lf[i] > 0.f ? 1.f / lf[i] : 0.f;  // no visible key: output 0
+      for (int64_t c = 0; c < p.Ev; ++c) store(ot[c * kLd + i] * inv, out + i * p.o_sr + c);
+      lse[i] = lf[i] > 0.f ? mf[i] + std::log(lf[i]) : (lf[i] == 0.f ? -kInf : lf[i]);
+    }
+  }
+#pragma GCC diagnostic pop  // (see FUSEDATTN_ZMM)
+#endif
+
   void forward_task(int64_t t, FwdWork& w) const {
+#ifdef FUSEDATTN_ZMM_BF16
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (kr) return forward_task_kr(t, w);
+    }
+#endif
     const auto [bh, b, h, hk, i0, bq] = q_task(t);
     const T* q = q_rows(b, h, i0);
     std::fill(w.m.begin(), w.m.end(), kNegInf);  // running max, in units of raw s
