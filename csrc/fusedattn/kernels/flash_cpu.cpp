@@ -587,18 +587,10 @@ struct Flash {
     constexpr float kInf = std::numeric_limits<float>::infinity();
     const auto [bh, b, h, hk, i0, bq] = q_task(t);
     const int64_t nc = (bq + 15) / 16, ldb = 16 * nc;  // vectors of queries; P^T's pair stride
-    const T* q = q_rows(b, h, i0);
-    T* qt = w.qt.data();
-    for (int64_t i = 0; i < bq; ++i)
-      for (int64_t c = 0; c < p.E; ++c) qt[c * kLd + i] = q[i * p.q_sr + c];
-    p.packed->pack(p.E, bq, kLd, qt, w.qt_packed.data());
-    float* ot = w.acc.data();
-    std::fill(ot, ot + p.Ev * kLd, 0.f);
-
     const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
     const __m512 ninf = _mm512_set1_ps(-kInf), zero = _mm512_setzero_ps();
     __m512 m[4], l[4];  // per 16 queries: running max (of scaled + biased scores) and sum
-    __mmask16 qmask[4];        // lanes that are queries of this task
+    __mmask16 qmask[4];  // lanes that are queries of this task
     for (int c = 0; c < 4; ++c) {
       m[c] = ninf, l[c] = zero;
       const int64_t n = std::clamp<int64_t>(bq - 16 * c, 0, 16);
@@ -613,6 +605,31 @@ struct Flash {
         0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i inter = _mm512_load_si512(kInterleave);
+
+    const T* q = q_rows(b, h, i0);
+    if (15 * p.q_sr + p.E < (int64_t(1) << 30)) {
+      // Packed Q^T straight from Q: word (r, i) of the layout (checked by
+      // packed_layout_is_vnni) is the element pair Q[i][2r], Q[i][2r + 1], gathered for 16
+      // queries at a time (the pairs need no alignment: byte offsets, scale 2).
+      int32_t* qt = reinterpret_cast<int32_t*>(w.qt_packed.data());
+      const __m512i rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(p.q_sr)));
+      for (int c = 0; c < nc; ++c) {
+        const T* qc = q + 16 * c * p.q_sr;
+        for (int64_t r = 0; r < p.E / 2; ++r) {
+          const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(int32_t(2 * r)));
+          _mm512_storeu_si512(qt + r * ldb + 16 * c,
+                              _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), qmask[c], idx, qc, 2));
+        }
+      }
+    } else {  // row stride too large for 32-bit gather indices: transpose, then pack
+      T* qt = w.qt.data();
+      for (int64_t i = 0; i < bq; ++i)
+        for (int64_t c = 0; c < p.E; ++c) qt[c * kLd + i] = q[i * p.q_sr + c];
+      p.packed->pack(p.E, bq, kLd, qt, w.qt_packed.data());
+    }
+    float* ot = w.acc.data();
+    std::fill(ot, ot + p.Ev * kLd, 0.f);
+
 
     const int64_t kv_end = visible_end(i0 + bq - 1);
     for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
@@ -693,9 +710,14 @@ struct Flash {
     for (int c = 0; c < nc; ++c) _mm512_store_ps(mf + 16 * c, m[c]), _mm512_store_ps(lf + 16 * c, l[c]);
     T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i0 * p.o_sr;
     A* lse = lse_row(b, h) + i0;
-    for (int64_t i = 0; i < bq; ++i) {
-      const float inv = lf[i] > 0.f ? 1.f / lf[i] : 0.f;  // no visible key: output 0
-      for (int64_t c = 0; c < p.Ev; ++c) store(ot[c * kLd + i] * inv, out + i * p.o_sr + c);
+    const __m512i cols = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(kLd)));
+    for (int64_t i = 0; i < bq; ++i) {  // row i of the output is column i of O^T: gathered
+      const __m512 inv = _mm512_set1_ps(lf[i] > 0.f ? 1.f / lf[i] : 0.f);  // no visible key: 0
+      for (int64_t c = 0; c < p.Ev; c += 16) {
+        const __mmask16 in = __mmask16((1u << std::min<int64_t>(p.Ev - c, 16)) - 1);
+        const __m512 o = _mm512_mask_i32gather_ps(zero, in, cols, ot + c * kLd + i, 4);
+        _mm256_mask_storeu_epi16(out + i * p.o_sr + c, in, __m256i(_mm512_cvtneps_pbh(_mm512_mul_ps(o, inv))));
+      }
       lse[i] = lf[i] > 0.f ? mf[i] + std::log(lf[i]) : (lf[i] == 0.f ? -kInf : lf[i]);
     }
   }
