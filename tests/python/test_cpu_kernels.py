@@ -177,7 +177,7 @@ def test_expanded_grad_and_odd_strides_reach_blas_correctly(dtype, E, Ev):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (2, 130, 7)])
+@pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (2, 130, 7), (32, 33, 100)])
 @pytest.mark.parametrize("extra", ["plain", "causal_tl", "causal_br", "bool_mask", "bool_kpm",
                                    "float_kpm", "dropout"])
 def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra):

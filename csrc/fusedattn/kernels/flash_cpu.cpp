@@ -561,14 +561,59 @@ struct Flash {
       const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
       const T* v = v_rows(b, hk, j0);
       T* vt = packed_vt(b, hk, jb);
-      for (int64_t r = 0; r < bk; ++r)
-        for (int64_t c = 0; c < p.Ev; ++c) vt[c * kLdVt + r] = v[r * p.v_sr + c];
+#ifdef FUSEDATTN_ZMM_BF16
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (15 * p.v_sr + p.Ev < (int64_t(1) << 30)) {
+          transpose_zmm(v, p.v_sr, bk, p.Ev, vt, kLdVt);
+        } else {
+          transpose(v, p.v_sr, bk, p.Ev, vt, kLdVt);
+        }
+      } else {
+        transpose(v, p.v_sr, bk, p.Ev, vt, kLdVt);
+      }
+#else
+      transpose(v, p.v_sr, bk, p.Ev, vt, kLdVt);
+#endif
       if (bk & 1)
         for (int64_t c = 0; c < p.Ev; ++c) vt[c * kLdVt + bk] = T{};
     }
   }
 
+  // y (cols x rows, row stride ldy) = x^T, x rows x cols with row stride ldx.
+  static void transpose(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* y, int64_t ldy) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) y[c * ldy + r] = x[r * ldx + c];
+  }
+
 #ifdef FUSEDATTN_ZMM_BF16
+#pragma GCC diagnostic push  // (see FUSEDATTN_ZMM)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+  // The same for 16-bit elements, 16 rows at a time: each 32-bit gather fetches the pairs
+  // x[r][c], x[r][c + 1] of 16 rows (byte offsets: no alignment needed), whose low and high
+  // halves are rows c and c + 1 of y. Needs 15 * ldx + cols < 2^30 (32-bit indices).
+  FUSEDATTN_ZMM_BF16 static void transpose_zmm(const T* x, int64_t ldx, int64_t rows, int64_t cols,
+                                               T* y, int64_t ldy) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i row_off = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(ldx)));
+    for (int64_t r = 0; r < rows; r += 16) {
+      const int64_t n = std::min<int64_t>(rows - r, 16);
+      const __mmask16 in = __mmask16((1u << n) - 1);
+      const T* xr = x + r * ldx;
+      int64_t c = 0;
+      for (; c + 1 < cols; c += 2) {
+        const __m512i pairs = _mm512_mask_i32gather_epi32(
+            _mm512_setzero_si512(), in, _mm512_add_epi32(row_off, _mm512_set1_epi32(int32_t(c))), xr, 2);
+        _mm256_mask_storeu_epi16(y + c * ldy + r, in, _mm512_cvtepi32_epi16(pairs));
+        _mm256_mask_storeu_epi16(y + (c + 1) * ldy + r, in,
+                                 _mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)));
+      }
+      if (c < cols)  // an odd last column: its pair would read past the row
+        for (int64_t i = 0; i < n; ++i) y[c * ldy + r + i] = xr[i * ldx + c];
+    }
+  }
+#pragma GCC diagnostic pop  // (see FUSEDATTN_ZMM)
+
 #pragma GCC diagnostic push  // (see FUSEDATTN_ZMM)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
