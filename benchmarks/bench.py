@@ -166,7 +166,7 @@ def main():
     variants = args.variants.split(",")
 
     cases = [(v, d, n, c) for v in variants for d in dtypes for n in lengths for c in (False, True)]
-    progress = Progress(len(cases) * 2 + 4)
+    progress = Progress(len(cases) * 2 + 6)
     rows = []
     with torch.inference_mode(False):
         for variant, dtype, L, causal in cases:
@@ -188,31 +188,34 @@ def main():
                                  torch_ms=t_theirs * 1e3, speedup=t_theirs / t_ours,
                                  fusedattn_peak_mb=m_ours, torch_peak_mb=m_theirs))
                 progress.step(label)
+        # need_weights=True is nn.MultiheadAttention's default and its O(L^2) path (scores,
+        # softmax and the head-averaged weights written out); False lets it call SDPA.
         for kind in ("self", "cross"):
             ours, theirs, x, mem, pad = module_case(kind)
-            for with_pad in (False, True):
+            for with_pad, weights in ((False, False), (True, False), (True, True)):
                 kw = {"key_padding_mask": pad} if with_pad else {}
 
                 def step(m):
                     def run():
-                        out, _ = m(x, mem, mem, need_weights=False, **kw)
+                        out, _ = m(x, mem, mem, need_weights=weights, **kw)
                         out.sum().backward()
                     return run
                 t_ours, t_theirs = time_pair([step(ours), step(theirs)], repeats, budget)
-                rows.append(dict(case=f"mha_{kind}" + ("+pad" if with_pad else ""), dtype="float32",
-                                 L=128, causal=False, mode="fwd+bwd",
-                                 torch_path="nn.MultiheadAttention", fusedattn_ms=t_ours * 1e3,
+                rows.append(dict(case=f"mha_{kind}" + ("+pad" if with_pad else "") + ("+weights" if weights else ""),
+                                 dtype="float32", L=128, causal=False, mode="fwd+bwd",
+                                 torch_path="nn.MHA" + (" need_weights" if weights else " (SDPA)"),
+                                 fusedattn_ms=t_ours * 1e3,
                                  torch_ms=t_theirs * 1e3, speedup=t_theirs / t_ours,
                                  fusedattn_peak_mb=peak_mb(step(ours)),
                                  torch_peak_mb=peak_mb(step(theirs))))
-                progress.step(f"MultiheadAttention {kind} pad={with_pad}")
+                progress.step(f"MultiheadAttention {kind} pad={with_pad} weights={weights}")
 
-    header = (f"{'case':<16}{'dtype':<10}{'L':>6} {'causal':<7}{'mode':<9}{'torch path':<22}"
+    header = (f"{'case':<22}{'dtype':<10}{'L':>6} {'causal':<7}{'mode':<9}{'torch path':<22}"
               f"{'fusedattn ms':>13}{'torch ms':>11}{'speedup':>9}{'peak MiB ours/torch':>22}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['case']:<16}{r['dtype']:<10}{r['L']:>6} {str(r['causal']):<7}{r['mode']:<9}"
+        print(f"{r['case']:<22}{r['dtype']:<10}{r['L']:>6} {str(r['causal']):<7}{r['mode']:<9}"
               f"{r['torch_path']:<22}{r['fusedattn_ms']:>13.2f}{r['torch_ms']:>11.2f}"
               f"{r['speedup']:>8.2f}x{r['fusedattn_peak_mb']:>11.0f}/{r['torch_peak_mb']:<10.0f}")
 
