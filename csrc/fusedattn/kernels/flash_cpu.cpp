@@ -332,6 +332,7 @@ inline double exp_scalar(double x) { return std::exp(x); }
 // packed B operand of its second product itself, in the VNNI layout: a k x n matrix (k even)
 // as k/2 rows of n pairs {B[2r][j], B[2r+1][j]}, row stride 2 * round_up(n, 16). Checked once
 // against the caller's pack(); any other layout keeps the query-rows path.
+#ifdef FUSEDATTN_ZMM_BF16
 bool packed_layout_is_vnni(const PackedGemm& g) {
   constexpr int64_t k = 4;
   for (const int64_t n : {48, 64}) {
@@ -345,6 +346,7 @@ bool packed_layout_is_vnni(const PackedGemm& g) {
   }
   return true;
 }
+#endif
 // Which bf16 forwards take that path: packed GEMMs (AMX), AVX512-BF16, no attn_mask and no
 // dropout (those keep the query-rows path, which reads masks row by row).
 bool keys_as_rows(const FlashParams& p) {
