@@ -626,8 +626,11 @@ struct Flash {
   // packed layout itself (pairs of keys interleaved: vcvtne2ps2bf16 + vpermw), the B operand
   // of O^T (Ev x bq) += V^T P^T. Two brgemm calls per block where the query-rows path makes
   // nine (S in 64-column panels, then P V), and no packing of K.
-  // Per element of S: one load + FMA + masked max; then sub-free FMA, exp (8 ops), add, and
-  // half a convert/permute/store. Masks: key padding as a per-key bias, causal as lane masks.
+  // Per 16 elements of S: load + FMA + masked max; then FMA with (bias - max) folded in, the
+  // multiply by log2(e), exp (8 ops), add, and half a convert/permute/store. Masks: key
+  // padding as a per-key bias (-inf: the key is skipped), causal as lane masks. The scores
+  // enter as fma(s, scale, bias - max), so a large |s * scale| costs no extra rounding.
+  // Measured against the query-rows path: perf/bench entries 4c-4d in PERFORMANCE.md.
   FUSEDATTN_ZMM_BF16 void forward_task_kr(int64_t t, FwdWork& w) const {
     static_assert(kFwdBlockQ <= 64, "Q^T must be one packed panel");
     constexpr int64_t kLd = kFwdBlockQ;  // row stride of S^T and O^T
