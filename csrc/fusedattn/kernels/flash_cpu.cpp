@@ -536,15 +536,14 @@ struct Flash {
     if (kr) return pack_vt(begin, end);
     // K^T's row stride in tmp: one cache line more than the block, so that the transposing
     // stores (a column of K^T per row of K) do not all fall into the same few L1 sets; at a
-    // power-of-two stride (1 KiB) they did, and this loop was 10% of a bf16 forward (perf).
+    // power-of-two stride (1 KiB) they did, and the transpose was 10% of a bf16 forward (perf).
     constexpr int64_t kLdT = kFwdBlockK + 64 / sizeof(T);
     std::vector<T> tmp(kLdT * std::max(p.E, p.Ev));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t nb = key_blocks(p), jb = t % nb, b = t / nb / p.Hk, hk = t / nb % p.Hk;
       const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0), bkp = bk + (bk & 1);
       const T* k = k_rows(b, hk, j0);
-      for (int64_t r = 0; r < bk; ++r)
-        for (int64_t c = 0; c < p.E; ++c) tmp[c * kLdT + r] = k[r * p.k_sr + c];
+      transpose_any(k, p.k_sr, bk, p.E, tmp.data(), kLdT);
       p.packed->pack(p.E, bk, kLdT, tmp.data(), packed_kt(b, hk, jb));
       const T* v = v_rows(b, hk, j0);
       if (bkp == bk) {
@@ -563,19 +562,7 @@ struct Flash {
       const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
       const T* v = v_rows(b, hk, j0);
       T* vt = packed_vt(b, hk, jb);
-#ifdef FUSEDATTN_ZMM_BF16
-      if constexpr (std::is_same_v<T, bf16>) {
-        if (15 * p.v_sr + p.Ev < (int64_t(1) << 30)) {
-          transpose_zmm(v, p.v_sr, bk, p.Ev, vt, kLdVt);
-        } else {
-          transpose(v, p.v_sr, bk, p.Ev, vt, kLdVt);
-        }
-      } else {
-        transpose(v, p.v_sr, bk, p.Ev, vt, kLdVt);
-      }
-#else
-      transpose(v, p.v_sr, bk, p.Ev, vt, kLdVt);
-#endif
+      transpose_any(v, p.v_sr, bk, p.Ev, vt, kLdVt);
       if (bk & 1)
         for (int64_t c = 0; c < p.Ev; ++c) vt[c * kLdVt + bk] = T{};
     }
@@ -585,6 +572,17 @@ struct Flash {
   static void transpose(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* y, int64_t ldy) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) y[c * ldy + r] = x[r * ldx + c];
+  }
+  // The same, by gathers (transpose_zmm) for 16-bit types where the CPU and the indices allow.
+  static void transpose_any(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* y,
+                            int64_t ldy) {
+#ifdef FUSEDATTN_ZMM_BF16
+    if constexpr (kIsHalf<T>) {
+      if (has_zmm_bf16() && 15 * ldx + cols < (int64_t(1) << 30))
+        return transpose_zmm(x, ldx, rows, cols, y, ldy);
+    }
+#endif
+    transpose(x, ldx, rows, cols, y, ldy);
   }
 
 #ifdef FUSEDATTN_ZMM_BF16
@@ -672,10 +670,8 @@ struct Flash {
         }
       }
     } else {  // row stride too large for 32-bit gather indices: transpose, then pack
-      T* qt = w.qt.data();
-      for (int64_t i = 0; i < bq; ++i)
-        for (int64_t c = 0; c < p.E; ++c) qt[c * kLd + i] = q[i * p.q_sr + c];
-      p.packed->pack(p.E, bq, kLd, qt, w.qt_packed.data());
+      transpose(q, p.q_sr, bq, p.E, w.qt.data(), kLd);
+      p.packed->pack(p.E, bq, kLd, w.qt.data(), w.qt_packed.data());
     }
     float* ot = w.acc.data();
     std::fill(ot, ot + p.Ev * kLd, 0.f);
