@@ -46,10 +46,14 @@ def test_forward_and_backward_fp32_against_fp64(L, S, kind, causal):
     mask, kpm = masks(kind, N, H, L, S, torch.float32)
     kw = dict(is_causal=causal is not None, causal_alignment=causal or "top_left",
               enable_gqa=True, key_padding_mask=kpm)
-    out, w, lse = fusedattn.attention(q, k, v, mask, return_weights=True, return_lse=True, **kw)
+    # Two kernels: the flash forward, and (weights asked) the one that forms whole score rows.
+    out_w, w, lse_w = fusedattn.attention(q, k, v, mask, return_weights=True, return_lse=True, **kw)
+    out, _, lse = fusedattn.attention(q, k, v, mask, return_lse=True, **kw)
     ref, ref_w = reference_attention(q, k, v, mask, kpm, causal is not None, causal == "bottom_right")
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out_w.double(), ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(w.double(), ref_w, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(lse_w, lse, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g.double())
@@ -82,33 +86,66 @@ def test_half_types_error_at_most_twice_torchs(dtype, causal):
         assert err <= 2 * torch_err + 1e-4, (err, torch_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("S", [600, 601])  # 601: the packed P V product's odd last block
+def test_half_types_weights_error_at_most_twice_torchs(dtype, causal, S):
+    # Returned weights and the output they give, against the fp64 formula, next to torch's
+    # math in the same dtype. L = 130 queries per key/value head: bf16 takes the packed path
+    # (K^T and V packed; Ev = 72 spans two of V's 64-column panels).
+    N, H, L, E, Ev = 2, 3, 130, 40, 72
+    q, k = (rand(N, H, n, E, dtype=torch.float64) for n in (L, S))
+    v = rand(N, H, S, Ev, dtype=torch.float64)
+    kpm = torch.rand(N, S) > 0.8
+    ref, ref_w = reference_attention(q, k, v, key_padding_mask=kpm, is_causal=causal,
+                                     bottom_right=True)
+    lo = [t.to(dtype) for t in (q, k, v)]
+    ours, w, _ = fusedattn.attention(*lo, key_padding_mask=kpm, is_causal=causal,
+                                     causal_alignment="bottom_right", return_weights=True)
+    allowed = ~kpm[:, None, None, :]
+    if causal:
+        allowed = allowed & (torch.arange(S)[None] <= torch.arange(L)[:, None] + S - L)
+    s = (lo[0] @ lo[1].transpose(-2, -1)) * E ** -0.5
+    their_w = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    theirs = their_w @ lo[2]
+    for a, b, r in ((ours, theirs, ref), (w, their_w, ref_w)):
+        err = (a.double() - r).abs().max().item()
+        torch_err = (b.double() - r).abs().max().item()
+        assert err <= 2 * torch_err + 1e-4, (err, torch_err)
+
+
 def _run_with_reference_kernel(code):
     env = dict(os.environ, FUSEDATTN_CPU_KERNEL="reference")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout
 
 
-def test_dropout_mask_is_the_reference_paths_mask(tmp_path):
+@pytest.mark.parametrize("weights", [False, True])
+def test_dropout_mask_is_the_reference_paths_mask(tmp_path, weights):
     """Both paths draw dropout from the same counter-based generator: identical outputs and
-    gradients under one seed."""
-    code = f"""
-import torch, fusedattn
+    gradients under one seed; returned weights are the probabilities before dropout."""
+    run = f"""
 torch.manual_seed(0)
 q, k, v = (torch.randn(2, 3, n, 16, dtype=torch.float64, requires_grad=True) for n in (70, 530, 530))
 torch.manual_seed(1)
-out = fusedattn.attention(q, k, v, dropout_p=0.3, is_causal=True, causal_alignment="bottom_right")
+out, w, _ = fusedattn.attention(q, k, v, dropout_p=0.3, is_causal=True, causal_alignment="bottom_right",
+                                return_weights={weights}, return_lse=True)
 out.backward(torch.ones_like(out))
-torch.save((out.detach(), q.grad, k.grad, v.grad), r"{tmp_path}/result.pt")
+w = torch.zeros(0) if w is None else w
 """
-    _run_with_reference_kernel(code)
+    _run_with_reference_kernel(f"""
+import torch, fusedattn
+{run}
+torch.save((out.detach(), w.detach(), q.grad, k.grad, v.grad), r"{tmp_path}/result.pt")
+""")
     ref = torch.load(tmp_path / "result.pt")
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, n, 16, dtype=torch.float64, requires_grad=True) for n in (70, 530, 530))
-    torch.manual_seed(1)
-    out = fusedattn.attention(q, k, v, dropout_p=0.3, is_causal=True, causal_alignment="bottom_right")
-    out.backward(torch.ones_like(out))
-    for a, b in zip((out.detach(), q.grad, k.grad, v.grad), ref):
+    scope = {"torch": torch, "fusedattn": fusedattn}
+    exec(run, scope)
+    got = [scope["out"].detach(), scope["w"].detach()] + [scope[n].grad for n in "qkv"]
+    for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+    if weights:  # rows sum to 1 where a key is visible (bottom-right: all 70 queries see some)
+        torch.testing.assert_close(got[1].sum(-1), torch.ones(2, 3, 70, dtype=torch.float64))
 
 
 def test_mha_layout_strides_are_read_in_place():
@@ -177,24 +214,29 @@ def test_expanded_grad_and_odd_strides_reach_blas_correctly(dtype, E, Ev):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (2, 130, 7), (32, 33, 100)])
+@pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (2, 130, 7), (32, 33, 100),
+                                    (64, 100, 300)])
 @pytest.mark.parametrize("extra", ["plain", "causal_tl", "causal_br", "bool_mask", "bool_kpm",
-                                   "float_kpm", "dropout"])
-def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra):
+                                   "float_kpm", "dropout", "causal_dropout"])
+@pytest.mark.parametrize("weights", [False, True])
+def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra, weights):
     # bf16/fp16 forwards with >= 128 queries per key/value head multiply by K^T and V blocks
     # packed once (oneDNN brgemm, where the CPU has AMX); "unpacked" multiplies in place.
     # Same rounding of P to the input type, so the two differ only by summation order. bf16
     # without attn_mask or dropout takes the keys-as-rows path (S^T = K Q^T, P^T packed by the
     # exp pass) where the CPU has AVX512-BF16. causal_br with S = 7 < L and bool_kpm with a
-    # fully padded batch give rows with no visible key (0 out, lse -inf).
+    # fully padded batch give rows with no visible key (0 out, lse -inf). causal_dropout with
+    # Ev = 100: causal products stop early in V's blocks, whose second 64-column panel must
+    # still be found (it was not: a wrong output, found in session 5). weights: the kernel
+    # that forms whole score rows.
     N, H, Hk, L = 2, 4, 2, 131
     gen = torch.Generator().manual_seed(E + S)
     q = torch.randn(N, H, L, E, generator=gen).to(dtype)
     k = torch.randn(N, Hk, S, E, generator=gen).to(dtype)
     v = torch.randn(N, Hk, S, Ev, generator=gen).to(dtype)
-    kw = dict(enable_gqa=True, return_lse=True)
+    kw = dict(enable_gqa=True, return_lse=True, return_weights=weights)
     if extra.startswith("causal"):
-        kw.update(is_causal=True, causal_alignment="top_left" if extra == "causal_tl" else "bottom_right")
+        kw.update(is_causal=True, causal_alignment="bottom_right" if extra == "causal_br" else "top_left")
     elif extra == "bool_mask":
         kw["attn_mask"] = torch.rand(N, 1, L, S, generator=gen) > 0.3
     elif extra == "bool_kpm":
@@ -202,21 +244,31 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra):
         kw["key_padding_mask"][0] = True
     elif extra == "float_kpm":
         kw["key_padding_mask"] = torch.randn(N, S, generator=gen).to(dtype)
-    elif extra == "dropout":
+    if extra.endswith("dropout"):
         kw["dropout_p"] = 0.2
 
-    def run():
+    def run(*qkv, **override):
         torch.manual_seed(7)
-        out, _, lse = fusedattn.attention(q, k, v, **kw)
-        return out.double(), lse
+        out, w, lse = fusedattn.attention(*qkv, **{**kw, **override})
+        return out.double(), lse, (w.double() if weights else None)
 
-    packed = run()
+    packed = run(q, k, v)
     monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "unpacked")
-    unpacked = run()
+    unpacked = run(q, k, v)
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     torch.testing.assert_close(packed[0], unpacked[0], atol=tol, rtol=0)
     torch.testing.assert_close(packed[1], unpacked[1], atol=1e-4, rtol=1e-5)
     assert not packed[0].isnan().any()
+    if weights:  # both round the same fp32 probabilities
+        torch.testing.assert_close(packed[2], unpacked[2], atol=tol / 4, rtol=0)
+    # And against fp64 under the same seed: a mistake both paths shared passes the above.
+    override = {}
+    if extra == "float_kpm":
+        override["key_padding_mask"] = kw["key_padding_mask"].double()
+    exact = run(q.double(), k.double(), v.double(), **override)
+    torch.testing.assert_close(packed[0], exact[0], atol=3 * tol, rtol=0)
+    if weights:
+        torch.testing.assert_close(packed[2], exact[2], atol=tol / 2, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])

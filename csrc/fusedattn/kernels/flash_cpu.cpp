@@ -347,12 +347,13 @@ bool packed_layout_is_vnni(const PackedGemm& g) {
   return true;
 }
 #endif
-// Which bf16 forwards take that path: packed GEMMs (AMX), AVX512-BF16, no attn_mask and no
-// dropout (those keep the query-rows path, which reads masks row by row).
+// Which bf16 forwards take that path: packed GEMMs (AMX), AVX512-BF16, no attn_mask, no
+// dropout (those keep the query-rows path, which reads masks row by row) and no weights
+// (Flash::forward_weights_task, which packs K^T).
 bool keys_as_rows(const FlashParams& p) {
 #ifdef FUSEDATTN_ZMM_BF16
   if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None ||
-      p.dropout || !has_zmm_bf16())
+      p.dropout || p.weights != nullptr || !has_zmm_bf16())
     return false;
   static const bool vnni = packed_layout_is_vnni(*p.packed);  // bf16's hooks: one object
   return vnni;
@@ -439,14 +440,14 @@ struct Flash {
     }
   }
 
-  // Scores block s (bq x bk, row stride bk) for queries i0.. and keys j0..: scale unless
+  // Scores block s (bq x bk, row stride ld) for queries i0.. and keys j0..: scale unless
   // folded, then every mask.
-  void apply_masks(A* s, int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
-                   A* col_bias) const {
+  void apply_masks(A* s, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0,
+                   int64_t bk, A* col_bias) const {
     if (!mask_pass) return;
     key_bias(b, j0, bk, col_bias);
     for (int64_t r = 0; r < bq; ++r) {
-      A* row = s + r * bk;
+      A* row = s + r * ld;
       const int64_t i = i0 + r;
       if (!fold) scale_row(row, bk, A(p.scale));
       if (p.mask_kind != MaskKind::None) {
@@ -488,11 +489,13 @@ struct Flash {
 
   struct FwdWork {
     std::vector<A> s, acc, m, l, bias;
+    std::vector<A> rows;                   // half types' scores against all keys (weights)
     std::vector<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
     std::vector<uint16_t> keep;            // its lane masks per key
     explicit FwdWork(const FlashParams& p)
         : s(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * p.Ev), m(kFwdBlockQ), l(kFwdBlockQ),
-          bias(kFwdBlockK), narrow(kIsHalf<T> ? kFwdBlockQ * kFwdBlockK : 0),
+          bias(kFwdBlockK), rows(kIsHalf<T> && p.weights ? kFwdBlockQ * p.S : 0),
+          narrow(kIsHalf<T> ? kFwdBlockQ * kFwdBlockK : 0),
           qt(keys_as_rows(p) ? p.E * kFwdBlockQ : 0), qt_packed(qt.size()),
           keep(keys_as_rows(p) ? 4 * kFwdBlockK : 0) {}
   };
@@ -531,6 +534,12 @@ struct Flash {
   }
   T* packed_v(int64_t b, int64_t hk, int64_t jb) const {
     return packed_kt(b, hk, jb) + kFwdBlockK * p.E;
+  }
+  // The depth packed V of the key block starting at j0 was packed with (its bkp): a causal
+  // product that stops early still steps over V's panels with it.
+  int64_t v_depth(int64_t j0) const {
+    const int64_t bk = std::min(kFwdBlockK, p.S - j0);
+    return bk + (bk & 1);
   }
   void pack(int64_t begin, int64_t end) const {
     if (kr) return pack_vt(begin, end);
@@ -681,7 +690,7 @@ struct Flash {
     for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
       const int64_t bk = std::min(kFwdBlockK, kv_end - j0), bkp = bk + (bk & 1);
       float* st = w.s.data();
-      p.packed->gemm(bk, bq, p.E, p.k_sr, kLd, false, k_rows(b, hk, j0), w.qt_packed.data(), st);
+      p.packed->gemm(bk, bq, p.E, p.E, p.k_sr, kLd, false, k_rows(b, hk, j0), w.qt_packed.data(), st);
       float* bias = w.bias.data();
       key_bias(b, j0, bk, bias);
 
@@ -750,7 +759,7 @@ struct Flash {
         }
         l[c] = sum;
       }
-      p.packed->gemm(p.Ev, bq, bkp, kLdVt, kLd, true, packed_vt(b, hk, j0 / kFwdBlockK), pt, ot);
+      p.packed->gemm(p.Ev, bq, bkp, bkp, kLdVt, kLd, true, packed_vt(b, hk, j0 / kFwdBlockK), pt, ot);
     }
     alignas(64) float mf[64], lf[64];
     for (int c = 0; c < nc; ++c) _mm512_store_ps(mf + 16 * c, m[c]), _mm512_store_ps(lf + 16 * c, l[c]);
@@ -771,6 +780,7 @@ struct Flash {
 #endif
 
   void forward_task(int64_t t, FwdWork& w) const {
+    if (p.weights) return forward_weights_task(t, w);
 #ifdef FUSEDATTN_ZMM_BF16
     if constexpr (std::is_same_v<T, bf16>) {
       if (kr) return forward_task_kr(t, w);
@@ -794,12 +804,12 @@ struct Flash {
       const int64_t bkp = packed ? bk + (bk & 1) : bk;
       A* s = w.s.data();
       if (packed) {
-        p.packed->gemm(bq, bk, p.E, p.q_sr, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK),
+        p.packed->gemm(bq, bk, p.E, p.E, p.q_sr, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK),
                        reinterpret_cast<float*>(s));
       } else {
         mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, k_rows(b, hk, j0), p.k_sr, A(0), s, bk);
       }
-      apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
+      apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data());
       // P for the P V product: s itself, or (half types) rounded into w.narrow row by row
       // while the row is still in L1.
       T* pn = kIsHalf<T> ? w.narrow.data() : nullptr;
@@ -834,7 +844,7 @@ struct Flash {
         w.m[r] = m_new;
       }
       if (packed) {
-        p.packed->gemm(bq, p.Ev, bkp, bkp, p.Ev, true, pn,
+        p.packed->gemm(bq, p.Ev, bkp, v_depth(j0), bkp, p.Ev, true, pn,
                        packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
       } else {
         const T* pv = nullptr;
@@ -854,30 +864,95 @@ struct Flash {
     }
   }
 
-  void weights(int64_t begin, int64_t end) const {
-    FwdWork w(p);
-    for (int64_t t = begin; t < end; ++t) weights_task(t, w);
-  }
-
-  void weights_task(int64_t t, FwdWork& w) const {
+  // Forward that also returns the weights (p.weights, (B, H, L, S)). The weights are an
+  // L x S output anyway, so the block's scores against every visible key are formed at once
+  // in the weights' own rows (fp32/fp64) or in w.rows (half types: fp32, row stride ns),
+  // exponentiated and normalised there with the row's exact max and sum, and those rows are
+  // P in O = P V: two GEMMs and one exp per score, the flash forward's count, where a
+  // flash forward followed by a pass rebuilding the weights from the lse took three and two.
+  // Returned weights are the probabilities before dropout; O uses the dropped ones.
+  void forward_weights_task(int64_t t, FwdWork& w) const {
     const auto [bh, b, h, hk, i0, bq] = q_task(t);
-    const A* lse = lse_row(b, h) + i0;
+    const T* q = q_rows(b, h, i0);
     T* wout = static_cast<T*>(p.weights) + (bh * p.L + i0) * p.S;
-    const int64_t kv_end = visible_end(i0 + bq - 1);
-    for (int64_t j0 = 0; j0 < p.S; j0 += kFwdBlockK) {
-      const int64_t bk = std::min(kFwdBlockK, p.S - j0);
-      A* s = w.s.data();
-      if (j0 >= kv_end) {
-        std::fill(s, s + bq * bk, A(0));
-      } else {
-        mm(false, true, bq, bk, p.E, A(1), q_rows(b, h, i0), p.q_sr, k_rows(b, hk, j0), p.k_sr,
-           A(0), s, bk);
-        apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
-        probabilities(s, bq, bk, lse);
-      }
+    T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i0 * p.o_sr;
+    A* lse = lse_row(b, h) + i0;
+    const bool packed = kIsHalf<T> && p.packed != nullptr;
+    // Columns formed: the visible ones; packed, up to whole 64-column panels of packed K^T
+    // (the causal mask hides the extra ones). Columns ns.. of the weights are 0.
+    int64_t ns = visible_end(i0 + bq - 1);
+    if (packed) ns = std::min(p.S, (ns + 63) / 64 * 64);
+    A* s;
+    int64_t lds;
+    if constexpr (std::is_same_v<T, A>) {
+      s = wout, lds = p.S;
+    } else {
+      s = w.rows.data(), lds = ns;
+    }
+    if (ns == 0) {  // no query of the block sees a key
       for (int64_t r = 0; r < bq; ++r) {
-        for (int64_t c = 0; c < bk; ++c) store(s[r * bk + c], wout + r * p.S + j0 + c);
+        std::fill(wout + r * p.S, wout + (r + 1) * p.S, T{});
+        std::fill(out + r * p.o_sr, out + r * p.o_sr + p.Ev, T{});
+        lse[r] = kNegInf;
       }
+      return;
+    }
+    if (packed) {
+      for (int64_t j0 = 0; j0 < ns; j0 += kFwdBlockK) {
+        p.packed->gemm(bq, std::min(kFwdBlockK, ns - j0), p.E, p.E, p.q_sr, lds, false, q,
+                       packed_kt(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(s + j0));
+      }
+    } else {
+      mm(false, true, bq, ns, p.E, A(1), q, p.q_sr, k_rows(b, hk, 0), p.k_sr, A(0), s, lds);
+    }
+    for (int64_t j0 = 0; j0 < ns; j0 += kFwdBlockK) {
+      apply_masks(s + j0, lds, b, h, i0, bq, j0, std::min(kFwdBlockK, ns - j0), w.bias.data());
+    }
+    for (int64_t r = 0; r < bq; ++r) {
+      A* row = s + r * lds;
+      T* wrow = wout + r * p.S;
+      const A m = row_max(row, ns);
+      A sum = 0;
+      if (m == kNegInf) {  // no visible key: weights 0, output 0, lse -inf
+        std::fill(row, row + ns, A(0));
+      } else {
+        sum = exp_sum_row(row, ns, mul, m * mul);
+        scale_row(row, ns, A(1) / sum);  // a NaN score makes the sum, so the row, NaN
+      }
+      if constexpr (!std::is_same_v<T, A>) narrow_row(row, wrow, ns);
+      std::fill(wrow + ns, wrow + p.S, T{});
+      lse[r] = sum > A(0) ? m * mul + std::log(sum) : (sum == A(0) ? kNegInf : sum);
+    }
+    // O = P V, P the normalised rows (for half types the rounded weights themselves), in one
+    // product, or key block by key block: packed V is one slot per block, and dropout
+    // multiplies a copy of P.
+    A* acc = w.acc.data();
+    for (int64_t j0 = 0, bk = 0; j0 < ns; j0 += bk) {
+      bk = p.dropout || packed ? std::min(kFwdBlockK, ns - j0) : ns - j0;
+      // The packed product's depth must be even; bk is odd only in S's last block (ns < S is
+      // a multiple of 64): P gets a zero column there, as packed V has a zero row.
+      const int64_t bkp = packed ? bk + (bk & 1) : bk;
+      const T* pa = wout + j0;
+      int64_t lda = p.S;
+      if (p.dropout || bkp != bk) {
+        A* pd = w.s.data();  // bq x bkp
+        for (int64_t r = 0; r < bq; ++r) {
+          std::copy(s + r * lds + j0, s + r * lds + j0 + bk, pd + r * bkp);
+          if (p.dropout) drop_row(pd + r * bkp, b, h, i0 + r, j0, bk);
+          if (bkp != bk) pd[r * bkp + bk] = A(0);
+        }
+        pa = operand(pd, bq * bkp, w.narrow.data()), lda = bkp;
+      }
+      if (packed) {
+        p.packed->gemm(bq, p.Ev, bkp, v_depth(j0), lda, p.Ev, j0 > 0, pa, packed_v(b, hk, j0 / kFwdBlockK),
+                       reinterpret_cast<float*>(acc));
+      } else {
+        mm(false, false, bq, p.Ev, bk, A(1), pa, lda, v_rows(b, hk, j0), p.v_sr,
+           A(j0 > 0 ? 1 : 0), acc, p.Ev);
+      }
+    }
+    for (int64_t r = 0; r < bq; ++r) {
+      for (int64_t c = 0; c < p.Ev; ++c) store(acc[r * p.Ev + c], out + r * p.o_sr + c);
     }
   }
 
@@ -925,7 +1000,7 @@ struct Flash {
           A* s = w.s.data();
           A* dp = w.dp.data();
           mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, k, p.k_sr, A(0), s, bk);
-          apply_masks(s, b, h, i0, bq, j0, bk, w.bias.data());
+          apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data());
           probabilities(s, bq, bk, lse + i0);
           // dP = dO V^T. With dropout the forward used P * M: dP picks up M here, and dV
           // takes P * M below, once dS (which needs P itself) is formed.
@@ -990,9 +1065,6 @@ void flash_pack_cpu(const FlashParams& p, int64_t begin, int64_t end) {
 
 void flash_forward_cpu(const FlashParams& p, int64_t begin, int64_t end) {
   with_type(p.dtype, [&](auto tag) { Flash<decltype(tag)>(p).forward(begin, end); });
-}
-void flash_weights_cpu(const FlashParams& p, int64_t begin, int64_t end) {
-  with_type(p.dtype, [&](auto tag) { Flash<decltype(tag)>(p).weights(begin, end); });
 }
 void flash_backward_cpu(const FlashParams& p, int64_t begin, int64_t end) {
   with_type(p.dtype, [&](auto tag) { Flash<decltype(tag)>(p).backward(begin, end); });

@@ -22,9 +22,10 @@ struct PackedGemm {
   // `in` with row stride ld_in; k even.
   void (*pack)(int64_t k, int64_t n, int64_t ld_in, const void* in, void* out) = nullptr;
   // C (m x n, row stride ldc) = A B (+ C if add_c): A row-major m x k (row stride lda), B
-  // packed by `pack` with the same k and n; k even.
-  void (*gemm)(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool add_c,
-               const void* a, const void* b, float* c) = nullptr;
+  // the first k rows and n columns of a matrix that `pack` packed with depth kb >= k (its
+  // 64-column panels lie kb * 64 elements apart); k and kb even.
+  void (*gemm)(int64_t m, int64_t n, int64_t k, int64_t kb, int64_t lda, int64_t ldc,
+               bool add_c, const void* a, const void* b, float* c) = nullptr;
   void (*release)() = nullptr;  // end of a thread's run of gemm calls (AMX tile state)
 };
 
@@ -32,7 +33,9 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   double scale = 1.0;
   void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
 
-  void* weights = nullptr;  // (B, H, L, S) contiguous, query's dtype: flash_weights_cpu
+  // (B, H, L, S) contiguous, query's dtype, or null: set, the forward also writes the
+  // weights (the probabilities before dropout), in the same pass.
+  void* weights = nullptr;
 
   // Backward inputs and outputs.
   const void* dout = nullptr;  // (B, H, L, Ev)
@@ -48,15 +51,13 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   void* packed_ws = nullptr;
 };
 
-// Forward: one task per (b, h, block of queries); writes out and lse.
+// Forward: one task per (b, h, block of queries); writes out, lse and (if set) weights.
 int64_t flash_forward_tasks(const FlashParams& p);
 void flash_forward_cpu(const FlashParams& p, int64_t task_begin, int64_t task_end);
 // Packing for the forward: one task per (b, key/value head, block of keys).
 int64_t flash_pack_tasks(const FlashParams& p);
 int64_t flash_packed_elems(const FlashParams& p);
 void flash_pack_cpu(const FlashParams& p, int64_t task_begin, int64_t task_end);
-// Weights exp(s - lse) into p.weights, from the forward's lse; the same tasks.
-void flash_weights_cpu(const FlashParams& p, int64_t task_begin, int64_t task_end);
 // Backward: one task per (b, key/value head), looping over the heads that share it, so dk
 // and dv are summed without atomics; dq, dk, dv are fully written.
 int64_t flash_backward_tasks(const FlashParams& p);
