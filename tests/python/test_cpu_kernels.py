@@ -271,6 +271,53 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra, we
         torch.testing.assert_close(packed[2], exact[2], atol=tol / 2, rtol=0)
 
 
+@pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (32, 100, 77), (64, 128, 300)])
+@pytest.mark.parametrize("extra", ["plain", "causal_tl", "causal_br", "bool_kpm", "float_kpm"])
+def test_packed_backward_matches_unpacked_and_fp64(monkeypatch, E, Ev, S, extra):
+    # bf16 backwards with >= 128 queries per key/value head run keys-as-rows on packed
+    # products (brgemm) where the CPU has AMX and AVX512-BF16; "unpacked" keeps the query-rows
+    # backward on MKL. GQA, odd S (an odd last key block), L not a multiple of 64, Ev != E,
+    # Ev > 64 (two packed panels), lse's gradient, rows with no visible key (causal_br with
+    # S < L, a fully padded batch).
+    N, H, Hk, L = 2, 4, 2, 131
+    gen = torch.Generator().manual_seed(E + S)
+    q64 = torch.randn(N, H, L, E, generator=gen, dtype=torch.float64)
+    k64 = torch.randn(N, Hk, S, E, generator=gen, dtype=torch.float64)
+    v64 = torch.randn(N, Hk, S, Ev, generator=gen, dtype=torch.float64)
+    kw = dict(enable_gqa=True, return_lse=True)
+    if extra.startswith("causal"):
+        kw.update(is_causal=True, causal_alignment="bottom_right" if extra == "causal_br" else "top_left")
+    elif extra == "bool_kpm":
+        kw["key_padding_mask"] = torch.rand(N, S, generator=gen) > 0.6
+        kw["key_padding_mask"][0] = True
+    elif extra == "float_kpm":
+        kw["key_padding_mask"] = torch.randn(N, S, generator=gen, dtype=torch.float64)
+    g = torch.randn(N, H, L, Ev, generator=gen, dtype=torch.float64)
+    glse = torch.randn(N, H, L, generator=gen, dtype=torch.float64)
+
+    def grads(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
+        over = {}
+        if extra == "float_kpm":
+            over["key_padding_mask"] = kw["key_padding_mask"].to(dtype)
+        out, _, lse = fusedattn.attention(*leaves, **{**kw, **over})
+        glse_d = glse.to(lse.dtype).masked_fill(torch.isneginf(lse), 0)
+        got = torch.autograd.grad((out, lse), leaves, (g.to(dtype), glse_d))
+        return [t.double() for t in got]
+
+    exact = grads(torch.float64)
+    packed = grads(torch.bfloat16)
+    monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "unpacked")
+    unpacked = grads(torch.bfloat16)
+    for a, b, r in zip(packed, unpacked, exact):
+        assert not a.isnan().any()
+        scale = r.abs().max().item() + 1e-3
+        # bf16 keeps 8 bits (2^-8 of the largest gradient), a few roundings deep; seen here:
+        # up to 0.0067 between the two, 0.010 from fp64
+        torch.testing.assert_close(a, b, atol=0.012 * scale, rtol=0)
+        torch.testing.assert_close(a, r, atol=0.018 * scale, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_forward_reads_strided_views(monkeypatch, causal):
     # q, k, v as views of wider tensors with odd row strides (E + 1 elements): the bf16

@@ -231,6 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   auto dk = at::empty(key.sizes(), key.options());
   auto dv = at::empty(value.sizes(), value.options());
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.packed = packed_gemm_for(p, query.scalar_type());  // bf16: the keys-as-rows backward
   run_tasks(kernels::flash_backward_tasks(p), p, kernels::flash_backward_cpu);
   return {dq, dk, dv, at::empty({0}, query.options()), at::empty({0}, query.options())};
 }

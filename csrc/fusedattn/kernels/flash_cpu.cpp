@@ -363,6 +363,21 @@ bool keys_as_rows(const FlashParams& p) {
 #endif
 }
 
+// Which bf16 backwards take the keys-as-rows path (Flash::backward_task_kr): packed GEMMs,
+// AVX512-BF16, even head dims (both are product depths), no attn_mask, no dropout.
+bool keys_as_rows_backward(const FlashParams& p) {
+#ifdef FUSEDATTN_ZMM_BF16
+  if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None ||
+      p.dropout || p.E % 2 != 0 || p.Ev % 2 != 0 || !has_zmm_bf16())
+    return false;
+  static const bool vnni = packed_layout_is_vnni(*p.packed);
+  return vnni;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 // ------------------------------------------------------------------ the kernel
 // Scores are S = Q K^T straight from the inputs (no copies: the GEMMs read q, k, v, dout
 // through their row strides). The softmax scale is folded into the exponent,
@@ -956,18 +971,39 @@ struct Flash {
     }
   }
 
+  // Keys-as-rows backward (backward_task_kr): query blocks of 64 (one packed panel), key
+  // blocks of kBwdBlockK; Lp = L rounded up to 64.
+  static int64_t l_pad(const FlashParams& q) { return (q.L + 63) / 64 * 64; }
+  static int64_t ld_kt(const FlashParams& q) { return (q.S + 1) / 2 * 2 + 32; }  // K^T's row stride
+  static int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
+
   struct BwdWork {
-    std::vector<A> s, dp, dq, dk, dv, d, bias;
-    std::vector<T> narrow_s, narrow_dp;
-    explicit BwdWork(const FlashParams& p)
-        : s(kBwdBlockQ * kBwdBlockK), dp(kBwdBlockQ * kBwdBlockK), dq(p.L * p.E),
-          dk(p.S * p.E), dv(p.S * p.Ev), d(p.L), bias(kBwdBlockK),
+    std::vector<A> s, dp, dq, dk, dv, d, bias, lse;
+    std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
+    explicit BwdWork(const FlashParams& p, bool kr)
+        : s(kBwdBlockQ * kBwdBlockK), dp(kBwdBlockQ * kBwdBlockK),
+          dq((kr ? l_pad(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev), d(kr ? l_pad(p) : p.L),
+          bias(kBwdBlockK), lse(kr ? l_pad(p) : 0),
           narrow_s(kIsHalf<T> ? kBwdBlockQ * kBwdBlockK : 0),
-          narrow_dp(kIsHalf<T> ? kBwdBlockQ * kBwdBlockK : 0) {}
+          narrow_dp(kIsHalf<T> ? kBwdBlockQ * kBwdBlockK : 0),
+          ds_packed(kr ? kBwdBlockQ * kBwdBlockK : 0), kt(kr ? p.E * ld_kt(p) : 0),
+          qt(kr ? p.E * l_pad(p) : 0), dot(kr ? p.Ev * l_pad(p) : 0),
+          qp(kr ? l_pad(p) * round64(p.E) : 0), dop(kr ? l_pad(p) * round64(p.Ev) : 0),
+          tmp(kr ? 64 * std::max(p.E, p.Ev) : 0) {}
   };
 
   void backward(int64_t begin, int64_t end) const {
-    BwdWork w(p);
+    const bool kr_bwd = keys_as_rows_backward(p);
+    BwdWork w(p, kr_bwd);
+#ifdef FUSEDATTN_ZMM_BF16
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (kr_bwd) {
+        for (int64_t t = begin; t < end; ++t) backward_task_kr(t, w);
+        p.packed->release();
+        return;
+      }
+    }
+#endif
     for (int64_t t = begin; t < end; ++t) backward_task(t, w);
   }
 
@@ -1032,7 +1068,152 @@ struct Flash {
     for (int64_t i = 0; i < p.S * p.E; ++i) store(w.dk[i], dk + i);
     for (int64_t i = 0; i < p.S * p.Ev; ++i) store(w.dv[i], dv + i);
   }
+
+  void backward_task_kr(int64_t t, BwdWork& w) const;  // bf16 only (defined below)
 };
+
+#ifdef FUSEDATTN_ZMM_BF16
+#pragma GCC diagnostic push  // (see FUSEDATTN_ZMM)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// bf16 backward with keys as the GEMMs' rows, the forward_task_kr layout. One task per key/value
+// head (dK, dV summed over its query heads, no atomics). Per query head: Q^T and dO^T packed by
+// 64-query panels (B of S^T = K Q^T and dP^T = V dO^T, whose A are K's and V's rows straight
+// from the inputs), Q and dO packed by 64-query blocks (B of dK += dS^T Q and dV += P^T dO),
+// dQ^T (E x Lp, fp32) accumulated by dQ^T += K^T dS^T, K^T transposed once per task. Per block
+// of kBwdBlockK keys and 64 queries: two products; one pass over S^T and dP^T, 16 queries to a
+// vector (lse and D per lane, causal as lane masks, key padding per row), writing P^T and dS^T
+// row-major (A operands) and dS^T packed in key pairs (B); three products. The query-rows
+// backward's MKL calls transpose P and dS for dV and dK and pack every B per call: 56% of a
+// bf16 backward in MKL, a fifth of it copies (perf, L=1024).
+template <>
+FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) const {
+  using T = bf16;
+  constexpr int64_t kQ = 64;  // queries per block: one packed panel
+  const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = l_pad(p), ldkt = ld_kt(p);
+  const int64_t qpe = kQ * round64(p.E), qpv = kQ * round64(p.Ev);  // packed Q / dO block sizes
+  const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
+  const __m512 zero = _mm512_setzero_ps();
+  alignas(64) static constexpr uint16_t kInterleave[32] = {  // as in forward_task_kr
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i inter = _mm512_load_si512(kInterleave);
+  const int64_t causal_shift = p.causal ? std::clamp<int64_t>(p.causal_offset, -(1 << 30), 1 << 30) : 0;
+
+  // K^T (E x S, row stride ldkt; column S zero, so that an odd last block has an even depth).
+  T* kt = w.kt.data();
+  transpose_any(k_rows(b, hk, 0), p.k_sr, p.S, p.E, kt, ldkt);
+  for (int64_t e = 0; e < p.E; ++e) std::fill(kt + e * ldkt + p.S, kt + (e + 1) * ldkt, T{});
+  std::fill(w.dk.begin(), w.dk.end(), 0.f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.f);
+  T* tmp = w.tmp.data();
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const float* lse_in = lse_row(b, h);
+    const float* dlse = p.dlse ? static_cast<const float*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
+    // Per query: lse (+inf where the query sees no key, or is padding: exp gives 0) and
+    // D = rowsum(dO * O) - dlse (softmax's backward term and lse's own gradient).
+    for (int64_t i = 0; i < Lp; ++i) {
+      if (i >= p.L) {
+        w.lse[i] = std::numeric_limits<float>::infinity(), w.d[i] = 0.f;
+        continue;
+      }
+      w.lse[i] = lse_in[i] == kNegInfF ? std::numeric_limits<float>::infinity() : lse_in[i];
+      const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
+      const T* g = dout_rows(b, h, i);
+      float acc = 0.f;
+      for (int64_t c = 0; c < p.Ev; ++c) acc += to_acc(o[c]) * to_acc(g[c]);
+      w.d[i] = acc - (dlse ? dlse[i] : 0.f);
+    }
+    // Packed operands of this head, per 64-query block (rows past L zero).
+    for (int64_t i0 = 0; i0 < p.L; i0 += kQ) {
+      const int64_t bq = std::min(kQ, p.L - i0), qb = i0 / kQ;
+      for (const bool is_q : {true, false}) {
+        const T* x = is_q ? q_rows(b, h, i0) : dout_rows(b, h, i0);
+        const int64_t ld = is_q ? p.q_sr : p.do_sr, n = is_q ? p.E : p.Ev;
+        // x^T (n x 64) packed: B of S^T / dP^T.
+        std::fill(tmp, tmp + n * kQ, T{});
+        transpose_any(x, ld, bq, n, tmp, kQ);
+        p.packed->pack(n, kQ, kQ, tmp, (is_q ? w.qt.data() : w.dot.data()) + qb * n * kQ);
+        // x (64 x n) packed: B of dK / dV.
+        for (int64_t r = 0; r < kQ; ++r) {
+          if (r < bq) std::copy(x + r * ld, x + r * ld + n, tmp + r * n);
+          else std::fill(tmp + r * n, tmp + (r + 1) * n, T{});
+        }
+        p.packed->pack(kQ, n, n, tmp, (is_q ? w.qp.data() + qb * qpe : w.dop.data() + qb * qpv));
+      }
+    }
+    float* dqt = w.dq.data();  // E x Lp
+    std::fill(dqt, dqt + p.E * Lp, 0.f);
+
+    for (int64_t j0 = 0; j0 < p.S; j0 += kBwdBlockK) {
+      const int64_t bk = std::min(kBwdBlockK, p.S - j0), bkp = bk + (bk & 1);
+      float* bias = w.bias.data();
+      key_bias(b, j0, bk, bias);
+      // Queries that see any key of this block: i >= j0 - causal_offset.
+      const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
+      for (int64_t i0 = i_first / kQ * kQ; i0 < p.L; i0 += kQ) {
+        const int64_t qb = i0 / kQ;
+        float* st = w.s.data();   // S^T, bk x 64
+        float* dpt = w.dp.data(); // dP^T, bk x 64
+        p.packed->gemm(bk, kQ, p.E, p.E, p.k_sr, kQ, false, k_rows(b, hk, j0),
+                       w.qt.data() + qb * p.E * kQ, st);
+        p.packed->gemm(bk, kQ, p.Ev, p.Ev, p.v_sr, kQ, false, v_rows(b, hk, j0),
+                       w.dot.data() + qb * p.Ev * kQ, dpt);
+        T* pt = w.narrow_s.data();    // P^T, bk x 64
+        T* dst = w.narrow_dp.data();  // dS^T * scale, bk x 64
+        T* dsp = w.ds_packed.data();  // the same, packed: pairs of keys
+        __m512 lse[4], dd[4];
+        for (int c = 0; c < 4; ++c) {
+          lse[c] = _mm512_loadu_ps(w.lse.data() + i0 + 16 * c);
+          dd[c] = _mm512_loadu_ps(w.d.data() + i0 + 16 * c);
+        }
+        for (int64_t j = 0; j < bkp; j += 2) {
+          for (int c = 0; c < 4; ++c) {
+            __m512 ds2[2];
+            for (int u = 0; u < 2; ++u) {
+              const int64_t jj = j + u;
+              if (jj >= bk) {  // the zero key that pads an odd block
+                ds2[u] = zero;
+                continue;
+              }
+              __mmask16 keep = bias[jj] == kNegInfF ? 0 : 0xffff;
+              if (p.causal) {  // query i0 + 16 c + l sees key j0 + jj iff l >= cut
+                const int64_t cut = std::clamp<int64_t>(j0 + jj - causal_shift - i0 - 16 * c, 0, 16);
+                keep &= __mmask16(0xffffu << cut);
+              }
+              const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(st + jj * kQ + 16 * c), scale,
+                                               _mm512_sub_ps(_mm512_set1_ps(bias[jj]), lse[c]));
+              const __m512 pr = exp2_zmm<true>(_mm512_mul_ps(x, l2e), keep);
+              const __m512 dp = _mm512_loadu_ps(dpt + jj * kQ + 16 * c);
+              const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pr, _mm512_sub_ps(dp, dd[c])), scale);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + jj * kQ + 16 * c),
+                                  __m256i(_mm512_cvtneps_pbh(pr)));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + jj * kQ + 16 * c),
+                                  __m256i(_mm512_cvtneps_pbh(ds)));
+              ds2[u] = ds;
+            }
+            const __m512i pair = _mm512_permutexvar_epi16(inter, __m512i(_mm512_cvtne2ps_pbh(ds2[1], ds2[0])));
+            _mm512_storeu_si512(dsp + (j / 2) * 2 * kQ + 32 * c, pair);
+          }
+        }
+        p.packed->gemm(bk, p.Ev, kQ, kQ, kQ, p.Ev, true, pt, w.dop.data() + qb * qpv,
+                       w.dv.data() + j0 * p.Ev);
+        p.packed->gemm(bk, p.E, kQ, kQ, kQ, p.E, true, dst, w.qp.data() + qb * qpe,
+                       w.dk.data() + j0 * p.E);
+        p.packed->gemm(p.E, kQ, bkp, bkp, ldkt, Lp, true, kt + j0, dsp, dqt + i0);
+      }
+    }
+    T* dq = static_cast<T*>(p.dq) + (b * p.H + h) * p.L * p.E;
+    for (int64_t i = 0; i < p.L; ++i)
+      for (int64_t e = 0; e < p.E; ++e) store(dqt[e * Lp + i], dq + i * p.E + e);
+  }
+  T* dk = static_cast<T*>(p.dk) + (b * p.Hk + hk) * p.S * p.E;
+  T* dv = static_cast<T*>(p.dv) + (b * p.Hk + hk) * p.S * p.Ev;
+  for (int64_t i = 0; i < p.S * p.E; ++i) store(w.dk[i], dk + i);
+  for (int64_t i = 0; i < p.S * p.Ev; ++i) store(w.dv[i], dv + i);
+}
+#pragma GCC diagnostic pop  // (see FUSEDATTN_ZMM)
+#endif
 
 template <typename F>
 void with_type(DType dtype, F&& f) {
