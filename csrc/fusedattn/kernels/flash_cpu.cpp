@@ -971,8 +971,9 @@ struct Flash {
     }
   }
 
-  // Keys-as-rows backward (backward_task_kr): query blocks of 64 (one packed panel), key
-  // blocks of kBwdBlockK; Lp = L rounded up to 64.
+  // Keys-as-rows backward (backward_task_kr): blocks of kBwdBlockK keys against chunks of up
+  // to kKrQ queries (64-query panels); Lp = L rounded up to 64.
+  static constexpr int64_t kKrQ = 256;
   static int64_t l_pad(const FlashParams& q) { return (q.L + 63) / 64 * 64; }
   static int64_t ld_kt(const FlashParams& q) { return (q.S + 1) / 2 * 2 + 32; }  // K^T's row stride
   static int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
@@ -981,15 +982,14 @@ struct Flash {
     std::vector<A> s, dp, dq, dk, dv, d, bias, lse;
     std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     explicit BwdWork(const FlashParams& p, bool kr)
-        : s(kBwdBlockQ * kBwdBlockK), dp(kBwdBlockQ * kBwdBlockK),
+        : s((kr ? kKrQ : kBwdBlockQ) * kBwdBlockK), dp(s.size()),
           dq((kr ? l_pad(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev), d(kr ? l_pad(p) : p.L),
           bias(kBwdBlockK), lse(kr ? l_pad(p) : 0),
-          narrow_s(kIsHalf<T> ? kBwdBlockQ * kBwdBlockK : 0),
-          narrow_dp(kIsHalf<T> ? kBwdBlockQ * kBwdBlockK : 0),
-          ds_packed(kr ? kBwdBlockQ * kBwdBlockK : 0), kt(kr ? p.E * ld_kt(p) : 0),
+          narrow_s(kIsHalf<T> ? s.size() : 0), narrow_dp(narrow_s.size()),
+          ds_packed(kr ? s.size() : 0), kt(kr ? p.E * ld_kt(p) : 0),
           qt(kr ? p.E * l_pad(p) : 0), dot(kr ? p.Ev * l_pad(p) : 0),
           qp(kr ? l_pad(p) * round64(p.E) : 0), dop(kr ? l_pad(p) * round64(p.Ev) : 0),
-          tmp(kr ? 64 * std::max(p.E, p.Ev) : 0) {}
+          tmp(kr ? l_pad(p) * std::max(p.E, p.Ev) : 0) {}
   };
 
   void backward(int64_t begin, int64_t end) const {
@@ -1077,21 +1077,21 @@ struct Flash {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // bf16 backward with keys as the GEMMs' rows, the forward_task_kr layout. One task per key/value
-// head (dK, dV summed over its query heads, no atomics). Per query head: Q^T and dO^T packed by
+// head (dK, dV summed over its query heads, no atomics). Per query head: Q^T and dO^T packed in
 // 64-query panels (B of S^T = K Q^T and dP^T = V dO^T, whose A are K's and V's rows straight
-// from the inputs), Q and dO packed by 64-query blocks (B of dK += dS^T Q and dV += P^T dO),
-// dQ^T (E x Lp, fp32) accumulated by dQ^T += K^T dS^T, K^T transposed once per task. Per block
-// of kBwdBlockK keys and 64 queries: two products; one pass over S^T and dP^T, 16 queries to a
-// vector (lse and D per lane, causal as lane masks, key padding per row), writing P^T and dS^T
-// row-major (A operands) and dS^T packed in key pairs (B); three products. The query-rows
-// backward's MKL calls transpose P and dS for dV and dK and pack every B per call: 56% of a
-// bf16 backward in MKL, a fifth of it copies (perf, L=1024).
+// from the inputs), Q and dO packed whole (B of dK += dS^T Q and dV += P^T dO, any 64-aligned
+// run of rows), dQ^T (E x Lp, fp32) accumulated by dQ^T += K^T dS^T, K^T transposed once per
+// task. Per block of kBwdBlockK keys and chunk of up to kKrQ queries: two products; one pass
+// over S^T and dP^T, 16 queries to a vector (lse and D per lane, causal as lane masks, key
+// padding per row), writing P^T and dS^T row-major (A operands) and dS^T packed in key pairs
+// (B); three products. The query-rows backward's MKL calls transpose P and dS for dV and dK
+// and pack every B per call: 56% of a bf16 backward in MKL, a fifth of it copies (perf,
+// L=1024). Chunks of 256 queries rather than 64: dV's and dK's products then run 256 deep
+// per load of their accumulators (measured: PERFORMANCE.md, entry 5c).
 template <>
 FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) const {
   using T = bf16;
-  constexpr int64_t kQ = 64;  // queries per block: one packed panel
   const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = l_pad(p), ldkt = ld_kt(p);
-  const int64_t qpe = kQ * round64(p.E), qpv = kQ * round64(p.Ev);  // packed Q / dO block sizes
   const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
   const __m512 zero = _mm512_setzero_ps();
   alignas(64) static constexpr uint16_t kInterleave[32] = {  // as in forward_task_kr
@@ -1107,6 +1107,16 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
   std::fill(w.dk.begin(), w.dk.end(), 0.f);
   std::fill(w.dv.begin(), w.dv.end(), 0.f);
   T* tmp = w.tmp.data();
+  // C (m x n, row stride n) += A (m x k, row stride k) times rows i0 .. i0 + k of x, packed
+  // whole (Lp x n): panel c (64 columns, the last round16(w) wide) at Lp * 64 * c, its pair
+  // rows 2 * round16(w) apart.
+  const auto rows_product = [&](int64_t m, int64_t n, int64_t k, const T* a, const T* x_packed,
+                                int64_t i0, float* c) FUSEDATTN_ZMM_BF16 {
+    for (int64_t c0 = 0; c0 < n; c0 += 64) {
+      const int64_t wc = std::min<int64_t>(64, n - c0), ldb = (wc + 15) / 16 * 16;
+      p.packed->gemm(m, wc, k, k, k, n, true, a, x_packed + Lp * c0 + i0 * ldb, c + c0);
+    }
+  };
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const float* lse_in = lse_row(b, h);
     const float* dlse = p.dlse ? static_cast<const float*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
@@ -1124,23 +1134,21 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
       for (int64_t c = 0; c < p.Ev; ++c) acc += to_acc(o[c]) * to_acc(g[c]);
       w.d[i] = acc - (dlse ? dlse[i] : 0.f);
     }
-    // Packed operands of this head, per 64-query block (rows past L zero).
-    for (int64_t i0 = 0; i0 < p.L; i0 += kQ) {
-      const int64_t bq = std::min(kQ, p.L - i0), qb = i0 / kQ;
-      for (const bool is_q : {true, false}) {
-        const T* x = is_q ? q_rows(b, h, i0) : dout_rows(b, h, i0);
-        const int64_t ld = is_q ? p.q_sr : p.do_sr, n = is_q ? p.E : p.Ev;
-        // x^T (n x 64) packed: B of S^T / dP^T.
-        std::fill(tmp, tmp + n * kQ, T{});
-        transpose_any(x, ld, bq, n, tmp, kQ);
-        p.packed->pack(n, kQ, kQ, tmp, (is_q ? w.qt.data() : w.dot.data()) + qb * n * kQ);
-        // x (64 x n) packed: B of dK / dV.
-        for (int64_t r = 0; r < kQ; ++r) {
-          if (r < bq) std::copy(x + r * ld, x + r * ld + n, tmp + r * n);
-          else std::fill(tmp + r * n, tmp + (r + 1) * n, T{});
-        }
-        p.packed->pack(kQ, n, n, tmp, (is_q ? w.qp.data() + qb * qpe : w.dop.data() + qb * qpv));
+    // This head's packed operands (rows past L zero).
+    for (const bool is_q : {true, false}) {
+      const T* x = is_q ? q_rows(b, h, 0) : dout_rows(b, h, 0);
+      const int64_t ld = is_q ? p.q_sr : p.do_sr, n = is_q ? p.E : p.Ev;
+      T* xt = is_q ? w.qt.data() : w.dot.data();
+      for (int64_t i0 = 0; i0 < p.L; i0 += 64) {  // x^T by 64-query panels (n x 64 each)
+        std::fill(tmp, tmp + n * 64, T{});
+        transpose_any(x + i0 * ld, ld, std::min<int64_t>(64, p.L - i0), n, tmp, 64);
+        p.packed->pack(n, 64, 64, tmp, xt + i0 * n);
       }
+      for (int64_t r = 0; r < Lp; ++r) {  // x whole (Lp x n)
+        if (r < p.L) std::copy(x + r * ld, x + r * ld + n, tmp + r * n);
+        else std::fill(tmp + r * n, tmp + (r + 1) * n, T{});
+      }
+      p.packed->pack(Lp, n, n, tmp, is_q ? w.qp.data() : w.dop.data());
     }
     float* dqt = w.dq.data();  // E x Lp
     std::fill(dqt, dqt + p.E * Lp, 0.f);
@@ -1151,24 +1159,21 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
       key_bias(b, j0, bk, bias);
       // Queries that see any key of this block: i >= j0 - causal_offset.
       const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
-      for (int64_t i0 = i_first / kQ * kQ; i0 < p.L; i0 += kQ) {
-        const int64_t qb = i0 / kQ;
-        float* st = w.s.data();   // S^T, bk x 64
-        float* dpt = w.dp.data(); // dP^T, bk x 64
-        p.packed->gemm(bk, kQ, p.E, p.E, p.k_sr, kQ, false, k_rows(b, hk, j0),
-                       w.qt.data() + qb * p.E * kQ, st);
-        p.packed->gemm(bk, kQ, p.Ev, p.Ev, p.v_sr, kQ, false, v_rows(b, hk, j0),
-                       w.dot.data() + qb * p.Ev * kQ, dpt);
-        T* pt = w.narrow_s.data();    // P^T, bk x 64
-        T* dst = w.narrow_dp.data();  // dS^T * scale, bk x 64
-        T* dsp = w.ds_packed.data();  // the same, packed: pairs of keys
-        __m512 lse[4], dd[4];
-        for (int c = 0; c < 4; ++c) {
-          lse[c] = _mm512_loadu_ps(w.lse.data() + i0 + 16 * c);
-          dd[c] = _mm512_loadu_ps(w.d.data() + i0 + 16 * c);
-        }
+      for (int64_t i0 = i_first / 64 * 64; i0 < p.L; i0 += kKrQ) {
+        const int64_t nq = std::min(kKrQ, Lp - i0), nv = nq / 16;  // columns; query vectors
+        float* st = w.s.data();   // S^T, bk x nq
+        float* dpt = w.dp.data(); // dP^T, bk x nq
+        p.packed->gemm(bk, nq, p.E, p.E, p.k_sr, nq, false, k_rows(b, hk, j0),
+                       w.qt.data() + i0 * p.E, st);
+        p.packed->gemm(bk, nq, p.Ev, p.Ev, p.v_sr, nq, false, v_rows(b, hk, j0),
+                       w.dot.data() + i0 * p.Ev, dpt);
+        T* pt = w.narrow_s.data();    // P^T, bk x nq
+        T* dst = w.narrow_dp.data();  // dS^T * scale, bk x nq
+        T* dsp = w.ds_packed.data();  // the same packed (pairs of keys), panel c at c * bkp * 64
+        const float* lse = w.lse.data() + i0;
+        const float* dd = w.d.data() + i0;
         for (int64_t j = 0; j < bkp; j += 2) {
-          for (int c = 0; c < 4; ++c) {
+          for (int64_t c = 0; c < nv; ++c) {
             __m512 ds2[2];
             for (int u = 0; u < 2; ++u) {
               const int64_t jj = j + u;
@@ -1181,26 +1186,26 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
                 const int64_t cut = std::clamp<int64_t>(j0 + jj - causal_shift - i0 - 16 * c, 0, 16);
                 keep &= __mmask16(0xffffu << cut);
               }
-              const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(st + jj * kQ + 16 * c), scale,
-                                               _mm512_sub_ps(_mm512_set1_ps(bias[jj]), lse[c]));
+              const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(st + jj * nq + 16 * c), scale,
+                                               _mm512_sub_ps(_mm512_set1_ps(bias[jj]),
+                                                             _mm512_loadu_ps(lse + 16 * c)));
               const __m512 pr = exp2_zmm<true>(_mm512_mul_ps(x, l2e), keep);
-              const __m512 dp = _mm512_loadu_ps(dpt + jj * kQ + 16 * c);
-              const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pr, _mm512_sub_ps(dp, dd[c])), scale);
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + jj * kQ + 16 * c),
+              const __m512 dp = _mm512_loadu_ps(dpt + jj * nq + 16 * c);
+              const __m512 ds = _mm512_mul_ps(
+                  _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_loadu_ps(dd + 16 * c))), scale);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + jj * nq + 16 * c),
                                   __m256i(_mm512_cvtneps_pbh(pr)));
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + jj * kQ + 16 * c),
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + jj * nq + 16 * c),
                                   __m256i(_mm512_cvtneps_pbh(ds)));
               ds2[u] = ds;
             }
             const __m512i pair = _mm512_permutexvar_epi16(inter, __m512i(_mm512_cvtne2ps_pbh(ds2[1], ds2[0])));
-            _mm512_storeu_si512(dsp + (j / 2) * 2 * kQ + 32 * c, pair);
+            _mm512_storeu_si512(dsp + (c / 4) * bkp * 64 + (j / 2) * 128 + (c % 4) * 32, pair);
           }
         }
-        p.packed->gemm(bk, p.Ev, kQ, kQ, kQ, p.Ev, true, pt, w.dop.data() + qb * qpv,
-                       w.dv.data() + j0 * p.Ev);
-        p.packed->gemm(bk, p.E, kQ, kQ, kQ, p.E, true, dst, w.qp.data() + qb * qpe,
-                       w.dk.data() + j0 * p.E);
-        p.packed->gemm(p.E, kQ, bkp, bkp, ldkt, Lp, true, kt + j0, dsp, dqt + i0);
+        rows_product(bk, p.Ev, nq, pt, w.dop.data(), i0, w.dv.data() + j0 * p.Ev);
+        rows_product(bk, p.E, nq, dst, w.qp.data(), i0, w.dk.data() + j0 * p.E);
+        p.packed->gemm(p.E, nq, bkp, bkp, ldkt, Lp, true, kt + j0, dsp, dqt + i0);
       }
     }
     T* dq = static_cast<T*>(p.dq) + (b * p.H + h) * p.L * p.E;
