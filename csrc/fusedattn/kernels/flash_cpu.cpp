@@ -243,6 +243,9 @@ FUSEDATTN_ZMM float exp_sum_row_zmm(float* x, int64_t n, float mul, float sub) {
 FUSEDATTN_ZMM void exp_rows_zmm(float* x, int64_t n, float mul, float sub) {
   exp_row_zmm<false, false>(x, n, mul, sub, FUSEDATTN_STORE_F32);
 }
+FUSEDATTN_ZMM float exp_sum_row_short_zmm(float* x, int64_t n, float mul, float sub) {
+  return exp_row_zmm<true, true>(x, n, mul, sub, FUSEDATTN_STORE_F32);
+}
 #undef FUSEDATTN_STORE_F32
 // bf16 rounding in one instruction (vcvtneps2bf16: nearest even, NaN stays a quiet NaN) where
 // the CPU has AVX512-BF16.
@@ -253,6 +256,15 @@ FUSEDATTN_ZMM_BF16 float exp_sum_bf16_row_zmm(const float* x, bf16* y, int64_t n
       x, n, mul, sub, [y](int64_t i, __mmask16 lanes, __m512 e) FUSEDATTN_ZMM_BF16 {
         _mm256_mask_storeu_epi16(y + i, lanes, __m256i(_mm512_cvtneps_pbh(e)));
       });
+}
+// y = bf16(x * a), one pass.
+FUSEDATTN_ZMM_BF16 void scale_narrow_row_zmm(const float* x, float a, bf16* y, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const __mmask16 lanes = n - i >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + i), va);
+    _mm256_mask_storeu_epi16(y + i, lanes, __m256i(_mm512_cvtneps_pbh(v)));
+  }
 }
 // Picked once (function-local statics: __builtin_cpu_supports is ready by then).
 bool has_zmm() {
@@ -274,8 +286,13 @@ float exp_sum_bf16_row(const float* x, bf16* y, int64_t n, float mul, float sub)
   return has_zmm_bf16() ? exp_sum_bf16_row_zmm(x, y, n, mul, sub)
                         : exp_sum_bf16_row_vec(x, y, n, mul, sub);
 }
+// exp_sum_row for probabilities that are rounded to a half type next (vexp2's kShort).
+float exp_sum_row_short(float* x, int64_t n, float mul, float sub) {
+  return has_zmm() ? exp_sum_row_short_zmm(x, n, mul, sub) : exp_sum_row_vec(x, n, mul, sub);
+}
 #pragma GCC diagnostic pop
 #else
+float exp_sum_row_short(float* x, int64_t n, float mul, float sub) { return exp_sum_row_vec(x, n, mul, sub); }
 float exp_sum_row(float* x, int64_t n, float mul, float sub) { return exp_sum_row_vec(x, n, mul, sub); }
 void exp_rows(float* x, int64_t n, float mul, float sub) { exp_rows_vec(x, n, mul, sub); }
 float exp_sum_bf16_row(const float* x, bf16* y, int64_t n, float mul, float sub) {
@@ -302,6 +319,16 @@ FUSEDATTN_CLONES void narrow_row(const float* x, bf16* y, int64_t n) {
 }
 void narrow_row(const float* x, fp16* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store(x[i], y + i);
+}
+// y = x * a rounded to the half type, one pass.
+void scale_narrow_row(const float* x, float a, bf16* y, int64_t n) {
+#ifdef FUSEDATTN_ZMM_BF16
+  if (has_zmm_bf16()) return scale_narrow_row_zmm(x, a, y, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) store(x[i] * a, y + i);
+}
+void scale_narrow_row(const float* x, float a, fp16* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store(x[i] * a, y + i);
 }
 
 // fp64 versions: plain loops with std::exp (correctness over speed).
@@ -923,6 +950,9 @@ struct Flash {
     for (int64_t j0 = 0; j0 < ns; j0 += kFwdBlockK) {
       apply_masks(s + j0, lds, b, h, i0, bq, j0, std::min(kFwdBlockK, ns - j0), w.bias.data());
     }
+    // Rows of s end normalised, except for half types without dropout: there the weights are
+    // rounded from exp * (1 / sum) in one pass, and w.l keeps 1 / sum for the odd block below.
+    const bool s_normalised = std::is_same_v<T, A> || p.dropout;
     for (int64_t r = 0; r < bq; ++r) {
       A* row = s + r * lds;
       T* wrow = wout + r * p.S;
@@ -930,11 +960,23 @@ struct Flash {
       A sum = 0;
       if (m == kNegInf) {  // no visible key: weights 0, output 0, lse -inf
         std::fill(row, row + ns, A(0));
+      } else if constexpr (kIsHalf<T>) {
+        sum = exp_sum_row_short(row, ns, mul, m * mul);
       } else {
         sum = exp_sum_row(row, ns, mul, m * mul);
-        scale_row(row, ns, A(1) / sum);  // a NaN score makes the sum, so the row, NaN
       }
-      if constexpr (!std::is_same_v<T, A>) narrow_row(row, wrow, ns);
+      const A inv = m == kNegInf ? A(0) : A(1) / sum;  // a NaN score: the sum, so the row, NaN
+      if constexpr (!std::is_same_v<T, A>) {
+        if (s_normalised) {
+          scale_row(row, ns, inv);
+          narrow_row(row, wrow, ns);
+        } else {
+          scale_narrow_row(row, inv, wrow, ns);
+          w.l[r] = inv;
+        }
+      } else {
+        scale_row(row, ns, inv);
+      }
       std::fill(wrow + ns, wrow + p.S, T{});
       lse[r] = sum > A(0) ? m * mul + std::log(sum) : (sum == A(0) ? kNegInf : sum);
     }
@@ -953,6 +995,7 @@ struct Flash {
         A* pd = w.s.data();  // bq x bkp
         for (int64_t r = 0; r < bq; ++r) {
           std::copy(s + r * lds + j0, s + r * lds + j0 + bk, pd + r * bkp);
+          if (!s_normalised) scale_row(pd + r * bkp, bk, w.l[r]);
           if (p.dropout) drop_row(pd + r * bkp, b, h, i0 + r, j0, bk);
           if (bkp != bk) pd[r * bkp + bk] = A(0);
         }
