@@ -1130,7 +1130,7 @@ struct Flash {
 // (B); three products. The query-rows backward's MKL calls transpose P and dS for dV and dK
 // and pack every B per call: 56% of a bf16 backward in MKL, a fifth of it copies (perf,
 // L=1024). Chunks of 256 queries rather than 64: dV's and dK's products then run 256 deep
-// per load of their accumulators (measured: PERFORMANCE.md, entry 5c).
+// per load of their accumulators (measured: PERFORMANCE.md, entries 6c-6d).
 template <>
 FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) const {
   using T = bf16;
