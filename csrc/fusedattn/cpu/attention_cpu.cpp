@@ -6,7 +6,8 @@
 // backward falls back to the reference when a gradient is asked of a float mask or of the
 // returned weights (both need the L x S gradient of the scores anyway).
 // FUSEDATTN_CPU_KERNEL=reference in the environment sends every call to the reference;
-// FUSEDATTN_CPU_KERNEL=unpacked keeps bf16/fp16 forwards off the packed (AMX brgemm) GEMMs.
+// FUSEDATTN_CPU_KERNEL=unpacked keeps bf16/fp16 forwards and backwards off the packed (AMX
+// brgemm) GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
