@@ -1,8 +1,8 @@
 // Flash-style attention kernels for the CPU (see flash_cpu.h). Block products go through
-// BLAS (blas.h), or for a bf16/fp16 forward (and a bf16 backward) through the caller's packed
-// GEMM (PackedGemm); the
-// softmax arithmetic in between is written on 16-lane vectors in functions that GCC compiles
-// for AVX-512, AVX2 and baseline x86-64 and picks at load time (target_clones).
+// BLAS (blas.h), or for a bf16/fp16 forward and a bf16 backward through the caller's packed
+// GEMM (PackedGemm); the softmax arithmetic in between is written on 16-lane vectors in
+// functions that GCC compiles for AVX-512, AVX2 and baseline x86-64 and picks at load time
+// (target_clones), or in AVX-512 intrinsics where the CPU has them.
 #include "fusedattn/kernels/flash_cpu.h"
 
 #include <algorithm>

@@ -46,7 +46,8 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   void* dv = nullptr;          // (B, Hk, S, Ev) contiguous
   // Forward with packed K^T and V blocks (half types, E even): set `packed` and a workspace of
   // flash_packed_elems(p) elements of the input type, run the flash_pack_cpu tasks, then the
-  // forward tasks. Null: the forward multiplies the inputs in place through blas.h.
+  // forward tasks. Null: the forward multiplies the inputs in place through blas.h. A bf16
+  // backward given `packed` (no workspace) runs its products on it, keys as rows.
   const PackedGemm* packed = nullptr;
   void* packed_ws = nullptr;
 };
