@@ -169,15 +169,48 @@ def test_broadcast_mask_is_not_materialised():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("L", [4, 300])  # 300: bf16 takes the packed (AMX) path where it can
-def test_nan_inputs_are_not_hidden(dtype, L):
+@pytest.mark.parametrize("weights", [False, True])
+def test_nan_inputs_are_not_hidden(dtype, L, weights):
     q, k, v = rand(1, 1, L, 8, dtype=dtype), rand(1, 1, 600, 8, dtype=dtype), rand(1, 1, 600, 8, dtype=dtype)
     k[0, 0, 3, 0] = float("nan")
-    out = fusedattn.attention(q, k, v)
+    out, w, _ = fusedattn.attention(q, k, v, return_weights=weights, return_lse=True)
     assert out.isnan().all()
+    if weights:  # a NaN score makes its row's sum, so the whole row, NaN
+        assert w.isnan().all()
     k[0, 0, 3, 0] = 0.0
     v[0, 0, 7, 0] = float("nan")
-    out2 = fusedattn.attention(q, k, v)
+    out2, w2, _ = fusedattn.attention(q, k, v, return_weights=weights, return_lse=True)
     assert out2[..., 0].isnan().all() and not out2[..., 1:].isnan().any()
+    if weights:
+        assert not w2.isnan().any()
+
+
+@pytest.mark.parametrize("where", ["grad_out", "query"])
+def test_nan_reaches_the_gradients(where):
+    # bf16 with 300 queries: the keys-as-rows backward where the CPU has it.
+    q, k, v = (rand(1, 2, n, 64, dtype=torch.bfloat16, requires_grad=True) for n in (300, 333, 333))
+    g = torch.randn(1, 2, 300, 64, dtype=torch.bfloat16)
+    if where == "grad_out":
+        g[0, 1, 5, 0] = float("nan")
+    else:
+        q.data[0, 1, 5, 0] = float("nan")
+    out = fusedattn.attention(q, k, v, is_causal=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    # head 1's gradients see the NaN, head 0's do not
+    for t in (dk, dv):
+        assert t[0, 1].isnan().any() and not t[0, 0].isnan().any()
+    assert dq[0, 1, 5].isnan().any() and not dq[0, 0].isnan().any()
+
+
+def test_zero_length_sequences_with_weights_and_gradients():
+    for L, S in ((0, 5), (3, 0)):
+        q = rand(1, 2, L, 4, requires_grad=True)
+        k, v = rand(1, 2, S, 4, requires_grad=True), rand(1, 2, S, 3, requires_grad=True)
+        out, w, lse = fusedattn.attention(q, k, v, return_weights=True, return_lse=True)
+        assert out.shape == (1, 2, L, 3) and w.shape == (1, 2, L, S) and (out == 0).all()
+        assert torch.isneginf(lse).all()
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, (q, k, v)))
 
 
 def test_fully_masked_rows_across_blocks_zero_output_and_grads():
