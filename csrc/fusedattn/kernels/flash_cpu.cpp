@@ -1003,8 +1003,8 @@ struct Flash {
         pa = operand(pd, bq * bkp, w.narrow.data()), lda = bkp;
       }
       if (packed) {
-        p.packed->gemm(bq, p.Ev, bkp, v_depth(j0), lda, p.Ev, j0 > 0, pa, packed_v(b, hk, j0 / kFwdBlockK),
-                       reinterpret_cast<float*>(acc));
+        p.packed->gemm(bq, p.Ev, bkp, v_depth(j0), lda, p.Ev, j0 > 0, pa,
+                       packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(acc));
       } else {
         mm(false, false, bq, p.Ev, bk, A(1), pa, lda, v_rows(b, hk, j0), p.v_sr,
            A(j0 > 0 ? 1 : 0), acc, p.Ev);
