@@ -30,6 +30,8 @@ constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 // core here) next to the K/V blocks; backward keeps two 64 x 256 blocks (P and dP).
 constexpr int64_t kFwdBlockQ = 64, kFwdBlockK = 512;
 constexpr int64_t kBwdBlockQ = 64, kBwdBlockK = 256;
+// n rounded up to whole 64-column panels of the packed layout.
+constexpr int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
 
 // ------------------------------------------------------------------ storage types
 struct bf16 { uint16_t x; };
@@ -375,13 +377,13 @@ bool packed_layout_is_vnni(const PackedGemm& g) {
   return true;
 }
 #endif
-// Which bf16 forwards take that path: packed GEMMs (AMX), AVX512-BF16, no attn_mask, no
-// dropout (those keep the query-rows path, which reads masks row by row) and no weights
-// (Flash::forward_weights_task, which packs K^T).
-bool keys_as_rows(const FlashParams& p) {
+// What the keys-as-rows paths (Flash::forward_task_kr, Flash::backward_task_kr) need: bf16,
+// packed GEMMs (AMX) whose layout is the one they write, AVX512-BF16, no attn_mask and no
+// dropout (those keep the query-rows paths, which read masks row by row).
+bool keys_as_rows_eligible(const FlashParams& p) {
 #ifdef FUSEDATTN_ZMM_BF16
   if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None ||
-      p.dropout || p.weights != nullptr || !has_zmm_bf16())
+      p.dropout || !has_zmm_bf16())
     return false;
   static const bool vnni = packed_layout_is_vnni(*p.packed);  // bf16's hooks: one object
   return vnni;
@@ -390,20 +392,11 @@ bool keys_as_rows(const FlashParams& p) {
   return false;
 #endif
 }
-
-// Which bf16 backwards take the keys-as-rows path (Flash::backward_task_kr): packed GEMMs,
-// AVX512-BF16, even head dims (both are product depths), no attn_mask, no dropout.
+// The forward, also not with weights (Flash::forward_weights_task, which packs K^T).
+bool keys_as_rows(const FlashParams& p) { return p.weights == nullptr && keys_as_rows_eligible(p); }
+// The backward, with even head dims (both are product depths there).
 bool keys_as_rows_backward(const FlashParams& p) {
-#ifdef FUSEDATTN_ZMM_BF16
-  if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None ||
-      p.dropout || p.E % 2 != 0 || p.Ev % 2 != 0 || !has_zmm_bf16())
-    return false;
-  static const bool vnni = packed_layout_is_vnni(*p.packed);
-  return vnni;
-#else
-  (void)p;
-  return false;
-#endif
+  return p.E % 2 == 0 && p.Ev % 2 == 0 && keys_as_rows_eligible(p);
 }
 
 // ------------------------------------------------------------------ the kernel
@@ -565,7 +558,7 @@ struct Flash {
   // k x n matrix takes up to k * round_up(n, 64) elements (kFwdBlockK is a multiple of 64).
   static int64_t key_blocks(const FlashParams& q) { return (q.S + kFwdBlockK - 1) / kFwdBlockK; }
   static int64_t packed_slot(const FlashParams& q) {
-    return keys_as_rows(q) ? q.Ev * kLdVt : kFwdBlockK * (q.E + (q.Ev + 63) / 64 * 64);
+    return keys_as_rows(q) ? q.Ev * kLdVt : kFwdBlockK * (q.E + round64(q.Ev));
   }
   // Keys-as-rows path: the slot holds V^T (Ev x bkp, row stride kLdVt; column bk zero when bk
   // is odd), the A operand of O^T += V^T P^T. The stride is a cache line more than the block
@@ -669,6 +662,17 @@ struct Flash {
 #pragma GCC diagnostic push  // (see FUSEDATTN_ZMM)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+  // vpermw indices that interleave the two halves of 32 bf16 (lane k of vector 2 i is lane i
+  // of the low half, of 2 i + 1 the high half): two rows of keys into the packed pair layout.
+  alignas(64) static constexpr uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  // causal_offset clamped so that the lane cuts computed from it fit int32 (any cut <= -16 or
+  // >= 32 acts the same).
+  int64_t causal_shift() const {
+    return p.causal ? std::clamp<int64_t>(p.causal_offset, -(1 << 30), 1 << 30) : 0;
+  }
+
   // bf16 forward, keys as the GEMMs' rows. S^T (bk x bq) = K Q^T takes K's rows straight
   // from the input as the A operand and Q^T, packed once per task, as B (one panel: bq <= 64);
   // the softmax then runs down S^T's columns, 16 queries to a vector (running max and sum as
@@ -696,14 +700,9 @@ struct Flash {
       const int64_t n = std::clamp<int64_t>(bq - 16 * c, 0, 16);
       qmask[c] = __mmask16((1u << n) - 1);
     }
-    // Key j is hidden from query i < j - causal_offset. Clamped so that the cut below fits
-    // int32 (any cut <= -16 or >= 32 acts the same).
-    const int64_t causal_shift = p.causal ? std::clamp<int64_t>(p.causal_offset, -(1 << 30), 1 << 30) : 0;
+    // Key j is hidden from query i < j - causal_offset.
+    const int64_t causal_shift = this->causal_shift();
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    // Lane k of vector 2 i is lane i of the low half, of 2 i + 1 the high half: pairs of keys.
-    alignas(64) static constexpr uint16_t kInterleave[32] = {
-        0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i inter = _mm512_load_si512(kInterleave);
 
     const T* q = q_rows(b, h, i0);
@@ -843,7 +842,7 @@ struct Flash {
       // the packed layout (when odd, the block is S's last: P's extra column is 0, and so is
       // the extra row packed with V).
       int64_t bk = std::min(kFwdBlockK, kv_end - j0);
-      if (packed) bk = std::min(std::min(kFwdBlockK, p.S - j0), (bk + 63) / 64 * 64);
+      if (packed) bk = std::min(std::min(kFwdBlockK, p.S - j0), round64(bk));
       const int64_t bkp = packed ? bk + (bk & 1) : bk;
       A* s = w.s.data();
       if (packed) {
@@ -924,7 +923,7 @@ struct Flash {
     // Columns formed: the visible ones; packed, up to whole 64-column panels of packed K^T
     // (the causal mask hides the extra ones). Columns ns.. of the weights are 0.
     int64_t ns = visible_end(i0 + bq - 1);
-    if (packed) ns = std::min(p.S, (ns + 63) / 64 * 64);
+    if (packed) ns = std::min(p.S, round64(ns));
     A* s;
     int64_t lds;
     if constexpr (std::is_same_v<T, A>) {
@@ -1018,9 +1017,8 @@ struct Flash {
   // Keys-as-rows backward (backward_task_kr): blocks of kBwdBlockK keys against chunks of up
   // to kKrQ queries (64-query panels); Lp = L rounded up to 64.
   static constexpr int64_t kKrQ = 256;
-  static int64_t l_pad(const FlashParams& q) { return (q.L + 63) / 64 * 64; }
+  static int64_t l_pad(const FlashParams& q) { return round64(q.L); }
   static int64_t ld_kt(const FlashParams& q) { return (q.S + 1) / 2 * 2 + 32; }  // K^T's row stride
-  static int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
 
   struct BwdWork {
     std::vector<A> s, dp, dq, dk, dv, d, bias, lse;
@@ -1058,14 +1056,7 @@ struct Flash {
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       const A* lse = lse_row(b, h);
       const A* dlse = p.dlse ? static_cast<const A*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
-      // D_i = rowsum(dO * O): softmax's backward term, one dot per query row.
-      for (int64_t i = 0; i < p.L; ++i) {
-        const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
-        const T* g = dout_rows(b, h, i);
-        A acc = 0;
-        for (int64_t c = 0; c < p.Ev; ++c) acc += A(to_acc(o[c])) * A(to_acc(g[c]));
-        w.d[i] = acc;
-      }
+      for (int64_t i = 0; i < p.L; ++i) w.d[i] = out_dot_dout(b, h, i);
       std::fill(w.dq.begin(), w.dq.end(), A(0));
       for (int64_t j0 = 0; j0 < p.S; j0 += kBwdBlockK) {
         const int64_t bk = std::min(kBwdBlockK, p.S - j0);
@@ -1107,6 +1098,19 @@ struct Flash {
       T* dq = static_cast<T*>(p.dq) + (b * p.H + h) * p.L * p.E;
       for (int64_t i = 0; i < p.L * p.E; ++i) store(w.dq[i], dq + i);
     }
+    store_dk_dv(b, hk, w);
+  }
+
+  // D_i = rowsum(dO * O) for query i: softmax's backward term.
+  A out_dot_dout(int64_t b, int64_t h, int64_t i) const {
+    const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
+    const T* g = dout_rows(b, h, i);
+    A acc = 0;
+    for (int64_t c = 0; c < p.Ev; ++c) acc += A(to_acc(o[c])) * A(to_acc(g[c]));
+    return acc;
+  }
+  // The task's accumulated dK, dV (fp32/fp64) into the outputs.
+  void store_dk_dv(int64_t b, int64_t hk, const BwdWork& w) const {
     T* dk = static_cast<T*>(p.dk) + (b * p.Hk + hk) * p.S * p.E;
     T* dv = static_cast<T*>(p.dv) + (b * p.Hk + hk) * p.S * p.Ev;
     for (int64_t i = 0; i < p.S * p.E; ++i) store(w.dk[i], dk + i);
@@ -1138,11 +1142,8 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
   const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = l_pad(p), ldkt = ld_kt(p);
   const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
   const __m512 zero = _mm512_setzero_ps();
-  alignas(64) static constexpr uint16_t kInterleave[32] = {  // as in forward_task_kr
-      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i inter = _mm512_load_si512(kInterleave);
-  const int64_t causal_shift = p.causal ? std::clamp<int64_t>(p.causal_offset, -(1 << 30), 1 << 30) : 0;
+  const int64_t causal_shift = this->causal_shift();
 
   // K^T (E x S, row stride ldkt; column S zero, so that an odd last block has an even depth).
   T* kt = w.kt.data();
@@ -1172,11 +1173,7 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
         continue;
       }
       w.lse[i] = lse_in[i] == kNegInfF ? std::numeric_limits<float>::infinity() : lse_in[i];
-      const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
-      const T* g = dout_rows(b, h, i);
-      float acc = 0.f;
-      for (int64_t c = 0; c < p.Ev; ++c) acc += to_acc(o[c]) * to_acc(g[c]);
-      w.d[i] = acc - (dlse ? dlse[i] : 0.f);
+      w.d[i] = out_dot_dout(b, h, i) - (dlse ? dlse[i] : 0.f);
     }
     // This head's packed operands (rows past L zero).
     for (const bool is_q : {true, false}) {
@@ -1256,10 +1253,7 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
     for (int64_t i = 0; i < p.L; ++i)
       for (int64_t e = 0; e < p.E; ++e) store(dqt[e * Lp + i], dq + i * p.E + e);
   }
-  T* dk = static_cast<T*>(p.dk) + (b * p.Hk + hk) * p.S * p.E;
-  T* dv = static_cast<T*>(p.dv) + (b * p.Hk + hk) * p.S * p.Ev;
-  for (int64_t i = 0; i < p.S * p.E; ++i) store(w.dk[i], dk + i);
-  for (int64_t i = 0; i < p.S * p.Ev; ++i) store(w.dv[i], dv + i);
+  store_dk_dv(b, hk, w);
 }
 #pragma GCC diagnostic pop  // (see FUSEDATTN_ZMM)
 #endif
