@@ -246,7 +246,7 @@ def test_expanded_grad_and_odd_strides_reach_blas_correctly(dtype, E, Ev):
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (2, 130, 7), (32, 33, 100),
                                     (64, 100, 300)])
 @pytest.mark.parametrize("extra", ["plain", "causal_tl", "causal_br", "bool_mask", "bool_kpm",
@@ -261,7 +261,8 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra, we
     # fully padded batch give rows with no visible key (0 out, lse -inf). causal_dropout with
     # Ev = 100: causal products stop early in V's blocks, whose second 64-column panel must
     # still be found (it was not: a wrong output, found in session 5). weights: the kernel
-    # that forms whole score rows.
+    # that forms whole score rows. fp32 with as many queries runs its products on brgemm
+    # (oneDNN's fp32 kernels) with K^T formed once; "unpacked" keeps MKL's sgemm.
     N, H, Hk, L = 2, 4, 2, 131
     gen = torch.Generator().manual_seed(E + S)
     q = torch.randn(N, H, L, E, generator=gen).to(dtype)
@@ -288,7 +289,7 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra, we
     packed = run(q, k, v)
     monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "unpacked")
     unpacked = run(q, k, v)
-    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}[dtype]
     torch.testing.assert_close(packed[0], unpacked[0], atol=tol, rtol=0)
     torch.testing.assert_close(packed[1], unpacked[1], atol=1e-4, rtol=1e-5)
     assert not packed[0].isnan().any()
@@ -304,14 +305,17 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra, we
         torch.testing.assert_close(packed[2], exact[2], atol=tol / 2, rtol=0)
 
 
-@pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (32, 100, 77), (64, 128, 300)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("E,Ev,S", [(64, 64, 1031), (80, 40, 513), (32, 100, 77), (64, 128, 300),
+                                    (24, 20, 130)])
 @pytest.mark.parametrize("extra", ["plain", "causal_tl", "causal_br", "bool_kpm", "float_kpm"])
-def test_packed_backward_matches_unpacked_and_fp64(monkeypatch, E, Ev, S, extra):
+def test_packed_backward_matches_unpacked_and_fp64(monkeypatch, dtype, E, Ev, S, extra):
     # bf16 backwards with >= 128 queries per key/value head run keys-as-rows on packed
     # products (brgemm) where the CPU has AMX and AVX512-BF16; "unpacked" keeps the query-rows
     # backward on MKL. GQA, odd S (an odd last key block), L not a multiple of 64, Ev != E,
     # Ev > 64 (two packed panels), lse's gradient, rows with no visible key (causal_br with
-    # S < L, a fully padded batch).
+    # S < L, a fully padded batch). fp32 runs the same order of work on brgemm (plain
+    # row-major operands; AVX-512), "unpacked" the query-rows backward on MKL.
     N, H, Hk, L = 2, 4, 2, 131
     gen = torch.Generator().manual_seed(E + S)
     q64 = torch.randn(N, H, L, E, generator=gen, dtype=torch.float64)
@@ -339,35 +343,46 @@ def test_packed_backward_matches_unpacked_and_fp64(monkeypatch, E, Ev, S, extra)
         return [t.double() for t in got]
 
     exact = grads(torch.float64)
-    packed = grads(torch.bfloat16)
+    packed = grads(dtype)
     monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "unpacked")
-    unpacked = grads(torch.bfloat16)
+    unpacked = grads(dtype)
+    # bf16 keeps 8 bits (2^-8 of the largest gradient), a few roundings deep; seen here: up to
+    # 0.0067 between the two, 0.010 from fp64. fp32: summation order only.
+    tol_between, tol_exact = (0.012, 0.018) if dtype == torch.bfloat16 else (2e-6, 5e-6)
     for a, b, r in zip(packed, unpacked, exact):
         assert not a.isnan().any()
         scale = r.abs().max().item() + 1e-3
-        # bf16 keeps 8 bits (2^-8 of the largest gradient), a few roundings deep; seen here:
-        # up to 0.0067 between the two, 0.010 from fp64
-        torch.testing.assert_close(a, b, atol=0.012 * scale, rtol=0)
-        torch.testing.assert_close(a, r, atol=0.018 * scale, rtol=0)
+        torch.testing.assert_close(a, b, atol=tol_between * scale, rtol=0)
+        torch.testing.assert_close(a, r, atol=tol_exact * scale, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
-def test_packed_forward_reads_strided_views(monkeypatch, causal):
+def test_packed_forward_reads_strided_views(monkeypatch, dtype, causal):
     # q, k, v as views of wider tensors with odd row strides (E + 1 elements): the bf16
     # keys-as-rows path gathers Q's element pairs at unaligned offsets and hands K's rows to
-    # the GEMM with that stride.
+    # the GEMM with that stride; fp32 transposes K (forward), Q and dO (backward) by gathers
+    # and hands V's, K's, Q's and dO's rows to brgemm with it.
     N, H, L, S, E = 2, 3, 200, 333, 64
     gen = torch.Generator().manual_seed(3)
-    wide = [torch.randn(N, n, H, E + 1, generator=gen).to(torch.bfloat16) for n in (L, S, S)]
-    q, k, v = (t[..., :E].transpose(1, 2) for t in wide)
-    assert q.stride(-2) == H * (E + 1)
+    wide = [torch.randn(N, n, H, E + 1, generator=gen).to(dtype) for n in (L, S, S)]
     kpm = torch.rand(N, S, generator=gen) > 0.7
+    g = torch.randn(N, L, H, E + 1, generator=gen).to(dtype)[..., :E].transpose(1, 2)
 
     def run():
-        return fusedattn.attention(q, k, v, key_padding_mask=kpm, is_causal=causal, return_lse=True)
+        q, k, v = (t.clone().requires_grad_() for t in wide)
+        qs, ks, vs = (t[..., :E].transpose(1, 2) for t in (q, k, v))
+        assert qs.stride(-2) == H * (E + 1)
+        out, _, lse = fusedattn.attention(qs, ks, vs, key_padding_mask=kpm, is_causal=causal,
+                                          return_lse=True)
+        grads = torch.autograd.grad(out, (q, k, v), g) if dtype == torch.float32 else ()
+        return [out.double(), lse] + [t.double() for t in grads]
 
-    out, _, lse = run()
+    got = run()
     monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "unpacked")
-    ref_out, _, ref_lse = run()
-    torch.testing.assert_close(out.double(), ref_out.double(), atol=2e-2, rtol=0)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    ref = run()
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got[0], ref[0], atol=atol, rtol=0)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-4, rtol=1e-5)
+    for a, b in zip(got[2:], ref[2:]):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)

@@ -7,7 +7,7 @@
 // returned weights (both need the L x S gradient of the scores anyway).
 // FUSEDATTN_CPU_KERNEL=reference in the environment sends every call to the reference;
 // FUSEDATTN_CPU_KERNEL=unpacked keeps bf16/fp16 forwards and backwards off the packed (AMX
-// brgemm) GEMMs.
+// brgemm) GEMMs and fp32 forwards off brgemm (MKL's sgemm for every product).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -81,6 +81,25 @@ const kernels::PackedGemm* packed_gemm_for(const FlashParams& p, at::ScalarType 
   if (t == at::kBFloat16 && bf16_ok) return &bf16;
   if (t == at::kHalf && fp16_ok) return &fp16;
   return nullptr;
+}
+
+// The fp32 forward's block products on cpublas::brgemm (oneDNN's JIT kernels where the CPU
+// and the build allow, LibTorch's gemm otherwise: correct either way), with K^T formed once
+// per call; same threshold as packing. A single row's (or single-depth row's) stride is never
+// stepped over, but oneDNN checks it: raised to the row length there.
+kernels::FloatGemm float_gemm_for(const FlashParams& p) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (packing_disabled() || p.S == 0 || p.L * (p.H / p.Hk) < 128) return nullptr;
+  return [](int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+            const float* a, const float* b, float* c) {
+    at::native::cpublas::brgemm(m, n, k, m == 1 ? std::max(lda, k) : lda,
+                                k == 1 ? std::max(ldb, n) : ldb, ldc, add_c, a, b, c,
+                                /*is_vnni=*/false);
+  };
+#else
+  (void)p;
+  return nullptr;
+#endif
 }
 
 kernels::DType kernel_dtype(at::ScalarType t) {
@@ -181,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     p.weights = weights.data_ptr();
   }
   at::Tensor packed_ws;
-  if ((p.packed = packed_gemm_for(p, query.scalar_type()))) {
+  if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p);
+  if ((p.packed = packed_gemm_for(p, query.scalar_type())) || p.fgemm) {
     packed_ws = at::empty({kernels::flash_packed_elems(p)}, query.options());
     p.packed_ws = packed_ws.data_ptr();
     run_tasks(kernels::flash_pack_tasks(p), p, kernels::flash_pack_cpu);
@@ -234,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   auto dv = at::empty(value.sizes(), value.options());
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.packed = packed_gemm_for(p, query.scalar_type());  // bf16: the keys-as-rows backward
+  if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p);  // fp32: the same
   run_tasks(kernels::flash_backward_tasks(p), p, kernels::flash_backward_cpu);
   return {dq, dk, dv, at::empty({0}, query.options()), at::empty({0}, query.options())};
 }

@@ -394,8 +394,14 @@ bool keys_as_rows_eligible(const FlashParams& p) {
 }
 // The forward, also not with weights (Flash::forward_weights_task, which packs K^T).
 bool keys_as_rows(const FlashParams& p) { return p.weights == nullptr && keys_as_rows_eligible(p); }
-// The backward, with even head dims (both are product depths there).
+// The backward: bf16 with even head dims (both are product depths of packed operands there),
+// or fp32 on p.fgemm (plain row-major operands) with AVX-512, also without attn_mask/dropout.
 bool keys_as_rows_backward(const FlashParams& p) {
+#ifdef FUSEDATTN_ZMM
+  if (p.dtype == DType::Float) {
+    return p.fgemm != nullptr && p.mask_kind == MaskKind::None && !p.dropout && has_zmm();
+  }
+#endif
   return p.E % 2 == 0 && p.Ev % 2 == 0 && keys_as_rows_eligible(p);
 }
 
@@ -416,12 +422,20 @@ struct Flash {
   A mul;             // the exponent's multiplier: scale if fold, else 1
   bool mask_pass;    // apply_masks has work to do
   bool kr;           // bf16 forward with keys as GEMM rows (keys_as_rows)
+  bool fk;           // fp32 forward on p.fgemm, K^T in packed_ws (pack())
 
   explicit Flash(const FlashParams& params) : p(params), group(params.H / params.Hk) {
     fold = p.scale > 0 && p.mask_kind != MaskKind::Additive && p.kpm_kind != MaskKind::Additive;
     mul = fold ? A(p.scale) : A(1);
     mask_pass = !fold || p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None || p.causal;
     kr = keys_as_rows(p);
+    fk = std::is_same_v<T, float> && p.fgemm != nullptr;
+  }
+  // p.fgemm for T = float (the calls above are compiled for every T, taken only when fk).
+  template <typename X, typename Y>
+  void fgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+             const X* a, const Y* b, A* c) const {
+    if constexpr (std::is_same_v<T, float>) p.fgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c);
   }
 
   // Row-major C = alpha op(A) op(B) + beta C with A, B in the input type.
@@ -558,8 +572,12 @@ struct Flash {
   // k x n matrix takes up to k * round_up(n, 64) elements (kFwdBlockK is a multiple of 64).
   static int64_t key_blocks(const FlashParams& q) { return (q.S + kFwdBlockK - 1) / kFwdBlockK; }
   static int64_t packed_slot(const FlashParams& q) {
+    if (q.fgemm) return q.E * kLdKt;
     return keys_as_rows(q) ? q.Ev * kLdVt : kFwdBlockK * (q.E + round64(q.Ev));
   }
+  // fp32 on p.fgemm: the slot holds K^T (E x bk, row stride kLdKt, 16 floats more than the
+  // block: at a power-of-two stride the product's B rows would share L1 sets).
+  static constexpr int64_t kLdKt = kFwdBlockK + 16;
   // Keys-as-rows path: the slot holds V^T (Ev x bkp, row stride kLdVt; column bk zero when bk
   // is odd), the A operand of O^T += V^T P^T. The stride is a cache line more than the block
   // (see pack()).
@@ -579,6 +597,14 @@ struct Flash {
   }
   void pack(int64_t begin, int64_t end) const {
     if (kr) return pack_vt(begin, end);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t nb = key_blocks(p), jb = t % nb, b = t / nb / p.Hk, hk = t / nb % p.Hk;
+        const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
+        transpose_any(k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), kLdKt);
+      }
+      return;
+    }
     // K^T's row stride in tmp: one cache line more than the block, so that the transposing
     // stores (a column of K^T per row of K) do not all fall into the same few L1 sets; at a
     // power-of-two stride (1 KiB) they did, and the transpose was 10% of a bf16 forward (perf).
@@ -627,8 +653,33 @@ struct Flash {
         return transpose_zmm(x, ldx, rows, cols, y, ldy);
     }
 #endif
+#ifdef FUSEDATTN_ZMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (has_zmm() && 15 * ldx + cols < (int64_t(1) << 31))
+        return transpose_zmm_f32(x, ldx, rows, cols, y, ldy);
+    }
+#endif
     transpose(x, ldx, rows, cols, y, ldy);
   }
+#ifdef FUSEDATTN_ZMM
+  // fp32, 16 rows at a time: one gather per column of x fetches it for the 16 rows, one store
+  // writes them as a run of y's row (the scalar loop's strided stores were 5-7% of an fp32
+  // backward). Needs 15 * ldx + cols < 2^31 (32-bit indices).
+  FUSEDATTN_ZMM static void transpose_zmm_f32(const float* x, int64_t ldx, int64_t rows,
+                                              int64_t cols, float* y, int64_t ldy) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i row_off = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(ldx)));
+    for (int64_t r = 0; r < rows; r += 16) {
+      const __mmask16 in = __mmask16((1u << std::min<int64_t>(rows - r, 16)) - 1);
+      const float* xr = x + r * ldx;
+      for (int64_t c = 0; c < cols; ++c) {
+        const __m512 col = _mm512_mask_i32gather_ps(
+            _mm512_setzero_ps(), in, _mm512_add_epi32(row_off, _mm512_set1_epi32(int32_t(c))), xr, 4);
+        _mm512_mask_storeu_ps(y + c * ldy + r, in, col);
+      }
+    }
+  }
+#endif
 
 #ifdef FUSEDATTN_ZMM_BF16
 #pragma GCC diagnostic push  // (see FUSEDATTN_ZMM)
@@ -848,6 +899,8 @@ struct Flash {
       if (packed) {
         p.packed->gemm(bq, bk, p.E, p.E, p.q_sr, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK),
                        reinterpret_cast<float*>(s));
+      } else if (fk) {
+        fgemm(bq, bk, p.E, p.q_sr, kLdKt, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK), s);
       } else {
         mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, k_rows(b, hk, j0), p.k_sr, A(0), s, bk);
       }
@@ -888,6 +941,8 @@ struct Flash {
       if (packed) {
         p.packed->gemm(bq, p.Ev, bkp, v_depth(j0), bkp, p.Ev, true, pn,
                        packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
+      } else if (fk) {
+        fgemm(bq, p.Ev, bk, bk, p.v_sr, p.Ev, true, s, v_rows(b, hk, j0), w.acc.data());
       } else {
         const T* pv = nullptr;
         if constexpr (kIsHalf<T>) pv = pn; else pv = s;
@@ -943,6 +998,11 @@ struct Flash {
       for (int64_t j0 = 0; j0 < ns; j0 += kFwdBlockK) {
         p.packed->gemm(bq, std::min(kFwdBlockK, ns - j0), p.E, p.E, p.q_sr, lds, false, q,
                        packed_kt(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(s + j0));
+      }
+    } else if (fk) {
+      for (int64_t j0 = 0; j0 < ns; j0 += kFwdBlockK) {
+        fgemm(bq, std::min(kFwdBlockK, ns - j0), p.E, p.q_sr, kLdKt, lds, false, q,
+              packed_kt(b, hk, j0 / kFwdBlockK), s + j0);
       }
     } else {
       mm(false, true, bq, ns, p.E, A(1), q, p.q_sr, k_rows(b, hk, 0), p.k_sr, A(0), s, lds);
@@ -1004,6 +1064,8 @@ struct Flash {
       if (packed) {
         p.packed->gemm(bq, p.Ev, bkp, v_depth(j0), lda, p.Ev, j0 > 0, pa,
                        packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(acc));
+      } else if (fk) {
+        fgemm(bq, p.Ev, bk, lda, p.v_sr, p.Ev, j0 > 0, pa, v_rows(b, hk, j0), acc);
       } else {
         mm(false, false, bq, p.Ev, bk, A(1), pa, lda, v_rows(b, hk, j0), p.v_sr,
            A(j0 > 0 ? 1 : 0), acc, p.Ev);
@@ -1019,19 +1081,23 @@ struct Flash {
   static constexpr int64_t kKrQ = 256;
   static int64_t l_pad(const FlashParams& q) { return round64(q.L); }
   static int64_t ld_kt(const FlashParams& q) { return (q.S + 1) / 2 * 2 + 32; }  // K^T's row stride
+  // fp32: the row stride of Q^T, dO^T and dQ^T, 16 floats more than Lp (at Lp = 1024, a 4 KiB
+  // stride put the products' B rows into the same L1 sets: 146 -> ? ms at L=1024).
+  static int64_t ld_qt(const FlashParams& q) { return l_pad(q) + 16; }
 
   struct BwdWork {
     std::vector<A> s, dp, dq, dk, dv, d, bias, lse;
     std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     explicit BwdWork(const FlashParams& p, bool kr)
         : s((kr ? kKrQ : kBwdBlockQ) * kBwdBlockK), dp(s.size()),
-          dq((kr ? l_pad(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev), d(kr ? l_pad(p) : p.L),
+          dq((kr ? ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev), d(kr ? l_pad(p) : p.L),
           bias(kBwdBlockK), lse(kr ? l_pad(p) : 0),
           narrow_s(kIsHalf<T> ? s.size() : 0), narrow_dp(narrow_s.size()),
-          ds_packed(kr ? s.size() : 0), kt(kr ? p.E * ld_kt(p) : 0),
-          qt(kr ? p.E * l_pad(p) : 0), dot(kr ? p.Ev * l_pad(p) : 0),
-          qp(kr ? l_pad(p) * round64(p.E) : 0), dop(kr ? l_pad(p) * round64(p.Ev) : 0),
-          tmp(kr ? l_pad(p) * std::max(p.E, p.Ev) : 0) {}
+          ds_packed(kr && kIsHalf<T> ? s.size() : 0), kt(kr ? p.E * ld_kt(p) : 0),
+          qt(kr ? p.E * ld_qt(p) : 0), dot(kr ? p.Ev * ld_qt(p) : 0),
+          qp(kr && kIsHalf<T> ? l_pad(p) * round64(p.E) : 0),
+          dop(kr && kIsHalf<T> ? l_pad(p) * round64(p.Ev) : 0),
+          tmp(kr && kIsHalf<T> ? l_pad(p) * std::max(p.E, p.Ev) : 0) {}
   };
 
   void backward(int64_t begin, int64_t end) const {
@@ -1042,6 +1108,14 @@ struct Flash {
       if (kr_bwd) {
         for (int64_t t = begin; t < end; ++t) backward_task_kr(t, w);
         p.packed->release();
+        return;
+      }
+    }
+#endif
+#ifdef FUSEDATTN_ZMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (kr_bwd) {
+        for (int64_t t = begin; t < end; ++t) backward_task_kr(t, w);
         return;
       }
     }
@@ -1117,7 +1191,7 @@ struct Flash {
     for (int64_t i = 0; i < p.S * p.Ev; ++i) store(w.dv[i], dv + i);
   }
 
-  void backward_task_kr(int64_t t, BwdWork& w) const;  // bf16 only (defined below)
+  void backward_task_kr(int64_t t, BwdWork& w) const;  // bf16 and fp32 (defined below)
 };
 
 #ifdef FUSEDATTN_ZMM_BF16
@@ -1258,6 +1332,99 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
 #pragma GCC diagnostic pop  // (see FUSEDATTN_ZMM)
 #endif
 
+#ifdef FUSEDATTN_ZMM
+#pragma GCC diagnostic push  // (see FUSEDATTN_ZMM)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// fp32 backward, keys as the GEMMs' rows: the bf16 version's order of work on p.fgemm, whose
+// operands are plain row-major matrices, so nothing is packed and every product reads its
+// operands where they are: S^T = K Q^T and dP^T = V dO^T (A: K's and V's rows from the
+// inputs; B: Q^T and dO^T, transposed once per head); P^T and dS^T * scale overwrite S^T and
+// dP^T in one AVX-512 pass (16 queries to a vector, as in the bf16 pass); then dV += P^T dO and
+// dK += dS^T Q (B: dO's and Q's rows from the inputs, the chunk's real queries only) and
+// dQ^T += K^T dS^T (A: K^T, transposed once per task). The query-rows backward's MKL calls
+// transpose P and dS for dV and dK and copy their B operands on every call.
+template <>
+FUSEDATTN_ZMM void Flash<float>::backward_task_kr(int64_t t, BwdWork& w) const {
+  const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = l_pad(p), ldkt = ld_kt(p), ldq = ld_qt(p);
+  const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
+  const int64_t causal_shift = this->causal_shift();
+  float* kt = w.kt.data();  // K^T, E x S (row stride ldkt)
+  transpose_any(k_rows(b, hk, 0), p.k_sr, p.S, p.E, kt, ldkt);
+  std::fill(w.dk.begin(), w.dk.end(), 0.f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.f);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const float* lse_in = lse_row(b, h);
+    const float* dlse = p.dlse ? static_cast<const float*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
+    // Per query: lse (+inf where the query sees no key or is padding: exp gives 0) and
+    // D = rowsum(dO * O) - dlse.
+    for (int64_t i = 0; i < Lp; ++i) {
+      if (i >= p.L) {
+        w.lse[i] = std::numeric_limits<float>::infinity(), w.d[i] = 0.f;
+        continue;
+      }
+      w.lse[i] = lse_in[i] == kNegInfF ? std::numeric_limits<float>::infinity() : lse_in[i];
+      w.d[i] = out_dot_dout(b, h, i) - (dlse ? dlse[i] : 0.f);
+    }
+    // Q^T (E x Lp) and dO^T (Ev x Lp), row stride ldq, columns L.. zero.
+    float* qt = w.qt.data();
+    float* dot = w.dot.data();
+    transpose_any(q_rows(b, h, 0), p.q_sr, p.L, p.E, qt, ldq);
+    transpose_any(dout_rows(b, h, 0), p.do_sr, p.L, p.Ev, dot, ldq);
+    for (int64_t e = 0; e < p.E; ++e) std::fill(qt + e * ldq + p.L, qt + e * ldq + Lp, 0.f);
+    for (int64_t e = 0; e < p.Ev; ++e) std::fill(dot + e * ldq + p.L, dot + e * ldq + Lp, 0.f);
+    float* dqt = w.dq.data();  // E x Lp, row stride ldq
+    std::fill(dqt, dqt + p.E * ldq, 0.f);
+
+    for (int64_t j0 = 0; j0 < p.S; j0 += kBwdBlockK) {
+      const int64_t bk = std::min(kBwdBlockK, p.S - j0);
+      float* bias = w.bias.data();
+      key_bias(b, j0, bk, bias);
+      // Queries that see any key of this block: i >= j0 - causal_offset.
+      const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
+      for (int64_t i0 = i_first / 64 * 64; i0 < p.L; i0 += kKrQ) {
+        // nq columns (whole vectors, padding queries past L included), kq of them real.
+        const int64_t nq = std::min(kKrQ, Lp - i0), nv = nq / 16, kq = std::min(nq, p.L - i0);
+        float* st = w.s.data();    // S^T, then P^T; bk x nq
+        float* dpt = w.dp.data();  // dP^T, then dS^T * scale
+        p.fgemm(bk, nq, p.E, p.k_sr, ldq, nq, false, k_rows(b, hk, j0), qt + i0, st);
+        p.fgemm(bk, nq, p.Ev, p.v_sr, ldq, nq, false, v_rows(b, hk, j0), dot + i0, dpt);
+        const float* lse = w.lse.data() + i0;
+        const float* dd = w.d.data() + i0;
+        for (int64_t j = 0; j < bk; ++j) {
+          const __m512 bj = _mm512_set1_ps(bias[j]);
+          const __mmask16 key = bias[j] == kNegInfF ? 0 : 0xffff;
+          for (int64_t c = 0; c < nv; ++c) {
+            __mmask16 keep = key;
+            if (p.causal) {  // query i0 + 16 c + l sees key j0 + j iff l >= cut
+              const int64_t cut = std::clamp<int64_t>(j0 + j - causal_shift - i0 - 16 * c, 0, 16);
+              keep &= __mmask16(0xffffu << cut);
+            }
+            float* sp = st + j * nq + 16 * c;
+            float* dp = dpt + j * nq + 16 * c;
+            const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(sp), scale,
+                                             _mm512_sub_ps(bj, _mm512_loadu_ps(lse + 16 * c)));
+            const __m512 pr = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
+            const __m512 ds = _mm512_mul_ps(
+                _mm512_mul_ps(pr, _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_loadu_ps(dd + 16 * c))),
+                scale);
+            _mm512_storeu_ps(sp, pr);
+            _mm512_storeu_ps(dp, ds);
+          }
+        }
+        p.fgemm(bk, p.Ev, kq, nq, p.do_sr, p.Ev, true, st, dout_rows(b, h, i0), w.dv.data() + j0 * p.Ev);
+        p.fgemm(bk, p.E, kq, nq, p.q_sr, p.E, true, dpt, q_rows(b, h, i0), w.dk.data() + j0 * p.E);
+        p.fgemm(p.E, nq, bk, ldkt, nq, ldq, true, kt + j0, dpt, dqt + i0);
+      }
+    }
+    float* dq = static_cast<float*>(p.dq) + (b * p.H + h) * p.L * p.E;
+    transpose_any(dqt, ldq, p.E, p.L, dq, p.E);
+  }
+  store_dk_dv(b, hk, w);
+}
+#pragma GCC diagnostic pop  // (see FUSEDATTN_ZMM)
+#endif
+
 template <typename F>
 void with_type(DType dtype, F&& f) {
   switch (dtype) {
@@ -1283,7 +1450,7 @@ int64_t flash_packed_elems(const FlashParams& p) {
 void flash_pack_cpu(const FlashParams& p, int64_t begin, int64_t end) {
   with_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (kIsHalf<T>) Flash<T>(p).pack(begin, end);
+    if constexpr (kIsHalf<T> || std::is_same_v<T, float>) Flash<T>(p).pack(begin, end);
   });
 }
 
