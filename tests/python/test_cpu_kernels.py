@@ -386,3 +386,40 @@ def test_packed_forward_reads_strided_views(monkeypatch, dtype, causal):
     torch.testing.assert_close(got[1], ref[1], atol=1e-4, rtol=1e-5)
     for a, b in zip(got[2:], ref[2:]):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("L", [10, 200])  # 200: the brgemm / keys-as-rows paths where they run
+@pytest.mark.parametrize("kpm_kind", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("weights", [False, True])
+def test_trailing_key_padding_is_skipped(monkeypatch, dtype, L, kpm_kind, causal, weights):
+    # Keys after a batch's last unpadded key are skipped (forward and backward): the same
+    # numbers as the reference path, which multiplies them by 0. Batch 1 ends on an odd key
+    # inside a block (the packed paths' pair rows), batch 2 is all padding, batch 0 has
+    # interior padding only.
+    N, H, S, E = 3, 2, 601, 32
+    gen = torch.Generator().manual_seed(L)
+    q, k, v = (torch.randn(N, H, n, E, generator=gen).to(dtype) for n in (L, S, S))
+    pad = torch.zeros(N, S, dtype=torch.bool)
+    pad[0, 100:140] = True
+    pad[1, 333:] = True
+    pad[2, :] = True
+    kpm = pad if kpm_kind == "bool" else torch.zeros(N, S, dtype=dtype).masked_fill(pad, float("-inf"))
+    g = torch.randn(N, H, L, E, generator=gen).to(dtype)
+    kw = dict(key_padding_mask=kpm, is_causal=causal, causal_alignment="bottom_right",
+              return_weights=weights, return_lse=True)
+
+    def run(k, v):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, w, lse = fusedattn.attention(*leaves, **kw)
+        return [out, lse] + ([w] if weights else []) + list(torch.autograd.grad(out, leaves, g))
+
+    got = run(k, v)
+    monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "reference")
+    ref = run(k, v)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    for a, c in zip(got, ref):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a.double(), c.double(), atol=tol * (c.abs().max().item() + 1), rtol=0)
+    assert (got[0][2] == 0).all() and torch.isneginf(got[1][2]).all()  # all padding: 0, lse -inf

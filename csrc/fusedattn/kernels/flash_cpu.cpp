@@ -478,6 +478,23 @@ struct Flash {
   int64_t visible_end(int64_t i_last) const {
     return p.causal ? std::clamp<int64_t>(i_last + p.causal_offset + 1, 0, p.S) : p.S;
   }
+  // One past the last key of batch b that key_padding_mask leaves visible (bool: 0; float: not
+  // -inf). The keys after it are hidden from every query of the batch and, like the keys past
+  // the causal frontier, skipped: trailing padding is how batches of unequal lengths come, and
+  // its share of the work goes. O(S) per call.
+  int64_t key_end(int64_t b) const {
+    int64_t j = p.S;
+    if (p.kpm_kind == MaskKind::Bool) {
+      const uint8_t* m = static_cast<const uint8_t*>(p.kpm) + b * p.p_sb;
+      while (j > 0 && m[(j - 1) * p.p_sc] != 0) --j;
+    } else if (p.kpm_kind == MaskKind::Additive) {
+      const T* m = static_cast<const T*>(p.kpm) + b * p.p_sb;
+      while (j > 0 && A(to_acc(m[(j - 1) * p.p_sc])) == kNegInf) --j;
+    }
+    return j;
+  }
+  // One past the last key that any of the queries up to i_last of batch b sees.
+  int64_t kv_end(int64_t b, int64_t i_last) const { return std::min(visible_end(i_last), key_end(b)); }
 
   // key_padding_mask of keys j0 .. j0 + bk - 1 as an additive bias (-inf: padding); none: 0.
   void key_bias(int64_t b, int64_t j0, int64_t bk, A* bias) const {
@@ -779,7 +796,7 @@ struct Flash {
     std::fill(ot, ot + p.Ev * kLd, 0.f);
 
 
-    const int64_t kv_end = visible_end(i0 + bq - 1);
+    const int64_t kv_end = this->kv_end(b, i0 + bq - 1);
     for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
       const int64_t bk = std::min(kFwdBlockK, kv_end - j0), bkp = bk + (bk & 1);
       float* st = w.s.data();
@@ -884,7 +901,7 @@ struct Flash {
     std::fill(w.m.begin(), w.m.end(), kNegInf);  // running max, in units of raw s
     std::fill(w.l.begin(), w.l.end(), A(0));
     std::fill(w.acc.begin(), w.acc.end(), A(0));
-    const int64_t kv_end = visible_end(i0 + bq - 1);
+    const int64_t kv_end = this->kv_end(b, i0 + bq - 1);
     const bool packed = kIsHalf<T> && p.packed != nullptr;
     for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
       // Packed: the block's columns up to kv_end rounded up to whole 64-column panels of the
@@ -977,7 +994,7 @@ struct Flash {
     const bool packed = kIsHalf<T> && p.packed != nullptr;
     // Columns formed: the visible ones; packed, up to whole 64-column panels of packed K^T
     // (the causal mask hides the extra ones). Columns ns.. of the weights are 0.
-    int64_t ns = visible_end(i0 + bq - 1);
+    int64_t ns = kv_end(b, i0 + bq - 1);
     if (packed) ns = std::min(p.S, round64(ns));
     A* s;
     int64_t lds;
@@ -1124,7 +1141,7 @@ struct Flash {
   }
 
   void backward_task(int64_t t, BwdWork& w) const {
-    const int64_t b = t / p.Hk, hk = t % p.Hk;
+    const int64_t b = t / p.Hk, hk = t % p.Hk, ke = key_end(b);
     std::fill(w.dk.begin(), w.dk.end(), A(0));
     std::fill(w.dv.begin(), w.dv.end(), A(0));
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -1132,8 +1149,8 @@ struct Flash {
       const A* dlse = p.dlse ? static_cast<const A*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
       for (int64_t i = 0; i < p.L; ++i) w.d[i] = out_dot_dout(b, h, i);
       std::fill(w.dq.begin(), w.dq.end(), A(0));
-      for (int64_t j0 = 0; j0 < p.S; j0 += kBwdBlockK) {
-        const int64_t bk = std::min(kBwdBlockK, p.S - j0);
+      for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
+        const int64_t bk = std::min(kBwdBlockK, ke - j0);
         // Queries that see any key of this block: i >= j0 - causal_offset.
         const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
         const T* k = k_rows(b, hk, j0);
@@ -1214,6 +1231,9 @@ template <>
 FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) const {
   using T = bf16;
   const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = l_pad(p), ldkt = ld_kt(p);
+  // Keys past key_end are skipped; an odd end inside S is rounded up to a padded key, so that
+  // the dQ^T product's depth (bkp) never reaches a K^T column that is not zero or padding.
+  const int64_t ke = std::min(p.S, key_end(b) + (key_end(b) & 1));
   const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
   const __m512 zero = _mm512_setzero_ps();
   const __m512i inter = _mm512_load_si512(kInterleave);
@@ -1268,8 +1288,8 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
     float* dqt = w.dq.data();  // E x Lp
     std::fill(dqt, dqt + p.E * Lp, 0.f);
 
-    for (int64_t j0 = 0; j0 < p.S; j0 += kBwdBlockK) {
-      const int64_t bk = std::min(kBwdBlockK, p.S - j0), bkp = bk + (bk & 1);
+    for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
+      const int64_t bk = std::min(kBwdBlockK, ke - j0), bkp = bk + (bk & 1);
       float* bias = w.bias.data();
       key_bias(b, j0, bk, bias);
       // Queries that see any key of this block: i >= j0 - causal_offset.
@@ -1347,6 +1367,7 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
 template <>
 FUSEDATTN_ZMM void Flash<float>::backward_task_kr(int64_t t, BwdWork& w) const {
   const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = l_pad(p), ldkt = ld_kt(p), ldq = ld_qt(p);
+  const int64_t ke = key_end(b);  // keys past it are padding: skipped
   const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
   const int64_t causal_shift = this->causal_shift();
   float* kt = w.kt.data();  // K^T, E x S (row stride ldkt)
@@ -1376,8 +1397,8 @@ FUSEDATTN_ZMM void Flash<float>::backward_task_kr(int64_t t, BwdWork& w) const {
     float* dqt = w.dq.data();  // E x Lp, row stride ldq
     std::fill(dqt, dqt + p.E * ldq, 0.f);
 
-    for (int64_t j0 = 0; j0 < p.S; j0 += kBwdBlockK) {
-      const int64_t bk = std::min(kBwdBlockK, p.S - j0);
+    for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
+      const int64_t bk = std::min(kBwdBlockK, ke - j0);
       float* bias = w.bias.data();
       key_bias(b, j0, bk, bias);
       // Queries that see any key of this block: i >= j0 - causal_offset.
