@@ -10,14 +10,18 @@ def _accumulate_dtype(dtype):
 @torch.library.register_fake("fusedattn::_attention_forward")
 def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                             dropout_p, is_causal, bottom_right, scale, enable_gqa,
-                            return_weights):
+                            return_weights, average_weights=False):
     torch._check(query.dim() >= 3, lambda: "attention: query must have at least 3 dims")
     *batch, heads, q_len, _ = query.shape
     kv_len, v_dim = key.shape[-2], value.shape[-1]
     out = query.new_empty((*batch, heads, q_len, v_dim))
     lse = query.new_empty((*batch, heads, q_len), dtype=_accumulate_dtype(query.dtype))
-    weights = (query.new_empty((*batch, heads, q_len, kv_len)) if return_weights
-               else query.new_empty((0,)))
+    if not return_weights:
+        weights = query.new_empty((0,))
+    elif average_weights:
+        weights = query.new_empty((*batch, q_len, kv_len))
+    else:
+        weights = query.new_empty((*batch, heads, q_len, kv_len))
     return out, lse, weights
 
 

@@ -3,19 +3,21 @@ import torch
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False, *, key_padding_mask=None, causal_alignment="top_left",
-              return_weights=False, return_lse=False):
+              return_weights=False, return_lse=False, average_weights=False):
     """Scaled dot-product attention (``torch.ops.fusedattn.attention``).
 
     Same arguments as ``torch.nn.functional.scaled_dot_product_attention``, plus
     ``key_padding_mask`` ``(..., S)`` (bool True = padding, or float added), ``causal_alignment``
     (``"top_left"`` or ``"bottom_right"``) and the optional outputs. Returns ``out``, or
     ``(out, weights, lse)`` when ``return_weights`` or ``return_lse`` is set, with None for what
-    was not asked. Rows whose keys are all masked give 0 (torch gives NaN).
+    was not asked. ``average_weights`` (with ``return_weights``) returns the weights averaged
+    over the heads, ``(..., L, S)``, as ``nn.MultiheadAttention`` does, without storing the
+    per-head ones. Rows whose keys are all masked give 0 (torch gives NaN).
     """
     out, weights, lse = torch.ops.fusedattn.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         key_padding_mask=key_padding_mask, causal_alignment=causal_alignment,
-        return_weights=return_weights, return_lse=return_lse)
+        return_weights=return_weights, return_lse=return_lse, average_weights=average_weights)
     if not (return_weights or return_lse):
         return out
     return out, (weights if return_weights else None), (lse if return_lse else None)

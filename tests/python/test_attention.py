@@ -220,9 +220,13 @@ def opcheck_samples():
     yield (rand(1, 2, 3, 4, dtype=torch.float32, requires_grad=True),
            rand(1, 2, 6, 4, dtype=torch.float32), rand(1, 2, 6, 4, dtype=torch.float32),
            rand(3, 6, dtype=torch.float32, requires_grad=True)), dict(scale=0.5, return_lse=True)
+    yield (rand(2, 4, 5, 8, requires_grad=True), rand(2, 2, 7, 8, requires_grad=True),
+           rand(2, 2, 7, 8, requires_grad=True)), dict(
+        enable_gqa=True, is_causal=True, key_padding_mask=torch.rand(2, 7) > 0.8,
+        return_weights=True, average_weights=True)
 
 
-@pytest.mark.parametrize("i", range(3))
+@pytest.mark.parametrize("i", range(4))
 def test_opcheck(i):
     args, kwargs = list(opcheck_samples())[i]
     torch.library.opcheck(torch.ops.fusedattn.attention.default, args, kwargs)
@@ -290,3 +294,52 @@ def test_gradcheck_float_key_padding_mask_without_attn_mask():
     kpm = rand(2, 5, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda q, k, v, kpm: fusedattn.attention(q, k, v, key_padding_mask=kpm), (q, k, v, kpm))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L,S", [(5, 7), (130, 600)])  # 130: the fused kernels' head loop
+@pytest.mark.parametrize("causal", [False, True])
+def test_average_weights_is_the_mean_over_heads(dtype, L, S, causal):
+    # average_weights returns mean_h(weights_h) (..., L, S), the output unchanged; GQA, key
+    # padding (a fully padded batch: zeros), dropout (the weights stay the probabilities
+    # before dropout, the output uses the dropped ones).
+    gen = torch.Generator().manual_seed(L + S)
+    q = torch.randn(3, 4, L, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, S, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    pad = torch.rand(3, S, generator=gen) > 0.7
+    pad[2] = True
+    kw = dict(enable_gqa=True, is_causal=causal, key_padding_mask=pad, dropout_p=0.2,
+              return_weights=True)
+    torch.manual_seed(1)
+    exact_out, exact_w, _ = fusedattn.attention(q, k, v, **kw)
+    args = [t.to(dtype) for t in (q, k, v)]
+    torch.manual_seed(1)
+    out, w, _ = fusedattn.attention(*args, **kw, average_weights=True)
+    torch.manual_seed(1)
+    out_h, w_h, _ = fusedattn.attention(*args, **kw)
+    assert w.shape == (3, L, S) and w.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(w.double(), exact_w.mean(1), atol=tol, rtol=0)
+    torch.testing.assert_close(w.double(), w_h.double().mean(1), atol=tol, rtol=0)
+    assert (w[2] == 0).all()
+    torch.testing.assert_close(out, out_h, atol=0, rtol=0)
+
+
+def test_average_weights_gradients():
+    # dL/dw_h = dL/dw_avg / H: gradcheck through the averaged weights (and the output).
+    q = rand(2, 3, 4, 5, requires_grad=True)
+    k, v = rand(2, 3, 6, 5, requires_grad=True), rand(2, 3, 6, 3, requires_grad=True)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+
+    def f(q, k, v):
+        out, w, _ = fusedattn.attention(q, k, v, key_padding_mask=pad, is_causal=True,
+                                        causal_alignment="bottom_right", return_weights=True,
+                                        average_weights=True)
+        return out, w
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_average_weights_needs_return_weights():
+    q = rand(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="average_weights=True .* needs return_weights=True"):
+        fusedattn.attention(q, q, q, average_weights=True)

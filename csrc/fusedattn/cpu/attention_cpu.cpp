@@ -178,13 +178,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
+    bool average_weights) {
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                          dropout_p, scale, enable_gqa);
   if (reference_requested()) {
     return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
                                         dropout_seed, dropout_p, is_causal, bottom_right,
-                                        return_weights);
+                                        return_weights, average_weights);
   }
   auto launch = prepare(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
                         dropout_p, is_causal, bottom_right);
@@ -195,9 +196,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   p.lse = lse.data_ptr();
   at::Tensor weights = at::empty({0}, query.options());
   if (return_weights) {
-    weights = at::empty(pb.weights_shape(), query.options());
+    auto shape = pb.weights_shape();  // (..., H, L, S); averaged: (..., L, S)
+    if (average_weights) shape.erase(shape.end() - 3);
+    weights = at::empty(shape, query.options());
     advise_huge_pages(weights);
     p.weights = weights.data_ptr();
+    p.average_weights = average_weights;
   }
   at::Tensor packed_ws;
   if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p);

@@ -144,18 +144,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
+    bool average_weights) {
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                          dropout_p, scale, enable_gqa);
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
   if (const int head_dim = fused_head_dim(pb, query)) {
-    return fused_forward(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                         dropout_p, is_causal, bottom_right, return_weights, head_dim);
+    auto [out, lse, weights] =
+        fused_forward(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
+                      dropout_p, is_causal, bottom_right, return_weights, head_dim);
+    // Averaged weights: the per-head ones, then their mean (fp32 sum; no fused kernel yet).
+    if (return_weights && average_weights) weights = weights.mean(-3, false, at::kFloat).to(query.scalar_type());
+    return {out, lse, weights};
   }
 #endif
   return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
                                       dropout_seed, dropout_p, is_causal, bottom_right,
-                                      return_weights);
+                                      return_weights, average_weights);
 }
 
 }  // namespace

@@ -556,12 +556,18 @@ struct Flash {
 
   struct FwdWork {
     std::vector<A> s, acc, m, l, bias;
-    std::vector<A> rows;                   // half types' scores against all keys (weights)
+    // Scores against all keys (weights): half types', or every type's when averaging.
+    std::vector<A> rows;
+    std::vector<A> avg;                    // averaging: the sum of the heads' weights
+    std::vector<T> head;                   // averaging, half types: one head's rounded weights
     std::vector<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
     std::vector<uint16_t> keep;            // its lane masks per key
     explicit FwdWork(const FlashParams& p)
         : s(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * p.Ev), m(kFwdBlockQ), l(kFwdBlockQ),
-          bias(kFwdBlockK), rows(kIsHalf<T> && p.weights ? kFwdBlockQ * p.S : 0),
+          bias(kFwdBlockK),
+          rows(p.weights && (kIsHalf<T> || p.average_weights) ? kFwdBlockQ * p.S : 0),
+          avg(p.weights && p.average_weights ? kFwdBlockQ * p.S : 0),
+          head(kIsHalf<T> ? avg.size() : 0),
           narrow(kIsHalf<T> ? kFwdBlockQ * kFwdBlockK : 0),
           qt(keys_as_rows(p) ? p.E * kFwdBlockQ : 0), qt_packed(qt.size()),
           keep(keys_as_rows(p) ? 4 * kFwdBlockK : 0) {}
@@ -579,8 +585,29 @@ struct Flash {
 
   void forward(int64_t begin, int64_t end) const {
     FwdWork w(p);
-    for (int64_t t = begin; t < end; ++t) forward_task(t, w);
+    for (int64_t t = begin; t < end; ++t) {
+      if (p.weights && p.average_weights) {
+        averaged_weights_task(t, w);
+      } else {
+        forward_task(t, w);
+      }
+    }
     if (p.packed) p.packed->release();
+  }
+
+  // Task t = (b, block of queries) with head-averaged weights: the heads' weights tasks in
+  // turn, each adding its rows into w.avg (in L2 across the heads: 64 x S), then the mean
+  // written once to the (B, L, S) output.
+  void averaged_weights_task(int64_t t, FwdWork& w) const {
+    const int64_t nqb = q_blocks(), b = t / nqb, qb = t % nqb;
+    const int64_t i0 = qb * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
+    A* avg = w.avg.data();
+    std::fill(avg, avg + bq * p.S, A(0));
+    for (int64_t h = 0; h < p.H; ++h) forward_weights_task((b * p.H + h) * nqb + qb, w, avg);
+    T* wout = static_cast<T*>(p.weights) + (b * p.L + i0) * p.S;
+    const A inv_h = A(1) / A(p.H);
+    for (int64_t r = 0; r < bq; ++r)
+      for (int64_t c = 0; c < p.S; ++c) store(avg[r * p.S + c] * inv_h, wout + r * p.S + c);
   }
 
   // Packed workspace: per (b, hk, key block jb) a slot of packed_slot(p) elements, K^T
@@ -985,10 +1012,19 @@ struct Flash {
   // P in O = P V: two GEMMs and one exp per score, the flash forward's count, where a
   // flash forward followed by a pass rebuilding the weights from the lse took three and two.
   // Returned weights are the probabilities before dropout; O uses the dropped ones.
-  void forward_weights_task(int64_t t, FwdWork& w) const {
+  // avg set (averaging): this head's weights go to per-task buffers (w.rows, and w.head for
+  // half types) and are added into avg (bq x S) instead of stored.
+  void forward_weights_task(int64_t t, FwdWork& w, A* avg = nullptr) const {
     const auto [bh, b, h, hk, i0, bq] = q_task(t);
     const T* q = q_rows(b, h, i0);
     T* wout = static_cast<T*>(p.weights) + (bh * p.L + i0) * p.S;
+    if (avg) {
+      if constexpr (std::is_same_v<T, A>) {
+        wout = w.rows.data();
+      } else {
+        wout = w.head.data();
+      }
+    }
     T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i0 * p.o_sr;
     A* lse = lse_row(b, h) + i0;
     const bool packed = kIsHalf<T> && p.packed != nullptr;
@@ -1005,7 +1041,7 @@ struct Flash {
     }
     if (ns == 0) {  // no query of the block sees a key
       for (int64_t r = 0; r < bq; ++r) {
-        std::fill(wout + r * p.S, wout + (r + 1) * p.S, T{});
+        if (!avg) std::fill(wout + r * p.S, wout + (r + 1) * p.S, T{});
         std::fill(out + r * p.o_sr, out + r * p.o_sr + p.Ev, T{});
         lse[r] = kNegInf;
       }
@@ -1054,7 +1090,16 @@ struct Flash {
       } else {
         scale_row(row, ns, inv);
       }
-      std::fill(wrow + ns, wrow + p.S, T{});
+      if (avg) {  // the returned weights of this head (half types: as rounded), summed
+        if constexpr (std::is_same_v<T, A>) {
+          add_row(avg + r * p.S, wrow, ns);
+        } else {
+          A* arow = avg + r * p.S;
+          for (int64_t c = 0; c < ns; ++c) arow[c] += to_acc(wrow[c]);
+        }
+      } else {
+        std::fill(wrow + ns, wrow + p.S, T{});
+      }
       lse[r] = sum > A(0) ? m * mul + std::log(sum) : (sum == A(0) ? kNegInf : sum);
     }
     // O = P V, P the normalised rows (for half types the rounded weights themselves), in one
@@ -1459,7 +1504,8 @@ void with_type(DType dtype, F&& f) {
 }  // namespace
 
 int64_t flash_forward_tasks(const FlashParams& p) {
-  return p.B * p.H * ((p.L + kFwdBlockQ - 1) / kFwdBlockQ);
+  const int64_t heads = p.weights && p.average_weights ? 1 : p.H;  // averaging: loops over them
+  return p.B * heads * ((p.L + kFwdBlockQ - 1) / kFwdBlockQ);
 }
 int64_t flash_backward_tasks(const FlashParams& p) { return p.B * p.Hk; }
 int64_t flash_pack_tasks(const FlashParams& p) {

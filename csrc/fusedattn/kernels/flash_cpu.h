@@ -41,8 +41,11 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
 
   // (B, H, L, S) contiguous, query's dtype, or null: set, the forward also writes the
-  // weights (the probabilities before dropout), in the same pass.
+  // weights (the probabilities before dropout), in the same pass. average_weights: weights is
+  // (B, L, S), their mean over the H heads (nn.MultiheadAttention's default), summed in fp32
+  // (fp64 for fp64) and rounded once; the per-head rows are never stored.
   void* weights = nullptr;
+  bool average_weights = false;
 
   // Backward inputs and outputs.
   const void* dout = nullptr;  // (B, H, L, Ev)
@@ -62,7 +65,8 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   FloatGemm fgemm = nullptr;
 };
 
-// Forward: one task per (b, h, block of queries); writes out, lse and (if set) weights.
+// Forward: one task per (b, h, block of queries), or per (b, block of queries) looping over
+// the heads when average_weights; writes out, lse and (if set) weights.
 int64_t flash_forward_tasks(const FlashParams& p);
 void flash_forward_cpu(const FlashParams& p, int64_t task_begin, int64_t task_end);
 // Packing for the forward: one task per (b, key/value head, block of keys).

@@ -25,20 +25,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
-    c10::string_view causal_alignment, bool return_weights, bool return_lse) {
+    c10::string_view causal_alignment, bool return_weights, bool return_lse,
+    bool average_weights) {
   static auto op = op_handle<decltype(attention)>("fusedattn::attention");
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                 key_padding_mask, causal_alignment, return_weights, return_lse);
+                 key_padding_mask, causal_alignment, return_weights, return_lse, average_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
+    bool average_weights) {
   static auto op = op_handle<decltype(attention_forward)>("fusedattn::_attention_forward");
   return op.call(query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
-                 is_causal, bottom_right, scale, enable_gqa, return_weights);
+                 is_causal, bottom_right, scale, enable_gqa, return_weights, average_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -62,7 +64,7 @@ AttentionResult attention(const at::Tensor& query, const at::Tensor& key, const 
   auto [out, weights, lse] =
       ops::attention(query, key, value, opt(o.attn_mask()), o.dropout_p(), o.is_causal(),
                      o.scale(), o.enable_gqa(), opt(o.key_padding_mask()), o.causal_alignment(),
-                     o.return_weights(), o.return_lse());
+                     o.return_weights(), o.return_lse(), o.average_weights());
   AttentionResult r;
   r.out = std::move(out);
   if (o.return_weights()) r.weights = std::move(weights);
@@ -76,7 +78,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
-    c10::string_view causal_alignment, bool return_weights, bool return_lse) {
+    c10::string_view causal_alignment, bool return_weights, bool return_lse,
+    bool average_weights) {
+  TORCH_CHECK(!average_weights || return_weights,
+              "attention: average_weights=True averages the returned weights: it needs "
+              "return_weights=True");
   TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
               "attention: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
               std::string(causal_alignment), "\"");
@@ -94,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   auto [out, lse, weights] =
       ops::attention_forward(query, key, value, attn_mask, key_padding_mask, seed, dropout_p,
                              is_causal, causal_alignment == "bottom_right", scale, enable_gqa,
-                             return_weights);
+                             return_weights, average_weights);
   (void)return_lse;  // lse is always computed (the backward needs it); the caller picks.
   return {out, weights, lse};
 }

@@ -30,11 +30,15 @@ struct FUSEDATTN_API AttentionOptions {
   TORCH_ARG(std::string, causal_alignment) = "top_left";
   TORCH_ARG(bool, return_weights) = false;
   TORCH_ARG(bool, return_lse) = false;
+  // With return_weights: the weights averaged over the heads, (..., L, S), as
+  // nn.MultiheadAttention returns them; the per-head weights are never stored.
+  TORCH_ARG(bool, average_weights) = false;
 };
 
 struct AttentionResult {
   at::Tensor out;                     // (..., H, L, Ev), query's dtype
-  std::optional<at::Tensor> weights;  // (..., H, L, S) probabilities after masking, before dropout
+  // (..., H, L, S) probabilities after masking, before dropout; (..., L, S) averaged
+  std::optional<at::Tensor> weights;
   std::optional<at::Tensor> lse;      // (..., H, L) log-sum-exp of the scaled, masked scores
 };
 
@@ -54,14 +58,16 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
-    c10::string_view causal_alignment, bool return_weights, bool return_lse);
+    c10::string_view causal_alignment, bool return_weights, bool return_lse,
+    bool average_weights = false);
 
-// -> (out, lse, weights); weights is empty unless return_weights.
+// -> (out, lse, weights); weights is empty unless return_weights, (..., L, S) if averaged.
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights);
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
+    bool average_weights = false);
 
 // -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask); the last two
 // are empty unless asked for.
@@ -86,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
-    c10::string_view causal_alignment, bool return_weights, bool return_lse);
+    c10::string_view causal_alignment, bool return_weights, bool return_lse,
+    bool average_weights);
 }  // namespace detail
 
 }  // namespace fusedattn

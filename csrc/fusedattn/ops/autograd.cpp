@@ -25,12 +25,12 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const std::optional<at::Tensor>& key_padding_mask,
                                const std::optional<at::Tensor>& dropout_seed, double dropout_p,
                                bool is_causal, bool bottom_right, std::optional<double> scale,
-                               bool enable_gqa, bool return_weights) {
+                               bool enable_gqa, bool return_weights, bool average_weights) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, weights] =
         ops::attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                                dropout_p, is_causal, bottom_right, scale, enable_gqa,
-                               return_weights);
+                               return_weights, average_weights);
     ctx->save_for_backward({query, key, value, out, lse, attn_mask.value_or(at::Tensor()),
                             key_padding_mask.value_or(at::Tensor()),
                             dropout_seed.value_or(at::Tensor())});
@@ -39,6 +39,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["bottom_right"] = bottom_right;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["enable_gqa"] = enable_gqa;
+    ctx->saved_data["average_weights"] = return_weights && average_weights;
     ctx->set_materialize_grads(false);
     if (!return_weights) ctx->mark_non_differentiable({weights});
     return {out, lse, weights};
@@ -57,9 +58,17 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const bool kpm_grad =
         key_padding_mask.defined() && ctx->needs_input_grad(attn_mask.defined() ? 4 : 3);
     const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    // Averaged weights w = mean_h w_h: each head's weights get grad / H.
+    at::Tensor grad_weights = grads[2];
+    if (grad_weights.defined() && ctx->saved_data["average_weights"].toBool()) {
+      const int64_t heads = query.size(-3);
+      auto sizes = grad_weights.sizes().vec();
+      sizes.insert(sizes.end() - 2, heads);
+      grad_weights = grad_weights.div(static_cast<double>(heads)).unsqueeze(-3).expand(sizes);
+    }
 
     auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_backward(
-        grad_out, defined_or_none(grads[2]), defined_or_none(grads[1]), query, key, value, out,
+        grad_out, defined_or_none(grad_weights), defined_or_none(grads[1]), query, key, value, out,
         lse, defined_or_none(attn_mask), defined_or_none(key_padding_mask),
         defined_or_none(dropout_seed), ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),
@@ -71,7 +80,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
             mask_grad ? d_mask : at::Tensor(),
             kpm_grad ? d_kpm : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -79,10 +88,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
+    bool average_weights) {
   auto outs = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
                                        dropout_seed, dropout_p, is_causal, bottom_right, scale,
-                                       enable_gqa, return_weights);
+                                       enable_gqa, return_weights, average_weights);
   return {outs[0], outs[1], outs[2]};
 }
 

@@ -223,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
 
   auto [out, weights, lse] =
       ops::attention(q, k, v, mask, dropout_p, op_causal, std::nullopt, false, kpm, "top_left",
-                     need_weights, false);
+                     need_weights, false, need_weights && average_attn_weights);
   (void)lse;
   // (N, H, L, Dv) -> the caller's layout, heads concatenated, then the output projection.
   const SymInt hd = out.sym_size(1) * out.sym_size(3);
@@ -234,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
 
   at::Tensor attn_weights = at::empty({0}, query.options());
   if (need_weights) {
-    attn_weights = average_attn_weights ? weights.mean(1) : weights;
+    attn_weights = weights;  // (N, L, S) when averaged: the op averages over heads itself
     if (!batched) attn_weights = attn_weights.squeeze(0);
   }
   return {result, attn_weights};

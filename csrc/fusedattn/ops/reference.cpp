@@ -103,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const AttentionProblem& p, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dropout_seed,
-    double dropout_p, bool is_causal, bool bottom_right, bool return_weights) {
+    double dropout_p, bool is_causal, bool bottom_right, bool return_weights,
+    bool average_weights) {
   const auto acc = accumulate_type(query.scalar_type());
   auto q = query.to(acc);
   auto k = expand_kv_heads(p, key.to(acc));
@@ -114,7 +115,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   auto dropped = dropout_p > 0.0 ? probs * dropout_multiplier(p, *dropout_seed, dropout_p, probs.options())
                                  : probs;
   auto out = at::matmul(dropped, v).to(query.scalar_type());
-  auto weights = return_weights ? probs.to(query.scalar_type()) : at::empty({0}, query.options());
+  auto weights = !return_weights ? at::empty({0}, query.options())
+                 : average_weights ? probs.mean(-3).to(query.scalar_type())
+                                   : probs.to(query.scalar_type());
   return {out, lse, weights};
 }
 
@@ -166,11 +169,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_op(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights) {
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
+    bool average_weights) {
   const auto problem = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                               dropout_p, scale, enable_gqa);
   return attention_forward(problem, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                           dropout_p, is_causal, bottom_right, return_weights);
+                           dropout_p, is_causal, bottom_right, return_weights, average_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(

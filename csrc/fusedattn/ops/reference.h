@@ -11,12 +11,14 @@
 
 namespace fusedattn::reference {
 
-// -> (out (..., H, L, Ev), lse (..., H, L) in accumulate_type, weights (..., H, L, S) or empty)
+// -> (out (..., H, L, Ev), lse (..., H, L) in accumulate_type, weights (..., H, L, S), their
+// mean over heads (..., L, S) if average_weights, or empty)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const AttentionProblem& problem, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dropout_seed,
-    double dropout_p, bool is_causal, bool bottom_right, bool return_weights);
+    double dropout_p, bool is_causal, bool bottom_right, bool return_weights,
+    bool average_weights);
 
 // -> (dq, dk, dv, d_attn_mask or empty, d_key_padding_mask or empty)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -33,7 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_op(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights);
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
+    bool average_weights);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,

@@ -14,12 +14,14 @@ int64_t link_anchor() { return 1; }
 TORCH_LIBRARY(fusedattn, m) {
   // Public: scaled_dot_product_attention's arguments plus key padding, both causal
   // alignments and returned weights / log-sum-exp. Returns (out, weights, lse); weights is
-  // empty unless return_weights (the Python wrapper turns what was not asked into None).
+  // empty unless return_weights (the Python wrapper turns what was not asked into None), and
+  // (..., L, S), the mean over heads, with average_weights.
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
       "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, *, "
       "Tensor? key_padding_mask=None, str causal_alignment=\"top_left\", "
-      "bool return_weights=False, bool return_lse=False) -> (Tensor, Tensor, Tensor)");
+      "bool return_weights=False, bool return_lse=False, bool average_weights=False) "
+      "-> (Tensor, Tensor, Tensor)");
   m.impl("attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::attention_composite));
 
@@ -27,8 +29,8 @@ TORCH_LIBRARY(fusedattn, m) {
   m.def(
       "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor? key_padding_mask, Tensor? dropout_seed, float dropout_p, bool is_causal, "
-      "bool bottom_right, float? scale, bool enable_gqa, bool return_weights) "
-      "-> (Tensor, Tensor, Tensor)");
+      "bool bottom_right, float? scale, bool enable_gqa, bool return_weights, "
+      "bool average_weights=False) -> (Tensor, Tensor, Tensor)");
   // -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask)
   m.def(
       "_attention_backward(Tensor grad_out, Tensor? grad_weights, Tensor? grad_lse, "
