@@ -308,6 +308,10 @@ FUSEDATTN_CLONES void scale_row(float* x, int64_t n, float a) {
 FUSEDATTN_CLONES void add_row(float* x, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += b[i];
 }
+// x += a * b
+FUSEDATTN_CLONES void add_scaled_row(float* x, const float* b, int64_t n, float a) {
+  for (int64_t i = 0; i < n; ++i) x[i] += a * b[i];
+}
 // dp = p * (dp - d + glse): softmax's backward plus lse's own gradient, one row.
 FUSEDATTN_CLONES void softmax_grad_row(float* dp, const float* p, int64_t n, float d, float glse) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
@@ -350,6 +354,9 @@ double exp_sum_row(double* x, int64_t n, double mul, double sub) {
 }
 void scale_row(double* x, int64_t n, double a) { for (int64_t i = 0; i < n; ++i) x[i] *= a; }
 void add_row(double* x, const double* b, int64_t n) { for (int64_t i = 0; i < n; ++i) x[i] += b[i]; }
+void add_scaled_row(double* x, const double* b, int64_t n, double a) {
+  for (int64_t i = 0; i < n; ++i) x[i] += a * b[i];
+}
 void softmax_grad_row(double* dp, const double* p, int64_t n, double d, double glse) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
 }
@@ -596,8 +603,8 @@ struct Flash {
   }
 
   // Task t = (b, block of queries) with head-averaged weights: the heads' weights tasks in
-  // turn, each adding its rows into w.avg (in L2 across the heads: 64 x S), then the mean
-  // written once to the (B, L, S) output.
+  // turn, each adding its rows / H into w.avg (in L2 across the heads: 64 x S), then the
+  // mean written once to the (B, L, S) output.
   void averaged_weights_task(int64_t t, FwdWork& w) const {
     const int64_t nqb = q_blocks(), b = t / nqb, qb = t % nqb;
     const int64_t i0 = qb * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
@@ -605,9 +612,8 @@ struct Flash {
     std::fill(avg, avg + bq * p.S, A(0));
     for (int64_t h = 0; h < p.H; ++h) forward_weights_task((b * p.H + h) * nqb + qb, w, avg);
     T* wout = static_cast<T*>(p.weights) + (b * p.L + i0) * p.S;
-    const A inv_h = A(1) / A(p.H);
     for (int64_t r = 0; r < bq; ++r)
-      for (int64_t c = 0; c < p.S; ++c) store(avg[r * p.S + c] * inv_h, wout + r * p.S + c);
+      for (int64_t c = 0; c < p.S; ++c) store(avg[r * p.S + c], wout + r * p.S + c);
   }
 
   // Packed workspace: per (b, hk, key block jb) a slot of packed_slot(p) elements, K^T
@@ -1065,7 +1071,11 @@ struct Flash {
     }
     // Rows of s end normalised, except for half types without dropout: there the weights are
     // rounded from exp * (1 / sum) in one pass, and w.l keeps 1 / sum for the odd block below.
-    const bool s_normalised = std::is_same_v<T, A> || p.dropout;
+    // Averaging fp32/fp64 (out_scaled): the rows stay exp, avg takes exp * (1 / sum) / H in
+    // one pass, and O = exp V is scaled by w.l = 1 / sum once formed (a pass fewer per score).
+    const bool out_scaled = avg != nullptr && std::is_same_v<T, A>;
+    const bool s_normalised = (std::is_same_v<T, A> && !out_scaled) || (kIsHalf<T> && p.dropout);
+    const A inv_h = A(1) / A(p.H);
     for (int64_t r = 0; r < bq; ++r) {
       A* row = s + r * lds;
       T* wrow = wout + r * p.S;
@@ -1087,18 +1097,17 @@ struct Flash {
           scale_narrow_row(row, inv, wrow, ns);
           w.l[r] = inv;
         }
+      } else if (out_scaled) {
+        w.l[r] = inv;
+        add_scaled_row(avg + r * p.S, row, ns, inv * inv_h);
       } else {
         scale_row(row, ns, inv);
       }
-      if (avg) {  // the returned weights of this head (half types: as rounded), summed
-        if constexpr (std::is_same_v<T, A>) {
-          add_row(avg + r * p.S, wrow, ns);
-        } else {
-          A* arow = avg + r * p.S;
-          for (int64_t c = 0; c < ns; ++c) arow[c] += to_acc(wrow[c]);
-        }
-      } else {
+      if (!avg) {
         std::fill(wrow + ns, wrow + p.S, T{});
+      } else if constexpr (kIsHalf<T>) {  // this head's weights as returned (rounded), / H
+        A* arow = avg + r * p.S;
+        for (int64_t c = 0; c < ns; ++c) arow[c] += to_acc(wrow[c]) * inv_h;
       }
       lse[r] = sum > A(0) ? m * mul + std::log(sum) : (sum == A(0) ? kNegInf : sum);
     }
@@ -1117,7 +1126,7 @@ struct Flash {
         A* pd = w.s.data();  // bq x bkp
         for (int64_t r = 0; r < bq; ++r) {
           std::copy(s + r * lds + j0, s + r * lds + j0 + bk, pd + r * bkp);
-          if (!s_normalised) scale_row(pd + r * bkp, bk, w.l[r]);
+          if (!s_normalised && !out_scaled) scale_row(pd + r * bkp, bk, w.l[r]);
           if (p.dropout) drop_row(pd + r * bkp, b, h, i0 + r, j0, bk);
           if (bkp != bk) pd[r * bkp + bk] = A(0);
         }
@@ -1134,7 +1143,8 @@ struct Flash {
       }
     }
     for (int64_t r = 0; r < bq; ++r) {
-      for (int64_t c = 0; c < p.Ev; ++c) store(acc[r * p.Ev + c], out + r * p.o_sr + c);
+      const A a = out_scaled ? w.l[r] : A(1);
+      for (int64_t c = 0; c < p.Ev; ++c) store(acc[r * p.Ev + c] * a, out + r * p.o_sr + c);
     }
   }
 
