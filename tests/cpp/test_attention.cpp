@@ -30,6 +30,22 @@ TEST_CASE("attention matches the fp64 formula on odd sizes", "[attention]") {
   }
 }
 
+TEST_CASE("average_weights returns the mean of the heads' weights", "[attention][weights]") {
+  torch::manual_seed(3);
+  // 130 float32 queries: the fused kernel's per-head loop into one fp32 sum.
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    auto q = randn({2, 4, 130, 16}, dtype), k = randn({2, 2, 77, 16}, dtype), v = randn({2, 2, 77, 8}, dtype);
+    auto pad = torch::rand({2, 77}) > 0.7;
+    auto o = AttentionOptions().enable_gqa(true).key_padding_mask(pad).is_causal(true).return_weights(true);
+    auto per_head = fusedattn::attention(q, k, v, o);
+    auto averaged = fusedattn::attention(q, k, v, o.average_weights(true));
+    REQUIRE(averaged.weights->sizes() == torch::IntArrayRef({2, 130, 77}));
+    const double tol = dtype == torch::kDouble ? 1e-12 : 1e-6;
+    require_close(*averaged.weights, per_head.weights->mean(1), tol);
+    require_close(averaged.out, per_head.out, tol);
+  }
+}
+
 TEST_CASE("attention masks: bool, float, key padding, both causal alignments, GQA", "[attention]") {
   torch::manual_seed(1);
   const int64_t N = 2, H = 4, Hk = 2, L = 6, S = 9;

@@ -261,9 +261,11 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra, we
     # fully padded batch give rows with no visible key (0 out, lse -inf). causal_dropout with
     # Ev = 100: causal products stop early in V's blocks, whose second 64-column panel must
     # still be found (it was not: a wrong output, found in session 5). weights: the kernel
-    # that forms whole score rows. fp32 with as many queries runs its products on brgemm
-    # (oneDNN's fp32 kernels) with K^T formed once; "unpacked" keeps MKL's sgemm.
-    N, H, Hk, L = 2, 4, 2, 131
+    # that forms whole score rows. fp32 with >= 512 queries per key/value head runs its
+    # products on brgemm (oneDNN's fp32 kernels) with K^T formed once; "unpacked" keeps MKL's
+    # sgemm.
+    N, H, Hk = 2, 4, 2
+    L = 257 if dtype == torch.float32 else 131
     gen = torch.Generator().manual_seed(E + S)
     q = torch.randn(N, H, L, E, generator=gen).to(dtype)
     k = torch.randn(N, Hk, S, E, generator=gen).to(dtype)
@@ -363,7 +365,8 @@ def test_packed_forward_reads_strided_views(monkeypatch, dtype, causal):
     # keys-as-rows path gathers Q's element pairs at unaligned offsets and hands K's rows to
     # the GEMM with that stride; fp32 transposes K (forward), Q and dO (backward) by gathers
     # and hands V's, K's, Q's and dO's rows to brgemm with it.
-    N, H, L, S, E = 2, 3, 200, 333, 64
+    N, H, S, E = 2, 3, 333, 64
+    L = 520 if dtype == torch.float32 else 200  # fp32's brgemm forward: >= 512 queries
     gen = torch.Generator().manual_seed(3)
     wide = [torch.randn(N, n, H, E + 1, generator=gen).to(dtype) for n in (L, S, S)]
     kpm = torch.rand(N, S, generator=gen) > 0.7
@@ -389,7 +392,7 @@ def test_packed_forward_reads_strided_views(monkeypatch, dtype, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("L", [10, 200])  # 200: the brgemm / keys-as-rows paths where they run
+@pytest.mark.parametrize("L", [10, 200, 520])  # 200, 520: brgemm / keys-as-rows paths
 @pytest.mark.parametrize("kpm_kind", ["bool", "float"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("weights", [False, True])

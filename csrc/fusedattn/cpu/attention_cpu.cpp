@@ -83,13 +83,16 @@ const kernels::PackedGemm* packed_gemm_for(const FlashParams& p, at::ScalarType 
   return nullptr;
 }
 
-// The fp32 forward's block products on cpublas::brgemm (oneDNN's JIT kernels where the CPU
-// and the build allow, LibTorch's gemm otherwise: correct either way), with K^T formed once
-// per call; same threshold as packing. A single row's (or single-depth row's) stride is never
-// stepped over, but oneDNN checks it: raised to the row length there.
-kernels::FloatGemm float_gemm_for(const FlashParams& p) {
+// fp32 block products on cpublas::brgemm (oneDNN's JIT kernels where the CPU and the build
+// allow, LibTorch's gemm otherwise: correct either way), for at least min_queries queries per
+// key/value head: the forward forms K^T once per call (a workspace the size of K, whose first
+// touch costs page faults: at L=128-256 that outweighed the faster products, 3.7 vs 2.2 ms
+// with every block its own mapping, so the forward asks for 512); the backward, 128. A single
+// row's (or single-depth row's) stride is never stepped over, but oneDNN checks it: raised
+// to the row length there.
+kernels::FloatGemm float_gemm_for(const FlashParams& p, int64_t min_queries) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (packing_disabled() || p.S == 0 || p.L * (p.H / p.Hk) < 128) return nullptr;
+  if (packing_disabled() || p.S == 0 || p.L * (p.H / p.Hk) < min_queries) return nullptr;
   return [](int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
             const float* a, const float* b, float* c) {
     at::native::cpublas::brgemm(m, n, k, m == 1 ? std::max(lda, k) : lda,
@@ -97,7 +100,7 @@ kernels::FloatGemm float_gemm_for(const FlashParams& p) {
                                 /*is_vnni=*/false);
   };
 #else
-  (void)p;
+  (void)p, (void)min_queries;
   return nullptr;
 #endif
 }
@@ -156,7 +159,8 @@ Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Te
 // mode; bf16 weights at L=512, 16 MiB: 18.9 -> 13.2 ms a call with every block its own
 // mapping, as the benchmark runs). From 4 MiB on (whole 2 MiB pages inside). Advice that
 // outlives the tensor (memory the allocator keeps) only makes later pages there huge too.
-// A hint: where the kernel declines it, nothing changes.
+// A hint: where the kernel declines it, nothing changes. Also given to the forward's K/V
+// workspace, which is as large as K (and V) and as fresh.
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
@@ -204,9 +208,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     p.average_weights = average_weights;
   }
   at::Tensor packed_ws;
-  if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p);
+  if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p, /*min_queries=*/512);
   if ((p.packed = packed_gemm_for(p, query.scalar_type())) || p.fgemm) {
     packed_ws = at::empty({kernels::flash_packed_elems(p)}, query.options());
+    advise_huge_pages(packed_ws);
     p.packed_ws = packed_ws.data_ptr();
     run_tasks(kernels::flash_pack_tasks(p), p, kernels::flash_pack_cpu);
   }
@@ -258,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   auto dv = at::empty(value.sizes(), value.options());
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.packed = packed_gemm_for(p, query.scalar_type());  // bf16: the keys-as-rows backward
-  if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p);  // fp32: the same
+  if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p, /*min_queries=*/128);
   run_tasks(kernels::flash_backward_tasks(p), p, kernels::flash_backward_cpu);
   return {dq, dk, dv, at::empty({0}, query.options()), at::empty({0}, query.options())};
 }
