@@ -1263,6 +1263,21 @@ struct Flash {
     for (int64_t i = 0; i < p.S * p.Ev; ++i) store(w.dv[i], dv + i);
   }
 
+  // Keys-as-rows backwards, per query head h: w.lse and w.d for queries 0 .. Lp - 1: lse
+  // (+inf where the query sees no key, or is padding past L: exp gives 0) and D =
+  // rowsum(dO * O) - dlse (softmax's backward term and lse's own gradient).
+  void kr_lse_and_d(int64_t b, int64_t h, BwdWork& w) const {
+    const A* lse_in = lse_row(b, h);
+    const A* dlse = p.dlse ? static_cast<const A*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
+    for (int64_t i = 0; i < l_pad(p); ++i) {
+      if (i >= p.L) {
+        w.lse[i] = std::numeric_limits<A>::infinity(), w.d[i] = A(0);
+        continue;
+      }
+      w.lse[i] = lse_in[i] == kNegInf ? std::numeric_limits<A>::infinity() : lse_in[i];
+      w.d[i] = out_dot_dout(b, h, i) - (dlse ? dlse[i] : A(0));
+    }
+  }
   void backward_task_kr(int64_t t, BwdWork& w) const;  // bf16 and fp32 (defined below)
 };
 
@@ -1312,18 +1327,7 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
     }
   };
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const float* lse_in = lse_row(b, h);
-    const float* dlse = p.dlse ? static_cast<const float*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
-    // Per query: lse (+inf where the query sees no key, or is padding: exp gives 0) and
-    // D = rowsum(dO * O) - dlse (softmax's backward term and lse's own gradient).
-    for (int64_t i = 0; i < Lp; ++i) {
-      if (i >= p.L) {
-        w.lse[i] = std::numeric_limits<float>::infinity(), w.d[i] = 0.f;
-        continue;
-      }
-      w.lse[i] = lse_in[i] == kNegInfF ? std::numeric_limits<float>::infinity() : lse_in[i];
-      w.d[i] = out_dot_dout(b, h, i) - (dlse ? dlse[i] : 0.f);
-    }
+    kr_lse_and_d(b, h, w);
     // This head's packed operands (rows past L zero).
     for (const bool is_q : {true, false}) {
       const T* x = is_q ? q_rows(b, h, 0) : dout_rows(b, h, 0);
@@ -1430,18 +1434,7 @@ FUSEDATTN_ZMM void Flash<float>::backward_task_kr(int64_t t, BwdWork& w) const {
   std::fill(w.dk.begin(), w.dk.end(), 0.f);
   std::fill(w.dv.begin(), w.dv.end(), 0.f);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const float* lse_in = lse_row(b, h);
-    const float* dlse = p.dlse ? static_cast<const float*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
-    // Per query: lse (+inf where the query sees no key or is padding: exp gives 0) and
-    // D = rowsum(dO * O) - dlse.
-    for (int64_t i = 0; i < Lp; ++i) {
-      if (i >= p.L) {
-        w.lse[i] = std::numeric_limits<float>::infinity(), w.d[i] = 0.f;
-        continue;
-      }
-      w.lse[i] = lse_in[i] == kNegInfF ? std::numeric_limits<float>::infinity() : lse_in[i];
-      w.d[i] = out_dot_dout(b, h, i) - (dlse ? dlse[i] : 0.f);
-    }
+    kr_lse_and_d(b, h, w);
     // Q^T (E x Lp) and dO^T (Ev x Lp), row stride ldq, columns L.. zero.
     float* qt = w.qt.data();
     float* dot = w.dot.data();
