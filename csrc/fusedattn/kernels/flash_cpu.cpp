@@ -565,7 +565,7 @@ struct Flash {
     std::vector<A> s, acc, m, l, bias;
     // Scores against all keys (weights): half types', or every type's when averaging.
     std::vector<A> rows;
-    std::vector<A> avg;                    // averaging: the sum of the heads' weights
+    std::vector<A> avg;                    // averaging, half types: the heads' weights summed
     std::vector<T> head;                   // averaging, half types: one head's rounded weights
     std::vector<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
     std::vector<uint16_t> keep;            // its lane masks per key
@@ -573,8 +573,8 @@ struct Flash {
         : s(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * p.Ev), m(kFwdBlockQ), l(kFwdBlockQ),
           bias(kFwdBlockK),
           rows(p.weights && (kIsHalf<T> || p.average_weights) ? kFwdBlockQ * p.S : 0),
-          avg(p.weights && p.average_weights ? kFwdBlockQ * p.S : 0),
-          head(kIsHalf<T> ? avg.size() : 0),
+          avg(kIsHalf<T> && p.weights && p.average_weights ? kFwdBlockQ * p.S : 0),
+          head(avg.size()),
           narrow(kIsHalf<T> ? kFwdBlockQ * kFwdBlockK : 0),
           qt(keys_as_rows(p) ? p.E * kFwdBlockQ : 0), qt_packed(qt.size()),
           keep(keys_as_rows(p) ? 4 * kFwdBlockK : 0) {}
@@ -603,17 +603,23 @@ struct Flash {
   }
 
   // Task t = (b, block of queries) with head-averaged weights: the heads' weights tasks in
-  // turn, each adding its rows / H into w.avg (in L2 across the heads: 64 x S), then the
-  // mean written once to the (B, L, S) output.
+  // turn, each adding its rows / H into the sum (64 x S, in L2 across the heads): the output
+  // rows themselves for fp32/fp64, w.avg for half types, rounded once at the end.
   void averaged_weights_task(int64_t t, FwdWork& w) const {
     const int64_t nqb = q_blocks(), b = t / nqb, qb = t % nqb;
     const int64_t i0 = qb * kFwdBlockQ, bq = std::min(kFwdBlockQ, p.L - i0);
-    A* avg = w.avg.data();
+    T* wout = static_cast<T*>(p.weights) + (b * p.L + i0) * p.S;
+    A* avg;
+    if constexpr (std::is_same_v<T, A>) {
+      avg = wout;
+    } else {
+      avg = w.avg.data();
+    }
     std::fill(avg, avg + bq * p.S, A(0));
     for (int64_t h = 0; h < p.H; ++h) forward_weights_task((b * p.H + h) * nqb + qb, w, avg);
-    T* wout = static_cast<T*>(p.weights) + (b * p.L + i0) * p.S;
-    for (int64_t r = 0; r < bq; ++r)
-      for (int64_t c = 0; c < p.S; ++c) store(avg[r * p.S + c], wout + r * p.S + c);
+    if constexpr (kIsHalf<T>) {
+      for (int64_t i = 0; i < bq * p.S; ++i) store(avg[i], wout + i);
+    }
   }
 
   // Packed workspace: per (b, hk, key block jb) a slot of packed_slot(p) elements, K^T
@@ -1303,7 +1309,7 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
   const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = l_pad(p), ldkt = ld_kt(p);
   // Keys past key_end are skipped; an odd end inside S is rounded up to a padded key, so that
   // the dQ^T product's depth (bkp) never reaches a K^T column that is not zero or padding.
-  const int64_t ke = std::min(p.S, key_end(b) + (key_end(b) & 1));
+  const int64_t ke_visible = key_end(b), ke = std::min(p.S, ke_visible + (ke_visible & 1));
   const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
   const __m512 zero = _mm512_setzero_ps();
   const __m512i inter = _mm512_load_si512(kInterleave);

@@ -165,18 +165,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
           d_kpm};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_op(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights) {
-  const auto problem = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                              dropout_p, scale, enable_gqa);
-  return attention_forward(problem, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                           dropout_p, is_causal, bottom_right, return_weights, average_weights);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,

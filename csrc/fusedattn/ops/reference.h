@@ -29,14 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, bool attn_mask_grad, bool key_padding_mask_grad);
 
-// The same two, with the ops' schemas (they check their arguments): what a backend registers
-// for the calls its fused kernels do not take.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_op(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights);
+// The backward with the op's schema (it checks its arguments): what a backend without a
+// fused backward registers.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
