@@ -97,6 +97,7 @@ FUSEDATTN_VINLINE float hsum(vf v) {
 // kShort: degree 3 (7.5e-5, fitted the same way) for probabilities that are rounded to bf16
 // next, whose 8-bit mantissa rounds at 2e-3 anyway; two fewer FMAs per 16 elements.
 constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
 template <bool kShort = false>
 FUSEDATTN_VINLINE vf vexp2(vf t) {
   const vf lo = vsplat(-126.f), hi = vsplat(127.f);
@@ -188,40 +189,44 @@ FUSEDATTN_CLONES float exp_sum_bf16_row_vec(const float* x, bf16* y, int64_t n, 
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// AVX-512 versions in intrinsics. 2^t as 2^n * p(t - n) with n = round(t) by vrndscaleps and
-// 2^n applied by vscalefps (two instructions where the portable vexp2 needs seven: rounding
-// by the 1.5 * 2^23 trick, int conversion, exponent add and shift, and the clamps those need);
-// lanes with t < -126 (-inf included) are zeroed by the scalef's mask, NaN stays NaN (the
-// mask's compare is unordered-true), t > 128 gives inf. Same polynomials as vexp2. Row tails
-// run the same code under a lane mask instead of a scalar loop.
+// AVX-512 versions in intrinsics. 2^t as 2^n * p(f), f = t - n, with f from one vreduceps
+// (AVX512-DQ: the fraction left after rounding, exact) and 2^n applied by vscalefps, which
+// takes floor(n) of any n. The short (degree-3) form rounds down: f in [0, 1), scalef takes t
+// itself, and p is vexp2's degree-3 fit on [-1/2, 1/2] re-expanded around 1/2 (same relative
+// error, 7.5e-5); the long (degree-5) form rounds to nearest and forms n = t - f (exact),
+// keeping vexp2's polynomial as it is. Lanes with t < -126 (-inf
+// included) are zeroed by the scalef's mask, NaN stays NaN (the mask's compare is unordered-
+// true), t > 128 gives inf.
 // Measured (perf, bf16 forward, L=1024): the portable loop was 25 instructions per 16
-// elements, 23 of them on the two vector ports, and 26% of the forward; this one is 12.
+// elements, 23 of them on the two vector ports, and 26% of the forward; vrndscaleps + subtract
+// made it 12; vreduceps (one uop where vrndscaleps is two) 1.75 vs 2.1 ns per 16 in a loop of
+// exp alone.
 // GCC 12's AVX-512 headers build unmasked intrinsics on _mm512_undefined_*(), which its own
 // -Wmaybe-uninitialized then reports (GCC bug 105593): silenced for this section only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define FUSEDATTN_ZMM __attribute__((target("avx512f")))
+#define FUSEDATTN_ZMM __attribute__((target("avx512f,avx512dq")))
 #define FUSEDATTN_ZMM_INLINE FUSEDATTN_ZMM inline __attribute__((always_inline))
 template <bool kShort>
 FUSEDATTN_ZMM_INLINE __m512 exp2_zmm(__m512 t, __mmask16 keep = 0xffff) {
   const __mmask16 live = _mm512_mask_cmp_ps_mask(keep, t, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 y;
   if constexpr (kShort) {
-    y = _mm512_fmadd_ps(_mm512_set1_ps(5.517166853e-2f), f, _mm512_set1_ps(2.426111400e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.932609677e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.999280572e-1f));
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(7.8024521470e-2f), f, _mm512_set1_ps(2.2606718540e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9583350420e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.9992519617e-1f));
+    return _mm512_maskz_scalef_ps(live, y, t);
   } else {
-    y = _mm512_fmadd_ps(_mm512_set1_ps(1.327647129073739e-3f), f,
-                        _mm512_set1_ps(9.675540961325169e-3f));
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.327647129073739e-3f), f,
+                               _mm512_set1_ps(9.675540961325169e-3f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550713092088699e-2f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022120237350464e-1f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931469440460205e-1f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000001192092896f));
+    return _mm512_maskz_scalef_ps(live, y, _mm512_sub_ps(t, f));
   }
-  return _mm512_maskz_scalef_ps(live, y, n);
 }
 // For every 16-lane chunk of a row of n: e = exp(x * mul - sub) (the product formed first, as
 // in vexp), then sink(i, lanes, e); returns the sum of e over the row if kSum.
@@ -252,7 +257,7 @@ FUSEDATTN_ZMM float exp_sum_row_short_zmm(float* x, int64_t n, float mul, float 
 #undef FUSEDATTN_STORE_F32
 // bf16 rounding in one instruction (vcvtneps2bf16: nearest even, NaN stays a quiet NaN) where
 // the CPU has AVX512-BF16.
-#define FUSEDATTN_ZMM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define FUSEDATTN_ZMM_BF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16")))
 FUSEDATTN_ZMM_BF16 float exp_sum_bf16_row_zmm(const float* x, bf16* y, int64_t n, float mul,
                                               float sub) {
   return exp_row_zmm<true, true>(
@@ -271,7 +276,7 @@ FUSEDATTN_ZMM_BF16 void scale_narrow_row_zmm(const float* x, float a, bf16* y, i
 }
 // Picked once (function-local statics: __builtin_cpu_supports is ready by then).
 bool has_zmm() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
   return yes;
 }
 bool has_zmm_bf16() {
@@ -787,20 +792,25 @@ struct Flash {
   // packed layout itself (pairs of keys interleaved: vcvtne2ps2bf16 + vpermw), the B operand
   // of O^T (Ev x bq) += V^T P^T. Two brgemm calls per block where the query-rows path makes
   // nine (S in 64-column panels, then P V), and no packing of K.
-  // Per 16 elements of S: load + FMA + masked max; then FMA with (bias - max) folded in, the
-  // multiply by log2(e), exp (8 ops), add, and half a convert/permute/store. Masks: key
-  // padding as a per-key bias (-inf: the key is skipped), causal as lane masks. The scores
-  // enter as fma(s, scale, bias - max), so a large |s * scale| costs no extra rounding.
-  // Measured against the query-rows path: perf/bench entries 4c-4d in PERFORMANCE.md.
+  // Everything is in log2 units (scale and the key bias pre-multiplied by log2(e)), so that
+  // the exponent needs no multiply. Per 16 elements of S: load + multiply (FMA with a key
+  // bias) + masked max; then one FMA (s * scale - max; with a bias, + bias - max), exp2 (6
+  // ops), add, and half a convert/permute/store. Masks: key padding as a per-key bias (-inf:
+  // the key is skipped), causal as lane masks. The scores enter as fma(s, scale, bias - max),
+  // so a large |s * scale| costs no extra rounding.
+  // Measured against the query-rows path: perf/bench entries 4c-4d in PERFORMANCE.md; log2
+  // units, vreduceps and the bias-free loops: 8a.
   FUSEDATTN_ZMM_BF16 void forward_task_kr(int64_t t, FwdWork& w) const {
     static_assert(kFwdBlockQ <= 64, "Q^T must be one packed panel");
     constexpr int64_t kLd = kFwdBlockQ;  // row stride of S^T and O^T
     constexpr float kInf = std::numeric_limits<float>::infinity();
     const auto [bh, b, h, hk, i0, bq] = q_task(t);
     const int64_t nc = (bq + 15) / 16, ldb = 16 * nc;  // vectors of queries; P^T's pair stride
-    const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
+    // Scores enter in log2 units: s * scale * log2(e) + bias_j * log2(e).
+    const __m512 scale = _mm512_set1_ps(float(p.scale * double(kLog2e)));
+    const bool has_bias = p.kpm_kind != MaskKind::None;
     const __m512 ninf = _mm512_set1_ps(-kInf), zero = _mm512_setzero_ps();
-    __m512 m[4], l[4];  // per 16 queries: running max (of scaled + biased scores) and sum
+    __m512 m[4], l[4];  // per 16 queries: running max (of the scores in log2 units) and sum
     __mmask16 qmask[4];  // lanes that are queries of this task
     for (int c = 0; c < 4; ++c) {
       m[c] = ninf, l[c] = zero;
@@ -842,6 +852,8 @@ struct Flash {
       p.packed->gemm(bk, bq, p.E, p.E, p.k_sr, kLd, false, k_rows(b, hk, j0), w.qt_packed.data(), st);
       float* bias = w.bias.data();
       key_bias(b, j0, bk, bias);
+      if (has_bias)
+        for (int64_t j = 0; j < bk; ++j) bias[j] *= kLog2e;
 
       // keep[c * kFwdBlockK + j]: the lanes of query vector c that see key j (causal; padding,
       // a bias of -inf, hides a key from all), 16 keys at a time.
@@ -868,12 +880,20 @@ struct Flash {
         const float* col = st + 16 * c;
         __m512 mb0 = ninf, mb1 = ninf;  // two chains: vmaxps' latency, not its throughput
         int64_t j = 0;
-        for (; j + 1 < bk; j += 2) {
-          const __m512 v0 = _mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale, _mm512_set1_ps(bias[j]));
-          const __m512 v1 = _mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale,
-                                            _mm512_set1_ps(bias[j + 1]));
-          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, v0);
-          mb1 = _mm512_mask_max_ps(mb1, keep[j + 1], mb1, v1);
+        if (has_bias) {
+          for (; j + 1 < bk; j += 2) {
+            const __m512 v0 = _mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale, _mm512_set1_ps(bias[j]));
+            const __m512 v1 = _mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale,
+                                              _mm512_set1_ps(bias[j + 1]));
+            mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, v0);
+            mb1 = _mm512_mask_max_ps(mb1, keep[j + 1], mb1, v1);
+          }
+        } else {
+          for (; j + 1 < bk; j += 2) {
+            mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, _mm512_mul_ps(_mm512_loadu_ps(col + j * kLd), scale));
+            mb1 = _mm512_mask_max_ps(mb1, keep[j + 1], mb1,
+                                     _mm512_mul_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale));
+          }
         }
         if (j < bk) {
           const __m512 v0 = _mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale, _mm512_set1_ps(bias[j]));
@@ -883,28 +903,34 @@ struct Flash {
         // so that exp(-inf - 0) = 0 instead of NaN.
         const __m512 mn = _mm512_max_ps(m[c], _mm512_max_ps(mb0, mb1));
         const __m512 ms = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mn, ninf, _CMP_EQ_OQ), mn, zero);
-        const __m512 alpha = exp2_zmm<false>(_mm512_mul_ps(_mm512_sub_ps(m[c], ms), l2e));
+        const __m512 alpha = exp2_zmm<false>(_mm512_sub_ps(m[c], ms));
         m[c] = mn;
         for (int64_t r = 0; r < p.Ev; ++r) {
           float* o = ot + r * kLd + 16 * c;
           _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
         }
-        // exp((s * scale + bias_j) - m) for keys j, j + 1, rounded and interleaved in pairs.
+        // 2^(s * scale + bias_j - m) for keys j, j + 1, rounded and interleaved in pairs.
         __m512 sum = _mm512_mul_ps(l[c], alpha);
         T* pc = pt + 32 * c;
-        for (j = 0; j < bk; j += 2) {
-          const __m512 x0 = _mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale,
-                                            _mm512_sub_ps(_mm512_set1_ps(bias[j]), ms));
-          const __m512 e0 = exp2_zmm<true>(_mm512_mul_ps(x0, l2e), keep[j]);
-          __m512 e1 = zero;  // the zero key that pads an odd block
-          if (j + 1 < bk) {
-            const __m512 x1 = _mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale,
-                                              _mm512_sub_ps(_mm512_set1_ps(bias[j + 1]), ms));
-            e1 = exp2_zmm<true>(_mm512_mul_ps(x1, l2e), keep[j + 1]);
+        const __m512 neg_ms = _mm512_sub_ps(zero, ms);
+        const auto exps = [&](auto biased) FUSEDATTN_ZMM_BF16 {
+          for (int64_t j = 0; j < bk; j += 2) {
+            const __m512 b0 = biased ? _mm512_add_ps(_mm512_set1_ps(bias[j]), neg_ms) : neg_ms;
+            const __m512 e0 = exp2_zmm<true>(_mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale, b0), keep[j]);
+            __m512 e1 = zero;  // the zero key that pads an odd block
+            if (j + 1 < bk) {
+              const __m512 b1 = biased ? _mm512_add_ps(_mm512_set1_ps(bias[j + 1]), neg_ms) : neg_ms;
+              e1 = exp2_zmm<true>(_mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale, b1), keep[j + 1]);
+            }
+            sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+            const __m512i pair = _mm512_permutexvar_epi16(inter, __m512i(_mm512_cvtne2ps_pbh(e1, e0)));
+            _mm512_storeu_si512(pc + (j / 2) * 2 * ldb, pair);
           }
-          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-          const __m512i pair = _mm512_permutexvar_epi16(inter, __m512i(_mm512_cvtne2ps_pbh(e1, e0)));
-          _mm512_storeu_si512(pc + (j / 2) * 2 * ldb, pair);
+        };
+        if (has_bias) {
+          exps(std::true_type{});
+        } else {
+          exps(std::false_type{});
         }
         l[c] = sum;
       }
@@ -922,7 +948,7 @@ struct Flash {
         const __m512 o = _mm512_mask_i32gather_ps(zero, in, cols, ot + c * kLd + i, 4);
         _mm256_mask_storeu_epi16(out + i * p.o_sr + c, in, __m256i(_mm512_cvtneps_pbh(_mm512_mul_ps(o, inv))));
       }
-      lse[i] = lf[i] > 0.f ? mf[i] + std::log(lf[i]) : (lf[i] == 0.f ? -kInf : lf[i]);
+      lse[i] = lf[i] > 0.f ? mf[i] * kLn2 + std::log(lf[i]) : (lf[i] == 0.f ? -kInf : lf[i]);
     }
   }
 #pragma GCC diagnostic pop  // (see FUSEDATTN_ZMM)
