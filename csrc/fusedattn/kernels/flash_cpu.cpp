@@ -194,9 +194,8 @@ FUSEDATTN_CLONES float exp_sum_bf16_row_vec(const float* x, bf16* y, int64_t n, 
 // takes floor(n) of any n. The short (degree-3) form rounds down: f in [0, 1), scalef takes t
 // itself, and p is vexp2's degree-3 fit on [-1/2, 1/2] re-expanded around 1/2 (same relative
 // error, 7.5e-5); the long (degree-5) form rounds to nearest and forms n = t - f (exact),
-// keeping vexp2's polynomial as it is. Lanes with t < -126 (-inf
-// included) are zeroed by the scalef's mask, NaN stays NaN (the mask's compare is unordered-
-// true), t > 128 gives inf.
+// keeping vexp2's polynomial as it is. Lanes with t < -126 (-inf included) are zeroed by the
+// scalef's mask, NaN stays NaN (the mask's compare is unordered-true), t > 128 gives inf.
 // Measured (perf, bf16 forward, L=1024): the portable loop was 25 instructions per 16
 // elements, 23 of them on the two vector ports, and 26% of the forward; vrndscaleps + subtract
 // made it 12; vreduceps (one uop where vrndscaleps is two) 1.75 vs 2.1 ns per 16 in a loop of
@@ -797,9 +796,10 @@ struct Flash {
   // bias) + masked max; then one FMA (s * scale - max; with a bias, + bias - max), exp2 (6
   // ops), add, and half a convert/permute/store. Masks: key padding as a per-key bias (-inf:
   // the key is skipped), causal as lane masks. The scores enter as fma(s, scale, bias - max),
-  // so a large |s * scale| costs no extra rounding.
+  // so a large |s * scale| costs no extra rounding (scale's own, 6e-8 relative, is far below
+  // the bf16 rounding of P).
   // Measured against the query-rows path: perf/bench entries 4c-4d in PERFORMANCE.md; log2
-  // units, vreduceps and the bias-free loops: 8a.
+  // units, vreduceps and the bias-free loops: 8a-8b.
   FUSEDATTN_ZMM_BF16 void forward_task_kr(int64_t t, FwdWork& w) const {
     static_assert(kFwdBlockQ <= 64, "Q^T must be one packed panel");
     constexpr int64_t kLd = kFwdBlockQ;  // row stride of S^T and O^T
