@@ -316,6 +316,45 @@ FUSEDATTN_CLONES void add_row(float* x, const float* b, int64_t n) {
 FUSEDATTN_CLONES void add_scaled_row(float* x, const float* b, int64_t n, float a) {
   for (int64_t i = 0; i < n; ++i) x[i] += a * b[i];
 }
+// x += a * widen(b): a head's rounded weights into the fp32 average. The scalar loop (SSE,
+// one bf16 at a time) and the final narrowing were 19% of a bf16 forward with averaged
+// weights at L = 128 (perf).
+FUSEDATTN_CLONES void add_scaled_row(float* x, const bf16* b, int64_t n, float a) {
+  for (int64_t i = 0; i < n; ++i) x[i] += a * bits_to_float(uint32_t(b[i].x) << 16);
+}
+void add_scaled_row(float* x, const fp16* b, int64_t n, float a) {
+  for (int64_t i = 0; i < n; ++i) x[i] += a * to_acc(b[i]);
+}
+// sum_i a[i] b[i] in fp32 (bf16 widened), for softmax's backward term D = rowsum(dO * O):
+// 16 partial sums, where the scalar loop was one serial FMA chain, 38% of the bf16 keys-as-
+// rows backward task's own time at L = 128 (perf).
+FUSEDATTN_CLONES float dot_row(const float* a, const float* b, int64_t n) {
+  vf acc{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += vload(a + i) * vload(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+FUSEDATTN_VINLINE vf widen(const bf16* x) {
+  vh h;
+  std::memcpy(&h, x, sizeof h);
+  return __builtin_bit_cast(vf, __builtin_convertvector(h, vi) << 16);
+}
+FUSEDATTN_CLONES float dot_row(const bf16* a, const bf16* b, int64_t n) {
+  vf acc{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += widen(a + i) * widen(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += to_acc(a[i]) * to_acc(b[i]);
+  return s;
+}
+template <typename T>
+typename AccOf<T>::type dot_row(const T* a, const T* b, int64_t n) {  // fp64, fp16
+  typename AccOf<T>::type s = 0;
+  for (int64_t i = 0; i < n; ++i) s += to_acc(a[i]) * to_acc(b[i]);
+  return s;
+}
 // dp = p * (dp - d + glse): softmax's backward plus lse's own gradient, one row.
 FUSEDATTN_CLONES void softmax_grad_row(float* dp, const float* p, int64_t n, float d, float glse) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
@@ -340,6 +379,25 @@ void scale_narrow_row(const float* x, float a, bf16* y, int64_t n) {
 }
 void scale_narrow_row(const float* x, float a, fp16* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store(x[i] * a, y + i);
+}
+// Accumulators (fp32/fp64) into an output row of type T: rounded through the vector paths
+// above for the half types (the scalar store() loops compile to SSE here: 10% of a bf16
+// forward with weights at L = 128, perf). y = x * a, and y = x.
+template <typename A, typename T>
+void store_scaled_row(const A* x, A a, T* y, int64_t n) {
+  if constexpr (std::is_same_v<A, T>) {
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * a;
+  } else {
+    scale_narrow_row(x, a, y, n);
+  }
+}
+template <typename A, typename T>
+void store_row(const A* x, T* y, int64_t n) {
+  if constexpr (std::is_same_v<A, T>) {
+    std::copy(x, x + n, y);
+  } else {
+    narrow_row(x, y, n);
+  }
 }
 
 // fp64 versions: plain loops with std::exp (correctness over speed).
@@ -622,7 +680,7 @@ struct Flash {
     std::fill(avg, avg + bq * p.S, A(0));
     for (int64_t h = 0; h < p.H; ++h) forward_weights_task((b * p.H + h) * nqb + qb, w, avg);
     if constexpr (kIsHalf<T>) {
-      for (int64_t i = 0; i < bq * p.S; ++i) store(avg[i], wout + i);
+      store_row(avg, wout, bq * p.S);
     }
   }
 
@@ -631,23 +689,28 @@ struct Flash {
   // the packed layout pairs rows along the product's depth, which must be even. A packed
   // k x n matrix takes up to k * round_up(n, 64) elements (kFwdBlockK is a multiple of 64).
   static int64_t key_blocks(const FlashParams& q) { return (q.S + kFwdBlockK - 1) / kFwdBlockK; }
+  // Keys a slot is sized for: a whole block, or all S keys rounded up to 64 when fewer (a
+  // multiple of 64 either way, so packed panels fit). Sized for 512 keys at S = 128, the
+  // workspace was 4x too large, 32 MiB of fresh pages a call at B=32, H=8: their first-touch
+  // faults (clear_page) took 15% of a bf16 forward with weights (perf).
+  static int64_t slot_keys(const FlashParams& q) { return std::min(kFwdBlockK, round64(q.S)); }
   static int64_t packed_slot(const FlashParams& q) {
-    if (q.fgemm) return q.E * kLdKt;
-    return keys_as_rows(q) ? q.Ev * kLdVt : kFwdBlockK * (q.E + round64(q.Ev));
+    if (q.fgemm) return q.E * slot_ld_kt(q);
+    return keys_as_rows(q) ? q.Ev * slot_ld_vt(q) : slot_keys(q) * (q.E + round64(q.Ev));
   }
-  // fp32 on p.fgemm: the slot holds K^T (E x bk, row stride kLdKt, 16 floats more than the
+  // fp32 on p.fgemm: the slot holds K^T (E x bk, row stride slot_ld_kt, 16 floats more than the
   // block: at a power-of-two stride the product's B rows would share L1 sets).
-  static constexpr int64_t kLdKt = kFwdBlockK + 16;
-  // Keys-as-rows path: the slot holds V^T (Ev x bkp, row stride kLdVt; column bk zero when bk
+  static int64_t slot_ld_kt(const FlashParams& q) { return slot_keys(q) + 16; }
+  // Keys-as-rows path: the slot holds V^T (Ev x bkp, row stride slot_ld_vt; column bk zero when bk
   // is odd), the A operand of O^T += V^T P^T. The stride is a cache line more than the block
-  // (see pack()).
-  static constexpr int64_t kLdVt = kFwdBlockK + 32;  // (bf16 only; packed_slot is T-free)
+  // (see pack()). bf16 only; packed_slot is T-free.
+  static int64_t slot_ld_vt(const FlashParams& q) { return slot_keys(q) + 32; }
   T* packed_vt(int64_t b, int64_t hk, int64_t jb) const { return packed_kt(b, hk, jb); }
   T* packed_kt(int64_t b, int64_t hk, int64_t jb) const {
     return static_cast<T*>(p.packed_ws) + ((b * p.Hk + hk) * key_blocks(p) + jb) * packed_slot(p);
   }
   T* packed_v(int64_t b, int64_t hk, int64_t jb) const {
-    return packed_kt(b, hk, jb) + kFwdBlockK * p.E;
+    return packed_kt(b, hk, jb) + slot_keys(p) * p.E;
   }
   // The depth packed V of the key block starting at j0 was packed with (its bkp): a causal
   // product that stops early still steps over V's panels with it.
@@ -661,7 +724,7 @@ struct Flash {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t nb = key_blocks(p), jb = t % nb, b = t / nb / p.Hk, hk = t / nb % p.Hk;
         const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
-        transpose_any(k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), kLdKt);
+        transpose_any(k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), slot_ld_kt(p));
       }
       return;
     }
@@ -693,9 +756,10 @@ struct Flash {
       const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
       const T* v = v_rows(b, hk, j0);
       T* vt = packed_vt(b, hk, jb);
-      transpose_any(v, p.v_sr, bk, p.Ev, vt, kLdVt);
+      const int64_t ldvt = slot_ld_vt(p);
+      transpose_any(v, p.v_sr, bk, p.Ev, vt, ldvt);
       if (bk & 1)
-        for (int64_t c = 0; c < p.Ev; ++c) vt[c * kLdVt + bk] = T{};
+        for (int64_t c = 0; c < p.Ev; ++c) vt[c * ldvt + bk] = T{};
     }
   }
 
@@ -934,7 +998,7 @@ struct Flash {
         }
         l[c] = sum;
       }
-      p.packed->gemm(p.Ev, bq, bkp, bkp, kLdVt, kLd, true, packed_vt(b, hk, j0 / kFwdBlockK), pt, ot);
+      p.packed->gemm(p.Ev, bq, bkp, bkp, slot_ld_vt(p), kLd, true, packed_vt(b, hk, j0 / kFwdBlockK), pt, ot);
     }
     alignas(64) float mf[64], lf[64];
     for (int c = 0; c < nc; ++c) _mm512_store_ps(mf + 16 * c, m[c]), _mm512_store_ps(lf + 16 * c, l[c]);
@@ -982,7 +1046,7 @@ struct Flash {
         p.packed->gemm(bq, bk, p.E, p.E, p.q_sr, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK),
                        reinterpret_cast<float*>(s));
       } else if (fk) {
-        fgemm(bq, bk, p.E, p.q_sr, kLdKt, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK), s);
+        fgemm(bq, bk, p.E, p.q_sr, slot_ld_kt(p), bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK), s);
       } else {
         mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, k_rows(b, hk, j0), p.k_sr, A(0), s, bk);
       }
@@ -1037,7 +1101,7 @@ struct Flash {
     for (int64_t r = 0; r < bq; ++r) {
       const A inv = w.l[r] > A(0) ? A(1) / w.l[r] : A(0);  // no visible key: output 0
       const A* a = w.acc.data() + r * p.Ev;
-      for (int64_t c = 0; c < p.Ev; ++c) store(a[c] * inv, out + r * p.o_sr + c);
+      store_scaled_row(a, inv, out + r * p.o_sr, p.Ev);
       // l == 0: no visible key, lse = -inf; l NaN (NaN input) stays NaN.
       lse[r] = w.l[r] > A(0) ? w.m[r] * mul + std::log(w.l[r]) : (w.l[r] == A(0) ? kNegInf : w.l[r]);
     }
@@ -1092,7 +1156,7 @@ struct Flash {
       }
     } else if (fk) {
       for (int64_t j0 = 0; j0 < ns; j0 += kFwdBlockK) {
-        fgemm(bq, std::min(kFwdBlockK, ns - j0), p.E, p.q_sr, kLdKt, lds, false, q,
+        fgemm(bq, std::min(kFwdBlockK, ns - j0), p.E, p.q_sr, slot_ld_kt(p), lds, false, q,
               packed_kt(b, hk, j0 / kFwdBlockK), s + j0);
       }
     } else {
@@ -1139,7 +1203,7 @@ struct Flash {
         std::fill(wrow + ns, wrow + p.S, T{});
       } else if constexpr (kIsHalf<T>) {  // this head's weights as returned (rounded), / H
         A* arow = avg + r * p.S;
-        for (int64_t c = 0; c < ns; ++c) arow[c] += to_acc(wrow[c]) * inv_h;
+        add_scaled_row(arow, wrow, ns, inv_h);
       }
       lse[r] = sum > A(0) ? m * mul + std::log(sum) : (sum == A(0) ? kNegInf : sum);
     }
@@ -1175,8 +1239,7 @@ struct Flash {
       }
     }
     for (int64_t r = 0; r < bq; ++r) {
-      const A a = out_scaled ? w.l[r] : A(1);
-      for (int64_t c = 0; c < p.Ev; ++c) store(acc[r * p.Ev + c] * a, out + r * p.o_sr + c);
+      store_scaled_row(acc + r * p.Ev, out_scaled ? w.l[r] : A(1), out + r * p.o_sr, p.Ev);
     }
   }
 
@@ -1274,7 +1337,7 @@ struct Flash {
         }
       }
       T* dq = static_cast<T*>(p.dq) + (b * p.H + h) * p.L * p.E;
-      for (int64_t i = 0; i < p.L * p.E; ++i) store(w.dq[i], dq + i);
+      store_row(w.dq.data(), dq, p.L * p.E);
     }
     store_dk_dv(b, hk, w);
   }
@@ -1282,17 +1345,14 @@ struct Flash {
   // D_i = rowsum(dO * O) for query i: softmax's backward term.
   A out_dot_dout(int64_t b, int64_t h, int64_t i) const {
     const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
-    const T* g = dout_rows(b, h, i);
-    A acc = 0;
-    for (int64_t c = 0; c < p.Ev; ++c) acc += A(to_acc(o[c])) * A(to_acc(g[c]));
-    return acc;
+    return dot_row(o, dout_rows(b, h, i), p.Ev);
   }
   // The task's accumulated dK, dV (fp32/fp64) into the outputs.
   void store_dk_dv(int64_t b, int64_t hk, const BwdWork& w) const {
     T* dk = static_cast<T*>(p.dk) + (b * p.Hk + hk) * p.S * p.E;
     T* dv = static_cast<T*>(p.dv) + (b * p.Hk + hk) * p.S * p.Ev;
-    for (int64_t i = 0; i < p.S * p.E; ++i) store(w.dk[i], dk + i);
-    for (int64_t i = 0; i < p.S * p.Ev; ++i) store(w.dv[i], dv + i);
+    store_row(w.dk.data(), dk, p.S * p.E);
+    store_row(w.dv.data(), dv, p.S * p.Ev);
   }
 
   // Keys-as-rows backwards, per query head h: w.lse and w.d for queries 0 .. Lp - 1: lse
