@@ -37,3 +37,34 @@ def _attention_backward_fake(grad_out, grad_weights, grad_lse, query, key, value
 
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
             grad_of(attn_mask, attn_mask_grad), grad_of(key_padding_mask, key_padding_mask_grad))
+
+
+@torch.library.register_fake("fusedattn::_attention_qkv_forward")
+def _attention_qkv_forward_fake(qkv, num_heads, seq_first, attn_mask, key_padding_mask,
+                                dropout_seed, dropout_p, is_causal, return_weights,
+                                average_weights):
+    torch._check(qkv.dim() == 3, lambda: "attention_qkv: qkv must be 3-D")
+    a, b, three_e = qkv.shape
+    n, seq = (b, a) if seq_first else (a, b)
+    out = qkv.new_empty((a, b, three_e // 3))
+    lse = qkv.new_empty((n, num_heads, seq), dtype=_accumulate_dtype(qkv.dtype))
+    if not return_weights:
+        weights = qkv.new_empty((0,))
+    elif average_weights:
+        weights = qkv.new_empty((n, seq, seq))
+    else:
+        weights = qkv.new_empty((n, num_heads, seq, seq))
+    return out, lse, weights
+
+
+@torch.library.register_fake("fusedattn::_attention_qkv_backward")
+def _attention_qkv_backward_fake(grad_out, grad_weights, grad_lse, qkv, out, lse, num_heads,
+                                 seq_first, attn_mask, key_padding_mask, dropout_seed, dropout_p,
+                                 is_causal, attn_mask_grad, key_padding_mask_grad):
+    def grad_of(mask, wanted):
+        if wanted and mask is not None and mask.is_floating_point():
+            return mask.new_empty(mask.shape)
+        return qkv.new_empty((0,))
+
+    return (qkv.new_empty(qkv.shape), grad_of(attn_mask, attn_mask_grad),
+            grad_of(key_padding_mask, key_padding_mask_grad))

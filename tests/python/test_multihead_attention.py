@@ -89,6 +89,133 @@ def test_self_attention_packed_path_and_no_weights(batch_first):
     torch.testing.assert_close(out, theirs(q, k, v, need_weights=False)[0])
 
 
+# Self-attention (one tensor passed as query, key and value) on the CPU runs the packed op
+# `_attention_qkv_forward`: q, k, v read in place from the in-projection's output, the
+# output written heads-merged, the gradient written into one (A, B, 3E) tensor.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "kpm_bool", "kpm_float", "attn_bool",
+                                       "attn_float_3d", "both"])
+@pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
+def test_self_attention_parity_with_torch(dtype, batch_first, mask_kind, need_weights, average):
+    ours, theirs = pair(dtype, batch_first=batch_first)
+    x, _, _ = inputs(batch_first=batch_first, dtype=dtype, self_attn=True)
+    kw = dict(masks(mask_kind, dtype, seq=L), need_weights=need_weights,
+              average_attn_weights=average)
+    out, w = ours(x, x, x, **kw)
+    ref, ref_w = theirs(x, x, x, **kw)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    if need_weights:
+        torch.testing.assert_close(w, ref_w, **tol)
+    # The weights' gradient too where they are returned (the op's reference backward).
+    params = [p for _, p in sorted(ours.named_parameters())]
+    ref_params = [p for _, p in sorted(theirs.named_parameters())]
+    torch.manual_seed(3)
+    g_out = torch.randn_like(out)
+    g_w = None if w is None else torch.randn_like(w)
+    loss = (out * g_out).sum() + (0 if w is None else (w * g_w).sum())
+    ref_loss = (ref * g_out).sum() + (0 if w is None else (ref_w * g_w).sum())
+    grads = torch.autograd.grad(loss, [x] + params)
+    ref_grads = torch.autograd.grad(ref_loss, [x] + ref_params)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_self_attention_float_mask_gradients():
+    ours, theirs = pair()
+    x, _, _ = inputs(self_attn=True)
+    mask = torch.randn(N * H, L, L, dtype=torch.float64, requires_grad=True)
+    kpm = torch.randn(N, L, dtype=torch.float64, requires_grad=True)
+    out, _ = ours(x, x, x, attn_mask=mask, key_padding_mask=kpm)
+    ref, _ = theirs(x, x, x, attn_mask=mask, key_padding_mask=kpm)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, mask, kpm], g),
+                    torch.autograd.grad(ref, [x, mask, kpm], g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_self_attention_gradcheck():
+    m = fusedattn.MultiheadAttention(6, 2, batch_first=True).double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    kpm = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    mask = torch.rand(5, 5) > 0.3
+    mask[:, 0] = True
+    torch.autograd.gradcheck(
+        lambda x: m(x, x, x, key_padding_mask=kpm, attn_mask=mask, is_causal=False)[0], (x,))
+    causal = torch.ones(5, 5).triu(1).bool()  # True = masked (torch's convention)
+    torch.autograd.gradcheck(lambda x: m(x, x, x, is_causal=True, attn_mask=causal)[1], (x,))
+
+
+def test_self_attention_dropout_repeats_under_a_seed_and_changes_without():
+    m = fusedattn.MultiheadAttention(E, H, dropout=0.3, batch_first=True).train()
+    x = torch.randn(N, L, E, requires_grad=True)
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        out, _ = m(x, x, x)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        runs.append((out, g))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+    assert not torch.allclose(runs[0][0], runs[2][0])
+    # The same draw as the unpacked path takes (query, key and value passed as copies).
+    torch.manual_seed(5)
+    out_unpacked, _ = m(x, x.clone(), x.clone())
+    torch.testing.assert_close(out_unpacked, runs[0][0])
+
+
+def qkv_samples():
+    def rand(*shape, dtype=torch.float64, requires_grad=False):
+        return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+    seed = torch.tensor([1234])
+    # (qkv, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed, dropout_p,
+    #  is_causal, return_weights, average_weights); qkv (A, B, 3 * H * D)
+    yield (rand(5, 2, 18, requires_grad=True), 3, True, None, None, None, 0.0, False, False, False)
+    yield (rand(2, 5, 24, requires_grad=True), 2, False, torch.rand(5, 5) > 0.3,
+           torch.rand(2, 5) > 0.7, None, 0.0, True, True, True)
+    yield (rand(3, 4, 12, dtype=torch.float32, requires_grad=True), 2, False,
+           rand(3, 2, 4, 4, dtype=torch.float32, requires_grad=True), None, seed, 0.25, False,
+           True, False)
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_opcheck_internal_qkv_forward(i):
+    args = list(qkv_samples())[i]
+    torch.library.opcheck(torch.ops.fusedattn._attention_qkv_forward.default, args)
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_op_equals_the_attention_op_on_views(seq_first, dtype):
+    # Odd sizes; bf16 at 128+ queries per head takes the packed (AMX) backward.
+    for n, seq, h, d in ((3, 37, 3, 8), (2, 130, 2, 64)):
+        a, b = (seq, n) if seq_first else (n, seq)
+        qkv = torch.randn(a, b, 3 * h * d, dtype=dtype, requires_grad=True)
+        kpm = torch.rand(n, seq) > 0.8
+        kpm[:, 0] = False
+        out, _, _ = torch.ops.fusedattn._attention_qkv_forward(qkv, h, seq_first, None, kpm, None,
+                                                              0.0, True, False, False)
+        heads = [t.unflatten(-1, (h, d)).permute(1, 2, 0, 3) if seq_first
+                 else t.unflatten(-1, (h, d)).transpose(1, 2) for t in qkv.chunk(3, -1)]
+        ref = fusedattn.attention(*heads, key_padding_mask=kpm, is_causal=True)
+        ref = ref.permute(2, 0, 1, 3) if seq_first else ref.transpose(1, 2)
+        ref = ref.flatten(-2)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        g = torch.randn_like(out)
+        (got,) = torch.autograd.grad(out, qkv, g)
+        (want,) = torch.autograd.grad(ref, qkv, g)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_qkv_op_errors_name_qkv():
+    op = torch.ops.fusedattn._attention_qkv_forward
+    with pytest.raises(RuntimeError, match="qkv must be 3-D"):
+        op(torch.randn(2, 3), 1, False, None, None, None, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match="multiple of 3 \\* num_heads"):
+        op(torch.randn(2, 3, 10), 2, False, None, None, None, 0.0, False, False, False)
+
+
 def test_unbatched_input():
     ours, theirs = pair()
     x = torch.randn(L, E, dtype=torch.float64)

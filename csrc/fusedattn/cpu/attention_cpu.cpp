@@ -24,6 +24,7 @@
 #endif
 
 #include "fusedattn/kernels/flash_cpu.h"
+#include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/reference.h"
 
@@ -178,25 +179,19 @@ void run_tasks(int64_t tasks, const FlashParams& p, Kernel kernel) {
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+// The fused forward, its output written into out4, a (B, H, L, Ev) view with a contiguous
+// last dim (rows of different (b, h) apart). -> (lse, weights)
+std::tuple<at::Tensor, at::Tensor> forward_into(
+    const AttentionProblem& pb, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights) {
-  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                         dropout_p, scale, enable_gqa);
-  if (reference_requested()) {
-    return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
-                                        dropout_seed, dropout_p, is_causal, bottom_right,
-                                        return_weights, average_weights);
-  }
+    bool bottom_right, bool return_weights, bool average_weights, const at::Tensor& out4) {
   auto launch = prepare(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
                         dropout_p, is_causal, bottom_right);
   auto& p = launch.p;
-  auto out = at::empty(pb.out_shape(), query.options());
   auto lse = at::empty(pb.lse_shape(), query.options().dtype(accumulate_type(query.scalar_type())));
-  p.out = out.data_ptr(), p.o_sh = p.L * p.Ev, p.o_sb = p.H * p.o_sh, p.o_sr = p.Ev;
+  p.out = out4.data_ptr(), p.o_sb = out4.stride(0), p.o_sh = out4.stride(1), p.o_sr = out4.stride(2);
   p.lse = lse.data_ptr();
   at::Tensor weights = at::empty({0}, query.options());
   if (return_weights) {
@@ -216,29 +211,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     run_tasks(kernels::flash_pack_tasks(p), p, kernels::flash_pack_cpu);
   }
   run_tasks(kernels::flash_forward_tasks(p), p, kernels::flash_forward_cpu);
+  return {lse, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
+    bool average_weights) {
+  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
+                                         dropout_p, scale, enable_gqa);
+  if (reference_requested()) {
+    return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
+                                        dropout_seed, dropout_p, is_causal, bottom_right,
+                                        return_weights, average_weights);
+  }
+  auto out = at::empty(pb.out_shape(), query.options());
+  auto [lse, weights] =
+      forward_into(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
+                   is_causal, bottom_right, return_weights, average_weights,
+                   out.view({pb.batch_size, pb.heads, pb.q_len, pb.v_head_dim}));
   return {out, lse, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
-    bool key_padding_mask_grad) {
-  const bool mask_grad = attn_mask_grad && attn_mask && attn_mask->is_floating_point();
-  const bool kpm_grad =
-      key_padding_mask_grad && key_padding_mask && key_padding_mask->is_floating_point();
-  const bool weights_grad = grad_weights && grad_weights->numel() > 0;
-  if (reference_requested() || mask_grad || kpm_grad || weights_grad) {
-    return reference::attention_backward_op(
-        grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
-        key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale, enable_gqa,
-        attn_mask_grad, key_padding_mask_grad);
-  }
-  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                         dropout_p, scale, enable_gqa);
+// Whether a backward takes the reference: asked to, or asked for a float mask's or the
+// weights' gradient (each an L x S gradient of the scores anyway).
+bool reference_backward(const std::optional<at::Tensor>& grad_weights,
+                        const std::optional<at::Tensor>& attn_mask,
+                        const std::optional<at::Tensor>& key_padding_mask, bool attn_mask_grad,
+                        bool key_padding_mask_grad) {
+  return reference_requested() ||
+         (attn_mask_grad && attn_mask && attn_mask->is_floating_point()) ||
+         (key_padding_mask_grad && key_padding_mask && key_padding_mask->is_floating_point()) ||
+         (grad_weights && grad_weights->numel() > 0);
+}
+
+// The fused backward, the gradients written into dq4, dk4, dv4: (B, H|Hk, rows, cols) views
+// with a contiguous last dim whose (b, h) rows do not overlap.
+void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
+                   const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
+                   const at::Tensor& key, const at::Tensor& value, const at::Tensor& out,
+                   const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+                   const std::optional<at::Tensor>& key_padding_mask,
+                   const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+                   bool is_causal, bool bottom_right, const at::Tensor& dq4,
+                   const at::Tensor& dk4, const at::Tensor& dv4) {
   TORCH_CHECK(grad_out.sizes().equals(pb.out_shape()) && out.sizes().equals(pb.out_shape()),
               "attention backward: grad_out and out must have shape ",
               c10::IntArrayRef(pb.out_shape()), ", got ", grad_out.sizes(), " and ", out.sizes());
@@ -258,14 +276,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   p.do_sr = dout4.stride(2);
   p.lse = lse_c.data_ptr();
   p.dlse = dlse.defined() ? dlse.data_ptr() : nullptr;
-  auto dq = at::empty(query.sizes(), query.options());
-  auto dk = at::empty(key.sizes(), key.options());
-  auto dv = at::empty(value.sizes(), value.options());
-  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.dq = dq4.data_ptr(), p.dq_sb = dq4.stride(0), p.dq_sh = dq4.stride(1), p.dq_sr = dq4.stride(2);
+  p.dk = dk4.data_ptr(), p.dk_sb = dk4.stride(0), p.dk_sh = dk4.stride(1), p.dk_sr = dk4.stride(2);
+  p.dv = dv4.data_ptr(), p.dv_sb = dv4.stride(0), p.dv_sh = dv4.stride(1), p.dv_sr = dv4.stride(2);
   p.packed = packed_gemm_for(p, query.scalar_type());  // bf16: the keys-as-rows backward
   if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p, /*min_queries=*/128);
   run_tasks(kernels::flash_backward_tasks(p), p, kernels::flash_backward_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
+    bool key_padding_mask_grad) {
+  if (reference_backward(grad_weights, attn_mask, key_padding_mask, attn_mask_grad,
+                         key_padding_mask_grad)) {
+    return reference::attention_backward_op(
+        grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
+        key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale, enable_gqa,
+        attn_mask_grad, key_padding_mask_grad);
+  }
+  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
+                                         dropout_p, scale, enable_gqa);
+  auto dq = at::empty(query.sizes(), query.options());
+  auto dk = at::empty(key.sizes(), key.options());
+  auto dv = at::empty(value.sizes(), value.options());
+  backward_into(pb, grad_out, grad_lse, query, key, value, out, lse, attn_mask, key_padding_mask,
+                dropout_seed, dropout_p, is_causal, bottom_right, as_4d(dq, pb.batch_size),
+                as_4d(dk, pb.batch_size), as_4d(dv, pb.batch_size));
   return {dq, dk, dv, at::empty({0}, query.options()), at::empty({0}, query.options())};
+}
+
+// Packed self-attention: q, k, v are views of qkv, the output is written straight into the
+// heads-merged (A, B, H * D) layout and the gradients into one grad_qkv shaped like qkv.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_forward(
+    const at::Tensor& qkv, int64_t num_heads, bool seq_first,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool return_weights, bool average_weights) {
+  const auto [q, k, v] = detail::split_qkv(qkv, num_heads, seq_first);
+  const auto pb = check_attention_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p,
+                                         std::nullopt, /*enable_gqa=*/false);
+  auto out = at::empty({qkv.size(0), qkv.size(1), qkv.size(2) / 3}, qkv.options());
+  const auto out4 = detail::split_heads(out, num_heads, seq_first);  // (N, H, L, D) view
+  if (reference_requested()) {
+    auto [o, lse, weights] = reference::attention_forward(
+        pb, q, k, v, attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
+        /*bottom_right=*/false, return_weights, average_weights);
+    out4.copy_(o);
+    return {out, lse, weights};
+  }
+  auto [lse, weights] = forward_into(pb, q, k, v, attn_mask, key_padding_mask, dropout_seed,
+                                     dropout_p, is_causal, /*bottom_right=*/false,
+                                     return_weights, average_weights, out4);
+  return {out, lse, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& qkv, const at::Tensor& out,
+    const at::Tensor& lse, int64_t num_heads, bool seq_first,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool attn_mask_grad, bool key_padding_mask_grad) {
+  TORCH_CHECK(out.dim() == 3 && grad_out.sizes().equals(out.sizes()),
+              "attention_qkv backward: grad_out and out must have the same 3-D shape, got ",
+              grad_out.sizes(), " and ", out.sizes());
+  const auto [q, k, v] = detail::split_qkv(qkv, num_heads, seq_first);
+  const auto out4 = detail::split_heads(out, num_heads, seq_first);
+  const auto dout4 = detail::split_heads(grad_out, num_heads, seq_first);
+  auto grad_qkv = at::empty(qkv.sizes(), qkv.options());
+  const auto [dq4, dk4, dv4] = detail::split_qkv(grad_qkv, num_heads, seq_first);
+  if (reference_backward(grad_weights, attn_mask, key_padding_mask, attn_mask_grad,
+                         key_padding_mask_grad)) {
+    auto [dq, dk, dv, d_mask, d_kpm] = reference::attention_backward_op(
+        dout4, grad_weights, grad_lse, q, k, v, out4, lse, attn_mask, key_padding_mask,
+        dropout_seed, dropout_p, is_causal, /*bottom_right=*/false, std::nullopt,
+        /*enable_gqa=*/false, attn_mask_grad, key_padding_mask_grad);
+    dq4.copy_(dq), dk4.copy_(dk), dv4.copy_(dv);
+    return {grad_qkv, d_mask, d_kpm};
+  }
+  const auto pb = check_attention_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p,
+                                         std::nullopt, /*enable_gqa=*/false);
+  backward_into(pb, dout4, grad_lse, q, k, v, out4, lse, attn_mask, key_padding_mask,
+                dropout_seed, dropout_p, is_causal, /*bottom_right=*/false, dq4, dk4, dv4);
+  return {grad_qkv, at::empty({0}, qkv.options()), at::empty({0}, qkv.options())};
 }
 
 }  // namespace
@@ -273,6 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
   m.impl("_attention_forward", &attention_forward);
   m.impl("_attention_backward", &attention_backward);
+  m.impl("_attention_qkv_forward", &attention_qkv_forward);
+  m.impl("_attention_qkv_backward", &attention_qkv_backward);
 }
 
 }  // namespace fusedattn::cpu

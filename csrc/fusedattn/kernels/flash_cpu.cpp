@@ -1336,8 +1336,8 @@ struct Flash {
              w.dk.data() + j0 * p.E, p.E);
         }
       }
-      T* dq = static_cast<T*>(p.dq) + (b * p.H + h) * p.L * p.E;
-      store_row(w.dq.data(), dq, p.L * p.E);
+      T* dq = dq_rows(b, h);
+      for (int64_t i = 0; i < p.L; ++i) store_row(w.dq.data() + i * p.E, dq + i * p.dq_sr, p.E);
     }
     store_dk_dv(b, hk, w);
   }
@@ -1347,12 +1347,16 @@ struct Flash {
     const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
     return dot_row(o, dout_rows(b, h, i), p.Ev);
   }
+  // The gradients' rows of one (b, head): row i at + i * d*_sr.
+  T* dq_rows(int64_t b, int64_t h) const { return static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh; }
   // The task's accumulated dK, dV (fp32/fp64) into the outputs.
   void store_dk_dv(int64_t b, int64_t hk, const BwdWork& w) const {
-    T* dk = static_cast<T*>(p.dk) + (b * p.Hk + hk) * p.S * p.E;
-    T* dv = static_cast<T*>(p.dv) + (b * p.Hk + hk) * p.S * p.Ev;
-    store_row(w.dk.data(), dk, p.S * p.E);
-    store_row(w.dv.data(), dv, p.S * p.Ev);
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
+    for (int64_t j = 0; j < p.S; ++j) {
+      store_row(w.dk.data() + j * p.E, dk + j * p.dk_sr, p.E);
+      store_row(w.dv.data() + j * p.Ev, dv + j * p.dv_sr, p.Ev);
+    }
   }
 
   // Keys-as-rows backwards, per query head h: w.lse and w.d for queries 0 .. Lp - 1: lse
@@ -1494,9 +1498,9 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
         p.packed->gemm(p.E, nq, bkp, bkp, ldkt, Lp, true, kt + j0, dsp, dqt + i0);
       }
     }
-    T* dq = static_cast<T*>(p.dq) + (b * p.H + h) * p.L * p.E;
+    T* dq = dq_rows(b, h);
     for (int64_t i = 0; i < p.L; ++i)
-      for (int64_t e = 0; e < p.E; ++e) store(dqt[e * Lp + i], dq + i * p.E + e);
+      for (int64_t e = 0; e < p.E; ++e) store(dqt[e * Lp + i], dq + i * p.dq_sr + e);
   }
   store_dk_dv(b, hk, w);
 }
@@ -1578,8 +1582,7 @@ FUSEDATTN_ZMM void Flash<float>::backward_task_kr(int64_t t, BwdWork& w) const {
         p.fgemm(p.E, nq, bk, ldkt, nq, ldq, true, kt + j0, dpt, dqt + i0);
       }
     }
-    float* dq = static_cast<float*>(p.dq) + (b * p.H + h) * p.L * p.E;
-    transpose_any(dqt, ldq, p.E, p.L, dq, p.E);
+    transpose_any(dqt, ldq, p.E, p.L, dq_rows(b, h), p.dq_sr);
   }
   store_dk_dv(b, hk, w);
 }

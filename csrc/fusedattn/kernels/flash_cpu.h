@@ -5,7 +5,8 @@
 //
 // Layout: every tensor is seen as (B, H, rows, cols) with B the flattened batch dims; q, k,
 // v, out and grad_out have a contiguous last dim and arbitrary (b, h, row) strides, masks
-// arbitrary strides (0 where they broadcast); lse, weights and the gradients are contiguous.
+// arbitrary strides (0 where they broadcast); the gradients arbitrary (b, h, row) strides;
+// lse and weights are contiguous.
 #include <cstdint>
 
 #include "fusedattn/kernels/dropout.h"
@@ -51,9 +52,14 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   const void* dout = nullptr;  // (B, H, L, Ev)
   int64_t do_sb = 0, do_sh = 0, do_sr = 0;
   const void* dlse = nullptr;  // (B, H, L) contiguous, lse's type, or null
-  void* dq = nullptr;          // (B, H, L, E) contiguous
-  void* dk = nullptr;          // (B, Hk, S, E) contiguous
-  void* dv = nullptr;          // (B, Hk, S, Ev) contiguous
+  // Gradients, written whole: (B, H, L, E), (B, Hk, S, E), (B, Hk, S, Ev), contiguous last
+  // dim, (b, h, row) strides as given (rows of different (b, h) must not overlap).
+  void* dq = nullptr;
+  int64_t dq_sb = 0, dq_sh = 0, dq_sr = 0;
+  void* dk = nullptr;
+  int64_t dk_sb = 0, dk_sh = 0, dk_sr = 0;
+  void* dv = nullptr;
+  int64_t dv_sb = 0, dv_sh = 0, dv_sr = 0;
   // Forward with packed K^T and V blocks (half types, E even): set `packed` and a workspace of
   // flash_packed_elems(p) elements of the input type, run the flash_pack_cpu tasks, then the
   // forward tasks. Null: the forward multiplies the inputs in place through blas.h. A bf16

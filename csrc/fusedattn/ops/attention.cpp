@@ -57,6 +57,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                  enable_gqa, attn_mask_grad, key_padding_mask_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_forward(
+    const at::Tensor& qkv, int64_t num_heads, bool seq_first,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool return_weights, bool average_weights) {
+  static auto op =
+      op_handle<decltype(attention_qkv_forward)>("fusedattn::_attention_qkv_forward");
+  return op.call(qkv, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed, dropout_p,
+                 is_causal, return_weights, average_weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& qkv, const at::Tensor& out,
+    const at::Tensor& lse, int64_t num_heads, bool seq_first,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool attn_mask_grad, bool key_padding_mask_grad) {
+  static auto op =
+      op_handle<decltype(attention_qkv_backward)>("fusedattn::_attention_qkv_backward");
+  return op.call(grad_out, grad_weights, grad_lse, qkv, out, lse, num_heads, seq_first, attn_mask,
+                 key_padding_mask, dropout_seed, dropout_p, is_causal, attn_mask_grad,
+                 key_padding_mask_grad);
+}
+
 }  // namespace ops
 
 AttentionResult attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -73,6 +98,30 @@ AttentionResult attention(const at::Tensor& query, const at::Tensor& key, const 
 }
 
 namespace detail {
+
+std::optional<at::Tensor> draw_dropout_seed(double dropout_p, c10::Device device) {
+  if (dropout_p <= 0.0) return std::nullopt;
+  return at::randint(std::numeric_limits<int64_t>::max(), {1},
+                     at::TensorOptions().dtype(at::kLong).device(device));
+}
+
+at::Tensor split_heads(const at::Tensor& x, int64_t heads, bool seq_first) {
+  const c10::SymInt a = x.sym_size(0), b = x.sym_size(1), d = x.sym_size(2) / heads;
+  auto v = x.view_symint({a, b, c10::SymInt(heads), d});
+  return seq_first ? v.permute({1, 2, 0, 3}) : v.permute({0, 2, 1, 3});
+}
+
+std::array<at::Tensor, 3> split_qkv(const at::Tensor& qkv, int64_t heads, bool seq_first) {
+  TORCH_CHECK(heads > 0, "attention_qkv: num_heads must be positive, got ", heads);
+  TORCH_CHECK(qkv.dim() == 3, "attention_qkv: qkv must be 3-D (A, B, 3 * num_heads * head_dim), got ",
+              qkv.sym_sizes());
+  TORCH_SYM_CHECK((qkv.sym_size(2) % (3 * heads)).sym_eq(0),
+                  "attention_qkv: qkv's last dim must be a multiple of 3 * num_heads = ",
+                  3 * heads, ", got shape ", qkv.sym_sizes());
+  auto parts = qkv.chunk(3, -1);
+  return {split_heads(parts[0], heads, seq_first), split_heads(parts[1], heads, seq_first),
+          split_heads(parts[2], heads, seq_first)};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -92,11 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   // torch.compile records the draw instead of baking one seed into the graph; on the query's
   // device, so a CUDA call draws from torch's CUDA generator and the kernel reads the seed
   // from device memory: a captured CUDA graph draws a fresh one on every replay.
-  std::optional<at::Tensor> seed;
-  if (dropout_p > 0.0) {
-    seed = at::randint(std::numeric_limits<int64_t>::max(), {1},
-                       at::TensorOptions().dtype(at::kLong).device(query.device()));
-  }
+  auto seed = draw_dropout_seed(dropout_p, query.device());
   auto [out, lse, weights] =
       ops::attention_forward(query, key, value, attn_mask, key_padding_mask, seed, dropout_p,
                              is_causal, causal_alignment == "bottom_right", scale, enable_gqa,

@@ -16,6 +16,27 @@ std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// The gradient of the returned weights as the backward ops take it, per head: averaged
+// weights w = mean_h w_h give each head's weights grad / H (a broadcast view, no copy).
+at::Tensor per_head_grad(const at::Tensor& grad_weights, bool averaged, int64_t heads) {
+  if (!grad_weights.defined() || !averaged) return grad_weights;
+  auto sizes = grad_weights.sizes().vec();
+  sizes.insert(sizes.end() - 2, heads);
+  return grad_weights.div(static_cast<double>(heads)).unsqueeze(-3).expand(sizes);
+}
+
+// needs_input_grad's index of key_padding_mask and whether the masks' gradients are wanted:
+// an absent optional mask takes no input slot, so key_padding_mask follows attn_mask when
+// there is one. first_mask: the index of the first mask input.
+std::pair<bool, bool> mask_grads_wanted(AutogradContext* ctx, size_t first_mask,
+                                        const at::Tensor& attn_mask,
+                                        const at::Tensor& key_padding_mask) {
+  const bool mask_grad = attn_mask.defined() && ctx->needs_input_grad(first_mask);
+  const bool kpm_grad = key_padding_mask.defined() &&
+                        ctx->needs_input_grad(first_mask + (attn_mask.defined() ? 1 : 0));
+  return {mask_grad, kpm_grad};
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   // Inputs 0..4 are tensors (query, key, value, attn_mask, key_padding_mask); a float mask
@@ -52,20 +73,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto &query = saved[0], &key = saved[1], &value = saved[2], &out = saved[3],
                &lse = saved[4], &attn_mask = saved[5], &key_padding_mask = saved[6],
                &dropout_seed = saved[7];
-    // needs_input_grad counts only the tensors that were passed: an absent optional mask
-    // takes no slot, so key_padding_mask is input 3 when there is no attn_mask.
-    const bool mask_grad = attn_mask.defined() && ctx->needs_input_grad(3);
-    const bool kpm_grad =
-        key_padding_mask.defined() && ctx->needs_input_grad(attn_mask.defined() ? 4 : 3);
+    const auto [mask_grad, kpm_grad] = mask_grads_wanted(ctx, 3, attn_mask, key_padding_mask);
     const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
-    // Averaged weights w = mean_h w_h: each head's weights get grad / H.
-    at::Tensor grad_weights = grads[2];
-    if (grad_weights.defined() && ctx->saved_data["average_weights"].toBool()) {
-      const int64_t heads = query.size(-3);
-      auto sizes = grad_weights.sizes().vec();
-      sizes.insert(sizes.end() - 2, heads);
-      grad_weights = grad_weights.div(static_cast<double>(heads)).unsqueeze(-3).expand(sizes);
-    }
+    const auto grad_weights = per_head_grad(grads[2], ctx->saved_data["average_weights"].toBool(),
+                                            query.size(-3));
 
     auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_backward(
         grad_out, defined_or_none(grad_weights), defined_or_none(grads[1]), query, key, value, out,
@@ -84,6 +95,68 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
+// The packed self-attention of the modules: one input qkv, whose gradient the backward op
+// writes whole (q's, k's and v's parts in place).
+class AttentionQkvFunction : public torch::autograd::Function<AttentionQkvFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, int64_t num_heads,
+                               bool seq_first, const std::optional<at::Tensor>& attn_mask,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+                               bool is_causal, bool return_weights, bool average_weights) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse, weights] =
+        ops::attention_qkv_forward(qkv, num_heads, seq_first, attn_mask, key_padding_mask,
+                                   dropout_seed, dropout_p, is_causal, return_weights,
+                                   average_weights);
+    ctx->save_for_backward({qkv, out, lse, attn_mask.value_or(at::Tensor()),
+                            key_padding_mask.value_or(at::Tensor()),
+                            dropout_seed.value_or(at::Tensor())});
+    ctx->saved_data["num_heads"] = num_heads;
+    ctx->saved_data["seq_first"] = seq_first;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["average_weights"] = return_weights && average_weights;
+    ctx->set_materialize_grads(false);
+    if (!return_weights) ctx->mark_non_differentiable({weights});
+    return {out, lse, weights};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fusedattn.MultiheadAttention: double backward (create_graph=True) is not "
+                "supported");
+    const auto saved = ctx->get_saved_variables();
+    const auto &qkv = saved[0], &out = saved[1], &lse = saved[2], &attn_mask = saved[3],
+               &key_padding_mask = saved[4], &dropout_seed = saved[5];
+    const auto [mask_grad, kpm_grad] = mask_grads_wanted(ctx, 1, attn_mask, key_padding_mask);
+    const int64_t heads = ctx->saved_data["num_heads"].toInt();
+    const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const auto grad_weights =
+        per_head_grad(grads[2], ctx->saved_data["average_weights"].toBool(), heads);
+    auto [dqkv, d_mask, d_kpm] = ops::attention_qkv_backward(
+        grad_out, defined_or_none(grad_weights), defined_or_none(grads[1]), qkv, out, lse, heads,
+        ctx->saved_data["seq_first"].toBool(), defined_or_none(attn_mask),
+        defined_or_none(key_padding_mask), defined_or_none(dropout_seed),
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+        mask_grad, kpm_grad);
+    return {dqkv,          at::Tensor(), at::Tensor(), mask_grad ? d_mask : at::Tensor(),
+            kpm_grad ? d_kpm : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_forward_autograd(
+    const at::Tensor& qkv, int64_t num_heads, bool seq_first,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool return_weights, bool average_weights) {
+  auto outs = AttentionQkvFunction::apply(qkv, num_heads, seq_first, attn_mask, key_padding_mask,
+                                          dropout_seed, dropout_p, is_causal, return_weights,
+                                          average_weights);
+  return {outs[0], outs[1], outs[2]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
@@ -100,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
 
 TORCH_LIBRARY_IMPL(fusedattn, Autograd, m) {
   m.impl("_attention_forward", &attention_forward_autograd);
+  m.impl("_attention_qkv_forward", &attention_qkv_forward_autograd);
 }
 
 }  // namespace fusedattn

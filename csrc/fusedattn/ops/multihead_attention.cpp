@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <limits>
+#include <tuple>
 
 #include "fusedattn/ops/attention.h"
 
@@ -12,14 +13,6 @@ namespace {
 
 constexpr const char* kFn = "MultiheadAttention";
 using c10::SymInt;
-
-// Projected (A, B, H*D) in the caller's layout -> (N, H, A|B, D): a view, no copy.
-// seq_first: (A, B) = (seq, N); else (N, seq).
-at::Tensor split_heads(const at::Tensor& x, int64_t heads, bool seq_first) {
-  const SymInt a = x.sym_size(0), b = x.sym_size(1), d = x.sym_size(2) / heads;
-  auto v = x.view_symint({a, b, SymInt(heads), d});
-  return seq_first ? v.permute({1, 2, 0, 3}) : v.permute({0, 2, 1, 3});
-}
 
 // Appends one key (or value) column per head: (N, H, S, D) -> (N, H, S + 1, D).
 at::Tensor append_column(const at::Tensor& x, const at::Tensor& column_hd) {
@@ -113,16 +106,26 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
                   ": key and value must have the same sequence length, got key ", key.sym_sizes(),
                   " and value ", value.sym_sizes());
 
-  // Projections. Self-attention (one tensor passed three times) takes one packed GEMM.
-  at::Tensor qp, kp, vp;
-  if (in_proj_weight) {
+  // Projections. Self-attention (one tensor passed three times) takes one packed GEMM; on
+  // the CPU, without extra key columns, its output goes to the packed op whole (below).
+  const bool self_packed = in_proj_weight && query.is_same(key) && key.is_same(value);
+  const bool qkv_op = self_packed && q_in.is_cpu() && !bias_k && !bias_v && !add_zero_attn;
+  at::Tensor qkv, qp, kp, vp;
+  if (qkv_op) {
+    TORCH_SYM_CHECK(in_proj_weight->sym_size(1).sym_eq(E), kFn,
+                    ": in_proj_weight must have embed_dim = ", E, " columns, got shape ",
+                    in_proj_weight->sym_sizes());
+    qkv = at::linear(q_in, *in_proj_weight, in_proj_bias);
+    TORCH_SYM_CHECK((qkv.sym_size(2) % (3 * num_heads)).sym_eq(0), kFn, ": the projected size ",
+                    qkv.sym_size(2) / 3, " must be divisible by num_heads = ", num_heads);
+  } else if (in_proj_weight) {
     TORCH_SYM_CHECK(in_proj_weight->sym_size(1).sym_eq(E) & k_in.sym_size(2).sym_eq(E) &
                         v_in.sym_size(2).sym_eq(E),
                     kFn, ": with a packed in_proj_weight, key and value must have embed_dim = ", E,
                     " features, got key ", key.sym_sizes(), " and value ", value.sym_sizes());
-    if (query.is_same(key) && key.is_same(value)) {
-      auto qkv = at::linear(q_in, *in_proj_weight, in_proj_bias).chunk(3, -1);
-      qp = qkv[0], kp = qkv[1], vp = qkv[2];
+    if (self_packed) {
+      auto parts = at::linear(q_in, *in_proj_weight, in_proj_bias).chunk(3, -1);
+      qp = parts[0], kp = parts[1], vp = parts[2];
     } else {
       auto w = in_proj_weight->chunk(3, 0);
       qp = at::linear(q_in, w[0], chunk_or_none(in_proj_bias, 0));
@@ -142,11 +145,14 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     kp = at::linear(k_in, *k_proj_weight, chunk_or_none(in_proj_bias, 1));
     vp = at::linear(v_in, *v_proj_weight, chunk_or_none(in_proj_bias, 2));
   }
-  TORCH_SYM_CHECK((qp.sym_size(2) % num_heads).sym_eq(0), kFn, ": the projected size ",
-                  qp.sym_size(2), " must be divisible by num_heads = ", num_heads);
-  auto q = split_heads(qp, num_heads, seq_first);  // (N, H, L, D)
-  auto k = split_heads(kp, num_heads, seq_first);  // (N, H, S, D)
-  auto v = split_heads(vp, num_heads, seq_first);
+  at::Tensor q, k, v;  // (N, H, L, D), (N, H, S, D), (N, H, S, Dv) views
+  if (!qkv_op) {
+    TORCH_SYM_CHECK((qp.sym_size(2) % num_heads).sym_eq(0), kFn, ": the projected size ",
+                    qp.sym_size(2), " must be divisible by num_heads = ", num_heads);
+    q = detail::split_heads(qp, num_heads, seq_first);
+    k = detail::split_heads(kp, num_heads, seq_first);
+    v = detail::split_heads(vp, num_heads, seq_first);
+  }
 
   // Masks, in the attention op's conventions: attn_mask bool True = allowed, float added;
   // key_padding_mask bool True = padding, float added.
@@ -221,14 +227,23 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     add_column(zk, zv);
   }
 
-  auto [out, weights, lse] =
-      ops::attention(q, k, v, mask, dropout_p, op_causal, std::nullopt, false, kpm, "top_left",
-                     need_weights, false, need_weights && average_attn_weights);
-  (void)lse;
-  // (N, H, L, Dv) -> the caller's layout, heads concatenated, then the output projection.
-  const SymInt hd = out.sym_size(1) * out.sym_size(3);
-  auto merged = seq_first ? out.permute({2, 0, 1, 3}).reshape_symint({L, N, hd})
-                          : out.transpose(1, 2).reshape_symint({N, L, hd});
+  at::Tensor merged, weights;  // (A, B, H * Dv) in the caller's layout; the weights
+  if (qkv_op) {
+    TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, kFn, ": dropout must be in [0, 1], got ",
+                dropout_p);
+    std::tie(merged, std::ignore, weights) = ops::attention_qkv_forward(
+        qkv, num_heads, seq_first, mask, kpm, detail::draw_dropout_seed(dropout_p, query.device()),
+        dropout_p, op_causal, need_weights, need_weights && average_attn_weights);
+  } else {
+    at::Tensor out;
+    std::tie(out, weights, std::ignore) =
+        ops::attention(q, k, v, mask, dropout_p, op_causal, std::nullopt, false, kpm, "top_left",
+                       need_weights, false, need_weights && average_attn_weights);
+    // (N, H, L, Dv) -> the caller's layout, heads concatenated.
+    const SymInt hd = out.sym_size(1) * out.sym_size(3);
+    merged = seq_first ? out.permute({2, 0, 1, 3}).reshape_symint({L, N, hd})
+                       : out.transpose(1, 2).reshape_symint({N, L, hd});
+  }
   auto result = at::linear(merged, out_proj_weight, out_proj_bias);
   if (!batched) result = result.squeeze(0);
 
