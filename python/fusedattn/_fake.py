@@ -39,32 +39,47 @@ def _attention_backward_fake(grad_out, grad_weights, grad_lse, query, key, value
             grad_of(attn_mask, attn_mask_grad), grad_of(key_padding_mask, key_padding_mask_grad))
 
 
-@torch.library.register_fake("fusedattn::_attention_qkv_forward")
-def _attention_qkv_forward_fake(qkv, num_heads, seq_first, attn_mask, key_padding_mask,
-                                dropout_seed, dropout_p, is_causal, return_weights,
-                                average_weights):
-    torch._check(qkv.dim() == 3, lambda: "attention_qkv: qkv must be 3-D")
-    a, b, three_e = qkv.shape
-    n, seq = (b, a) if seq_first else (a, b)
-    out = qkv.new_empty((a, b, three_e // 3))
-    lse = qkv.new_empty((n, num_heads, seq), dtype=_accumulate_dtype(qkv.dtype))
-    if not return_weights:
-        weights = qkv.new_empty((0,))
-    elif average_weights:
-        weights = qkv.new_empty((n, seq, seq))
+def _projected_sizes(query, key, value, seq_first):
+    """(N, L, S, H * Dv) of _attention_projected_forward's three forms."""
+    torch._check(query.dim() == 3, lambda: "attention_projected: query must be 3-D")
+    n, seq_q = (query.shape[1], query.shape[0]) if seq_first else query.shape[:2]
+    kv = query if key is None else key
+    seq_k = kv.shape[0] if seq_first else kv.shape[1]
+    if key is None:
+        out_features = query.shape[2] // 3
+    elif value is None:
+        out_features = key.shape[2] // 2
     else:
-        weights = qkv.new_empty((n, num_heads, seq, seq))
+        out_features = value.shape[2]
+    return n, seq_q, seq_k, out_features
+
+
+@torch.library.register_fake("fusedattn::_attention_projected_forward")
+def _attention_projected_forward_fake(query, key, value, num_heads, seq_first, attn_mask,
+                                      key_padding_mask, dropout_seed, dropout_p, is_causal,
+                                      return_weights, average_weights):
+    n, seq_q, seq_k, out_features = _projected_sizes(query, key, value, seq_first)
+    out = query.new_empty((*query.shape[:2], out_features))
+    lse = query.new_empty((n, num_heads, seq_q), dtype=_accumulate_dtype(query.dtype))
+    if not return_weights:
+        weights = query.new_empty((0,))
+    elif average_weights:
+        weights = query.new_empty((n, seq_q, seq_k))
+    else:
+        weights = query.new_empty((n, num_heads, seq_q, seq_k))
     return out, lse, weights
 
 
-@torch.library.register_fake("fusedattn::_attention_qkv_backward")
-def _attention_qkv_backward_fake(grad_out, grad_weights, grad_lse, qkv, out, lse, num_heads,
-                                 seq_first, attn_mask, key_padding_mask, dropout_seed, dropout_p,
-                                 is_causal, attn_mask_grad, key_padding_mask_grad):
-    def grad_of(mask, wanted):
-        if wanted and mask is not None and mask.is_floating_point():
-            return mask.new_empty(mask.shape)
-        return qkv.new_empty((0,))
+@torch.library.register_fake("fusedattn::_attention_projected_backward")
+def _attention_projected_backward_fake(grad_out, grad_weights, grad_lse, query, key, value, out,
+                                       lse, num_heads, seq_first, attn_mask, key_padding_mask,
+                                       dropout_seed, dropout_p, is_causal, attn_mask_grad,
+                                       key_padding_mask_grad):
+    def like(t):
+        return query.new_empty((0,)) if t is None else t.new_empty(t.shape)
 
-    return (qkv.new_empty(qkv.shape), grad_of(attn_mask, attn_mask_grad),
+    def grad_of(mask, wanted):
+        return like(mask) if wanted and mask is not None and mask.is_floating_point() else like(None)
+
+    return (like(query), like(key), like(value), grad_of(attn_mask, attn_mask_grad),
             grad_of(key_padding_mask, key_padding_mask_grad))

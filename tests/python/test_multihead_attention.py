@@ -89,21 +89,25 @@ def test_self_attention_packed_path_and_no_weights(batch_first):
     torch.testing.assert_close(out, theirs(q, k, v, need_weights=False)[0])
 
 
-# Self-attention (one tensor passed as query, key and value) on the CPU runs the packed op
-# `_attention_qkv_forward`: q, k, v read in place from the in-projection's output, the
-# output written heads-merged, the gradient written into one (A, B, 3E) tensor.
+# Self-attention (one tensor passed as query, key and value) on the CPU runs the op
+# `_attention_projected_forward` on the packed in-projection: q, k, v read in place from its
+# output, the output written heads-merged, the gradient written into one (A, B, 3E) tensor.
+# (Cross-attention takes the same op with q and k|v, or three tensors: test_parity_with_torch.)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("mask_kind", ["none", "kpm_bool", "kpm_float", "attn_bool",
                                        "attn_float_3d", "both"])
 @pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
-def test_self_attention_parity_with_torch(dtype, batch_first, mask_kind, need_weights, average):
+@pytest.mark.parametrize("form", ["self", "memory"])  # (x, x, x); (x, mem, mem): packed k|v
+def test_self_and_memory_attention_parity_with_torch(dtype, batch_first, mask_kind, need_weights,
+                                                     average, form):
     ours, theirs = pair(dtype, batch_first=batch_first)
-    x, _, _ = inputs(batch_first=batch_first, dtype=dtype, self_attn=True)
-    kw = dict(masks(mask_kind, dtype, seq=L), need_weights=need_weights,
+    x, mem, _ = inputs(batch_first=batch_first, dtype=dtype, self_attn=form == "self")
+    seq = L if form == "self" else S
+    kw = dict(masks(mask_kind, dtype, seq=seq), need_weights=need_weights,
               average_attn_weights=average)
-    out, w = ours(x, x, x, **kw)
-    ref, ref_w = theirs(x, x, x, **kw)
+    out, w = ours(x, mem, mem, **kw)
+    ref, ref_w = theirs(x, mem, mem, **kw)
     tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
     if need_weights:
@@ -116,8 +120,9 @@ def test_self_attention_parity_with_torch(dtype, batch_first, mask_kind, need_we
     g_w = None if w is None else torch.randn_like(w)
     loss = (out * g_out).sum() + (0 if w is None else (w * g_w).sum())
     ref_loss = (ref * g_out).sum() + (0 if w is None else (ref_w * g_w).sum())
-    grads = torch.autograd.grad(loss, [x] + params)
-    ref_grads = torch.autograd.grad(ref_loss, [x] + ref_params)
+    leaves = [x] if form == "self" else [x, mem]
+    grads = torch.autograd.grad(loss, leaves + params)
+    ref_grads = torch.autograd.grad(ref_loss, leaves + ref_params)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, **tol)
 
@@ -165,55 +170,80 @@ def test_self_attention_dropout_repeats_under_a_seed_and_changes_without():
     torch.testing.assert_close(out_unpacked, runs[0][0])
 
 
-def qkv_samples():
+def projected_samples():
     def rand(*shape, dtype=torch.float64, requires_grad=False):
         return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
     seed = torch.tensor([1234])
-    # (qkv, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed, dropout_p,
-    #  is_causal, return_weights, average_weights); qkv (A, B, 3 * H * D)
-    yield (rand(5, 2, 18, requires_grad=True), 3, True, None, None, None, 0.0, False, False, False)
-    yield (rand(2, 5, 24, requires_grad=True), 2, False, torch.rand(5, 5) > 0.3,
+    # (query, key, value, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed,
+    #  dropout_p, is_causal, return_weights, average_weights), (A, B, F) projections
+    yield (rand(5, 2, 18, requires_grad=True), None, None, 3, True, None, None, None, 0.0, False,
+           False, False)  # packed q|k|v
+    yield (rand(2, 5, 24, requires_grad=True), None, None, 2, False, torch.rand(5, 5) > 0.3,
            torch.rand(2, 5) > 0.7, None, 0.0, True, True, True)
-    yield (rand(3, 4, 12, dtype=torch.float32, requires_grad=True), 2, False,
-           rand(3, 2, 4, 4, dtype=torch.float32, requires_grad=True), None, seed, 0.25, False,
-           True, False)
+    yield (rand(3, 4, 4, dtype=torch.float32, requires_grad=True),
+           rand(3, 6, 8, dtype=torch.float32, requires_grad=True), None, 2, False,
+           rand(3, 2, 4, 6, dtype=torch.float32, requires_grad=True), None, seed, 0.25, False,
+           True, False)  # q and packed k|v
+    yield (rand(4, 3, 6, requires_grad=True), rand(7, 3, 6, requires_grad=True),
+           rand(7, 3, 10, requires_grad=True), 2, True, None, rand(3, 7), None, 0.0, False,
+           False, False)  # apart, Dv != D
 
 
-@pytest.mark.parametrize("i", range(3))
-def test_opcheck_internal_qkv_forward(i):
-    args = list(qkv_samples())[i]
-    torch.library.opcheck(torch.ops.fusedattn._attention_qkv_forward.default, args)
+@pytest.mark.parametrize("i", range(4))
+def test_opcheck_internal_projected_forward(i):
+    args = list(projected_samples())[i]
+    torch.library.opcheck(torch.ops.fusedattn._attention_projected_forward.default, args)
+
+
+def heads_of(x, h, seq_first):
+    """(A, B, h * d) -> (N, h, seq, d), the attention op's layout."""
+    x = x.unflatten(-1, (h, -1))
+    return x.permute(1, 2, 0, 3) if seq_first else x.transpose(1, 2)
 
 
 @pytest.mark.parametrize("seq_first", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qkv_op_equals_the_attention_op_on_views(seq_first, dtype):
+@pytest.mark.parametrize("form", ["qkv", "q_kv", "apart"])
+def test_projected_op_equals_the_attention_op_on_views(seq_first, dtype, form):
     # Odd sizes; bf16 at 128+ queries per head takes the packed (AMX) backward.
-    for n, seq, h, d in ((3, 37, 3, 8), (2, 130, 2, 64)):
-        a, b = (seq, n) if seq_first else (n, seq)
-        qkv = torch.randn(a, b, 3 * h * d, dtype=dtype, requires_grad=True)
-        kpm = torch.rand(n, seq) > 0.8
+    for n, seq, seq_k, h, d in ((3, 37, 37 if form == "qkv" else 29, 3, 8), (2, 130, 130, 2, 64)):
+        def proj(length, parts):
+            a, b = (length, n) if seq_first else (n, length)
+            return torch.randn(a, b, parts * h * d, dtype=dtype, requires_grad=True)
+        if form == "qkv":
+            args = (proj(seq, 3), None, None)
+            parts = args[0].chunk(3, -1)
+        elif form == "q_kv":
+            args = (proj(seq, 1), proj(seq_k, 2), None)
+            parts = (args[0],) + args[1].chunk(2, -1)
+        else:
+            args = (proj(seq, 1), proj(seq_k, 1), proj(seq_k, 1))
+            parts = args
+        kpm = torch.rand(n, seq_k) > 0.8
         kpm[:, 0] = False
-        out, _, _ = torch.ops.fusedattn._attention_qkv_forward(qkv, h, seq_first, None, kpm, None,
-                                                              0.0, True, False, False)
-        heads = [t.unflatten(-1, (h, d)).permute(1, 2, 0, 3) if seq_first
-                 else t.unflatten(-1, (h, d)).transpose(1, 2) for t in qkv.chunk(3, -1)]
-        ref = fusedattn.attention(*heads, key_padding_mask=kpm, is_causal=True)
-        ref = ref.permute(2, 0, 1, 3) if seq_first else ref.transpose(1, 2)
-        ref = ref.flatten(-2)
+        out, _, _ = torch.ops.fusedattn._attention_projected_forward(
+            *args, h, seq_first, None, kpm, None, 0.0, True, False, False)
+        ref = fusedattn.attention(*(heads_of(p, h, seq_first) for p in parts),
+                                  key_padding_mask=kpm, is_causal=True)
+        ref = (ref.permute(2, 0, 1, 3) if seq_first else ref.transpose(1, 2)).flatten(-2)
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         g = torch.randn_like(out)
-        (got,) = torch.autograd.grad(out, qkv, g)
-        (want,) = torch.autograd.grad(ref, qkv, g)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        leaves = [a for a in args if a is not None]
+        for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_qkv_op_errors_name_qkv():
-    op = torch.ops.fusedattn._attention_qkv_forward
-    with pytest.raises(RuntimeError, match="qkv must be 3-D"):
-        op(torch.randn(2, 3), 1, False, None, None, None, 0.0, False, False, False)
-    with pytest.raises(RuntimeError, match="multiple of 3 \\* num_heads"):
-        op(torch.randn(2, 3, 10), 2, False, None, None, None, 0.0, False, False, False)
+def test_projected_op_errors_name_the_argument():
+    op = torch.ops.fusedattn._attention_projected_forward
+    rest = (None, None, None, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match="query must be 3-D"):
+        op(torch.randn(2, 3), None, None, 1, False, *rest)
+    with pytest.raises(RuntimeError, match="query's last dim must be a multiple of 3 \\* num_heads"):
+        op(torch.randn(2, 3, 10), None, None, 2, False, *rest)
+    with pytest.raises(RuntimeError, match="key's last dim must be a multiple of 2 \\* num_heads"):
+        op(torch.randn(2, 3, 4), torch.randn(2, 3, 6), None, 2, False, *rest)
+    with pytest.raises(RuntimeError, match="value without key"):
+        op(torch.randn(2, 3, 4), None, torch.randn(2, 3, 4), 2, False, *rest)
 
 
 def test_unbatched_input():

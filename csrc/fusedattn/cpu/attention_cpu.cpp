@@ -310,18 +310,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return {dq, dk, dv, at::empty({0}, query.options()), at::empty({0}, query.options())};
 }
 
-// Packed self-attention: q, k, v are views of qkv, the output is written straight into the
-// heads-merged (A, B, H * D) layout and the gradients into one grad_qkv shaped like qkv.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_forward(
-    const at::Tensor& qkv, int64_t num_heads, bool seq_first,
+// Attention on projections in the caller's layout: q, k, v are views of the given tensors,
+// the output is written straight into the heads-merged (A, B, H * Dv) layout and each
+// gradient whole into a tensor shaped like its input.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool return_weights, bool average_weights) {
-  const auto [q, k, v] = detail::split_qkv(qkv, num_heads, seq_first);
+  const auto [q, k, v] = detail::split_projected(query, key, value, num_heads, seq_first);
   const auto pb = check_attention_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p,
                                          std::nullopt, /*enable_gqa=*/false);
-  auto out = at::empty({qkv.size(0), qkv.size(1), qkv.size(2) / 3}, qkv.options());
-  const auto out4 = detail::split_heads(out, num_heads, seq_first);  // (N, H, L, D) view
+  auto out = at::empty({query.size(0), query.size(1), pb.heads * pb.v_head_dim}, query.options());
+  const auto out4 = detail::split_heads(out, num_heads, seq_first);  // (N, H, L, Dv) view
   if (reference_requested()) {
     auto [o, lse, weights] = reference::attention_forward(
         pb, q, k, v, attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
@@ -335,21 +337,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_forward(
   return {out, lse, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_projected_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& grad_lse, const at::Tensor& qkv, const at::Tensor& out,
-    const at::Tensor& lse, int64_t num_heads, bool seq_first,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
+    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
+    const at::Tensor& out, const at::Tensor& lse, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool attn_mask_grad, bool key_padding_mask_grad) {
   TORCH_CHECK(out.dim() == 3 && grad_out.sizes().equals(out.sizes()),
-              "attention_qkv backward: grad_out and out must have the same 3-D shape, got ",
+              "attention_projected backward: grad_out and out must have the same 3-D shape, got ",
               grad_out.sizes(), " and ", out.sizes());
-  const auto [q, k, v] = detail::split_qkv(qkv, num_heads, seq_first);
+  const auto [q, k, v] = detail::split_projected(query, key, value, num_heads, seq_first);
   const auto out4 = detail::split_heads(out, num_heads, seq_first);
   const auto dout4 = detail::split_heads(grad_out, num_heads, seq_first);
-  auto grad_qkv = at::empty(qkv.sizes(), qkv.options());
-  const auto [dq4, dk4, dv4] = detail::split_qkv(grad_qkv, num_heads, seq_first);
+  auto empty = [&] { return at::empty({0}, query.options()); };
+  auto d_query = at::empty(query.sizes(), query.options());
+  auto d_key = key ? at::empty(key->sizes(), key->options()) : empty();
+  auto d_value = value ? at::empty(value->sizes(), value->options()) : empty();
+  const auto [dq4, dk4, dv4] = detail::split_projected(
+      d_query, key ? std::optional<at::Tensor>(d_key) : std::nullopt,
+      value ? std::optional<at::Tensor>(d_value) : std::nullopt, num_heads, seq_first);
   if (reference_backward(grad_weights, attn_mask, key_padding_mask, attn_mask_grad,
                          key_padding_mask_grad)) {
     auto [dq, dk, dv, d_mask, d_kpm] = reference::attention_backward_op(
@@ -357,13 +366,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_backward(
         dropout_seed, dropout_p, is_causal, /*bottom_right=*/false, std::nullopt,
         /*enable_gqa=*/false, attn_mask_grad, key_padding_mask_grad);
     dq4.copy_(dq), dk4.copy_(dk), dv4.copy_(dv);
-    return {grad_qkv, d_mask, d_kpm};
+    return {d_query, d_key, d_value, d_mask, d_kpm};
   }
   const auto pb = check_attention_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p,
                                          std::nullopt, /*enable_gqa=*/false);
   backward_into(pb, dout4, grad_lse, q, k, v, out4, lse, attn_mask, key_padding_mask,
                 dropout_seed, dropout_p, is_causal, /*bottom_right=*/false, dq4, dk4, dv4);
-  return {grad_qkv, at::empty({0}, qkv.options()), at::empty({0}, qkv.options())};
+  return {d_query, d_key, d_value, empty(), empty()};
 }
 
 }  // namespace
@@ -371,8 +380,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_backward(
 TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
   m.impl("_attention_forward", &attention_forward);
   m.impl("_attention_backward", &attention_backward);
-  m.impl("_attention_qkv_forward", &attention_qkv_forward);
-  m.impl("_attention_qkv_backward", &attention_qkv_backward);
+  m.impl("_attention_projected_forward", &attention_projected_forward);
+  m.impl("_attention_projected_backward", &attention_projected_backward);
 }
 
 }  // namespace fusedattn::cpu

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <limits>
+#include <vector>
 
 namespace fusedattn {
 namespace {
@@ -57,29 +58,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                  enable_gqa, attn_mask_grad, key_padding_mask_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_forward(
-    const at::Tensor& qkv, int64_t num_heads, bool seq_first,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool return_weights, bool average_weights) {
-  static auto op =
-      op_handle<decltype(attention_qkv_forward)>("fusedattn::_attention_qkv_forward");
-  return op.call(qkv, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed, dropout_p,
-                 is_causal, return_weights, average_weights);
+  static auto op = op_handle<decltype(attention_projected_forward)>(
+      "fusedattn::_attention_projected_forward");
+  return op.call(query, key, value, num_heads, seq_first, attn_mask, key_padding_mask,
+                 dropout_seed, dropout_p, is_causal, return_weights, average_weights);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_projected_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& grad_lse, const at::Tensor& qkv, const at::Tensor& out,
-    const at::Tensor& lse, int64_t num_heads, bool seq_first,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
+    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
+    const at::Tensor& out, const at::Tensor& lse, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool attn_mask_grad, bool key_padding_mask_grad) {
-  static auto op =
-      op_handle<decltype(attention_qkv_backward)>("fusedattn::_attention_qkv_backward");
-  return op.call(grad_out, grad_weights, grad_lse, qkv, out, lse, num_heads, seq_first, attn_mask,
-                 key_padding_mask, dropout_seed, dropout_p, is_causal, attn_mask_grad,
-                 key_padding_mask_grad);
+  static auto op = op_handle<decltype(attention_projected_backward)>(
+      "fusedattn::_attention_projected_backward");
+  return op.call(grad_out, grad_weights, grad_lse, query, key, value, out, lse, num_heads,
+                 seq_first, attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
+                 attn_mask_grad, key_padding_mask_grad);
 }
 
 }  // namespace ops
@@ -111,16 +115,39 @@ at::Tensor split_heads(const at::Tensor& x, int64_t heads, bool seq_first) {
   return seq_first ? v.permute({1, 2, 0, 3}) : v.permute({0, 2, 1, 3});
 }
 
-std::array<at::Tensor, 3> split_qkv(const at::Tensor& qkv, int64_t heads, bool seq_first) {
-  TORCH_CHECK(heads > 0, "attention_qkv: num_heads must be positive, got ", heads);
-  TORCH_CHECK(qkv.dim() == 3, "attention_qkv: qkv must be 3-D (A, B, 3 * num_heads * head_dim), got ",
-              qkv.sym_sizes());
-  TORCH_SYM_CHECK((qkv.sym_size(2) % (3 * heads)).sym_eq(0),
-                  "attention_qkv: qkv's last dim must be a multiple of 3 * num_heads = ",
-                  3 * heads, ", got shape ", qkv.sym_sizes());
-  auto parts = qkv.chunk(3, -1);
-  return {split_heads(parts[0], heads, seq_first), split_heads(parts[1], heads, seq_first),
-          split_heads(parts[2], heads, seq_first)};
+namespace {
+// x (A, B, parts * heads * d) -> its parts as (N, H, seq, d) views.
+std::vector<at::Tensor> split_parts(const at::Tensor& x, int64_t parts, int64_t heads,
+                                    bool seq_first, const char* name) {
+  TORCH_CHECK(x.dim() == 3, "attention_projected: ", name, " must be 3-D (A, B, ", parts,
+              " * num_heads * head_dim), got shape ", x.sym_sizes());
+  TORCH_SYM_CHECK((x.sym_size(2) % (parts * heads)).sym_eq(0), "attention_projected: ", name,
+                  "'s last dim must be a multiple of ", parts, " * num_heads = ", parts * heads,
+                  ", got shape ", x.sym_sizes());
+  std::vector<at::Tensor> out;
+  for (const auto& part : x.chunk(parts, -1)) out.push_back(split_heads(part, heads, seq_first));
+  return out;
+}
+}  // namespace
+
+std::array<at::Tensor, 3> split_projected(const at::Tensor& query,
+                                          const std::optional<at::Tensor>& key,
+                                          const std::optional<at::Tensor>& value, int64_t heads,
+                                          bool seq_first) {
+  TORCH_CHECK(heads > 0, "attention_projected: num_heads must be positive, got ", heads);
+  TORCH_CHECK(key || !value, "attention_projected: value without key: pass key and value, "
+              "key alone (packed key|value) or neither (packed query|key|value)");
+  if (!key) {
+    auto qkv = split_parts(query, 3, heads, seq_first, "query");
+    return {qkv[0], qkv[1], qkv[2]};
+  }
+  auto q = split_parts(query, 1, heads, seq_first, "query")[0];
+  if (!value) {
+    auto kv = split_parts(*key, 2, heads, seq_first, "key");
+    return {q, kv[0], kv[1]};
+  }
+  return {q, split_parts(*key, 1, heads, seq_first, "key")[0],
+          split_parts(*value, 1, heads, seq_first, "value")[0]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(

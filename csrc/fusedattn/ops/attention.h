@@ -81,16 +81,20 @@ attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                    const std::optional<at::Tensor>& dropout_seed, double dropout_p,
                    bool is_causal, bool bottom_right, std::optional<double> scale,
                    bool enable_gqa, bool attn_mask_grad, bool key_padding_mask_grad);
-// The packed self-attention the modules call (schemas in registration.cpp).
-FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_forward(
-    const at::Tensor& qkv, int64_t num_heads, bool seq_first,
+// Attention on projections in the caller's layout, as the modules call it (schemas and
+// the three forms of query/key/value in registration.cpp).
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool return_weights, bool average_weights);
-FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_backward(
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_projected_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& grad_lse, const at::Tensor& qkv, const at::Tensor& out,
-    const at::Tensor& lse, int64_t num_heads, bool seq_first,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
+    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
+    const at::Tensor& out, const at::Tensor& lse, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool attn_mask_grad, bool key_padding_mask_grad);
@@ -105,9 +109,13 @@ std::optional<at::Tensor> draw_dropout_seed(double dropout_p, c10::Device device
 // x (A, B, H * D) in a caller's layout, (A, B) = (L, N) if seq_first else (N, L), as an
 // (N, H, L, D) view: no copy.
 at::Tensor split_heads(const at::Tensor& x, int64_t heads, bool seq_first);
-// A packed qkv (A, B, 3 * H * D) as its q, k, v (N, H, L, D) views; throws, naming qkv, on a
-// shape that does not split so.
-std::array<at::Tensor, 3> split_qkv(const at::Tensor& qkv, int64_t heads, bool seq_first);
+// The (N, H, L, D), (N, H, S, D), (N, H, S, Dv) views of projections in the three forms of
+// `_attention_projected_forward` (query alone packed q|k|v; query and packed k|v; all
+// three); throws, naming the argument, on a shape that does not split so.
+std::array<at::Tensor, 3> split_projected(const at::Tensor& query,
+                                          const std::optional<at::Tensor>& key,
+                                          const std::optional<at::Tensor>& value, int64_t heads,
+                                          bool seq_first);
 // The CompositeImplicitAutograd kernel of `attention`: validates the flags, draws the dropout
 // seed from torch's default generator and calls `_attention_forward`.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(

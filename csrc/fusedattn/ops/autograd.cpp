@@ -95,21 +95,23 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
-// The packed self-attention of the modules: one input qkv, whose gradient the backward op
-// writes whole (q's, k's and v's parts in place).
-class AttentionQkvFunction : public torch::autograd::Function<AttentionQkvFunction> {
+// Attention on projections in the caller's layout (the modules' path): the backward op
+// writes each given tensor's gradient whole.
+class ProjectedAttentionFunction : public torch::autograd::Function<ProjectedAttentionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, int64_t num_heads,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query,
+                               const std::optional<at::Tensor>& key,
+                               const std::optional<at::Tensor>& value, int64_t num_heads,
                                bool seq_first, const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask,
                                const std::optional<at::Tensor>& dropout_seed, double dropout_p,
                                bool is_causal, bool return_weights, bool average_weights) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, weights] =
-        ops::attention_qkv_forward(qkv, num_heads, seq_first, attn_mask, key_padding_mask,
-                                   dropout_seed, dropout_p, is_causal, return_weights,
-                                   average_weights);
-    ctx->save_for_backward({qkv, out, lse, attn_mask.value_or(at::Tensor()),
+    auto [out, lse, weights] = ops::attention_projected_forward(
+        query, key, value, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed,
+        dropout_p, is_causal, return_weights, average_weights);
+    ctx->save_for_backward({query, key.value_or(at::Tensor()), value.value_or(at::Tensor()), out,
+                            lse, attn_mask.value_or(at::Tensor()),
                             key_padding_mask.value_or(at::Tensor()),
                             dropout_seed.value_or(at::Tensor())});
     ctx->saved_data["num_heads"] = num_heads;
@@ -127,33 +129,44 @@ class AttentionQkvFunction : public torch::autograd::Function<AttentionQkvFuncti
                 "fusedattn.MultiheadAttention: double backward (create_graph=True) is not "
                 "supported");
     const auto saved = ctx->get_saved_variables();
-    const auto &qkv = saved[0], &out = saved[1], &lse = saved[2], &attn_mask = saved[3],
-               &key_padding_mask = saved[4], &dropout_seed = saved[5];
-    const auto [mask_grad, kpm_grad] = mask_grads_wanted(ctx, 1, attn_mask, key_padding_mask);
+    const auto &query = saved[0], &key = saved[1], &value = saved[2], &out = saved[3],
+               &lse = saved[4], &attn_mask = saved[5], &key_padding_mask = saved[6],
+               &dropout_seed = saved[7];
+    // The masks' input slots follow query and whichever of key and value were passed.
+    const size_t first_mask = 1 + (key.defined() ? 1 : 0) + (value.defined() ? 1 : 0);
+    const auto [mask_grad, kpm_grad] =
+        mask_grads_wanted(ctx, first_mask, attn_mask, key_padding_mask);
     const int64_t heads = ctx->saved_data["num_heads"].toInt();
     const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
     const auto grad_weights =
         per_head_grad(grads[2], ctx->saved_data["average_weights"].toBool(), heads);
-    auto [dqkv, d_mask, d_kpm] = ops::attention_qkv_backward(
-        grad_out, defined_or_none(grad_weights), defined_or_none(grads[1]), qkv, out, lse, heads,
+    auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_projected_backward(
+        grad_out, defined_or_none(grad_weights), defined_or_none(grads[1]), query,
+        defined_or_none(key), defined_or_none(value), out, lse, heads,
         ctx->saved_data["seq_first"].toBool(), defined_or_none(attn_mask),
         defined_or_none(key_padding_mask), defined_or_none(dropout_seed),
         ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
         mask_grad, kpm_grad);
-    return {dqkv,          at::Tensor(), at::Tensor(), mask_grad ? d_mask : at::Tensor(),
-            kpm_grad ? d_kpm : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {dq,
+            key.defined() ? dk : at::Tensor(),
+            value.defined() ? dv : at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            mask_grad ? d_mask : at::Tensor(),
+            kpm_grad ? d_kpm : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_forward_autograd(
-    const at::Tensor& qkv, int64_t num_heads, bool seq_first,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward_autograd(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool return_weights, bool average_weights) {
-  auto outs = AttentionQkvFunction::apply(qkv, num_heads, seq_first, attn_mask, key_padding_mask,
-                                          dropout_seed, dropout_p, is_causal, return_weights,
-                                          average_weights);
+  auto outs = ProjectedAttentionFunction::apply(query, key, value, num_heads, seq_first, attn_mask,
+                                                key_padding_mask, dropout_seed, dropout_p,
+                                                is_causal, return_weights, average_weights);
   return {outs[0], outs[1], outs[2]};
 }
 
@@ -173,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
 
 TORCH_LIBRARY_IMPL(fusedattn, Autograd, m) {
   m.impl("_attention_forward", &attention_forward_autograd);
-  m.impl("_attention_qkv_forward", &attention_qkv_forward_autograd);
+  m.impl("_attention_projected_forward", &attention_projected_forward_autograd);
 }
 
 }  // namespace fusedattn

@@ -106,31 +106,41 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
                   ": key and value must have the same sequence length, got key ", key.sym_sizes(),
                   " and value ", value.sym_sizes());
 
-  // Projections. Self-attention (one tensor passed three times) takes one packed GEMM; on
-  // the CPU, without extra key columns, its output goes to the packed op whole (below).
+  // Projections, (A, B, F) in the caller's layout. Self-attention (one tensor passed three
+  // times) takes one packed GEMM, and on the CPU a key that is the value one GEMM for both.
+  // On the CPU without extra key columns they go to the projected op as they are (q, k, v
+  // read in place, the output written heads-merged, the gradients written whole); elsewhere
+  // they are split into heads for the attention op.
+  const bool projected = q_in.is_cpu() && !bias_k && !bias_v && !add_zero_attn;
   const bool self_packed = in_proj_weight && query.is_same(key) && key.is_same(value);
-  const bool qkv_op = self_packed && q_in.is_cpu() && !bias_k && !bias_v && !add_zero_attn;
-  at::Tensor qkv, qp, kp, vp;
-  if (qkv_op) {
-    TORCH_SYM_CHECK(in_proj_weight->sym_size(1).sym_eq(E), kFn,
-                    ": in_proj_weight must have embed_dim = ", E, " columns, got shape ",
-                    in_proj_weight->sym_sizes());
-    qkv = at::linear(q_in, *in_proj_weight, in_proj_bias);
-    TORCH_SYM_CHECK((qkv.sym_size(2) % (3 * num_heads)).sym_eq(0), kFn, ": the projected size ",
-                    qkv.sym_size(2) / 3, " must be divisible by num_heads = ", num_heads);
-  } else if (in_proj_weight) {
+  // packed: 3, qp holds q|k|v; 2, kp holds k|v; 0, qp, kp, vp apart.
+  int packed = 0;
+  at::Tensor qp, kp, vp;
+  if (in_proj_weight) {
     TORCH_SYM_CHECK(in_proj_weight->sym_size(1).sym_eq(E) & k_in.sym_size(2).sym_eq(E) &
                         v_in.sym_size(2).sym_eq(E),
                     kFn, ": with a packed in_proj_weight, key and value must have embed_dim = ", E,
                     " features, got key ", key.sym_sizes(), " and value ", value.sym_sizes());
+    const SymInt rows = in_proj_weight->sym_size(0) / 3;  // per projection
+    auto rows_of = [&](const at::Tensor& t, int64_t first, int64_t count) {
+      return t.narrow_symint(0, rows * first, rows * count);
+    };
+    auto bias_of = [&](int64_t first, int64_t count) -> std::optional<at::Tensor> {
+      if (!in_proj_bias) return std::nullopt;
+      return rows_of(*in_proj_bias, first, count);
+    };
     if (self_packed) {
-      auto parts = at::linear(q_in, *in_proj_weight, in_proj_bias).chunk(3, -1);
-      qp = parts[0], kp = parts[1], vp = parts[2];
+      qp = at::linear(q_in, *in_proj_weight, in_proj_bias);
+      packed = 3;
     } else {
-      auto w = in_proj_weight->chunk(3, 0);
-      qp = at::linear(q_in, w[0], chunk_or_none(in_proj_bias, 0));
-      kp = at::linear(k_in, w[1], chunk_or_none(in_proj_bias, 1));
-      vp = at::linear(v_in, w[2], chunk_or_none(in_proj_bias, 2));
+      qp = at::linear(q_in, rows_of(*in_proj_weight, 0, 1), bias_of(0, 1));
+      if (key.is_same(value) && projected) {
+        kp = at::linear(k_in, rows_of(*in_proj_weight, 1, 2), bias_of(1, 2));
+        packed = 2;
+      } else {
+        kp = at::linear(k_in, rows_of(*in_proj_weight, 1, 1), bias_of(1, 1));
+        vp = at::linear(v_in, rows_of(*in_proj_weight, 2, 1), bias_of(2, 1));
+      }
     }
   } else {
     TORCH_CHECK(q_proj_weight && k_proj_weight && v_proj_weight, kFn,
@@ -145,10 +155,15 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     kp = at::linear(k_in, *k_proj_weight, chunk_or_none(in_proj_bias, 1));
     vp = at::linear(v_in, *v_proj_weight, chunk_or_none(in_proj_bias, 2));
   }
+  const SymInt q_features = packed == 3 ? qp.sym_size(2) / 3 : qp.sym_size(2);
+  TORCH_SYM_CHECK((q_features % num_heads).sym_eq(0), kFn, ": the projected size ", q_features,
+                  " must be divisible by num_heads = ", num_heads);
   at::Tensor q, k, v;  // (N, H, L, D), (N, H, S, D), (N, H, S, Dv) views
-  if (!qkv_op) {
-    TORCH_SYM_CHECK((qp.sym_size(2) % num_heads).sym_eq(0), kFn, ": the projected size ",
-                    qp.sym_size(2), " must be divisible by num_heads = ", num_heads);
+  if (!projected) {
+    if (packed == 3) {
+      auto parts = qp.chunk(3, -1);
+      qp = parts[0], kp = parts[1], vp = parts[2];
+    }
     q = detail::split_heads(qp, num_heads, seq_first);
     k = detail::split_heads(kp, num_heads, seq_first);
     v = detail::split_heads(vp, num_heads, seq_first);
@@ -228,12 +243,16 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
   }
 
   at::Tensor merged, weights;  // (A, B, H * Dv) in the caller's layout; the weights
-  if (qkv_op) {
+  if (projected) {
     TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, kFn, ": dropout must be in [0, 1], got ",
                 dropout_p);
-    std::tie(merged, std::ignore, weights) = ops::attention_qkv_forward(
-        qkv, num_heads, seq_first, mask, kpm, detail::draw_dropout_seed(dropout_p, query.device()),
-        dropout_p, op_causal, need_weights, need_weights && average_attn_weights);
+    auto given = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    std::tie(merged, std::ignore, weights) = ops::attention_projected_forward(
+        qp, given(kp), given(vp), num_heads, seq_first, mask, kpm,
+        detail::draw_dropout_seed(dropout_p, query.device()), dropout_p, op_causal, need_weights,
+        need_weights && average_attn_weights);
   } else {
     at::Tensor out;
     std::tie(out, weights, std::ignore) =

@@ -39,21 +39,26 @@ TORCH_LIBRARY(fusedattn, m) {
       "bool bottom_right, float? scale, bool enable_gqa, bool attn_mask_grad, "
       "bool key_padding_mask_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // Internal, packed self-attention for the modules: qkv is a packed in-projection's output
-  // (A, B, 3 * H * D), (A, B) = (L, N) if seq_first else (N, L), q, k, v in that order along
-  // the features; out is (A, B, H * D), heads merged, scale 1 / sqrt(D), causal top-left. The
-  // backward writes q's, k's and v's gradients into one grad_qkv shaped like qkv, so no
-  // split, merge or concatenation copies the data on either side.
-  // -> (out, lse, weights); backward -> (grad_qkv, grad_attn_mask, grad_key_padding_mask)
+  // Internal, for the modules: attention on projections in the caller's layout, (A, B, F)
+  // with (A, B) = (seq, N) if seq_first else (N, seq) and F = heads x head dim, read in
+  // place. query alone: the packed q|k|v of a self-attention in-projection (F = 3 H D);
+  // query and key: q and the packed k|v of one key/value projection (F = H D, 2 H D); all
+  // three: separate. out is (A, B, H Dv), heads merged; scale 1 / sqrt(D), causal top-left.
+  // The backward writes each given tensor's gradient whole (grad_key, grad_value empty where
+  // not given), so no split, merge or concatenation copies the data on either side.
+  // -> (out, lse, weights); backward -> (grad_query, grad_key, grad_value, grad_attn_mask,
+  // grad_key_padding_mask)
   m.def(
-      "_attention_qkv_forward(Tensor qkv, int num_heads, bool seq_first, Tensor? attn_mask, "
-      "Tensor? key_padding_mask, Tensor? dropout_seed, float dropout_p, bool is_causal, "
-      "bool return_weights, bool average_weights) -> (Tensor, Tensor, Tensor)");
+      "_attention_projected_forward(Tensor query, Tensor? key, Tensor? value, int num_heads, "
+      "bool seq_first, Tensor? attn_mask, Tensor? key_padding_mask, Tensor? dropout_seed, "
+      "float dropout_p, bool is_causal, bool return_weights, bool average_weights) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "_attention_qkv_backward(Tensor grad_out, Tensor? grad_weights, Tensor? grad_lse, "
-      "Tensor qkv, Tensor out, Tensor lse, int num_heads, bool seq_first, Tensor? attn_mask, "
-      "Tensor? key_padding_mask, Tensor? dropout_seed, float dropout_p, bool is_causal, "
-      "bool attn_mask_grad, bool key_padding_mask_grad) -> (Tensor, Tensor, Tensor)");
+      "_attention_projected_backward(Tensor grad_out, Tensor? grad_weights, Tensor? grad_lse, "
+      "Tensor query, Tensor? key, Tensor? value, Tensor out, Tensor lse, int num_heads, "
+      "bool seq_first, Tensor? attn_mask, Tensor? key_padding_mask, Tensor? dropout_seed, "
+      "float dropout_p, bool is_causal, bool attn_mask_grad, bool key_padding_mask_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // The forward of fusedattn::MultiheadAttention (C++ and Python modules both call it), with
   // torch.nn.MultiheadAttention's semantics. dropout_p is the effective one (0 in eval).
