@@ -37,6 +37,26 @@ std::pair<bool, bool> mask_grads_wanted(AutogradContext* ctx, size_t first_mask,
   return {mask_grad, kpm_grad};
 }
 
+// What both functions' forwards keep the same way: saved tensors query, key, value, out, lse,
+// attn_mask, key_padding_mask, dropout_seed (undefined where absent), the flags the backward
+// op takes, and the weights differentiable only when returned. -> (out, lse, weights)
+variable_list save_forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                           const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+                           const at::Tensor& weights, const std::optional<at::Tensor>& attn_mask,
+                           const std::optional<at::Tensor>& key_padding_mask,
+                           const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+                           bool is_causal, bool return_weights, bool average_weights) {
+  ctx->save_for_backward({query, key, value, out, lse, attn_mask.value_or(at::Tensor()),
+                          key_padding_mask.value_or(at::Tensor()),
+                          dropout_seed.value_or(at::Tensor())});
+  ctx->saved_data["dropout_p"] = dropout_p;
+  ctx->saved_data["is_causal"] = is_causal;
+  ctx->saved_data["average_weights"] = return_weights && average_weights;
+  ctx->set_materialize_grads(false);
+  if (!return_weights) ctx->mark_non_differentiable({weights});
+  return {out, lse, weights};
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   // Inputs 0..4 are tensors (query, key, value, attn_mask, key_padding_mask); a float mask
@@ -52,18 +72,11 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         ops::attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                                dropout_p, is_causal, bottom_right, scale, enable_gqa,
                                return_weights, average_weights);
-    ctx->save_for_backward({query, key, value, out, lse, attn_mask.value_or(at::Tensor()),
-                            key_padding_mask.value_or(at::Tensor()),
-                            dropout_seed.value_or(at::Tensor())});
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["bottom_right"] = bottom_right;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["enable_gqa"] = enable_gqa;
-    ctx->saved_data["average_weights"] = return_weights && average_weights;
-    ctx->set_materialize_grads(false);
-    if (!return_weights) ctx->mark_non_differentiable({weights});
-    return {out, lse, weights};
+    return save_forward(ctx, query, key, value, out, lse, weights, attn_mask, key_padding_mask,
+                        dropout_seed, dropout_p, is_causal, return_weights, average_weights);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -110,18 +123,11 @@ class ProjectedAttentionFunction : public torch::autograd::Function<ProjectedAtt
     auto [out, lse, weights] = ops::attention_projected_forward(
         query, key, value, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed,
         dropout_p, is_causal, return_weights, average_weights);
-    ctx->save_for_backward({query, key.value_or(at::Tensor()), value.value_or(at::Tensor()), out,
-                            lse, attn_mask.value_or(at::Tensor()),
-                            key_padding_mask.value_or(at::Tensor()),
-                            dropout_seed.value_or(at::Tensor())});
     ctx->saved_data["num_heads"] = num_heads;
     ctx->saved_data["seq_first"] = seq_first;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["is_causal"] = is_causal;
-    ctx->saved_data["average_weights"] = return_weights && average_weights;
-    ctx->set_materialize_grads(false);
-    if (!return_weights) ctx->mark_non_differentiable({weights});
-    return {out, lse, weights};
+    return save_forward(ctx, query, key.value_or(at::Tensor()), value.value_or(at::Tensor()), out,
+                        lse, weights, attn_mask, key_padding_mask, dropout_seed, dropout_p,
+                        is_causal, return_weights, average_weights);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
