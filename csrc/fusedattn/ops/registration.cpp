@@ -45,7 +45,8 @@ TORCH_LIBRARY(fusedattn, m) {
   // query and key: q and the packed k|v of one key/value projection (F = H D, 2 H D); all
   // three: separate. out is (A, B, H Dv), heads merged; scale 1 / sqrt(D), causal top-left.
   // The backward writes each given tensor's gradient whole (grad_key, grad_value empty where
-  // not given), so no split, merge or concatenation copies the data on either side.
+  // not given), so no split, merge or concatenation copies the data on either side. CPU
+  // kernels only: the modules take this path on the CPU and split heads for other devices.
   // -> (out, lse, weights); backward -> (grad_query, grad_key, grad_value, grad_attn_mask,
   // grad_key_padding_mask)
   m.def(
