@@ -233,6 +233,27 @@ def test_projected_op_equals_the_attention_op_on_views(seq_first, dtype, form):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("n,length,mem_length", [(2, 0, 4), (2, 3, 0), (0, 3, 3), (2, 1, 1)])
+def test_empty_and_single_sequences(batch_first, n, length, mem_length):
+    ours, theirs = pair(batch_first=batch_first)
+    def seq(l):
+        return torch.randn((n, l, E) if batch_first else (l, n, E), dtype=torch.float64,
+                           requires_grad=True)
+    x, mem = seq(length), seq(mem_length)
+    for args in ((x, x, x), (x, mem, mem)) if length == mem_length else ((x, mem, mem),):
+        out, w = ours(*args)
+        assert out.shape == args[0].shape and w.shape == (n, length, mem_length)
+        grads = torch.autograd.grad(out.sum(), args[0])
+        if mem_length == 0:  # no key: attention output 0, so out = out_proj's bias (torch: NaN)
+            torch.testing.assert_close(out, ours.out_proj.bias.detach().expand_as(out))
+            assert not grads[0].any()
+        elif min(n, length) > 0:
+            ref, ref_w = theirs(*args)
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(w, ref_w)
+
+
 def test_projected_op_errors_name_the_argument():
     op = torch.ops.fusedattn._attention_projected_forward
     rest = (None, None, None, 0.0, False, False, False)
