@@ -254,6 +254,26 @@ def test_empty_and_single_sequences(batch_first, n, length, mem_length):
             torch.testing.assert_close(w, ref_w)
 
 
+@pytest.mark.parametrize("form", ["qkv", "q_kv", "apart"])
+def test_projected_op_gradcheck_non_contiguous(form):
+    # Projections whose feature dim is not the contiguous one (read through a copy), and a
+    # key padding mask; fp64 gradcheck of the fused path (forward and backward kernels).
+    h, d, n = 2, 3, 2
+    def proj(length, parts):
+        return torch.randn(parts * h * d, length, n, dtype=torch.float64).permute(1, 2, 0).requires_grad_()
+    args = {"qkv": (proj(5, 3),), "q_kv": (proj(5, 1), proj(4, 2)),
+            "apart": (proj(5, 1), proj(4, 1), proj(4, 1))}[form]
+    kpm = torch.tensor([[False, False, False, True, True], [False] * 5])[:, : args[-1].shape[0]]
+    def f(*a, weights):
+        a = list(a) + [None] * (3 - len(a))
+        out, _, w = torch.ops.fusedattn._attention_projected_forward(
+            *a, h, True, None, kpm, None, 0.0, False, weights, False)
+        return (out, w) if weights else out
+    # out alone: the fused backward; with the weights: the reference backward (their gradient)
+    torch.autograd.gradcheck(lambda *a: f(*a, weights=False), args)
+    torch.autograd.gradcheck(lambda *a: f(*a, weights=True), args)
+
+
 def test_projected_op_errors_name_the_argument():
     op = torch.ops.fusedattn._attention_projected_forward
     rest = (None, None, None, 0.0, False, False, False)
