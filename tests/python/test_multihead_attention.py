@@ -92,7 +92,8 @@ def test_self_attention_packed_path_and_no_weights(batch_first):
 # Self-attention (one tensor passed as query, key and value) on the CPU runs the op
 # `_attention_projected_forward` on the packed in-projection: q, k, v read in place from its
 # output, the output written heads-merged, the gradient written into one (A, B, 3E) tensor.
-# (Cross-attention takes the same op with q and k|v, or three tensors: test_parity_with_torch.)
+# The "memory" form below (key is value) takes it with q and a packed k|v; three separate
+# projections are test_parity_with_torch's cross-attention.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("mask_kind", ["none", "kpm_bool", "kpm_float", "attn_bool",
@@ -144,8 +145,8 @@ def test_self_attention_gradcheck():
     m = fusedattn.MultiheadAttention(6, 2, batch_first=True).double()
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     kpm = torch.tensor([[False] * 5, [False, False, False, True, True]])
-    mask = torch.rand(5, 5) > 0.3
-    mask[:, 0] = True
+    mask = torch.rand(5, 5) > 0.7  # True = masked (torch's convention)
+    mask[:, 0] = False  # every query keeps a key
     torch.autograd.gradcheck(
         lambda x: m(x, x, x, key_padding_mask=kpm, attn_mask=mask, is_causal=False)[0], (x,))
     causal = torch.ones(5, 5).triu(1).bool()  # True = masked (torch's convention)
@@ -164,7 +165,7 @@ def test_self_attention_dropout_repeats_under_a_seed_and_changes_without():
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
     assert not torch.allclose(runs[0][0], runs[2][0])
-    # The same draw as the unpacked path takes (query, key and value passed as copies).
+    # The same mask with three separate projections (key and value passed as copies).
     torch.manual_seed(5)
     out_unpacked, _ = m(x, x.clone(), x.clone())
     torch.testing.assert_close(out_unpacked, runs[0][0])

@@ -1,4 +1,5 @@
-// Autograd for `_attention_forward`, in C++ so C++ apps differentiate through the same code
+// Autograd for `_attention_forward` and `_attention_projected_forward` (the modules' path),
+// in C++ so C++ apps differentiate through the same code
 // as Python. Forward and backward each call the dispatcher below the autograd key, so the
 // backend kernels (CPU, CUDA) and torch.compile's fake kernels are reached the same way.
 #include <torch/autograd.h>
@@ -25,9 +26,9 @@ at::Tensor per_head_grad(const at::Tensor& grad_weights, bool averaged, int64_t 
   return grad_weights.div(static_cast<double>(heads)).unsqueeze(-3).expand(sizes);
 }
 
-// needs_input_grad's index of key_padding_mask and whether the masks' gradients are wanted:
-// an absent optional mask takes no input slot, so key_padding_mask follows attn_mask when
-// there is one. first_mask: the index of the first mask input.
+// Whether the masks' gradients are wanted. needs_input_grad counts only the tensors passed:
+// an absent optional takes no slot, so key_padding_mask's index is first_mask (attn_mask's)
+// plus one only when there is an attn_mask.
 std::pair<bool, bool> mask_grads_wanted(AutogradContext* ctx, size_t first_mask,
                                         const at::Tensor& attn_mask,
                                         const at::Tensor& key_padding_mask) {
