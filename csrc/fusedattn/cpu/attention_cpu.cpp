@@ -174,6 +174,13 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// at::empty with that hint, for the outputs and gradients the kernels write whole.
+at::Tensor empty_advised(c10::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
+  advise_huge_pages(t);
+  return t;
+}
+
 template <typename Kernel>
 void run_tasks(int64_t tasks, const FlashParams& p, Kernel kernel) {
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
@@ -227,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
                                         dropout_seed, dropout_p, is_causal, bottom_right,
                                         return_weights, average_weights);
   }
-  auto out = at::empty(pb.out_shape(), query.options());
+  auto out = empty_advised(pb.out_shape(), query.options());
   auto [lse, weights] =
       forward_into(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
                    is_causal, bottom_right, return_weights, average_weights,
@@ -301,9 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   }
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                          dropout_p, scale, enable_gqa);
-  auto dq = at::empty(query.sizes(), query.options());
-  auto dk = at::empty(key.sizes(), key.options());
-  auto dv = at::empty(value.sizes(), value.options());
+  auto dq = empty_advised(query.sizes(), query.options());
+  auto dk = empty_advised(key.sizes(), key.options());
+  auto dv = empty_advised(value.sizes(), value.options());
   backward_into(pb, grad_out, grad_lse, query, key, value, out, lse, attn_mask, key_padding_mask,
                 dropout_seed, dropout_p, is_causal, bottom_right, as_4d(dq, pb.batch_size),
                 as_4d(dk, pb.batch_size), as_4d(dv, pb.batch_size));
@@ -322,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
   const auto [q, k, v] = detail::split_projected(query, key, value, num_heads, seq_first);
   const auto pb = check_attention_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p,
                                          std::nullopt, /*enable_gqa=*/false);
-  auto out = at::empty({query.size(0), query.size(1), pb.heads * pb.v_head_dim}, query.options());
+  auto out = empty_advised({query.size(0), query.size(1), pb.heads * pb.v_head_dim}, query.options());
   const auto out4 = detail::split_heads(out, num_heads, seq_first);  // (N, H, L, Dv) view
   if (reference_requested()) {
     auto [o, lse, weights] = reference::attention_forward(
@@ -353,9 +360,9 @@ attention_projected_backward(
   const auto out4 = detail::split_heads(out, num_heads, seq_first);
   const auto dout4 = detail::split_heads(grad_out, num_heads, seq_first);
   auto empty = [&] { return at::empty({0}, query.options()); };
-  auto d_query = at::empty(query.sizes(), query.options());
-  auto d_key = key ? at::empty(key->sizes(), key->options()) : empty();
-  auto d_value = value ? at::empty(value->sizes(), value->options()) : empty();
+  auto d_query = empty_advised(query.sizes(), query.options());
+  auto d_key = key ? empty_advised(key->sizes(), key->options()) : empty();
+  auto d_value = value ? empty_advised(value->sizes(), value->options()) : empty();
   const auto [dq4, dk4, dv4] = detail::split_projected(
       d_query, key ? std::optional<at::Tensor>(d_key) : std::nullopt,
       value ? std::optional<at::Tensor>(d_value) : std::nullopt, num_heads, seq_first);

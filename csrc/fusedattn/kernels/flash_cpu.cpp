@@ -391,6 +391,48 @@ void store_scaled_row(const A* x, A a, T* y, int64_t n) {
     scale_narrow_row(x, a, y, n);
   }
 }
+// Rows of the outputs and gradients, which a call writes once and never reads back: y = x * a
+// by non-temporal stores where y and n make whole aligned vectors (64 bytes fp32, 32 bf16), so
+// that the writes skip the read-for-ownership of lines that are not cached (the gradients of
+// MultiheadAttention's packed projections, 24 MiB at the encoder size; PERFORMANCE.md 10a).
+// A task that wrote rows this way ends with out_rows_done() (sfence: the stores are weakly
+// ordered, and the next reader may be another thread).
+#ifdef FUSEDATTN_ZMM
+FUSEDATTN_ZMM void stream_scaled_row_f32(const float* x, float a, float* y, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), va));
+}
+#endif
+#ifdef FUSEDATTN_ZMM_BF16
+FUSEDATTN_ZMM_BF16 void stream_scaled_row_bf16(const float* x, float a, bf16* y, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 16) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(y + i),
+                        __m256i(_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + i), va))));
+  }
+}
+#endif
+template <typename A, typename T>
+void store_out_row(const A* x, A a, T* y, int64_t n) {
+  const auto at = reinterpret_cast<uintptr_t>(y);
+#ifdef FUSEDATTN_ZMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_zmm() && at % 64 == 0 && n % 16 == 0) return stream_scaled_row_f32(x, a, y, n);
+  }
+#endif
+#ifdef FUSEDATTN_ZMM_BF16
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (has_zmm_bf16() && at % 32 == 0 && n % 16 == 0) return stream_scaled_row_bf16(x, a, y, n);
+  }
+#endif
+  (void)at;
+  store_scaled_row(x, a, y, n);
+}
+inline void out_rows_done() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_sfence();
+#endif
+}
 template <typename A, typename T>
 void store_row(const A* x, T* y, int64_t n) {
   if constexpr (std::is_same_v<A, T>) {
@@ -788,20 +830,28 @@ struct Flash {
 #ifdef FUSEDATTN_ZMM
   // fp32, 16 rows at a time: one gather per column of x fetches it for the 16 rows, one store
   // writes them as a run of y's row (the scalar loop's strided stores were 5-7% of an fp32
-  // backward). Needs 15 * ldx + cols < 2^31 (32-bit indices).
+  // backward). Needs 15 * ldx + cols < 2^31 (32-bit indices). stream: y is an output that
+  // is not read back: whole aligned vectors by non-temporal stores (see store_out_row).
   FUSEDATTN_ZMM static void transpose_zmm_f32(const float* x, int64_t ldx, int64_t rows,
-                                              int64_t cols, float* y, int64_t ldy) {
+                                              int64_t cols, float* y, int64_t ldy,
+                                              bool stream = false) {
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i row_off = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(ldx)));
+    stream = stream && reinterpret_cast<uintptr_t>(y) % 64 == 0 && ldy % 16 == 0;
     for (int64_t r = 0; r < rows; r += 16) {
       const __mmask16 in = __mmask16((1u << std::min<int64_t>(rows - r, 16)) - 1);
       const float* xr = x + r * ldx;
       for (int64_t c = 0; c < cols; ++c) {
         const __m512 col = _mm512_mask_i32gather_ps(
             _mm512_setzero_ps(), in, _mm512_add_epi32(row_off, _mm512_set1_epi32(int32_t(c))), xr, 4);
-        _mm512_mask_storeu_ps(y + c * ldy + r, in, col);
+        if (stream && in == 0xffff) {
+          _mm512_stream_ps(y + c * ldy + r, col);
+        } else {
+          _mm512_mask_storeu_ps(y + c * ldy + r, in, col);
+        }
       }
     }
+    if (stream) _mm_sfence();
   }
 #endif
 
@@ -1005,15 +1055,23 @@ struct Flash {
     T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i0 * p.o_sr;
     A* lse = lse_row(b, h) + i0;
     const __m512i cols = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(kLd)));
+    // Non-temporal stores where aligned (see store_out_row).
+    const bool nt = reinterpret_cast<uintptr_t>(out) % 32 == 0 && p.o_sr % 16 == 0;
     for (int64_t i = 0; i < bq; ++i) {  // row i of the output is column i of O^T: gathered
       const __m512 inv = _mm512_set1_ps(lf[i] > 0.f ? 1.f / lf[i] : 0.f);  // no visible key: 0
       for (int64_t c = 0; c < p.Ev; c += 16) {
         const __mmask16 in = __mmask16((1u << std::min<int64_t>(p.Ev - c, 16)) - 1);
         const __m512 o = _mm512_mask_i32gather_ps(zero, in, cols, ot + c * kLd + i, 4);
-        _mm256_mask_storeu_epi16(out + i * p.o_sr + c, in, __m256i(_mm512_cvtneps_pbh(_mm512_mul_ps(o, inv))));
+        const __m256i v = __m256i(_mm512_cvtneps_pbh(_mm512_mul_ps(o, inv)));
+        if (nt && in == 0xffff) {
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(out + i * p.o_sr + c), v);
+        } else {
+          _mm256_mask_storeu_epi16(out + i * p.o_sr + c, in, v);
+        }
       }
       lse[i] = lf[i] > 0.f ? mf[i] * kLn2 + std::log(lf[i]) : (lf[i] == 0.f ? -kInf : lf[i]);
     }
+    out_rows_done();
   }
 #pragma GCC diagnostic pop  // (see FUSEDATTN_ZMM)
 #endif
@@ -1101,10 +1159,11 @@ struct Flash {
     for (int64_t r = 0; r < bq; ++r) {
       const A inv = w.l[r] > A(0) ? A(1) / w.l[r] : A(0);  // no visible key: output 0
       const A* a = w.acc.data() + r * p.Ev;
-      store_scaled_row(a, inv, out + r * p.o_sr, p.Ev);
+      store_out_row(a, inv, out + r * p.o_sr, p.Ev);
       // l == 0: no visible key, lse = -inf; l NaN (NaN input) stays NaN.
       lse[r] = w.l[r] > A(0) ? w.m[r] * mul + std::log(w.l[r]) : (w.l[r] == A(0) ? kNegInf : w.l[r]);
     }
+    out_rows_done();
   }
 
   // Forward that also returns the weights (p.weights, (B, H, L, S)). The weights are an
@@ -1239,8 +1298,9 @@ struct Flash {
       }
     }
     for (int64_t r = 0; r < bq; ++r) {
-      store_scaled_row(acc + r * p.Ev, out_scaled ? w.l[r] : A(1), out + r * p.o_sr, p.Ev);
+      store_out_row(acc + r * p.Ev, out_scaled ? w.l[r] : A(1), out + r * p.o_sr, p.Ev);
     }
+    out_rows_done();
   }
 
   // Keys-as-rows backward (backward_task_kr): blocks of kBwdBlockK keys against chunks of up
@@ -1337,7 +1397,7 @@ struct Flash {
         }
       }
       T* dq = dq_rows(b, h);
-      for (int64_t i = 0; i < p.L; ++i) store_row(w.dq.data() + i * p.E, dq + i * p.dq_sr, p.E);
+      for (int64_t i = 0; i < p.L; ++i) store_out_row(w.dq.data() + i * p.E, A(1), dq + i * p.dq_sr, p.E);
     }
     store_dk_dv(b, hk, w);
   }
@@ -1354,9 +1414,10 @@ struct Flash {
     T* dk = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
     T* dv = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
     for (int64_t j = 0; j < p.S; ++j) {
-      store_row(w.dk.data() + j * p.E, dk + j * p.dk_sr, p.E);
-      store_row(w.dv.data() + j * p.Ev, dv + j * p.dv_sr, p.Ev);
+      store_out_row(w.dk.data() + j * p.E, A(1), dk + j * p.dk_sr, p.E);
+      store_out_row(w.dv.data() + j * p.Ev, A(1), dv + j * p.dv_sr, p.Ev);
     }
+    out_rows_done();
   }
 
   // Keys-as-rows backwards, per query head h: w.lse and w.d for queries 0 .. Lp - 1: lse
@@ -1498,9 +1559,29 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
         p.packed->gemm(p.E, nq, bkp, bkp, ldkt, Lp, true, kt + j0, dsp, dqt + i0);
       }
     }
+    // dQ^T back to dQ's rows: 16 dims a gather, rounded, by non-temporal stores where
+    // aligned (was a scalar loop, one element a store).
     T* dq = dq_rows(b, h);
-    for (int64_t i = 0; i < p.L; ++i)
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i dims = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(Lp)));
+    const bool nt = reinterpret_cast<uintptr_t>(dq) % 32 == 0 && p.dq_sr % 16 == 0;
+    const bool gather = 15 * Lp + p.L < (int64_t(1) << 31);  // 32-bit indices
+    for (int64_t i = 0; i < p.L && !gather; ++i) {
       for (int64_t e = 0; e < p.E; ++e) store(dqt[e * Lp + i], dq + i * p.dq_sr + e);
+    }
+    for (int64_t i = 0; i < p.L && gather; ++i) {
+      for (int64_t e = 0; e < p.E; e += 16) {
+        const __mmask16 in = __mmask16((1u << std::min<int64_t>(p.E - e, 16)) - 1);
+        const __m256i v = __m256i(_mm512_cvtneps_pbh(
+            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, dims, dqt + e * Lp + i, 4)));
+        if (nt && in == 0xffff) {
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(dq + i * p.dq_sr + e), v);
+        } else {
+          _mm256_mask_storeu_epi16(dq + i * p.dq_sr + e, in, v);
+        }
+      }
+    }
+    out_rows_done();
   }
   store_dk_dv(b, hk, w);
 }
@@ -1582,7 +1663,12 @@ FUSEDATTN_ZMM void Flash<float>::backward_task_kr(int64_t t, BwdWork& w) const {
         p.fgemm(p.E, nq, bk, ldkt, nq, ldq, true, kt + j0, dpt, dqt + i0);
       }
     }
-    transpose_any(dqt, ldq, p.E, p.L, dq_rows(b, h), p.dq_sr);
+    // dQ^T back to dQ's rows (16 dims a gather), by non-temporal stores where aligned.
+    if (15 * ldq + p.L < (int64_t(1) << 31)) {
+      transpose_zmm_f32(dqt, ldq, p.E, p.L, dq_rows(b, h), p.dq_sr, /*stream=*/true);
+    } else {
+      transpose(dqt, ldq, p.E, p.L, dq_rows(b, h), p.dq_sr);
+    }
   }
   store_dk_dv(b, hk, w);
 }
