@@ -273,6 +273,23 @@ FUSEDATTN_ZMM_BF16 void scale_narrow_row_zmm(const float* x, float a, bf16* y, i
     _mm256_mask_storeu_epi16(y + i, lanes, __m256i(_mm512_cvtneps_pbh(v)));
   }
 }
+// Column i of a column-major fp32 block into a bf16 row of n: x points at element (0, i),
+// element (r, i) is at x + r * ld, and stride holds l * ld in lane l. y = x[., i] * a, one
+// gather and one rounding per 16 elements; nt: the whole 32-byte pieces of an aligned y by
+// non-temporal stores (see store_out_row). Needs 15 * ld < 2^31.
+FUSEDATTN_ZMM_BF16 void column_to_bf16_row(const float* x, int64_t ld, __m512i stride, int64_t n,
+                                           __m512 a, bf16* y, bool nt) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 in = __mmask16((1u << std::min<int64_t>(n - c, 16)) - 1);
+    const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, stride, x + c * ld, 4);
+    const __m256i r = __m256i(_mm512_cvtneps_pbh(_mm512_mul_ps(v, a)));
+    if (nt && in == 0xffff) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(y + c), r);
+    } else {
+      _mm256_mask_storeu_epi16(y + c, in, r);
+    }
+  }
+}
 // Picked once (function-local statics: __builtin_cpu_supports is ready by then).
 bool has_zmm() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
@@ -1067,11 +1084,7 @@ struct Flash {
     const __m512i cols = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(kLd)));
     for (int64_t i = 0; i < bq; ++i) {  // row i of the output is column i of O^T: gathered
       const __m512 inv = _mm512_set1_ps(lf[i] > 0.f ? 1.f / lf[i] : 0.f);  // no visible key: 0
-      for (int64_t c = 0; c < p.Ev; c += 16) {
-        const __mmask16 in = __mmask16((1u << std::min<int64_t>(p.Ev - c, 16)) - 1);
-        const __m512 o = _mm512_mask_i32gather_ps(zero, in, cols, ot + c * kLd + i, 4);
-        _mm256_mask_storeu_epi16(out + i * p.o_sr + c, in, __m256i(_mm512_cvtneps_pbh(_mm512_mul_ps(o, inv))));
-      }
+      column_to_bf16_row(ot + i, kLd, cols, p.Ev, inv, out + i * p.o_sr, /*nt=*/false);
       lse[i] = lf[i] > 0.f ? mf[i] * kLn2 + std::log(lf[i]) : (lf[i] == 0.f ? -kInf : lf[i]);
     }
   }
@@ -1572,16 +1585,7 @@ FUSEDATTN_ZMM_BF16 void Flash<bf16>::backward_task_kr(int64_t t, BwdWork& w) con
       for (int64_t e = 0; e < p.E; ++e) store(dqt[e * Lp + i], dq + i * p.dq_sr + e);
     }
     for (int64_t i = 0; i < p.L && gather; ++i) {
-      for (int64_t e = 0; e < p.E; e += 16) {
-        const __mmask16 in = __mmask16((1u << std::min<int64_t>(p.E - e, 16)) - 1);
-        const __m256i v = __m256i(_mm512_cvtneps_pbh(
-            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, dims, dqt + e * Lp + i, 4)));
-        if (nt && in == 0xffff) {
-          _mm256_stream_si256(reinterpret_cast<__m256i*>(dq + i * p.dq_sr + e), v);
-        } else {
-          _mm256_mask_storeu_epi16(dq + i * p.dq_sr + e, in, v);
-        }
-      }
+      column_to_bf16_row(dqt + i, Lp, dims, p.E, _mm512_set1_ps(1.f), dq + i * p.dq_sr, nt);
     }
     out_rows_done();
   }
