@@ -1,5 +1,6 @@
 // CPU implementations of `_attention_forward` and `_attention_backward`: the fused kernels
-// (kernels/flash_cpu.h) for every call they cover, the ATen reference for the rest.
+// (kernels/cpu/, planned by kernels/cpu/plan.cpp) for every call they cover, the ATen
+// reference for the rest.
 //
 // The fused path covers fp64/fp32/bf16/fp16, every mask kind (read through strides, never
 // expanded), causal in both alignments, GQA, dropout, lse and returned weights. The
@@ -7,23 +8,25 @@
 // returned weights (both need the L x S gradient of the scores anyway).
 // FUSEDATTN_CPU_KERNEL=reference in the environment sends every call to the reference;
 // FUSEDATTN_CPU_KERNEL=unpacked keeps bf16/fp16 forwards and backwards off the packed (AMX
-// brgemm) GEMMs and fp32 forwards off brgemm (MKL's sgemm for every product).
+// brgemm) GEMMs and fp32 off brgemm (MKL's sgemm for every product).
+// FUSEDATTN_CPU_CAPABILITY caps the instruction-set tier (kernels/cpu/capability.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <tuple>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
-#include "fusedattn/kernels/flash_cpu.h"
+#include "fusedattn/cpu/gemm_hooks.h"
+#include "fusedattn/kernels/cpu/plan.h"
 #include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/reference.h"
@@ -43,68 +46,29 @@ bool packing_disabled() {
   return v != nullptr && std::strcmp(v, "unpacked") == 0;
 }
 
-// The kernels' packed-GEMM hooks on LibTorch's cpublas (oneDNN's brgemm: AMX where the CPU has
-// it; could_pack says whether it does), one set per half type. oneDNN packs B in panels whose
-// row length is 16, 32, 48 or 64 (any other is refused): a k x n matrix becomes panels of 64
-// columns (the last rounded up to 16), panel c at offset k * c, and the product loops over them.
-int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-template <typename T>
-kernels::PackedGemm cpublas_packed_gemm() {
-  kernels::PackedGemm g;
-  g.pack = [](int64_t k, int64_t n, int64_t ld_in, const void* in, void* out) {
-    constexpr auto dt = c10::CppTypeToScalarType<T>::value;
-    for (int64_t c = 0; c < n; c += 64) {
-      const int64_t w = std::min<int64_t>(64, n - c);
-      at::native::cpublas::pack(k, w, ld_in, round16(w), dt, dt, static_cast<const T*>(in) + c,
-                                static_cast<T*>(out) + k * c);
-    }
-  };
-  g.gemm = [](int64_t m, int64_t n, int64_t k, int64_t kb, int64_t lda, int64_t ldc,
-              bool add_c, const void* a, const void* b, float* c) {
-    for (int64_t p = 0; p < n; p += 64) {
-      const int64_t w = std::min<int64_t>(64, n - p);
-      at::native::cpublas::brgemm(m, w, k, lda, round16(w), ldc, add_c, static_cast<const T*>(a),
-                                  static_cast<const T*>(b) + kb * p, c + p, /*is_vnni=*/true);
-    }
-  };
-  g.release = [] { at::native::cpublas::brgemm_release(/*is_vnni=*/true); };
-  return g;
+// The tier in use, as an op's error where FUSEDATTN_CPU_CAPABILITY asks for one this CPU
+// cannot run (or names none).
+template <typename Planner>
+kernels::cpu::Plan plan_or_error(Planner planner, const FlashParams& p) {
+  try {
+    return planner(p);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
 }
 
-// Packing K/V costs one pass over them per call; worth it when each packed block serves
-// several query blocks (L * H / Hk >= 128 queries per key/value head).
-const kernels::PackedGemm* packed_gemm_for(const FlashParams& p, at::ScalarType t) {
-  if (packing_disabled() || p.E % 2 != 0 || p.S == 0 || p.L * (p.H / p.Hk) < 128) return nullptr;
-  static const bool bf16_ok = at::native::cpublas::could_pack(at::kBFloat16);
-  static const bool fp16_ok = at::native::cpublas::could_pack(at::kHalf);
-  static const kernels::PackedGemm bf16 = cpublas_packed_gemm<at::BFloat16>();
-  static const kernels::PackedGemm fp16 = cpublas_packed_gemm<at::Half>();
-  if (t == at::kBFloat16 && bf16_ok) return &bf16;
-  if (t == at::kHalf && fp16_ok) return &fp16;
-  return nullptr;
-}
-
-// fp32 block products on cpublas::brgemm (oneDNN's JIT kernels where the CPU and the build
-// allow, LibTorch's gemm otherwise: correct either way), for at least min_queries queries per
-// key/value head: the forward forms K^T once per call (a workspace the size of K, whose first
-// touch costs page faults: at L=128-256 that outweighed the faster products, 3.7 vs 2.2 ms
-// with every block its own mapping, so the forward asks for 512); the backward, 128. A single
-// row's (or single-depth row's) stride is never stepped over, but oneDNN checks it: raised
-// to the row length there.
-kernels::FloatGemm float_gemm_for(const FlashParams& p, int64_t min_queries) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (packing_disabled() || p.S == 0 || p.L * (p.H / p.Hk) < min_queries) return nullptr;
-  return [](int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
-            const float* a, const float* b, float* c) {
-    at::native::cpublas::brgemm(m, n, k, m == 1 ? std::max(lda, k) : lda,
-                                k == 1 ? std::max(ldb, n) : ldb, ldc, add_c, a, b, c,
-                                /*is_vnni=*/false);
-  };
-#else
-  (void)p, (void)min_queries;
-  return nullptr;
-#endif
-}
+// oneDNN (behind cpublas::brgemm) reads ONEDNN_MAX_CPU_ISA once, at its first kernel: a
+// FUSEDATTN_CPU_CAPABILITY cap is handed to it at load time unless the caller set one.
+const bool onednn_capped = [] {
+  const char* cap = std::getenv("FUSEDATTN_CPU_CAPABILITY");
+  if (cap == nullptr || *cap == '\0' || std::getenv("ONEDNN_MAX_CPU_ISA") != nullptr) return false;
+  try {
+    setenv("ONEDNN_MAX_CPU_ISA", kernels::cpu::onednn_isa_name(kernels::cpu::capability()), 0);
+  } catch (const std::invalid_argument&) {  // reported by the first op call
+    return false;
+  }
+  return true;
+}();
 
 kernels::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
@@ -144,6 +108,7 @@ Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Te
   p.L = pb.q_len, p.S = pb.kv_len, p.E = pb.head_dim, p.Ev = pb.v_head_dim;
   p.scale = pb.scale;
   l.q = as_4d(query, p.B), l.k = as_4d(key, p.B), l.v = as_4d(value, p.B);
+  p.gemm = &torch_gemms();
   fill_operands(l.q, l.k, l.v, p);
   std::tie(l.mask, l.kpm) =
       fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p);
@@ -209,15 +174,17 @@ std::tuple<at::Tensor, at::Tensor> forward_into(
     p.weights = weights.data_ptr();
     p.average_weights = average_weights;
   }
+  p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
+  p.fgemm = float_gemm_offer(packing_disabled());
+  auto plan = plan_or_error(kernels::cpu::plan_forward, p);
   at::Tensor packed_ws;
-  if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p, /*min_queries=*/512);
-  if ((p.packed = packed_gemm_for(p, query.scalar_type())) || p.fgemm) {
-    packed_ws = at::empty({kernels::flash_packed_elems(p)}, query.options());
+  if (plan.packed_elems > 0) {
+    packed_ws = at::empty({plan.packed_elems}, query.options());
     advise_huge_pages(packed_ws);
-    p.packed_ws = packed_ws.data_ptr();
-    run_tasks(kernels::flash_pack_tasks(p), p, kernels::flash_pack_cpu);
+    plan.p.packed_ws = packed_ws.data_ptr();
+    run_tasks(plan.pack_tasks, plan.p, plan.kernels->pack);
   }
-  run_tasks(kernels::flash_forward_tasks(p), p, kernels::flash_forward_cpu);
+  run_tasks(plan.tasks, plan.p, plan.kernels->forward);
   return {lse, weights};
 }
 
@@ -286,9 +253,10 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
   p.dq = dq4.data_ptr(), p.dq_sb = dq4.stride(0), p.dq_sh = dq4.stride(1), p.dq_sr = dq4.stride(2);
   p.dk = dk4.data_ptr(), p.dk_sb = dk4.stride(0), p.dk_sh = dk4.stride(1), p.dk_sr = dk4.stride(2);
   p.dv = dv4.data_ptr(), p.dv_sb = dv4.stride(0), p.dv_sh = dv4.stride(1), p.dv_sr = dv4.stride(2);
-  p.packed = packed_gemm_for(p, query.scalar_type());  // bf16: the keys-as-rows backward
-  if (query.scalar_type() == at::kFloat) p.fgemm = float_gemm_for(p, /*min_queries=*/128);
-  run_tasks(kernels::flash_backward_tasks(p), p, kernels::flash_backward_cpu);
+  p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
+  p.fgemm = float_gemm_offer(packing_disabled());
+  const auto plan = plan_or_error(kernels::cpu::plan_backward, p);
+  run_tasks(plan.tasks, plan.p, plan.kernels->backward);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(

@@ -1,0 +1,21 @@
+#pragma once
+// The CPU kernels' GEMM back-ends from LibTorch (kernels/cpu/gemm.h's hooks).
+#include <ATen/ATen.h>
+
+#include "fusedattn/kernels/cpu/gemm.h"
+
+namespace fusedattn::cpu {
+
+// fp32/fp64/bf16/fp16 GEMMs: LibTorch's BLAS (MKL's sgemm_/dgemm_/cblas_gemm_bf16bf16f32 in
+// the PyPI wheels), else torch's own matmul (at::addmm_ on views of the blocks): no loop of
+// ours. at::native::cpublas::gemm is not exported by libtorch_cpu; its brgemm and pack are.
+const kernels::Gemms& torch_gemms();
+// The offers the plan may take (null: none): bf16/fp16 products on packed operands
+// (cpublas::pack + brgemm, where could_pack says oneDNN can), fp32 products on cpublas::brgemm.
+// unpacked: FUSEDATTN_CPU_KERNEL=unpacked, which keeps every product on torch_gemms().
+const kernels::PackedGemm* packed_gemm_offer(at::ScalarType t, bool unpacked);
+kernels::FloatGemm float_gemm_offer(bool unpacked);
+// Which serves torch_gemms()'s fp32 products: "blas" or "torch.mm".
+const char* gemm_backend();
+
+}  // namespace fusedattn::cpu

@@ -1,0 +1,74 @@
+#pragma once
+// The backward's shared pieces: one task per (b, key/value head), looping over the query heads
+// that share it, so dK and dV are summed without atomics; dq, dk, dv are fully written. The
+// loops are in backward.cpp (query rows, on p.gemm) and backward_keys_as_rows.cpp.
+#include <cstdint>
+#include <vector>
+
+#include "fusedattn/kernels/cpu/problem.h"
+
+FUSEDATTN_TIER_NS_BEGIN
+
+template <typename T>
+struct Backward : Problem<T> {
+  using A = typename Problem<T>::A;
+  using Problem<T>::p;
+
+  explicit Backward(const FlashParams& params) : Problem<T>(params) {}
+
+  struct Work {
+    std::vector<A> s, dp, dq, dk, dv, d, bias, lse;
+    std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
+    Work(const FlashParams& p, bool kr)
+        : s((kr ? layout::kKrQ : layout::kBwdBlockQ) * layout::kBwdBlockK), dp(s.size()),
+          dq((kr ? layout::ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev),
+          d(kr ? layout::l_pad(p) : p.L), bias(layout::kBwdBlockK), lse(kr ? layout::l_pad(p) : 0),
+          narrow_s(kIsHalf<T> ? s.size() : 0), narrow_dp(narrow_s.size()),
+          ds_packed(kr && kIsHalf<T> ? s.size() : 0), kt(kr ? p.E * layout::ld_kt(p) : 0),
+          qt(kr ? p.E * layout::ld_qt(p) : 0), dot(kr ? p.Ev * layout::ld_qt(p) : 0),
+          qp(kr && kIsHalf<T> ? layout::l_pad(p) * layout::round64(p.E) : 0),
+          dop(kr && kIsHalf<T> ? layout::l_pad(p) * layout::round64(p.Ev) : 0),
+          tmp(kr && kIsHalf<T> ? layout::l_pad(p) * std::max(p.E, p.Ev) : 0) {}
+  };
+
+  // The task's accumulated dK, dV (fp32/fp64) into the outputs.
+  void store_dk_dv(int64_t b, int64_t hk, const Work& w) const {
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
+    for (int64_t j = 0; j < p.S; ++j) {
+      store_out_row(w.dk.data() + j * p.E, A(1), dk + j * p.dk_sr, p.E);
+      store_out_row(w.dv.data() + j * p.Ev, A(1), dv + j * p.dv_sr, p.Ev);
+    }
+    out_rows_done();
+  }
+  // Keys-as-rows backwards, per query head h: w.lse and w.d for queries 0 .. Lp - 1: lse
+  // (+inf where the query sees no key, or is padding past L: exp gives 0) and D =
+  // rowsum(dO * O) - dlse (softmax's backward term and lse's own gradient).
+  void kr_lse_and_d(int64_t b, int64_t h, Work& w) const {
+    const A* lse_in = this->lse_row(b, h);
+    const A* dlse = this->dlse_row(b, h);
+    for (int64_t i = 0; i < layout::l_pad(p); ++i) {
+      if (i >= p.L) {
+        w.lse[i] = std::numeric_limits<A>::infinity(), w.d[i] = A(0);
+        continue;
+      }
+      w.lse[i] = lse_in[i] == Masks<T>::kNegInf ? std::numeric_limits<A>::infinity() : lse_in[i];
+      w.d[i] = this->out_dot_dout(b, h, i) - (dlse ? dlse[i] : A(0));
+    }
+  }
+
+  void run(int64_t begin, int64_t end) const;           // backward.cpp
+  void query_rows_task(int64_t t, Work& w) const;       // backward.cpp
+  void keys_as_rows_task(int64_t t, Work& w) const;     // backward_keys_as_rows.cpp
+  void keys_as_rows_bf16(int64_t t, Work& w) const;     // the same, per type
+  void keys_as_rows_f32(int64_t t, Work& w) const;
+};
+
+#ifdef FUSEDATTN_AVX512_BF16
+template <> void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const;
+#endif
+#ifdef FUSEDATTN_AVX512
+template <> void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const;
+#endif
+
+FUSEDATTN_TIER_NS_END

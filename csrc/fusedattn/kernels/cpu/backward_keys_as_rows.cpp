@@ -1,0 +1,244 @@
+// The backwards with keys as the GEMMs' rows: bf16 on packed (AMX) GEMMs (avx512_bf16 tier)
+// and fp32 on the JIT GEMM (avx512 tiers); the plan chooses them without attn_mask or
+// dropout. Other types and tiers run the query-rows backward.
+#include "fusedattn/kernels/cpu/backward.h"
+#include "fusedattn/kernels/cpu/forward.h"  // FUSEDATTN_FOR_EACH_TYPE
+
+FUSEDATTN_TIER_NS_BEGIN
+
+template <typename T>
+void Backward<T>::keys_as_rows_task(int64_t t, Work& w) const {
+#ifdef FUSEDATTN_AVX512_BF16
+  if constexpr (std::is_same_v<T, bf16>) return keys_as_rows_bf16(t, w);
+#endif
+#ifdef FUSEDATTN_AVX512
+  if constexpr (std::is_same_v<T, float>) return keys_as_rows_f32(t, w);
+#endif
+  query_rows_task(t, w);
+}
+
+#ifdef FUSEDATTN_AVX512_BF16
+// bf16, the forward's keys-as-rows layout. Per query head: Q^T and dO^T packed in 64-query
+// panels (B of S^T = K Q^T and dP^T = V dO^T, whose A are K's and V's rows straight from the
+// inputs), Q and dO packed whole (B of dK += dS^T Q and dV += P^T dO, any 64-aligned run of
+// rows), dQ^T (E x Lp, fp32) accumulated by dQ^T += K^T dS^T, K^T transposed once per task.
+// Per block of kBwdBlockK keys and chunk of up to kKrQ queries: two products; one pass over
+// S^T and dP^T, 16 queries to a vector (lse and D per lane, causal as lane masks, key padding
+// per row), writing P^T and dS^T row-major (A operands) and dS^T packed in key pairs (B);
+// three products. The query-rows backward's MKL calls transpose P and dS for dV and dK and
+// pack every B per call: 56% of a bf16 backward in MKL, a fifth of it copies (perf, L=1024).
+template <>
+void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
+  using T = bf16;
+  using layout::kBwdBlockK;
+  using layout::kKrQ;
+  const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = layout::l_pad(p), ldkt = layout::ld_kt(p);
+  // Keys past key_end are skipped; an odd end inside S is rounded up to a padded key, so that
+  // the dQ^T product's depth (bkp) never reaches a K^T column that is not zero or padding.
+  const int64_t ke_visible = this->key_end(b), ke = std::min(p.S, ke_visible + (ke_visible & 1));
+  const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i inter = _mm512_load_si512(kInterleave);
+  const int64_t causal_shift = this->causal_shift();
+
+  // K^T (E x S, row stride ldkt; column S zero, so that an odd last block has an even depth).
+  T* kt = w.kt.data();
+  transpose(this->k_rows(b, hk, 0), p.k_sr, p.S, p.E, kt, ldkt);
+  for (int64_t e = 0; e < p.E; ++e) std::fill(kt + e * ldkt + p.S, kt + (e + 1) * ldkt, T{});
+  std::fill(w.dk.begin(), w.dk.end(), 0.f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.f);
+  T* tmp = w.tmp.data();
+  // C (m x n, row stride n) += A (m x k, row stride k) times rows i0 .. i0 + k of x, packed
+  // whole (Lp x n): panel c (64 columns, the last round16(w) wide) at Lp * 64 * c, its pair
+  // rows 2 * round16(w) apart.
+  const auto rows_product = [&](int64_t m, int64_t n, int64_t k, const T* a, const T* x_packed,
+                                int64_t i0, float* c) {
+    for (int64_t c0 = 0; c0 < n; c0 += 64) {
+      const int64_t wc = std::min<int64_t>(64, n - c0), ldb = (wc + 15) / 16 * 16;
+      p.packed->gemm(m, wc, k, k, k, n, true, a, x_packed + Lp * c0 + i0 * ldb, c + c0);
+    }
+  };
+  for (int64_t h = hk * this->group; h < (hk + 1) * this->group; ++h) {
+    kr_lse_and_d(b, h, w);
+    // This head's packed operands (rows past L zero).
+    for (const bool is_q : {true, false}) {
+      const T* x = is_q ? this->q_rows(b, h, 0) : this->dout_rows(b, h, 0);
+      const int64_t ld = is_q ? p.q_sr : p.do_sr, n = is_q ? p.E : p.Ev;
+      T* xt = is_q ? w.qt.data() : w.dot.data();
+      for (int64_t i0 = 0; i0 < p.L; i0 += 64) {  // x^T by 64-query panels (n x 64 each)
+        std::fill(tmp, tmp + n * 64, T{});
+        transpose(x + i0 * ld, ld, std::min<int64_t>(64, p.L - i0), n, tmp, 64);
+        p.packed->pack(n, 64, 64, tmp, xt + i0 * n);
+      }
+      for (int64_t r = 0; r < Lp; ++r) {  // x whole (Lp x n)
+        if (r < p.L) std::copy(x + r * ld, x + r * ld + n, tmp + r * n);
+        else std::fill(tmp + r * n, tmp + (r + 1) * n, T{});
+      }
+      p.packed->pack(Lp, n, n, tmp, is_q ? w.qp.data() : w.dop.data());
+    }
+    float* dqt = w.dq.data();  // E x Lp
+    std::fill(dqt, dqt + p.E * Lp, 0.f);
+
+    for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
+      const int64_t bk = std::min(kBwdBlockK, ke - j0), bkp = bk + (bk & 1);
+      float* bias = w.bias.data();
+      this->key_bias(b, j0, bk, bias);
+      // Queries that see any key of this block: i >= j0 - causal_offset.
+      const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
+      for (int64_t i0 = i_first / 64 * 64; i0 < p.L; i0 += kKrQ) {
+        const int64_t nq = std::min(kKrQ, Lp - i0), nv = nq / 16;  // columns; query vectors
+        float* st = w.s.data();   // S^T, bk x nq
+        float* dpt = w.dp.data(); // dP^T, bk x nq
+        p.packed->gemm(bk, nq, p.E, p.E, p.k_sr, nq, false, this->k_rows(b, hk, j0),
+                       w.qt.data() + i0 * p.E, st);
+        p.packed->gemm(bk, nq, p.Ev, p.Ev, p.v_sr, nq, false, this->v_rows(b, hk, j0),
+                       w.dot.data() + i0 * p.Ev, dpt);
+        T* pt = w.narrow_s.data();    // P^T, bk x nq
+        T* dst = w.narrow_dp.data();  // dS^T * scale, bk x nq
+        T* dsp = w.ds_packed.data();  // the same packed (pairs of keys), panel c at c * bkp * 64
+        const float* lse = w.lse.data() + i0;
+        const float* dd = w.d.data() + i0;
+        for (int64_t j = 0; j < bkp; j += 2) {
+          for (int64_t c = 0; c < nv; ++c) {
+            __m512 ds2[2];
+            for (int u = 0; u < 2; ++u) {
+              const int64_t jj = j + u;
+              if (jj >= bk) {  // the zero key that pads an odd block
+                ds2[u] = zero;
+                continue;
+              }
+              __mmask16 keep = bias[jj] == kNegInfF ? 0 : 0xffff;
+              if (p.causal) {  // query i0 + 16 c + l sees key j0 + jj iff l >= cut
+                const int64_t cut = std::clamp<int64_t>(j0 + jj - causal_shift - i0 - 16 * c, 0, 16);
+                keep &= __mmask16(0xffffu << cut);
+              }
+              const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(st + jj * nq + 16 * c), scale,
+                                               _mm512_sub_ps(_mm512_set1_ps(bias[jj]),
+                                                             _mm512_loadu_ps(lse + 16 * c)));
+              const __m512 pr = exp2_zmm<true>(_mm512_mul_ps(x, l2e), keep);
+              const __m512 dp = _mm512_loadu_ps(dpt + jj * nq + 16 * c);
+              const __m512 ds = _mm512_mul_ps(
+                  _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_loadu_ps(dd + 16 * c))), scale);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + jj * nq + 16 * c), to_bf16_zmm(pr));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + jj * nq + 16 * c), to_bf16_zmm(ds));
+              ds2[u] = ds;
+            }
+            const __m512i pair = _mm512_permutexvar_epi16(inter, __m512i(_mm512_cvtne2ps_pbh(ds2[1], ds2[0])));
+            _mm512_storeu_si512(dsp + (c / 4) * bkp * 64 + (j / 2) * 128 + (c % 4) * 32, pair);
+          }
+        }
+        rows_product(bk, p.Ev, nq, pt, w.dop.data(), i0, w.dv.data() + j0 * p.Ev);
+        rows_product(bk, p.E, nq, dst, w.qp.data(), i0, w.dk.data() + j0 * p.E);
+        p.packed->gemm(p.E, nq, bkp, bkp, ldkt, Lp, true, kt + j0, dsp, dqt + i0);
+      }
+    }
+    // dQ^T back to dQ's rows: 16 dims a gather, rounded, by non-temporal stores where
+    // aligned (was a scalar loop, one element a store).
+    T* dq = this->dq_rows(b, h);
+    const __m512i dims = _mm512_mullo_epi32(lane_index(), _mm512_set1_epi32(int32_t(Lp)));
+    const bool nt = reinterpret_cast<uintptr_t>(dq) % 32 == 0 && p.dq_sr % 16 == 0;
+    const bool gather = 15 * Lp + p.L < (int64_t(1) << 31);  // 32-bit indices
+    for (int64_t i = 0; i < p.L && !gather; ++i) {
+      for (int64_t e = 0; e < p.E; ++e) store(dqt[e * Lp + i], dq + i * p.dq_sr + e);
+    }
+    for (int64_t i = 0; i < p.L && gather; ++i) {
+      column_to_bf16_row(dqt + i, Lp, dims, p.E, _mm512_set1_ps(1.f), dq + i * p.dq_sr, nt);
+    }
+    out_rows_done();
+  }
+  store_dk_dv(b, hk, w);
+}
+#endif  // FUSEDATTN_AVX512_BF16
+
+#ifdef FUSEDATTN_AVX512
+// fp32, the bf16 version's order of work on p.fgemm, whose operands are plain row-major
+// matrices, so nothing is packed and every product reads its operands where they are: S^T =
+// K Q^T and dP^T = V dO^T (A: K's and V's rows from the inputs; B: Q^T and dO^T, transposed
+// once per head); P^T and dS^T * scale overwrite S^T and dP^T in one AVX-512 pass (16 queries
+// to a vector); then dV += P^T dO and dK += dS^T Q (B: dO's and Q's rows from the inputs, the
+// chunk's real queries only) and dQ^T += K^T dS^T (A: K^T, transposed once per task). The
+// query-rows backward's MKL calls transpose P and dS for dV and dK and copy their B operands
+// on every call.
+template <>
+void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
+  using layout::kBwdBlockK;
+  using layout::kKrQ;
+  const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = layout::l_pad(p), ldkt = layout::ld_kt(p);
+  const int64_t ldq = layout::ld_qt(p);
+  const int64_t ke = this->key_end(b);  // keys past it are padding: skipped
+  const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
+  const int64_t causal_shift = this->causal_shift();
+  float* kt = w.kt.data();  // K^T, E x S (row stride ldkt)
+  transpose(this->k_rows(b, hk, 0), p.k_sr, p.S, p.E, kt, ldkt);
+  std::fill(w.dk.begin(), w.dk.end(), 0.f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.f);
+  for (int64_t h = hk * this->group; h < (hk + 1) * this->group; ++h) {
+    kr_lse_and_d(b, h, w);
+    // Q^T (E x Lp) and dO^T (Ev x Lp), row stride ldq, columns L.. zero.
+    float* qt = w.qt.data();
+    float* dot = w.dot.data();
+    transpose(this->q_rows(b, h, 0), p.q_sr, p.L, p.E, qt, ldq);
+    transpose(this->dout_rows(b, h, 0), p.do_sr, p.L, p.Ev, dot, ldq);
+    for (int64_t e = 0; e < p.E; ++e) std::fill(qt + e * ldq + p.L, qt + e * ldq + Lp, 0.f);
+    for (int64_t e = 0; e < p.Ev; ++e) std::fill(dot + e * ldq + p.L, dot + e * ldq + Lp, 0.f);
+    float* dqt = w.dq.data();  // E x Lp, row stride ldq
+    std::fill(dqt, dqt + p.E * ldq, 0.f);
+
+    for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
+      const int64_t bk = std::min(kBwdBlockK, ke - j0);
+      float* bias = w.bias.data();
+      this->key_bias(b, j0, bk, bias);
+      // Queries that see any key of this block: i >= j0 - causal_offset.
+      const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
+      for (int64_t i0 = i_first / 64 * 64; i0 < p.L; i0 += kKrQ) {
+        // nq columns (whole vectors, padding queries past L included), kq of them real.
+        const int64_t nq = std::min(kKrQ, Lp - i0), nv = nq / 16, kq = std::min(nq, p.L - i0);
+        float* st = w.s.data();    // S^T, then P^T; bk x nq
+        float* dpt = w.dp.data();  // dP^T, then dS^T * scale
+        p.fgemm(bk, nq, p.E, p.k_sr, ldq, nq, false, this->k_rows(b, hk, j0), qt + i0, st);
+        p.fgemm(bk, nq, p.Ev, p.v_sr, ldq, nq, false, this->v_rows(b, hk, j0), dot + i0, dpt);
+        const float* lse = w.lse.data() + i0;
+        const float* dd = w.d.data() + i0;
+        for (int64_t j = 0; j < bk; ++j) {
+          const __m512 bj = _mm512_set1_ps(bias[j]);
+          const __mmask16 key = bias[j] == kNegInfF ? 0 : 0xffff;
+          for (int64_t c = 0; c < nv; ++c) {
+            __mmask16 keep = key;
+            if (p.causal) {  // query i0 + 16 c + l sees key j0 + j iff l >= cut
+              const int64_t cut = std::clamp<int64_t>(j0 + j - causal_shift - i0 - 16 * c, 0, 16);
+              keep &= __mmask16(0xffffu << cut);
+            }
+            float* sp = st + j * nq + 16 * c;
+            float* dp = dpt + j * nq + 16 * c;
+            const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(sp), scale,
+                                             _mm512_sub_ps(bj, _mm512_loadu_ps(lse + 16 * c)));
+            const __m512 pr = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
+            const __m512 ds = _mm512_mul_ps(
+                _mm512_mul_ps(pr, _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_loadu_ps(dd + 16 * c))),
+                scale);
+            _mm512_storeu_ps(sp, pr);
+            _mm512_storeu_ps(dp, ds);
+          }
+        }
+        p.fgemm(bk, p.Ev, kq, nq, p.do_sr, p.Ev, true, st, this->dout_rows(b, h, i0), w.dv.data() + j0 * p.Ev);
+        p.fgemm(bk, p.E, kq, nq, p.q_sr, p.E, true, dpt, this->q_rows(b, h, i0), w.dk.data() + j0 * p.E);
+        p.fgemm(p.E, nq, bk, ldkt, nq, ldq, true, kt + j0, dpt, dqt + i0);
+      }
+    }
+    // dQ^T back to dQ's rows (16 dims a gather), by non-temporal stores where aligned.
+    if (15 * ldq + p.L < (int64_t(1) << 31)) {
+      transpose_zmm(dqt, ldq, p.E, p.L, this->dq_rows(b, h), p.dq_sr, /*stream=*/true);
+    } else {
+      transpose_plain(dqt, ldq, p.E, p.L, this->dq_rows(b, h), p.dq_sr);
+    }
+  }
+  store_dk_dv(b, hk, w);
+}
+#endif  // FUSEDATTN_AVX512
+
+#define FUSEDATTN_INSTANTIATE(T) \
+  template void Backward<T>::keys_as_rows_task(int64_t, typename Backward<T>::Work&) const;
+FUSEDATTN_FOR_EACH_TYPE(FUSEDATTN_INSTANTIATE)
+#undef FUSEDATTN_INSTANTIATE
+
+FUSEDATTN_TIER_NS_END

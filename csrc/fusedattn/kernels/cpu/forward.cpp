@@ -1,0 +1,129 @@
+// The forward on query rows: one task per (b, h, block of 64 queries), key blocks of 512 with
+// an online softmax; the products on packed operands (half types with p.packed), on the JIT
+// GEMM (fp32 with p.fgemm, K^T from the pack tasks) or on p.gemm reading q, k, v in place.
+#include "fusedattn/kernels/cpu/forward.h"
+
+FUSEDATTN_TIER_NS_BEGIN
+
+template <typename T>
+void Forward<T>::run(int64_t begin, int64_t end) const {
+  Work w(p);
+  for (int64_t t = begin; t < end; ++t) {
+    switch (p.forward_path) {
+      case ForwardPath::AveragedWeights: averaged_weights_task(t, w); break;
+      case ForwardPath::Weights: weights_task(t, w); break;
+      case ForwardPath::KeysAsRows: keys_as_rows_task(t, w); break;
+      case ForwardPath::QueryRows: query_rows_task(t, w); break;
+    }
+  }
+  if (p.packed) p.packed->release();
+}
+
+template <typename T>
+void Forward<T>::query_rows_task(int64_t t, Work& w) const {
+  using layout::kFwdBlockK;
+  constexpr A kNegInf = Masks<T>::kNegInf;
+  const auto [bh, b, h, hk, i0, bq] = q_task(t);
+  const T* q = this->q_rows(b, h, i0);
+  std::fill(w.m.begin(), w.m.end(), kNegInf);  // running max, in units of raw s
+  std::fill(w.l.begin(), w.l.end(), A(0));
+  std::fill(w.acc.begin(), w.acc.end(), A(0));
+  const int64_t kv_end = this->kv_end(b, i0 + bq - 1);
+  const bool packed = this->packed(), fk = this->fk();
+  const A mul = this->mul;
+  for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
+    // Packed: the block's columns up to kv_end rounded up to whole 64-column panels of the
+    // packed layout (the causal mask hides the extra ones); a prefix of a packed V block is
+    // a valid packed operand. bkp is P's row stride and the P V product's depth, even for
+    // the packed layout (when odd, the block is S's last: P's extra column is 0, and so is
+    // the extra row packed with V).
+    int64_t bk = std::min(kFwdBlockK, kv_end - j0);
+    if (packed) bk = std::min(std::min(kFwdBlockK, p.S - j0), layout::round64(bk));
+    const int64_t bkp = packed ? bk + (bk & 1) : bk;
+    A* s = w.s.data();
+    if (packed) {
+      p.packed->gemm(bq, bk, p.E, p.E, p.q_sr, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK),
+                     reinterpret_cast<float*>(s));
+    } else if (fk) {
+      this->fgemm(bq, bk, p.E, p.q_sr, layout::slot_ld_kt(p), bk, false, q,
+                  packed_kt(b, hk, j0 / kFwdBlockK), s);
+    } else {
+      this->mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, this->k_rows(b, hk, j0), p.k_sr, A(0), s, bk);
+    }
+    this->apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data());
+    // P for the P V product: s itself, or (half types) rounded into w.narrow row by row
+    // while the row is still in L1.
+    T* pn = kIsHalf<T> ? w.narrow.data() : nullptr;
+    for (int64_t r = 0; r < bq; ++r) {
+      A* row = s + r * bk;
+      if constexpr (kIsHalf<T>) {
+        if (bkp != bk) pn[r * bkp + bk] = T{};
+      }
+      // NaN-keeping max: a NaN score makes m NaN, and with it the row's output and lse.
+      const A m_new = max_nan(w.m[r], row_max(row, bk));
+      if (m_new == kNegInf) {  // this row has seen no visible key yet
+        std::fill(row, row + bk, A(0));
+        if constexpr (kIsHalf<T>) narrow_row(row, pn + r * bkp, bk);
+        continue;
+      }
+      A block_sum;
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (!p.dropout) {  // one pass: exp, sum, round to bf16
+          block_sum = exp_sum_bf16_row(row, pn + r * bkp, bk, mul, m_new * mul);
+        } else {
+          block_sum = exp_sum_row(row, bk, mul, m_new * mul);
+          this->drop_row(row, b, h, i0 + r, j0, bk);
+          narrow_row(row, pn + r * bkp, bk);
+        }
+      } else {
+        block_sum = exp_sum_row(row, bk, mul, m_new * mul);
+        if (p.dropout) this->drop_row(row, b, h, i0 + r, j0, bk);
+        if constexpr (kIsHalf<T>) narrow_row(row, pn + r * bkp, bk);
+      }
+      const A alpha = exp_scalar((w.m[r] - m_new) * mul);  // 0 when m was -inf
+      w.l[r] = w.l[r] * alpha + block_sum;  // normaliser of the probabilities before dropout
+      if (alpha != A(1)) scale_row(w.acc.data() + r * p.Ev, p.Ev, alpha);
+      w.m[r] = m_new;
+    }
+    if (packed) {
+      p.packed->gemm(bq, p.Ev, bkp, v_depth(j0), bkp, p.Ev, true, pn,
+                     packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
+    } else if (fk) {
+      this->fgemm(bq, p.Ev, bk, bk, p.v_sr, p.Ev, true, s, this->v_rows(b, hk, j0), w.acc.data());
+    } else {
+      const T* pv = nullptr;
+      if constexpr (kIsHalf<T>) pv = pn; else pv = s;
+      this->mm(false, false, bq, p.Ev, bk, A(1), pv, bk, this->v_rows(b, hk, j0), p.v_sr, A(1),
+               w.acc.data(), p.Ev);
+    }
+  }
+  T* out = this->out_rows(b, h, i0);
+  A* lse = this->lse_row(b, h) + i0;
+  for (int64_t r = 0; r < bq; ++r) {
+    // l == 0: no visible key, output 0 and lse -inf; l NaN (a NaN input) stays NaN in both.
+    const A l = w.l[r];
+    const A inv = l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l);
+    store_fwd_row(w.acc.data() + r * p.Ev, inv, out + r * p.o_sr, p.Ev);
+    lse[r] = l > A(0) ? w.m[r] * mul + std::log(l) : (l == A(0) ? kNegInf : l);
+  }
+  out_rows_done();
+}
+
+// The keys-as-rows task exists for bf16 on the avx512_bf16 tier (forward_keys_as_rows.cpp);
+// the plan chooses that path nowhere else.
+template <typename T>
+void Forward<T>::keys_as_rows_task(int64_t t, Work& w) const {
+#ifdef FUSEDATTN_AVX512_BF16
+  if constexpr (std::is_same_v<T, bf16>) return keys_as_rows_bf16(t, w);
+#endif
+  query_rows_task(t, w);
+}
+
+#define FUSEDATTN_INSTANTIATE(T)                                             \
+  template void Forward<T>::run(int64_t, int64_t) const;                    \
+  template void Forward<T>::query_rows_task(int64_t, typename Forward<T>::Work&) const;           \
+  template void Forward<T>::keys_as_rows_task(int64_t, typename Forward<T>::Work&) const;
+FUSEDATTN_FOR_EACH_TYPE(FUSEDATTN_INSTANTIATE)
+#undef FUSEDATTN_INSTANTIATE
+
+FUSEDATTN_TIER_NS_END

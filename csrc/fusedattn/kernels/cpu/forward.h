@@ -1,0 +1,84 @@
+#pragma once
+// The forward's shared pieces: per-thread work buffers, the task split, the packed
+// workspace's slots. Its loops are in forward.cpp (query rows), forward_keys_as_rows.cpp
+// (bf16, keys as the GEMMs' rows), weights.cpp (returned and head-averaged weights) and
+// pack.cpp (the K^T / V blocks).
+#include <cstdint>
+#include <vector>
+
+#include "fusedattn/kernels/cpu/problem.h"
+
+FUSEDATTN_TIER_NS_BEGIN
+
+template <typename T>
+struct Forward : Problem<T> {
+  using A = typename Problem<T>::A;
+  using Problem<T>::p;
+
+  explicit Forward(const FlashParams& params) : Problem<T>(params) {}
+
+  bool keys_as_rows() const { return p.forward_path == ForwardPath::KeysAsRows; }
+  bool packed() const { return kIsHalf<T> && p.packed != nullptr; }
+  bool fk() const { return std::is_same_v<T, float> && p.fgemm != nullptr; }
+
+  struct Work {
+    std::vector<A> s, acc, m, l, bias;
+    // Scores against all keys (weights): half types', or every type's when averaging.
+    std::vector<A> rows;
+    std::vector<A> avg;                    // averaging, half types: the heads' weights summed
+    std::vector<T> head;                   // averaging, half types: one head's rounded weights
+    std::vector<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
+    std::vector<uint16_t> keep;            // its lane masks per key
+    explicit Work(const FlashParams& p)
+        : s(layout::kFwdBlockQ * layout::kFwdBlockK), acc(layout::kFwdBlockQ * p.Ev),
+          m(layout::kFwdBlockQ), l(layout::kFwdBlockQ), bias(layout::kFwdBlockK),
+          rows(p.weights && (kIsHalf<T> || p.average_weights) ? layout::kFwdBlockQ * p.S : 0),
+          avg(kIsHalf<T> && p.weights && p.average_weights ? layout::kFwdBlockQ * p.S : 0),
+          head(avg.size()),
+          narrow(kIsHalf<T> ? layout::kFwdBlockQ * layout::kFwdBlockK : 0),
+          qt(p.forward_path == ForwardPath::KeysAsRows ? p.E * layout::kFwdBlockQ : 0),
+          qt_packed(qt.size()),
+          keep(p.forward_path == ForwardPath::KeysAsRows ? 4 * layout::kFwdBlockK : 0) {}
+  };
+
+  // Task t: batch-head bh = (b, h), key/value head hk, queries [i0, i0 + bq).
+  struct QTask { int64_t bh, b, h, hk, i0, bq; };
+  QTask q_task(int64_t t) const {
+    const int64_t nqb = layout::q_blocks(p), bh = t / nqb, h = bh % p.H;
+    const int64_t i0 = (t % nqb) * layout::kFwdBlockQ;
+    return {bh, bh / p.H, h, h / this->group, i0, std::min(layout::kFwdBlockQ, p.L - i0)};
+  }
+
+  // The packed workspace's slot of (b, hk, key block jb): K^T (packed, or plain for fp32 on
+  // fgemm) first, then packed V; V^T alone on the keys-as-rows path.
+  T* packed_kt(int64_t b, int64_t hk, int64_t jb) const {
+    return static_cast<T*>(p.packed_ws) +
+           ((b * p.Hk + hk) * layout::key_blocks(p) + jb) * layout::packed_slot(p);
+  }
+  T* packed_vt(int64_t b, int64_t hk, int64_t jb) const { return packed_kt(b, hk, jb); }
+  T* packed_v(int64_t b, int64_t hk, int64_t jb) const {
+    return packed_kt(b, hk, jb) + layout::slot_keys(p) * p.E;
+  }
+  // The depth packed V of the key block starting at j0 was packed with (its bkp): a causal
+  // product that stops early still steps over V's panels with it.
+  int64_t v_depth(int64_t j0) const {
+    const int64_t bk = std::min(layout::kFwdBlockK, p.S - j0);
+    return bk + (bk & 1);
+  }
+
+  void run(int64_t begin, int64_t end) const;                       // forward.cpp
+  void query_rows_task(int64_t t, Work& w) const;                   // forward.cpp
+  void keys_as_rows_task(int64_t t, Work& w) const;                 // forward.cpp
+  void keys_as_rows_bf16(int64_t t, Work& w) const;                 // forward_keys_as_rows.cpp
+  void weights_task(int64_t t, Work& w, A* avg = nullptr) const;    // weights.cpp
+  void averaged_weights_task(int64_t t, Work& w) const;             // weights.cpp
+  void pack(int64_t begin, int64_t end) const;                      // pack.cpp
+};
+
+#ifdef FUSEDATTN_AVX512_BF16
+template <> void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const;
+#endif
+
+#define FUSEDATTN_FOR_EACH_TYPE(X) X(float) X(double) X(bf16) X(fp16)
+
+FUSEDATTN_TIER_NS_END

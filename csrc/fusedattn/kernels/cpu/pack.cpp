@@ -1,0 +1,49 @@
+// The forward's pack tasks, one per (b, key/value head, block of keys), run before the
+// forward tasks when the plan set p.packed or p.fgemm (see layout.h for the slots).
+#include "fusedattn/kernels/cpu/forward.h"
+
+FUSEDATTN_TIER_NS_BEGIN
+
+template <typename T>
+void Forward<T>::pack(int64_t begin, int64_t end) const {
+  using layout::kFwdBlockK;
+  const int64_t nb = layout::key_blocks(p);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t jb = t % nb, b = t / nb / p.Hk, hk = t / nb % p.Hk;
+    const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
+    if (keys_as_rows()) {  // V^T (Ev x bkp), its column bk zero when bk is odd
+      const T* v = this->v_rows(b, hk, j0);
+      T* vt = packed_vt(b, hk, jb);
+      const int64_t ldvt = layout::slot_ld_vt(p);
+      transpose(v, p.v_sr, bk, p.Ev, vt, ldvt);
+      if (bk & 1)
+        for (int64_t c = 0; c < p.Ev; ++c) vt[c * ldvt + bk] = T{};
+    } else if constexpr (std::is_same_v<T, float>) {  // K^T for fgemm
+      transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), layout::slot_ld_kt(p));
+    } else if constexpr (kIsHalf<T>) {
+      // K^T's row stride in tmp: one cache line more than the block, so that the transposing
+      // stores (a column of K^T per row of K) do not all fall into the same few L1 sets; at a
+      // power-of-two stride (1 KiB) they did, and the transpose was 10% of a bf16 forward.
+      constexpr int64_t kLdT = kFwdBlockK + 64 / sizeof(T);
+      thread_local std::vector<T> tmp;
+      tmp.resize(kLdT * std::max(p.E, p.Ev));
+      const int64_t bkp = bk + (bk & 1);
+      transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, tmp.data(), kLdT);
+      p.packed->pack(p.E, bk, kLdT, tmp.data(), packed_kt(b, hk, jb));
+      const T* v = this->v_rows(b, hk, j0);
+      if (bkp == bk) {
+        p.packed->pack(bk, p.Ev, p.v_sr, v, packed_v(b, hk, jb));
+      } else {
+        for (int64_t r = 0; r < bk; ++r) std::copy(v + r * p.v_sr, v + r * p.v_sr + p.Ev, &tmp[r * p.Ev]);
+        std::fill(&tmp[bk * p.Ev], &tmp[bkp * p.Ev], T{});
+        p.packed->pack(bkp, p.Ev, p.Ev, tmp.data(), packed_v(b, hk, jb));
+      }
+    }
+  }
+}
+
+#define FUSEDATTN_INSTANTIATE(T) template void Forward<T>::pack(int64_t, int64_t) const;
+FUSEDATTN_FOR_EACH_TYPE(FUSEDATTN_INSTANTIATE)
+#undef FUSEDATTN_INSTANTIATE
+
+FUSEDATTN_TIER_NS_END

@@ -1,0 +1,68 @@
+#pragma once
+// The CPU kernels' parameters (torch-free): cpu/attention_cpu.cpp fills FlashParams from
+// tensors and the GEMM hooks it has, plan.cpp decides the path and the tier once per call
+// (FlashParams::path), and the tier's kernels run the tasks.
+//
+// Layout: every tensor is seen as (B, H, rows, cols) with B the flattened batch dims; q, k,
+// v, out and grad_out have a contiguous last dim and arbitrary (b, h, row) strides, masks
+// arbitrary strides (0 where they broadcast); the gradients arbitrary (b, h, row) strides;
+// lse and weights are contiguous.
+#include <cstdint>
+
+#include "fusedattn/kernels/cpu/gemm.h"
+#include "fusedattn/kernels/types.h"
+
+namespace fusedattn::kernels {
+
+// Which loops run a call; chosen by plan.cpp alone.
+enum class ForwardPath : uint8_t {
+  QueryRows,        // blocks of 64 queries x 512 keys, online softmax along the rows
+  KeysAsRows,       // bf16 on packed (AMX) GEMMs: S^T = K Q^T, softmax down the columns
+  Weights,          // the weights returned: scores against every key in the weights' rows
+  AveragedWeights,  // the same, summed over the heads into a (B, L, S) mean
+};
+enum class BackwardPath : uint8_t {
+  QueryRows,   // dK, dV per key block against blocks of 64 queries, on Gemms
+  KeysAsRows,  // keys as the GEMMs' rows: bf16 on packed GEMMs, fp32 on the JIT GEMM
+};
+
+struct FlashParams : ProblemParams {  // out: written by the forward, read by the backward
+  double scale = 1.0;
+  void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
+
+  // (B, H, L, S) contiguous, query's dtype, or null: set, the forward also writes the
+  // weights (the probabilities before dropout), in the same pass. average_weights: weights is
+  // (B, L, S), their mean over the H heads (nn.MultiheadAttention's default), summed in fp32
+  // (fp64 for fp64) and rounded once; the per-head rows are never stored.
+  void* weights = nullptr;
+  bool average_weights = false;
+
+  // Backward inputs and outputs.
+  const void* dout = nullptr;  // (B, H, L, Ev)
+  int64_t do_sb = 0, do_sh = 0, do_sr = 0;
+  const void* dlse = nullptr;  // (B, H, L) contiguous, lse's type, or null
+  // Gradients, written whole: (B, H, L, E), (B, Hk, S, E), (B, Hk, S, Ev), contiguous last
+  // dim, (b, h, row) strides as given (rows of different (b, h) must not overlap).
+  void* dq = nullptr;
+  int64_t dq_sb = 0, dq_sh = 0, dq_sr = 0;
+  void* dk = nullptr;
+  int64_t dk_sb = 0, dk_sh = 0, dk_sr = 0;
+  void* dv = nullptr;
+  int64_t dv_sb = 0, dv_sh = 0, dv_sr = 0;
+
+  // GEMM back-ends. gemm is required; packed and fgemm are offers (null: none): the plan
+  // keeps them where they pay and clears them elsewhere.
+  const Gemms* gemm = nullptr;
+  // bf16/fp16 forwards (and the bf16 keys-as-rows backward) on packed operands: the K^T and
+  // V blocks packed into packed_ws by the pack tasks, then the forward tasks.
+  const PackedGemm* packed = nullptr;
+  // fp32 on the JIT GEMM: the forward's K^T per key block in packed_ws (pack tasks); the
+  // keys-as-rows backward's products.
+  FloatGemm fgemm = nullptr;
+  void* packed_ws = nullptr;  // packed_elems elements of the input type (see plan.h)
+
+  ForwardPath forward_path = ForwardPath::QueryRows;      // set by plan_forward
+  BackwardPath backward_path = BackwardPath::QueryRows;   // set by plan_backward
+};
+
+}  // namespace fusedattn::kernels

@@ -1,0 +1,136 @@
+// Planning a CPU call (see plan.h): every path choice and threshold of the CPU kernels.
+#include "fusedattn/kernels/cpu/plan.h"
+
+#include <vector>
+
+#include "fusedattn/kernels/cpu/layout.h"
+
+namespace fusedattn::kernels::cpu {
+
+// Each tier's table (tier_table.cpp compiled with that tier's flags). CMake defines
+// FUSEDATTN_HAS_TIER_<TIER> for the tiers this build compiled (all four on x86-64).
+#define FUSEDATTN_DECLARE_TIER(name) namespace name { const KernelTable& kernel_table(); }
+FUSEDATTN_DECLARE_TIER(scalar)
+#ifdef FUSEDATTN_HAS_TIER_AVX2
+FUSEDATTN_DECLARE_TIER(avx2)
+#endif
+#ifdef FUSEDATTN_HAS_TIER_AVX512
+FUSEDATTN_DECLARE_TIER(avx512)
+#endif
+#ifdef FUSEDATTN_HAS_TIER_AVX512_BF16
+FUSEDATTN_DECLARE_TIER(avx512_bf16)
+#endif
+#undef FUSEDATTN_DECLARE_TIER
+
+namespace {
+
+// The table for a tier: the highest compiled tier at or below it. amx runs the avx512_bf16
+// code; what it adds is oneDNN's AMX kernels behind p.packed.
+const KernelTable& table_for(Capability c) {
+#ifdef FUSEDATTN_HAS_TIER_AVX512_BF16
+  if (c >= Capability::Avx512Bf16) return avx512_bf16::kernel_table();
+#endif
+#ifdef FUSEDATTN_HAS_TIER_AVX512
+  if (c >= Capability::Avx512) return avx512::kernel_table();
+#endif
+#ifdef FUSEDATTN_HAS_TIER_AVX2
+  if (c >= Capability::Avx2) return avx2::kernel_table();
+#endif
+  (void)c;
+  return scalar::kernel_table();
+}
+
+// Packing K/V costs one pass over them per call; worth it when each packed block serves
+// several query blocks: at least this many queries per key/value head (L * H / Hk).
+constexpr int64_t kPackedMinQueries = 128;
+// fp32 forward on the JIT GEMM: it forms K^T once per call (a workspace the size of K, whose
+// first touch costs page faults: at L=128-256 that outweighed the faster products, 3.7 vs
+// 2.2 ms with every block its own mapping), so it needs 512 queries per key/value head; the
+// keys-as-rows fp32 backward, 128.
+constexpr int64_t kFloatGemmForwardMinQueries = 512;
+constexpr int64_t kFloatGemmBackwardMinQueries = 128;
+
+int64_t queries_per_kv_head(const FlashParams& p) { return p.L * (p.H / p.Hk); }
+bool is_half(const FlashParams& p) { return p.dtype == DType::BFloat16 || p.dtype == DType::Half; }
+
+// The keys-as-rows paths write the packed B operand of their products themselves, in the
+// VNNI layout: a k x n matrix (k even) as k/2 rows of n pairs {B[2r][j], B[2r+1][j]}, row
+// stride 2 * round_up(n, 16). Checked once against the offered pack(); any other layout
+// keeps the query-rows paths.
+bool packed_layout_is_vnni(const PackedGemm& g) {
+  constexpr int64_t k = 4;
+  for (const int64_t n : {48, 64}) {
+    std::vector<uint16_t> in(k * n), out(k * 64, 0);
+    for (int64_t i = 0; i < k * n; ++i) in[i] = uint16_t(0x3f80 + i);  // finite bf16 values
+    g.pack(k, n, n, in.data(), out.data());
+    const int64_t ldb = (n + 15) / 16 * 16;
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t j = 0; j < n; ++j)
+        if (out[(r / 2) * 2 * ldb + 2 * j + r % 2] != in[r * n + j]) return false;
+  }
+  return true;
+}
+
+// Packed (AMX) GEMMs for a half-type call: on the amx tier, even head dims, enough queries.
+bool keep_packed(const FlashParams& p, Capability tier, bool backward) {
+  return p.packed != nullptr && is_half(p) && tier == Capability::Amx && p.S > 0 &&
+         p.E % 2 == 0 && (!backward || p.Ev % 2 == 0) &&
+         queries_per_kv_head(p) >= kPackedMinQueries;
+}
+// What the keys-as-rows bf16 paths need beyond packed GEMMs: no attn_mask and no dropout
+// (those keep the query-rows paths, which read masks row by row), the VNNI layout.
+bool keys_as_rows_bf16(const FlashParams& p) {
+  if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None || p.dropout)
+    return false;
+  static const bool vnni = packed_layout_is_vnni(*p.packed);  // the bf16 hooks: one object
+  return vnni;
+}
+
+}  // namespace
+
+Plan plan_forward(const FlashParams& in) {
+  Plan r;
+  r.p = in;
+  FlashParams& p = r.p;
+  r.tier = capability();
+  r.kernels = &table_for(r.tier);
+  if (!keep_packed(p, r.tier, /*backward=*/false)) p.packed = nullptr;
+  if (p.dtype != DType::Float || p.S == 0 || queries_per_kv_head(p) < kFloatGemmForwardMinQueries)
+    p.fgemm = nullptr;
+  if (p.weights) {
+    p.forward_path = p.average_weights ? ForwardPath::AveragedWeights : ForwardPath::Weights;
+  } else {
+    p.forward_path = keys_as_rows_bf16(p) ? ForwardPath::KeysAsRows : ForwardPath::QueryRows;
+  }
+  if (p.packed || p.fgemm) {
+    r.pack_tasks = layout::pack_tasks(p);
+    r.packed_elems = r.pack_tasks * layout::packed_slot(p);
+  }
+  const int64_t heads = p.forward_path == ForwardPath::AveragedWeights ? 1 : p.H;
+  r.tasks = p.B * heads * layout::q_blocks(p);
+  return r;
+}
+
+Plan plan_backward(const FlashParams& in) {
+  Plan r;
+  r.p = in;
+  FlashParams& p = r.p;
+  r.tier = capability();
+  r.kernels = &table_for(r.tier);
+  if (!keep_packed(p, r.tier, /*backward=*/true)) p.packed = nullptr;
+  const bool plain = p.mask_kind == MaskKind::None && !p.dropout;
+  const bool f32_kr = p.dtype == DType::Float && p.fgemm != nullptr && plain && p.S > 0 &&
+                      r.tier >= Capability::Avx512 &&
+                      queries_per_kv_head(p) >= kFloatGemmBackwardMinQueries;
+  if (keys_as_rows_bf16(p) || f32_kr) {
+    p.backward_path = BackwardPath::KeysAsRows;
+  } else {
+    p.backward_path = BackwardPath::QueryRows;
+    p.packed = nullptr;
+  }
+  if (!f32_kr) p.fgemm = nullptr;
+  r.tasks = p.B * p.Hk;
+  return r;
+}
+
+}  // namespace fusedattn::kernels::cpu

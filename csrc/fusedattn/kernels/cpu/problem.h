@@ -1,0 +1,97 @@
+#pragma once
+// One call seen by the kernels of a tier: the operands' rows, the block products on the
+// caller's GEMMs, masks (masks.h) and dropout (dropout_rows.h). Accumulation is in A (fp32,
+// fp64 for fp64 inputs); for bf16/fp16 the probabilities and dS are rounded to the input type
+// for their GEMMs, as FlashAttention does. Scores are S = Q K^T straight from the inputs (no
+// copies: the GEMMs read q, k, v, dout through their row strides).
+#include <cstdint>
+#include <type_traits>
+
+#include "fusedattn/kernels/cpu/dropout_rows.h"
+#include "fusedattn/kernels/cpu/layout.h"
+#include "fusedattn/kernels/cpu/masks.h"
+
+FUSEDATTN_TIER_NS_BEGIN
+
+template <typename T>
+struct Problem : Masks<T> {
+  using A = typename Masks<T>::A;
+  using Masks<T>::p;
+  int64_t group;  // query heads per key/value head
+
+  explicit Problem(const FlashParams& params) : Masks<T>(params), group(params.H / params.Hk) {}
+
+  // Row-major C = alpha op(A) op(B) + beta C with A, B in the input type (p.gemm).
+  void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, A beta, A* c, int64_t ldc) const {
+    if constexpr (kIsHalf<T>) {
+      p.gemm->half(std::is_same_v<T, bf16>, ta, tb, m, n, k, alpha,
+                   reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b),
+                   ldb, beta, c, ldc);
+    } else if constexpr (std::is_same_v<T, float>) {
+      p.gemm->f32(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    } else {
+      p.gemm->f64(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+  }
+  // p.fgemm for T = float (calls compiled for every T are taken only where the plan set it).
+  template <typename X, typename Y>
+  void fgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+             const X* a, const Y* b, A* c) const {
+    if constexpr (std::is_same_v<T, float>) p.fgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c);
+  }
+  // An accumulator block as a GEMM operand: itself, or rounded into buf for half types.
+  static const T* operand(const A* x, int64_t n, T* buf) {
+    if constexpr (kIsHalf<T>) {
+      narrow_row(x, buf, n);
+      return buf;
+    } else {
+      (void)buf, (void)n;
+      return x;
+    }
+  }
+
+  const T* q_rows(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + i * p.q_sr;
+  }
+  const T* k_rows(int64_t b, int64_t hk, int64_t j) const {
+    return static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + j * p.k_sr;
+  }
+  const T* v_rows(int64_t b, int64_t hk, int64_t j) const {
+    return static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + j * p.v_sr;
+  }
+  const T* dout_rows(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sr;
+  }
+  T* out_rows(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
+  }
+  // The gradients' rows of one (b, head): row i at + i * d*_sr.
+  T* dq_rows(int64_t b, int64_t h) const { return static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh; }
+  A* lse_row(int64_t b, int64_t h) const { return static_cast<A*>(p.lse) + (b * p.H + h) * p.L; }
+  const A* dlse_row(int64_t b, int64_t h) const {
+    return p.dlse ? static_cast<const A*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
+  }
+
+  void drop_row(A* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t bk) const {
+    cpu::FUSEDATTN_TIER::drop_row(p, row, b, h, i, j0, bk);
+  }
+  // Rows of s -> exp(s * mul - lse) from the forward's lse; rows with no visible key: 0; a
+  // NaN lse (a NaN input) keeps the row NaN.
+  void probabilities(A* s, int64_t bq, int64_t bk, const A* lse) const {
+    for (int64_t r = 0; r < bq; ++r) {
+      A* row = s + r * bk;
+      if (lse[r] == Masks<T>::kNegInf) {
+        std::fill(row, row + bk, A(0));
+      } else {
+        exp_rows(row, bk, this->mul, lse[r]);
+      }
+    }
+  }
+  // D_i = rowsum(dO * O) for query i: softmax's backward term.
+  A out_dot_dout(int64_t b, int64_t h, int64_t i) const {
+    return dot_row(out_rows(b, h, i), dout_rows(b, h, i), p.Ev);
+  }
+};
+
+FUSEDATTN_TIER_NS_END
