@@ -1,9 +1,32 @@
 #!/usr/bin/env bash
-# All tests: the Catch2 suite (through CTest) and pytest. Exits non-zero if any test fails.
+# All tests: the Catch2 suite (through CTest) and pytest at the CPU's own tier, then the CPU
+# kernel tests again at every lower instruction-set tier this CPU runs, each in its own
+# process (FUSEDATTN_CPU_CAPABILITY, with oneDNN and ATen capped to match), so that an
+# AVX-512/AMX machine also tests the avx2 and scalar code. Exits non-zero if any test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
+bash scripts/check_clang.sh
 ctest --test-dir build --output-on-failure -j2
 # Run from tests/ so that the installed package is imported, not the source folder.
-(cd tests && $PY -m pytest python -q -ra "$@")
+cd tests
+top=$($PY -c "import fusedattn; print(fusedattn.cpu_capability())")
+tiers=$($PY -c "import fusedattn; print(' '.join(fusedattn.cpu_capabilities_supported()))")
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'); tiers: $tiers"
+for tier in $tiers; do
+  [ "$tier" = "$top" ] && continue
+  case $tier in
+    scalar) onednn=SSE41 aten=default ;;
+    avx2) onednn=AVX2 aten=avx2 ;;
+    avx512) onednn=AVX512_CORE aten=avx512 ;;
+    avx512_bf16) onednn=AVX512_CORE_BF16 aten=avx512 ;;
+    *) onednn=ALL aten=avx512 ;;
+  esac
+  echo "== CPU kernel tests at tier $tier (ONEDNN_MAX_CPU_ISA=$onednn ATEN_CPU_CAPABILITY=$aten)"
+  FUSEDATTN_CPU_CAPABILITY=$tier ONEDNN_MAX_CPU_ISA=$onednn ATEN_CPU_CAPABILITY=$aten \
+    $PY -m pytest python/test_cpu_kernels.py python/test_attention.py \
+    python/test_multihead_attention.py python/test_capability.py -q -ra
+done
+echo "== all tests at tier $top"
+$PY -m pytest python -q -ra "$@"

@@ -39,3 +39,9 @@ def reference_attention(q, k, v, attn_mask=None, key_padding_mask=None, is_causa
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    import fusedattn
+    return (f"fusedattn CPU tier: {fusedattn.cpu_capability()} "
+            f"(this CPU runs {' '.join(fusedattn.cpu_capabilities_supported())})")

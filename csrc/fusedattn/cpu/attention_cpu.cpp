@@ -360,3 +360,22 @@ TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
 }
 
 }  // namespace fusedattn::cpu
+
+namespace fusedattn {
+
+std::string cpu_capability() {
+  try {
+    return kernels::cpu::capability_name(kernels::cpu::capability());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+std::vector<std::string> cpu_capabilities_supported() {
+  std::vector<std::string> tiers;
+  for (int c = 0; c <= int(kernels::cpu::detected_capability()); ++c)
+    tiers.emplace_back(kernels::cpu::capability_name(kernels::cpu::Capability(c)));
+  return tiers;
+}
+
+}  // namespace fusedattn

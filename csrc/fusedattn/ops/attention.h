@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "fusedattn/macros.h"
 
@@ -52,6 +53,13 @@ FUSEDATTN_API AttentionResult attention(const at::Tensor& query, const at::Tenso
 // Without them, or with FUSEDATTN_CUDA_KERNEL unset (see cuda/attention_cuda.cpp), CUDA
 // tensors take the ATen reference.
 FUSEDATTN_API bool cuda_kernels_built();
+
+// The instruction-set tier the CPU kernels run at: "scalar", "avx2", "avx512", "avx512_bf16"
+// or "amx" (the highest this CPU runs, capped by FUSEDATTN_CPU_CAPABILITY, read once; an
+// unknown or unsupported value is an error naming the allowed ones), and every tier this CPU
+// runs, lowest first.
+FUSEDATTN_API std::string cpu_capability();
+FUSEDATTN_API std::vector<std::string> cpu_capabilities_supported();
 
 namespace ops {
 // One function per schema, calling the dispatcher (the schemas are in registration.cpp).

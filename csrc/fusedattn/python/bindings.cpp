@@ -15,6 +15,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedattn C++ extension: the C++ modules; the ops are under torch.ops.fusedattn";
   m.def("_cuda_kernels_built", &fusedattn::cuda_kernels_built,
         "Whether this build holds the fused CUDA kernels");
+  m.def("cpu_capability", &fusedattn::cpu_capability,
+        "The instruction-set tier of the CPU kernels in use (FUSEDATTN_CPU_CAPABILITY caps it)");
+  m.def("cpu_capabilities_supported", &fusedattn::cpu_capabilities_supported,
+        "Every tier this CPU runs, lowest first");
 
   // _C.cpp.MultiheadAttention: the C++ module itself (parameters, train/eval, clone, forward).
   torch::python::bind_module<fusedattn::MultiheadAttentionImpl, /*force_enable=*/true>(
