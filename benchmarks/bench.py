@@ -144,6 +144,17 @@ def fwd_bwd(fn, inputs):
     return run
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     # glibc keeps freed blocks below its (adaptive) mmap threshold, which hides peaks from
     # the RSS high-water mark: make every block >= 64 KiB its own mapping, returned on free.
@@ -157,6 +168,7 @@ def main():
     ap.add_argument("--variants", default="plain,key_padding,dropout,weights")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--skip-modules", action="store_true", help="no MultiheadAttention cases")
     args = ap.parse_args()
     max_len = min(args.max_len, 1024) if args.quick else args.max_len
     repeats = 3 if args.quick else args.repeats
@@ -166,7 +178,8 @@ def main():
     variants = args.variants.split(",")
 
     cases = [(v, d, n, c) for v in variants for d in dtypes for n in lengths for c in (False, True)]
-    progress = Progress(len(cases) * 2 + 9)
+    module_cases = [] if args.skip_modules else [("self", 32, 128), ("cross", 32, 128), ("self", 4, 1024)]
+    progress = Progress(len(cases) * 2 + 3 * len(module_cases))
     rows = []
     with torch.inference_mode(False):
         for variant, dtype, L, causal in cases:
@@ -190,9 +203,9 @@ def main():
                 progress.step(label)
         # need_weights=True is nn.MultiheadAttention's default and its O(L^2) path (scores,
         # softmax and the head-averaged weights written out); False lets it call SDPA.
-        # The encoder size the issue names, and (self-attention) a long sequence with the same
+        # An encoder's size (N=32, L=128, E=512), and (self-attention) a long sequence with the same
         # number of tokens, where attention rather than the projections dominates the step.
-        for kind, N, L in (("self", 32, 128), ("cross", 32, 128), ("self", 4, 1024)):
+        for kind, N, L in module_cases:
             ours, theirs, x, mem, pad = module_case(kind, N=N, L=L, S=L)
             for with_pad, weights in ((False, False), (True, False), (True, True)):
                 kw = {"key_padding_mask": pad} if with_pad else {}
@@ -212,6 +225,13 @@ def main():
                                  torch_peak_mb=peak_mb(step(theirs))))
                 progress.step(f"MultiheadAttention {kind} L={L} pad={with_pad} weights={weights}")
 
+    meta = dict(torch=torch.__version__, fusedattn=fusedattn.__version__, threads=torch.get_num_threads(),
+                cpu=cpu_model(), fusedattn_tier=fusedattn.cpu_capability(),
+                aten_capability=torch.backends.cpu.get_cpu_capability(),
+                onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "(not set)"),
+                python=platform.python_version())
+    print(f"CPU: {meta['cpu']}; fusedattn tier {meta['fusedattn_tier']}, ATen {meta['aten_capability']}, "
+          f"ONEDNN_MAX_CPU_ISA {meta['onednn_max_isa']}; {meta['threads']} threads; torch {meta['torch']}")
     header = (f"{'case':<22}{'dtype':<10}{'L':>6} {'causal':<7}{'mode':<9}{'torch path':<22}"
               f"{'fusedattn ms':>13}{'torch ms':>11}{'speedup':>9}{'peak MiB ours/torch':>22}")
     print(header)
@@ -222,8 +242,6 @@ def main():
               f"{r['speedup']:>8.2f}x{r['fusedattn_peak_mb']:>11.0f}/{r['torch_peak_mb']:<10.0f}")
 
     os.makedirs(args.out, exist_ok=True)
-    meta = dict(torch=torch.__version__, fusedattn=fusedattn.__version__, threads=torch.get_num_threads(),
-                cpu=platform.processor() or platform.machine(), python=platform.python_version())
     with open(os.path.join(args.out, "cpu.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     if plot(rows, os.path.join(args.out, "cpu.png")):

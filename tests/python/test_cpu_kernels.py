@@ -260,7 +260,7 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, E, Ev, S, extra, we
     # exp pass) where the CPU has AVX512-BF16. causal_br with S = 7 < L and bool_kpm with a
     # fully padded batch give rows with no visible key (0 out, lse -inf). causal_dropout with
     # Ev = 100: causal products stop early in V's blocks, whose second 64-column panel must
-    # still be found (it was not: a wrong output, found in session 5). weights: the kernel
+    # still be found (it once was not: a wrong output). weights: the kernel
     # that forms whole score rows. fp32 with >= 512 queries per key/value head runs its
     # products on brgemm (oneDNN's fp32 kernels) with K^T formed once; "unpacked" keeps MKL's
     # sgemm.

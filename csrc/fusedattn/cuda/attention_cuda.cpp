@@ -3,12 +3,12 @@
 // Forward: the fused kernel (kernels/flash_cuda.h) for fp16/bf16 on sm_80+ at head dims up to
 // 256, every mask kind, causal in both alignments, GQA, dropout, lse and returned weights;
 // the ATen reference for fp32/fp64 and whatever the kernel does not cover. The backward is
-// the reference (its fused kernel is issue 6's work).
+// the reference (a fused CUDA backward is not written yet).
 //
-// The kernel has not yet run on a GPU in this project's tests (no GPU was lent to the session
-// that wrote it), so it is opt-in until it has: FUSEDATTN_CUDA_KERNEL=fused turns it on,
-// =reference (the default) keeps every call on the reference. FUSEDATTN_CUDA_POISON=1 fills
-// outputs with NaN before the kernel runs, so tests see any element it fails to write.
+// The kernel has not yet run on a GPU in this project's tests, so it is opt-in until it has:
+// FUSEDATTN_CUDA_KERNEL=fused turns it on, =reference (the default) keeps every call on the
+// reference. FUSEDATTN_CUDA_POISON=1 fills outputs with NaN before the kernel runs, so tests
+// see any element it fails to write.
 //
 // This file needs no nvcc: without FUSEDATTN_WITH_CUDA_KERNELS (no toolkit found at build
 // time) it registers the reference alone.
