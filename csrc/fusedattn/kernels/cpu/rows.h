@@ -1,7 +1,7 @@
 #pragma once
 // Row operations of the softmax and of the output stores: max, exp, sums, scaling, rounding
 // to the half types, and the stores of outputs that are not read back. Each picks its tier's
-// vocabulary at compile time (vec_avx512.h where FUSEDATTN_AVX512, vec.h elsewhere); fp64
+// vocabulary at compile time (vec_avx512.h, vec_avx2.h, else vec.h's portable vectors); fp64
 // rows are plain loops with libm (correctness over speed).
 #include <algorithm>
 #include <cmath>
@@ -9,12 +9,16 @@
 #include <type_traits>
 
 #include "fusedattn/kernels/cpu/vec.h"
+#include "fusedattn/kernels/cpu/vec_avx2.h"
 #include "fusedattn/kernels/cpu/vec_avx512.h"
 
 FUSEDATTN_TIER_NS_BEGIN
 
 // The row's max; NaN if any element is NaN (so that a NaN score reaches the output).
 inline float row_max(const float* x, int64_t n) {
+#ifdef FUSEDATTN_AVX2
+  return row_max_ymm(x, n);
+#endif
   vf m = vsplat(kNegInfF);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) m = vmax_nan(m, vload(x + i));
@@ -35,6 +39,10 @@ inline float exp_sum_row(float* x, int64_t n, float mul, float sub) {
 #ifdef FUSEDATTN_AVX512
   return exp_row_zmm<kShort, true>(x, n, mul, sub, [x](int64_t i, __mmask16 lanes, __m512 e) {
     _mm512_mask_storeu_ps(x + i, lanes, e);
+  });
+#elif defined(FUSEDATTN_AVX2)
+  return exp_row_ymm<kShort, true>(x, n, mul, sub, [x](int64_t i, __m256i lanes, __m256 e) {
+    _mm256_maskstore_ps(x + i, lanes, e);
   });
 #else
   vf acc{};
@@ -58,6 +66,10 @@ inline void exp_rows(float* x, int64_t n, float mul, float sub) {
   exp_row_zmm<false, false>(x, n, mul, sub, [x](int64_t i, __mmask16 lanes, __m512 e) {
     _mm512_mask_storeu_ps(x + i, lanes, e);
   });
+#elif defined(FUSEDATTN_AVX2)
+  exp_row_ymm<false, false>(x, n, mul, sub, [x](int64_t i, __m256i lanes, __m256 e) {
+    _mm256_maskstore_ps(x + i, lanes, e);
+  });
 #else
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) vstore(x + i, vexp(vload(x + i) * mul - sub));
@@ -69,6 +81,17 @@ inline float exp_sum_bf16_row(const float* x, bf16* y, int64_t n, float mul, flo
 #ifdef FUSEDATTN_AVX512_BF16
   return exp_row_zmm<true, true>(x, n, mul, sub, [y](int64_t i, __mmask16 lanes, __m512 e) {
     _mm256_mask_storeu_epi16(y + i, lanes, to_bf16_zmm(e));
+  });
+#elif defined(FUSEDATTN_AVX2)
+  return exp_row_ymm<true, true>(x, n, mul, sub, [y, n](int64_t i, __m256i, __m256 e) {
+    const __m128i b = to_bf16_ymm(e);
+    if (i + 8 <= n) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), b);
+    } else {
+      alignas(16) uint16_t w[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(w), b);
+      for (int64_t c = 0; c < n - i; ++c) y[i + c].x = w[c];
+    }
   });
 #else
   vf acc{};
