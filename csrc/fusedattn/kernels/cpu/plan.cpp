@@ -86,15 +86,21 @@ bool keys_as_rows_bf16(const FlashParams& p) {
   return vnni;
 }
 
+// The caller's parameters with the tier's table, the packed offer kept only where it pays.
+Plan start(const FlashParams& in, bool backward) {
+  Plan r;
+  r.p = in;
+  r.tier = capability();
+  r.kernels = &table_for(r.tier);
+  if (!keep_packed(r.p, r.tier, backward)) r.p.packed = nullptr;
+  return r;
+}
+
 }  // namespace
 
 Plan plan_forward(const FlashParams& in) {
-  Plan r;
-  r.p = in;
+  Plan r = start(in, /*backward=*/false);
   FlashParams& p = r.p;
-  r.tier = capability();
-  r.kernels = &table_for(r.tier);
-  if (!keep_packed(p, r.tier, /*backward=*/false)) p.packed = nullptr;
   if (p.dtype != DType::Float || p.S == 0 || queries_per_kv_head(p) < kFloatGemmForwardMinQueries)
     p.fgemm = nullptr;
   if (p.weights) {
@@ -112,12 +118,8 @@ Plan plan_forward(const FlashParams& in) {
 }
 
 Plan plan_backward(const FlashParams& in) {
-  Plan r;
-  r.p = in;
+  Plan r = start(in, /*backward=*/true);
   FlashParams& p = r.p;
-  r.tier = capability();
-  r.kernels = &table_for(r.tier);
-  if (!keep_packed(p, r.tier, /*backward=*/true)) p.packed = nullptr;
   const bool plain = p.mask_kind == MaskKind::None && !p.dropout;
   const bool f32_kr = p.dtype == DType::Float && p.fgemm != nullptr && plain && p.S > 0 &&
                       r.tier >= Capability::Avx512 &&
