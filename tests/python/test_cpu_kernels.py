@@ -202,6 +202,94 @@ def test_nan_reaches_the_gradients(where):
     assert dq[0, 1, 5].isnan().any() and not dq[0, 0].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L", [65, 300])  # 300 fp32 queries: the keys-as-rows backward where the CPU has it
+@pytest.mark.parametrize("case", ["one_key", "causal", "padding", "bool_mask", "float_mask"])
+def test_rows_that_see_one_key_have_exactly_zero_gradients(dtype, L, case):
+    # Softmax over one visible key is 1 whatever the score: dS, so dQ of that row and its share
+    # of dK, are exactly 0 (PyTorch's math path gives 0; a D from rowsum(dO * O) differs from
+    # the GEMM's dP by rounding).
+    N, H, S, E = 2, 2, 1 if case == "one_key" else 333, 32
+    q = rand(N, H, L, E, dtype=dtype, requires_grad=True)
+    k, v = (rand(N, H, S, E, dtype=dtype, requires_grad=True) for _ in range(2))
+    kw, one = {}, torch.zeros(N, H, L, dtype=torch.bool)  # one: rows that see one key
+    if case == "one_key":
+        one[:] = True
+    elif case == "causal":
+        kw = dict(is_causal=True)
+        one[:, :, 0] = True
+    elif case == "padding":
+        kpm = torch.zeros(N, S, dtype=torch.bool)
+        kpm[1, 1:] = True  # the second sequence has one token
+        kw = dict(key_padding_mask=kpm)
+        one[1] = True
+    else:
+        allowed = torch.rand(N, H, L, S) > 0.3
+        allowed[:, :, ::7] = False
+        allowed[:, :, ::7, 11] = True  # every 7th query sees key 11 only
+        one[:, :, ::7] = True
+        mask = allowed if case == "bool_mask" else torch.zeros(N, H, L, S, dtype=dtype).masked_fill(~allowed, float("-inf"))
+        kw = dict(attn_mask=mask)
+    out = fusedattn.attention(q, k, v, **kw)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    assert (dq[one] == 0).all()
+    if case in ("one_key", "padding"):  # every query of these sequences sees one key
+        b = slice(None) if case == "one_key" else 1
+        assert (dk[b] == 0).all()
+    mask = kw.get("attn_mask")
+    kpm = kw.get("key_padding_mask")
+    ref, _ = reference_attention(q, k, v, mask, kpm, kw.get("is_causal", False))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g.double())
+    tol = 5e-5 if dtype == torch.float32 else 1e-10
+    for a, r in zip((dq, dk, dv), ref_grads):
+        torch.testing.assert_close(a.double(), r.double(), atol=tol, rtol=tol)
+    # lse's own gradient still reaches such rows (d lse / d s = 1 at the one key), and a NaN
+    # in grad_out still reaches dQ.
+    out, _, lse = fusedattn.attention(q, k, v, return_lse=True, **kw)
+    (dq_lse,) = torch.autograd.grad(lse.sum(), q)
+    ref_lse = torch.logsumexp(_masked_scores(q, k, mask, kpm, kw.get("is_causal", False)), -1)
+    (ref_dq_lse,) = torch.autograd.grad(ref_lse.sum(), q)
+    torch.testing.assert_close(dq_lse.double(), ref_dq_lse.double(), atol=tol, rtol=tol)
+    g_nan = g.clone()
+    g_nan[0, 0, 0, 0] = float("nan")
+    (dq,) = torch.autograd.grad(fusedattn.attention(q, k, v, **kw), q, g_nan)
+    assert dq[0, 0, 0].isnan().all() and not dq[0, 1].isnan().any()
+
+
+def _masked_scores(q, k, mask, kpm, causal):
+    s = q.double() @ k.double().transpose(-2, -1) / q.shape[-1] ** 0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    if kpm is not None:
+        s = s.masked_fill(kpm[:, None, None, :], float("-inf"))
+    if causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(torch.arange(S)[None] > torch.arange(L)[:, None], float("-inf"))
+    return s
+
+
+@pytest.mark.parametrize("L,S,E", [(65, 2048, 64), (130, 1031, 40)])
+def test_fp16_gradients_keep_their_digits_under_a_small_grad_out(L, S, E):
+    # dS = P (dP - D) with P ~ 1/S and grad_out ~ 1e-3 lies below fp16's smallest normal;
+    # rounded as is, dQ had 10x the error of PyTorch's math path (fp32 inside). Relative
+    # errors against fp64 on the same fp16 inputs, at most twice the math path's.
+    q, k, v = (rand(1, 2, n, E, dtype=torch.float16) for n in (L, S, S))
+    g = (torch.randn(1, 2, L, E) * 1e-3).half()
+    ours = _grads(fusedattn.attention, q, k, v, g)
+    theirs = _grads(lambda *a: torch.ops.aten._scaled_dot_product_attention_math(*a)[0], q, k, v, g)
+    ref = _grads(torch.nn.functional.scaled_dot_product_attention, q.double(), k.double(),
+                 v.double(), g.double())
+    for a, b, r in zip(ours, theirs, ref):
+        err, torch_err = ((x.double() - r).abs().max() / r.abs().max() for x in (a, b))
+        assert err <= 2 * torch_err, (err, torch_err)
+
+
+def _grads(fn, q, k, v, g):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    return torch.autograd.grad(fn(q, k, v), (q, k, v), g)
+
+
 def test_zero_length_sequences_with_weights_and_gradients():
     for L, S in ((0, 5), (3, 0)):
         q = rand(1, 2, L, 4, requires_grad=True)

@@ -29,7 +29,10 @@ void Backward<T>::query_rows_task(int64_t t, Work& w) const {
   for (int64_t h = hk * this->group; h < (hk + 1) * this->group; ++h) {
     const A* lse = this->lse_row(b, h);
     const A* dlse = this->dlse_row(b, h);
-    for (int64_t i = 0; i < p.L; ++i) w.d[i] = this->out_dot_dout(b, h, i);
+    for (int64_t i = 0; i < p.L; ++i) {
+      w.d[i] = this->out_dot_dout(b, h, i);
+      w.one_key[i] = this->sees_one_key(b, h, i, ke);
+    }
     std::fill(w.dq.begin(), w.dq.end(), A(0));
     for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
       const int64_t bk = std::min(kBwdBlockK, ke - j0);
@@ -53,18 +56,26 @@ void Backward<T>::query_rows_task(int64_t t, Work& w) const {
           for (int64_t r = 0; r < bq; ++r) this->drop_row(dp + r * bk, b, h, i0 + r, j0, bk);
         }
         for (int64_t r = 0; r < bq; ++r) {
-          softmax_grad_row(dp + r * bk, s + r * bk, bk, w.d[i0 + r], dlse ? dlse[i0 + r] : A(0));
+          const A glse = dlse ? dlse[i0 + r] : A(0);
+          if (w.one_key[i0 + r]) {
+            one_key_grad_row(dp + r * bk, s + r * bk, bk, glse);
+          } else {
+            softmax_grad_row(dp + r * bk, s + r * bk, bk, w.d[i0 + r], glse);
+          }
         }
         if (p.dropout) {
           for (int64_t r = 0; r < bq; ++r) this->drop_row(s + r * bk, b, h, i0 + r, j0, bk);
         }
-        this->mm(true, false, bk, p.Ev, bq, A(1), this->operand(s, bq * bk, w.narrow_s.data()), bk,
-                 dout, p.do_sr, A(1), w.dv.data() + j0 * p.Ev, p.Ev);
+        A p_unscale, ds_unscale;
+        const T* pm = this->scaled_operand(s, bq * bk, w.narrow_s.data(), &p_unscale);
+        this->mm(true, false, bk, p.Ev, bq, p_unscale, pm, bk, dout, p.do_sr, A(1),
+                 w.dv.data() + j0 * p.Ev, p.Ev);
         // dS is in dp: dQ += scale dS K, dK += scale dS^T Q.
-        const T* ds = this->operand(dp, bq * bk, w.narrow_dp.data());
-        this->mm(false, false, bq, p.E, bk, A(p.scale), ds, bk, k, p.k_sr, A(1),
+        const T* ds = this->scaled_operand(dp, bq * bk, w.narrow_dp.data(), &ds_unscale);
+        const A alpha = A(p.scale) * ds_unscale;
+        this->mm(false, false, bq, p.E, bk, alpha, ds, bk, k, p.k_sr, A(1),
                  w.dq.data() + i0 * p.E, p.E);
-        this->mm(true, false, bk, p.E, bq, A(p.scale), ds, bk, q, p.q_sr, A(1),
+        this->mm(true, false, bk, p.E, bq, alpha, ds, bk, q, p.q_sr, A(1),
                  w.dk.data() + j0 * p.E, p.E);
       }
     }

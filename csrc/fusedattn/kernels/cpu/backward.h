@@ -18,11 +18,16 @@ struct Backward : Problem<T> {
 
   struct Work {
     std::vector<A> s, dp, dq, dk, dv, d, bias, lse;
+    // Per query: it sees exactly one key (Masks::sees_one_key); keys-as-rows: as lane masks,
+    // bit l of one_key_lanes[v] for query 16 v + l.
+    std::vector<uint8_t> one_key;
+    std::vector<uint16_t> one_key_lanes;
     std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     Work(const FlashParams& p, bool kr)
         : s((kr ? layout::kKrQ : layout::kBwdBlockQ) * layout::kBwdBlockK), dp(s.size()),
           dq((kr ? layout::ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev),
           d(kr ? layout::l_pad(p) : p.L), bias(layout::kBwdBlockK), lse(kr ? layout::l_pad(p) : 0),
+          one_key(d.size()), one_key_lanes(kr ? layout::l_pad(p) / 16 : 0),
           narrow_s(kIsHalf<T> ? s.size() : 0), narrow_dp(narrow_s.size()),
           ds_packed(kr && kIsHalf<T> ? s.size() : 0), kt(kr ? p.E * layout::ld_kt(p) : 0),
           qt(kr ? p.E * layout::ld_qt(p) : 0), dot(kr ? p.Ev * layout::ld_qt(p) : 0),
@@ -43,17 +48,23 @@ struct Backward : Problem<T> {
   }
   // Keys-as-rows backwards, per query head h: w.lse and w.d for queries 0 .. Lp - 1: lse
   // (+inf where the query sees no key, or is padding past L: exp gives 0) and D =
-  // rowsum(dO * O) - dlse (softmax's backward term and lse's own gradient).
+  // rowsum(dO * O) - dlse (softmax's backward term and lse's own gradient); for a query that
+  // sees one key, -dlse and its bit in w.one_key_lanes: the loops then take D = dP + w.d
+  // (one_key_grad_row's exact zero).
   void kr_lse_and_d(int64_t b, int64_t h, Work& w) const {
     const A* lse_in = this->lse_row(b, h);
     const A* dlse = this->dlse_row(b, h);
+    const int64_t ke = this->key_end(b);
+    std::fill(w.one_key_lanes.begin(), w.one_key_lanes.end(), uint16_t(0));
     for (int64_t i = 0; i < layout::l_pad(p); ++i) {
       if (i >= p.L) {
         w.lse[i] = std::numeric_limits<A>::infinity(), w.d[i] = A(0);
         continue;
       }
       w.lse[i] = lse_in[i] == Masks<T>::kNegInf ? std::numeric_limits<A>::infinity() : lse_in[i];
-      w.d[i] = this->out_dot_dout(b, h, i) - (dlse ? dlse[i] : A(0));
+      const bool one = this->sees_one_key(b, h, i, ke);
+      w.d[i] = (one ? A(0) : this->out_dot_dout(b, h, i)) - (dlse ? dlse[i] : A(0));
+      if (one) w.one_key_lanes[i / 16] |= uint16_t(1u << (i % 16));
     }
   }
 

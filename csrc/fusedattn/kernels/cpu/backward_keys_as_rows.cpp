@@ -98,6 +98,7 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
         T* dsp = w.ds_packed.data();  // the same packed (pairs of keys), panel c at c * bkp * 64
         const float* lse = w.lse.data() + i0;
         const float* dd = w.d.data() + i0;
+        const uint16_t* one_key = w.one_key_lanes.data() + i0 / 16;
         for (int64_t j = 0; j < bkp; j += 2) {
           for (int64_t c = 0; c < nv; ++c) {
             __m512 ds2[2];
@@ -117,8 +118,9 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
                                                              _mm512_loadu_ps(lse + 16 * c)));
               const __m512 pr = exp2_zmm<true>(_mm512_mul_ps(x, l2e), keep);
               const __m512 dp = _mm512_loadu_ps(dpt + jj * nq + 16 * c);
-              const __m512 ds = _mm512_mul_ps(
-                  _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_loadu_ps(dd + 16 * c))), scale);
+              const __m512 dv = _mm512_loadu_ps(dd + 16 * c);
+              const __m512 d = _mm512_mask_add_ps(dv, one_key[c], dv, dp);
+              const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pr, _mm512_sub_ps(dp, d)), scale);
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + jj * nq + 16 * c), to_bf16_zmm(pr));
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + jj * nq + 16 * c), to_bf16_zmm(ds));
               ds2[u] = ds;
@@ -199,6 +201,7 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
         p.fgemm(bk, nq, p.Ev, p.v_sr, ldq, nq, false, this->v_rows(b, hk, j0), dot + i0, dpt);
         const float* lse = w.lse.data() + i0;
         const float* dd = w.d.data() + i0;
+        const uint16_t* one_key = w.one_key_lanes.data() + i0 / 16;
         for (int64_t j = 0; j < bk; ++j) {
           const __m512 bj = _mm512_set1_ps(bias[j]);
           const __mmask16 key = bias[j] == kNegInfF ? 0 : 0xffff;
@@ -213,9 +216,9 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
             const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(sp), scale,
                                              _mm512_sub_ps(bj, _mm512_loadu_ps(lse + 16 * c)));
             const __m512 pr = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
-            const __m512 ds = _mm512_mul_ps(
-                _mm512_mul_ps(pr, _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_loadu_ps(dd + 16 * c))),
-                scale);
+            const __m512 dpv = _mm512_loadu_ps(dp), dv = _mm512_loadu_ps(dd + 16 * c);
+            const __m512 d = _mm512_mask_add_ps(dv, one_key[c], dv, dpv);
+            const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pr, _mm512_sub_ps(dpv, d)), scale);
             _mm512_storeu_ps(sp, pr);
             _mm512_storeu_ps(dp, ds);
           }

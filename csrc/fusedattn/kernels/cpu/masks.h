@@ -56,6 +56,27 @@ struct Masks {
     return p.causal ? std::clamp<int64_t>(p.causal_offset, -(1 << 30), 1 << 30) : 0;
   }
 
+  // Whether query i (batch b, head h) sees exactly one key: its softmax is then exactly 1 there
+  // and 0 elsewhere whatever the scores, and the softmax's part of dS is exactly 0. Hidden:
+  // past kv_end, bool masks' false / padding, additive masks' -inf (a NaN counts as seen).
+  // Stops at the second key seen: a few reads for most rows.
+  bool sees_one_key(int64_t b, int64_t h, int64_t i, int64_t key_end_b) const {
+    const int64_t end = std::min(visible_end(i), key_end_b);
+    int64_t seen = 0;
+    for (int64_t j = 0; j < end && seen < 2; ++j) {
+      const int64_t kp = b * p.p_sb + j * p.p_sc;
+      if (p.kpm_kind == MaskKind::Bool && static_cast<const uint8_t*>(p.kpm)[kp]) continue;
+      if (p.kpm_kind == MaskKind::Additive && A(to_acc(static_cast<const T*>(p.kpm)[kp])) == kNegInf)
+        continue;
+      const int64_t mo = b * p.m_sb + h * p.m_sh + i * p.m_sr + j * p.m_sc;
+      if (p.mask_kind == MaskKind::Bool && !static_cast<const uint8_t*>(p.mask)[mo]) continue;
+      if (p.mask_kind == MaskKind::Additive && A(to_acc(static_cast<const T*>(p.mask)[mo])) == kNegInf)
+        continue;
+      ++seen;
+    }
+    return seen == 1;
+  }
+
   // key_padding_mask of keys j0 .. j0 + bk - 1 as an additive bias (-inf: padding); none: 0.
   void key_bias(int64_t b, int64_t j0, int64_t bk, A* bias) const {
     for (int64_t c = 0; c < bk; ++c) {

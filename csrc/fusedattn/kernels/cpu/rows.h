@@ -173,6 +173,14 @@ inline void softmax_grad_row(A* dp, const A* p, int64_t n, A d, A glse) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
 }
 
+// The same for a query that sees one key (Masks::sees_one_key): p is 1 there and 0 elsewhere,
+// so D = dp at that key and p * (dp - D) is exactly 0, not the rounding gap between D =
+// rowsum(dO * O) and the GEMM's dp; formed as dp - dp, so that a NaN or inf in dp stays NaN.
+template <typename A>
+inline void one_key_grad_row(A* dp, const A* p, int64_t n, A glse) {
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - dp[i] + glse);
+}
+
 inline void narrow_row(const float* x, bf16* y, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) store_bf16(y + i, vload(x + i));
