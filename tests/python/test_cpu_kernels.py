@@ -1,5 +1,6 @@
 """The fused CPU kernels against the fp64 formula and against the ATen reference path, on
 sizes that cross their blocks (64 queries x 512 keys forward, 64 x 256 backward)."""
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +85,69 @@ def test_half_types_error_at_most_twice_torchs(dtype, causal):
         err = (a.double() - r).abs().max().item()
         torch_err = (b.double() - r).abs().max().item()
         assert err <= 2 * torch_err + 1e-4, (err, torch_err)
+
+
+def _one_float_mask(N, H, L, S, mask, kpm, causal):
+    # Every mask as one additive fp64 mask (N, H, L, S) with -inf, and the rows that see a key.
+    add = torch.zeros(N, H, L, S, dtype=torch.float64)
+    if mask is not None:
+        add = add + (torch.where(mask, 0.0, -math.inf) if mask.dtype == torch.bool else mask.double())
+    if kpm is not None:
+        kpm_add = torch.where(kpm, -math.inf, 0.0) if kpm.dtype == torch.bool else kpm.double()
+        add = add + kpm_add[:, None, None, :]
+    if causal:
+        off = S - L if causal == "bottom_right" else 0
+        add = add.masked_fill(torch.arange(S)[None] > torch.arange(L)[:, None] + off, -math.inf)
+    return add, (add > -math.inf).any(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L,S,Hk,group,E,Ev", [(65, 513, 2, 3, 40, 24), (257, 130, 1, 2, 80, 72),
+                                               (130, 600, 2, 1, 64, 64), (7, 9, 1, 1, 16, 16)])
+@pytest.mark.parametrize("kind", ["none", "bool", "float", "kpm_bool", "kpm_float"])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+def test_half_types_within_twice_torchs_error_on_masks_causal_gqa(dtype, L, S, Hk, group, E, Ev,
+                                                                   kind, causal):
+    # FlashAttention's rule: output, lse and gradients against fp64 on the same rounded inputs,
+    # at most twice the error of PyTorch's SDPA in the same dtype (same masks as one additive
+    # mask), plus 1e-4 and a quarter of the dtype's epsilon at the largest value. Where SDPA
+    # runs fp32 inside (GQA with a mask takes its math path) its gradients are rounded from
+    # nearly exact values, while D = rowsum(dO * O) here reads O rounded to the dtype, as
+    # FlashAttention's does: dQ, dK up to 2.8x its error, 0.15 epsilon at the largest value
+    # past 2x. Rows that see no key are left out (0 here, NaN in torch).
+    N, H = 2, Hk * group
+    q = rand(N, H, L, E, dtype=dtype).double()
+    k, v = rand(N, Hk, S, E, dtype=dtype).double(), rand(N, Hk, S, Ev, dtype=dtype).double()
+    mask, kpm = masks(kind, N, H, L, S, dtype)
+    add, seen = _one_float_mask(N, H, L, S, mask, kpm, causal)
+    g = rand(N, H, L, Ev, dtype=dtype).double() * seen[..., None]
+    kw = dict(is_causal=causal is not None, causal_alignment=causal or "top_left",
+              enable_gqa=True, key_padding_mask=kpm)
+    lo = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    ours, _, lse = fusedattn.attention(*lo, mask, return_lse=True, **kw)
+    our_grads = torch.autograd.grad(ours, lo, g.to(dtype))
+    hi = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*hi, mask, kpm, causal is not None, causal == "bottom_right")
+    ref_grads = torch.autograd.grad(ref, hi, g)
+    scores = q @ k.repeat_interleave(group, 1).transpose(-2, -1) * E ** -0.5 + add
+    ref_lse = torch.logsumexp(scores, -1)
+    safe = torch.where(seen[..., None], add, 0.0).to(dtype)  # torch's dead rows stay finite
+    lo2 = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    theirs = torch.nn.functional.scaled_dot_product_attention(*lo2, attn_mask=safe, enable_gqa=True)
+    their_grads = torch.autograd.grad(theirs, lo2, g.to(dtype))
+    kk = lo2[1].detach().repeat_interleave(group, 1)  # lse does not read V: K stands in
+    _, their_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        lo2[0].detach(), kk, kk, 0.0, False, attn_mask=safe)
+    rows = seen[..., None]
+    pairs = [("out", ours * rows, theirs * rows, ref * rows),
+             ("lse", lse[seen], their_lse[seen], ref_lse[seen])]
+    pairs += list(zip(("dq", "dk", "dv"), our_grads, their_grads, ref_grads))
+    for name, a, b, r in pairs:
+        if not r.numel():
+            continue
+        err, torch_err = ((x.double() - r).abs().max().item() for x in (a, b))
+        ulp_term = torch.finfo(dtype).eps * r.abs().max().item() / 4
+        assert err <= 2 * torch_err + 1e-4 + ulp_term, (name, err, torch_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

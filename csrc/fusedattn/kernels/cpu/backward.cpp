@@ -21,14 +21,63 @@ void Backward<T>::run(int64_t begin, int64_t end) const {
 
 template <typename T>
 void Backward<T>::query_rows_task(int64_t t, Work& w) const {
+  if constexpr (kIsHalf<T>) {
+    if (p.half_on_f32) return query_rows_body<float>(t, w);
+  }
+  query_rows_body<T>(t, w);
+}
+
+namespace {
+// n rows of x (row stride ld) as contiguous fp32 rows of `cols`.
+template <typename T>
+void widen_rows(const T* x, int64_t ld, int64_t n, int64_t cols, float* y) {
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c < cols; ++c) y[r * cols + c] = to_acc(x[r * ld + c]);
+  }
+}
+}  // namespace
+
+// U = T: the products read the inputs in place and P, dS are rounded to T for them (half
+// types: scaled_operand). U = float (half types, p.half_on_f32): the products read fp32 copies
+// and fp32 P and dS, as PyTorch's own CPU kernel keeps them; products of two half values are
+// exact in fp32, so S and dP are the same numbers either way.
+template <typename T>
+template <typename U>
+void Backward<T>::query_rows_body(int64_t t, Work& w) const {
   using layout::kBwdBlockK;
   using layout::kBwdBlockQ;
+  constexpr bool kWide = !std::is_same_v<U, T>;
   const int64_t b = t / p.Hk, hk = t % p.Hk, ke = this->key_end(b);
+  // Row r of X (one of q, k, v, dout) is x + r * x_sr.
+  const U *k = nullptr, *v = nullptr, *q = nullptr, *dout = nullptr;
+  int64_t k_sr = p.k_sr, v_sr = p.v_sr, q_sr = p.q_sr, do_sr = p.do_sr;
+  if constexpr (kWide) {
+    widen_rows(this->k_rows(b, hk, 0), p.k_sr, ke, p.E, w.kf.data());
+    widen_rows(this->v_rows(b, hk, 0), p.v_sr, ke, p.Ev, w.vf.data());
+    k = w.kf.data(), v = w.vf.data(), k_sr = p.E, v_sr = p.Ev, q_sr = p.E, do_sr = p.Ev;
+  } else {
+    k = this->k_rows(b, hk, 0), v = this->v_rows(b, hk, 0);
+  }
+  const auto mm = [&](bool ta, bool tb, int64_t m, int64_t n, int64_t kk, A alpha, const U* a,
+                      int64_t lda, const U* bb, int64_t ldb, A beta, A* c, int64_t ldc) {
+    if constexpr (kWide) {
+      p.gemm->f32(ta, tb, m, n, kk, alpha, a, lda, bb, ldb, beta, c, ldc);
+    } else {
+      this->mm(ta, tb, m, n, kk, alpha, a, lda, bb, ldb, beta, c, ldc);
+    }
+  };
   std::fill(w.dk.begin(), w.dk.end(), A(0));
   std::fill(w.dv.begin(), w.dv.end(), A(0));
   for (int64_t h = hk * this->group; h < (hk + 1) * this->group; ++h) {
     const A* lse = this->lse_row(b, h);
     const A* dlse = this->dlse_row(b, h);
+    if constexpr (kWide) {
+      widen_rows(this->q_rows(b, h, 0), p.q_sr, p.L, p.E, w.qf.data());
+      widen_rows(this->dout_rows(b, h, 0), p.do_sr, p.L, p.Ev, w.dof.data());
+      q = w.qf.data(), dout = w.dof.data();
+    } else {
+      q = this->q_rows(b, h, 0), dout = this->dout_rows(b, h, 0);
+    }
     for (int64_t i = 0; i < p.L; ++i) {
       w.d[i] = this->out_dot_dout(b, h, i);
       w.one_key[i] = this->sees_one_key(b, h, i, ke);
@@ -38,20 +87,20 @@ void Backward<T>::query_rows_task(int64_t t, Work& w) const {
       const int64_t bk = std::min(kBwdBlockK, ke - j0);
       // Queries that see any key of this block: i >= j0 - causal_offset.
       const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
-      const T* k = this->k_rows(b, hk, j0);
-      const T* v = this->v_rows(b, hk, j0);
+      const U* kj = k + j0 * k_sr;
+      const U* vj = v + j0 * v_sr;
       for (int64_t i0 = i_first / kBwdBlockQ * kBwdBlockQ; i0 < p.L; i0 += kBwdBlockQ) {
         const int64_t bq = std::min(kBwdBlockQ, p.L - i0);
-        const T* q = this->q_rows(b, h, i0);
-        const T* dout = this->dout_rows(b, h, i0);
+        const U* qi = q + i0 * q_sr;
+        const U* doi = dout + i0 * do_sr;
         A* s = w.s.data();
         A* dp = w.dp.data();
-        this->mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, k, p.k_sr, A(0), s, bk);
+        mm(false, true, bq, bk, p.E, A(1), qi, q_sr, kj, k_sr, A(0), s, bk);
         this->apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data());
         this->probabilities(s, bq, bk, lse + i0);
         // dP = dO V^T. With dropout the forward used P * M: dP picks up M here, and dV
         // takes P * M below, once dS (which needs P itself) is formed.
-        this->mm(false, true, bq, bk, p.Ev, A(1), dout, p.do_sr, v, p.v_sr, A(0), dp, bk);
+        mm(false, true, bq, bk, p.Ev, A(1), doi, do_sr, vj, v_sr, A(0), dp, bk);
         if (p.dropout) {
           for (int64_t r = 0; r < bq; ++r) this->drop_row(dp + r * bk, b, h, i0 + r, j0, bk);
         }
@@ -66,17 +115,20 @@ void Backward<T>::query_rows_task(int64_t t, Work& w) const {
         if (p.dropout) {
           for (int64_t r = 0; r < bq; ++r) this->drop_row(s + r * bk, b, h, i0 + r, j0, bk);
         }
-        A p_unscale, ds_unscale;
-        const T* pm = this->scaled_operand(s, bq * bk, w.narrow_s.data(), &p_unscale);
-        this->mm(true, false, bk, p.Ev, bq, p_unscale, pm, bk, dout, p.do_sr, A(1),
-                 w.dv.data() + j0 * p.Ev, p.Ev);
-        // dS is in dp: dQ += scale dS K, dK += scale dS^T Q.
-        const T* ds = this->scaled_operand(dp, bq * bk, w.narrow_dp.data(), &ds_unscale);
+        // dV += P^T dO; dS is in dp: dQ += scale dS K, dK += scale dS^T Q.
+        A p_unscale = A(1), ds_unscale = A(1);
+        const U *pm = nullptr, *ds = nullptr;
+        if constexpr (kWide) {
+          pm = s, ds = dp;
+        } else {
+          pm = this->scaled_operand(s, bq * bk, w.narrow_s.data(), &p_unscale);
+          ds = this->scaled_operand(dp, bq * bk, w.narrow_dp.data(), &ds_unscale);
+        }
+        mm(true, false, bk, p.Ev, bq, p_unscale, pm, bk, doi, do_sr, A(1), w.dv.data() + j0 * p.Ev,
+           p.Ev);
         const A alpha = A(p.scale) * ds_unscale;
-        this->mm(false, false, bq, p.E, bk, alpha, ds, bk, k, p.k_sr, A(1),
-                 w.dq.data() + i0 * p.E, p.E);
-        this->mm(true, false, bk, p.E, bq, alpha, ds, bk, q, p.q_sr, A(1),
-                 w.dk.data() + j0 * p.E, p.E);
+        mm(false, false, bq, p.E, bk, alpha, ds, bk, kj, k_sr, A(1), w.dq.data() + i0 * p.E, p.E);
+        mm(true, false, bk, p.E, bq, alpha, ds, bk, qi, q_sr, A(1), w.dk.data() + j0 * p.E, p.E);
       }
     }
     T* dq = this->dq_rows(b, h);

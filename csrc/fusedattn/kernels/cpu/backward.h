@@ -22,6 +22,8 @@ struct Backward : Problem<T> {
     // bit l of one_key_lanes[v] for query 16 v + l.
     std::vector<uint8_t> one_key;
     std::vector<uint16_t> one_key_lanes;
+    // half_on_f32: K and V of the task, Q and dO of the head, in fp32 (contiguous rows).
+    std::vector<float> kf, vf, qf, dof;
     std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     Work(const FlashParams& p, bool kr)
         : s((kr ? layout::kKrQ : layout::kBwdBlockQ) * layout::kBwdBlockK), dp(s.size()),
@@ -33,7 +35,9 @@ struct Backward : Problem<T> {
           qt(kr ? p.E * layout::ld_qt(p) : 0), dot(kr ? p.Ev * layout::ld_qt(p) : 0),
           qp(kr && kIsHalf<T> ? layout::l_pad(p) * layout::round64(p.E) : 0),
           dop(kr && kIsHalf<T> ? layout::l_pad(p) * layout::round64(p.Ev) : 0),
-          tmp(kr && kIsHalf<T> ? layout::l_pad(p) * std::max(p.E, p.Ev) : 0) {}
+          tmp(kr && kIsHalf<T> ? layout::l_pad(p) * std::max(p.E, p.Ev) : 0),
+          kf(p.half_on_f32 ? p.S * p.E : 0), vf(p.half_on_f32 ? p.S * p.Ev : 0),
+          qf(p.half_on_f32 ? p.L * p.E : 0), dof(p.half_on_f32 ? p.L * p.Ev : 0) {}
   };
 
   // The task's accumulated dK, dV (fp32/fp64) into the outputs.
@@ -70,6 +74,8 @@ struct Backward : Problem<T> {
 
   void run(int64_t begin, int64_t end) const;           // backward.cpp
   void query_rows_task(int64_t t, Work& w) const;       // backward.cpp
+  template <typename U>  // the products' operand type: T, or float under p.half_on_f32
+  void query_rows_body(int64_t t, Work& w) const;
   void keys_as_rows_task(int64_t t, Work& w) const;     // backward_keys_as_rows.cpp
   void keys_as_rows_bf16(int64_t t, Work& w) const;     // the same, per type
   void keys_as_rows_f32(int64_t t, Work& w) const;

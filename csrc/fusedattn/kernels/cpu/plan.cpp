@@ -50,6 +50,15 @@ constexpr int64_t kPackedMinQueries = 128;
 constexpr int64_t kFloatGemmForwardMinQueries = 512;
 constexpr int64_t kFloatGemmBackwardMinQueries = 128;
 
+// The half types' query-rows backward (masks, dropout, or no packed GEMMs) runs its products in
+// fp32 on widened copies of Q, K, V, dO (Backward::query_rows_body<float>) below this tier:
+// there the half GEMMs convert their operands on every call (MKL without bf16 dot products;
+// fp16 everywhere). Xeon (AMX), B=4 H=8 L=512 with a bool mask, fwd+bwd: capped to AVX2,
+// bf16 68-78 -> 63-64 ms, fp16 63-69 -> 50-53 ms; on AMX fp16 53-58 -> 36-40 ms, but bf16
+// 18 -> 28 ms (MKL's bf16 GEMM runs on AMX), so bf16 keeps its GEMMs from avx512_bf16 up.
+// The fp32 products also keep P and dS unrounded, as PyTorch's CPU kernel does.
+constexpr Capability kBf16GemmTier = Capability::Avx512Bf16;
+
 int64_t queries_per_kv_head(const FlashParams& p) { return p.L * (p.H / p.Hk); }
 bool is_half(const FlashParams& p) { return p.dtype == DType::BFloat16 || p.dtype == DType::Half; }
 
@@ -129,6 +138,7 @@ Plan plan_backward(const FlashParams& in) {
   } else {
     p.backward_path = BackwardPath::QueryRows;
     p.packed = nullptr;
+    p.half_on_f32 = p.dtype == DType::Half || (p.dtype == DType::BFloat16 && r.tier < kBf16GemmTier);
   }
   if (!f32_kr) p.fgemm = nullptr;
   r.tasks = p.B * p.Hk;
