@@ -22,9 +22,9 @@ struct Backward : Problem<T> {
     // bit l of one_key_lanes[v] for query 16 v + l.
     std::vector<uint8_t> one_key;
     std::vector<uint16_t> one_key_lanes;
+    std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     // half_on_f32: K and V of the task, Q and dO of the head, in fp32 (contiguous rows).
     std::vector<float> kf, vf, qf, dof;
-    std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     Work(const FlashParams& p, bool kr)
         : s((kr ? layout::kKrQ : layout::kBwdBlockQ) * layout::kBwdBlockK), dp(s.size()),
           dq((kr ? layout::ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev),

@@ -29,8 +29,15 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
   std::fill(w.l.begin(), w.l.end(), A(0));
   std::fill(w.acc.begin(), w.acc.end(), A(0));
   const int64_t kv_end = this->kv_end(b, i0 + bq - 1);
-  const bool packed = this->packed(), fk = this->fk();
+  const bool packed = this->packed(), fk = this->fk(), wide = this->wide();
+  // Half types round P for their P V product; on fp32 products (wide) P stays fp32.
+  const bool narrow = kIsHalf<T> && !wide;
   const A mul = this->mul;
+  float* qf = w.qf.data();
+  if (wide) {
+    for (int64_t r = 0; r < bq; ++r)
+      for (int64_t c = 0; c < p.E; ++c) qf[r * p.E + c] = float(to_acc(q[r * p.q_sr + c]));
+  }
   for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
     // Packed: the block's columns up to kv_end rounded up to whole 64-column panels of the
     // packed layout (the causal mask hides the extra ones); a prefix of a packed V block is
@@ -47,27 +54,33 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
     } else if (fk) {
       this->fgemm(bq, bk, p.E, p.q_sr, layout::slot_ld_kt(p), bk, false, q,
                   packed_kt(b, hk, j0 / kFwdBlockK), s);
+    } else if (wide) {
+      p.gemm->f32(false, true, bq, bk, p.E, 1.f, qf, p.E, this->wide_k(b, hk, j0 / kFwdBlockK),
+                  p.E, 0.f, reinterpret_cast<float*>(s), bk);
     } else {
       this->mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, this->k_rows(b, hk, j0), p.k_sr, A(0), s, bk);
     }
     this->apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data());
     // P for the P V product: s itself, or (half types) rounded into w.narrow row by row
     // while the row is still in L1.
-    T* pn = kIsHalf<T> ? w.narrow.data() : nullptr;
+    T* pn = narrow ? w.narrow.data() : nullptr;
     for (int64_t r = 0; r < bq; ++r) {
       A* row = s + r * bk;
-      if constexpr (kIsHalf<T>) {
-        if (bkp != bk) pn[r * bkp + bk] = T{};
-      }
+      if (narrow && bkp != bk) pn[r * bkp + bk] = T{};
       // NaN-keeping max: a NaN score makes m NaN, and with it the row's output and lse.
       const A m_new = max_nan(w.m[r], row_max(row, bk));
       if (m_new == kNegInf) {  // this row has seen no visible key yet
         std::fill(row, row + bk, A(0));
-        if constexpr (kIsHalf<T>) narrow_row(row, pn + r * bkp, bk);
+        if constexpr (kIsHalf<T>) {
+          if (narrow) narrow_row(row, pn + r * bkp, bk);
+        }
         continue;
       }
       A block_sum;
-      if constexpr (std::is_same_v<T, bf16>) {
+      if (!narrow) {
+        block_sum = exp_sum_row(row, bk, mul, m_new * mul);
+        if (p.dropout) this->drop_row(row, b, h, i0 + r, j0, bk);
+      } else if constexpr (std::is_same_v<T, bf16>) {
         if (!p.dropout) {  // one pass: exp, sum, round to bf16
           block_sum = exp_sum_bf16_row(row, pn + r * bkp, bk, mul, m_new * mul);
         } else {
@@ -90,6 +103,10 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
                      packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
     } else if (fk) {
       this->fgemm(bq, p.Ev, bk, bk, p.v_sr, p.Ev, true, s, this->v_rows(b, hk, j0), w.acc.data());
+    } else if (wide) {
+      p.gemm->f32(false, false, bq, p.Ev, bk, 1.f, reinterpret_cast<const float*>(s), bk,
+                  this->wide_v(b, hk, j0 / kFwdBlockK), p.Ev, 1.f,
+                  reinterpret_cast<float*>(w.acc.data()), p.Ev);
     } else {
       const T* pv = nullptr;
       if constexpr (kIsHalf<T>) pv = pn; else pv = s;

@@ -20,6 +20,7 @@ struct Forward : Problem<T> {
   bool keys_as_rows() const { return p.forward_path == ForwardPath::KeysAsRows; }
   bool packed() const { return kIsHalf<T> && p.packed != nullptr; }
   bool fk() const { return std::is_same_v<T, float> && p.fgemm != nullptr; }
+  bool wide() const { return kIsHalf<T> && p.half_on_f32; }
 
   struct Work {
     std::vector<A> s, acc, m, l, bias;
@@ -29,6 +30,7 @@ struct Forward : Problem<T> {
     std::vector<T> head;                   // averaging, half types: one head's rounded weights
     std::vector<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
     std::vector<uint16_t> keep;            // its lane masks per key
+    std::vector<float> qf;                 // wide(): the task's queries in fp32 (bq x E)
     explicit Work(const FlashParams& p)
         : s(layout::kFwdBlockQ * layout::kFwdBlockK), acc(layout::kFwdBlockQ * p.Ev),
           m(layout::kFwdBlockQ), l(layout::kFwdBlockQ), bias(layout::kFwdBlockK),
@@ -38,7 +40,8 @@ struct Forward : Problem<T> {
           narrow(kIsHalf<T> ? layout::kFwdBlockQ * layout::kFwdBlockK : 0),
           qt(p.forward_path == ForwardPath::KeysAsRows ? p.E * layout::kFwdBlockQ : 0),
           qt_packed(qt.size()),
-          keep(p.forward_path == ForwardPath::KeysAsRows ? 4 * layout::kFwdBlockK : 0) {}
+          keep(p.forward_path == ForwardPath::KeysAsRows ? 4 * layout::kFwdBlockK : 0),
+          qf(p.half_on_f32 ? layout::kFwdBlockQ * p.E : 0) {}
   };
 
   // Task t: batch-head bh = (b, h), key/value head hk, queries [i0, i0 + bq).
@@ -56,6 +59,13 @@ struct Forward : Problem<T> {
            ((b * p.Hk + hk) * layout::key_blocks(p) + jb) * layout::packed_slot(p);
   }
   T* packed_vt(int64_t b, int64_t hk, int64_t jb) const { return packed_kt(b, hk, jb); }
+  // wide(): the slot's fp32 K rows (bk x E) and V rows (bk x Ev).
+  float* wide_k(int64_t b, int64_t hk, int64_t jb) const {
+    return reinterpret_cast<float*>(packed_kt(b, hk, jb));
+  }
+  float* wide_v(int64_t b, int64_t hk, int64_t jb) const {
+    return wide_k(b, hk, jb) + layout::slot_keys(p) * p.E;
+  }
   T* packed_v(int64_t b, int64_t hk, int64_t jb) const {
     return packed_kt(b, hk, jb) + layout::slot_keys(p) * p.E;
   }

@@ -63,8 +63,8 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
 
   ForwardPath forward_path = ForwardPath::QueryRows;      // set by plan_forward
   BackwardPath backward_path = BackwardPath::QueryRows;   // set by plan_backward
-  // bf16/fp16 query-rows backward on fp32 GEMMs: Q, K, V and dO widened once (per task and
-  // head), P and dS kept in fp32 (set by plan_backward).
+  // bf16/fp16 query-rows forward and backward on fp32 GEMMs (p.gemm->f32): Q, K, V (and dO)
+  // widened once, P (and dS) kept in fp32. Set by the plans.
   bool half_on_f32 = false;
 };
 

@@ -50,13 +50,15 @@ constexpr int64_t kPackedMinQueries = 128;
 constexpr int64_t kFloatGemmForwardMinQueries = 512;
 constexpr int64_t kFloatGemmBackwardMinQueries = 128;
 
-// The half types' query-rows backward (masks, dropout, or no packed GEMMs) runs its products in
-// fp32 on widened copies of Q, K, V, dO (Backward::query_rows_body<float>) below this tier:
-// there the half GEMMs convert their operands on every call (MKL without bf16 dot products;
-// fp16 everywhere). Xeon (AMX), B=4 H=8 L=512 with a bool mask, fwd+bwd: capped to AVX2,
-// bf16 68-78 -> 63-64 ms, fp16 63-69 -> 50-53 ms; on AMX fp16 53-58 -> 36-40 ms, but bf16
-// 18 -> 28 ms (MKL's bf16 GEMM runs on AMX), so bf16 keeps its GEMMs from avx512_bf16 up.
-// The fp32 products also keep P and dS unrounded, as PyTorch's CPU kernel does.
+// Half types on fp32 products (p.half_on_f32): the query-rows forward (K and V widened by the
+// pack tasks, once per call) and backward (Backward::query_rows_body<float>) run p.gemm->f32
+// on widened operands, for fp16 everywhere and for bf16 below this tier: there the half GEMMs
+// convert their operands on every call (MKL without bf16 dot products). Xeon (AMX), B=4 H=8:
+// capped to AVX2, forward L=1024 bf16 55-62 -> 53-54 ms (causal 34 -> 29-31), fp16 59-66 ->
+// 52-57; fwd+bwd L=512 with a bool mask bf16 68-78 -> 63-64 ms, fp16 63-69 -> 50-53. On AMX
+// fp16 forward 46-51 -> 36-40 ms, fwd+bwd 53-58 -> 36-40; but bf16 fwd+bwd 18 -> 28 ms (MKL's
+// bf16 GEMM runs on AMX), so bf16 keeps its half GEMMs from avx512_bf16 up. The fp32 products
+// also keep P and dS unrounded, as PyTorch's CPU kernel does.
 constexpr Capability kBf16GemmTier = Capability::Avx512Bf16;
 
 int64_t queries_per_kv_head(const FlashParams& p) { return p.L * (p.H / p.Hk); }
@@ -78,6 +80,10 @@ bool packed_layout_is_vnni(const PackedGemm& g) {
         if (out[(r / 2) * 2 * ldb + 2 * j + r % 2] != in[r * n + j]) return false;
   }
   return true;
+}
+
+bool half_on_f32(const FlashParams& p, Capability tier) {
+  return p.dtype == DType::Half || (p.dtype == DType::BFloat16 && tier < kBf16GemmTier);
 }
 
 // Packed (AMX) GEMMs for a half-type call: on the amx tier, even head dims, enough queries.
@@ -117,7 +123,9 @@ Plan plan_forward(const FlashParams& in) {
   } else {
     p.forward_path = keys_as_rows_bf16(p) ? ForwardPath::KeysAsRows : ForwardPath::QueryRows;
   }
-  if (p.packed || p.fgemm) {
+  p.half_on_f32 = p.forward_path == ForwardPath::QueryRows && p.packed == nullptr && p.S > 0 &&
+                  half_on_f32(p, r.tier);
+  if (p.packed || p.fgemm || p.half_on_f32) {
     r.pack_tasks = layout::pack_tasks(p);
     r.packed_elems = r.pack_tasks * layout::packed_slot(p);
   }
@@ -138,7 +146,7 @@ Plan plan_backward(const FlashParams& in) {
   } else {
     p.backward_path = BackwardPath::QueryRows;
     p.packed = nullptr;
-    p.half_on_f32 = p.dtype == DType::Half || (p.dtype == DType::BFloat16 && r.tier < kBf16GemmTier);
+    p.half_on_f32 = half_on_f32(p, r.tier);
   }
   if (!f32_kr) p.fgemm = nullptr;
   r.tasks = p.B * p.Hk;

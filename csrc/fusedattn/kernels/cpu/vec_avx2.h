@@ -13,11 +13,12 @@
 FUSEDATTN_TIER_NS_BEGIN
 
 // 2^t as vexp2 in vec.h (same polynomials, same special values: t < -126 -> 0, NaN -> NaN,
-// t clamped at 127).
+// t clamped at 127). vmaxps/vminps return their second operand when either is NaN: with t
+// second, a NaN passes the clamp and the polynomial, and no blend is needed to restore it.
 template <bool kShort = false>
 FUSEDATTN_VINLINE __m256 exp2_ymm(__m256 t) {
   const __m256 lo = _mm256_set1_ps(-126.f);
-  const __m256 tc = _mm256_min_ps(_mm256_max_ps(t, lo), _mm256_set1_ps(127.f));
+  const __m256 tc = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(lo, t));
   const __m256 n = _mm256_round_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(tc, n);
   __m256 y;
@@ -34,8 +35,7 @@ FUSEDATTN_VINLINE __m256 exp2_ymm(__m256 t) {
   }
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   __m256 res = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  res = _mm256_andnot_ps(_mm256_cmp_ps(t, lo, _CMP_LT_OQ), res);
-  return _mm256_blendv_ps(res, t, _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+  return _mm256_andnot_ps(_mm256_cmp_ps(t, lo, _CMP_LT_OQ), res);
 }
 FUSEDATTN_VINLINE __m256i tail_mask8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
