@@ -178,7 +178,10 @@ def main():
     variants = args.variants.split(",")
 
     cases = [(v, d, n, c) for v in variants for d in dtypes for n in lengths for c in (False, True)]
-    module_cases = [] if args.skip_modules else [("self", 32, 128), ("cross", 32, 128), ("self", 4, 1024)]
+    # (kind, N, L, E): an encoder's size, its cross-attention, a long sequence with the same
+    # number of tokens, and a smaller model (E=256) at L=512.
+    module_cases = [] if args.skip_modules else [("self", 32, 128, 512), ("cross", 32, 128, 512),
+                                                 ("self", 4, 1024, 512), ("self", 8, 512, 256)]
     progress = Progress(len(cases) * 2 + 3 * len(module_cases))
     rows = []
     with torch.inference_mode(False):
@@ -205,8 +208,8 @@ def main():
         # softmax and the head-averaged weights written out); False lets it call SDPA.
         # An encoder's size (N=32, L=128, E=512), and (self-attention) a long sequence with the same
         # number of tokens, where attention rather than the projections dominates the step.
-        for kind, N, L in module_cases:
-            ours, theirs, x, mem, pad = module_case(kind, N=N, L=L, S=L)
+        for kind, N, L, E in module_cases:
+            ours, theirs, x, mem, pad = module_case(kind, N=N, L=L, S=L, E=E)
             for with_pad, weights in ((False, False), (True, False), (True, True)):
                 kw = {"key_padding_mask": pad} if with_pad else {}
 
@@ -217,13 +220,13 @@ def main():
                     return run
                 t_ours, t_theirs = time_pair([step(ours), step(theirs)], repeats, budget)
                 rows.append(dict(case=f"mha_{kind}" + ("+pad" if with_pad else "") + ("+weights" if weights else ""),
-                                 dtype="float32", L=L, causal=False, mode="fwd+bwd",
+                                 dtype="float32", L=L, N=N, E=E, causal=False, mode="fwd+bwd",
                                  torch_path="nn.MHA" + (" need_weights" if weights else " (SDPA)"),
                                  fusedattn_ms=t_ours * 1e3,
                                  torch_ms=t_theirs * 1e3, speedup=t_theirs / t_ours,
                                  fusedattn_peak_mb=peak_mb(step(ours)),
                                  torch_peak_mb=peak_mb(step(theirs))))
-                progress.step(f"MultiheadAttention {kind} L={L} pad={with_pad} weights={weights}")
+                progress.step(f"MultiheadAttention {kind} N={N} L={L} E={E} pad={with_pad} weights={weights}")
 
     meta = dict(torch=torch.__version__, fusedattn=fusedattn.__version__, threads=torch.get_num_threads(),
                 cpu=cpu_model(), fusedattn_tier=fusedattn.cpu_capability(),
@@ -240,6 +243,10 @@ def main():
         print(f"{r['case']:<22}{r['dtype']:<10}{r['L']:>6} {str(r['causal']):<7}{r['mode']:<9}"
               f"{r['torch_path']:<22}{r['fusedattn_ms']:>13.2f}{r['torch_ms']:>11.2f}"
               f"{r['speedup']:>8.2f}x{r['fusedattn_peak_mb']:>11.0f}/{r['torch_peak_mb']:<10.0f}")
+
+    if module_cases:
+        print("MultiheadAttention rows (fwd+bwd, fp32, H=8): " +
+              ", ".join(f"{k} N={n} L={l} E={e}" for k, n, l, e in module_cases))
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "cpu.json"), "w") as f:

@@ -161,12 +161,11 @@ void* packed_workspace(int64_t elems, const at::TensorOptions& options, at::Tens
   return cached.data_ptr();
 }
 
-// at::empty with that hint, for the outputs and gradients the kernels write whole.
-at::Tensor empty_advised(c10::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto t = at::empty(sizes, options);
-  advise_huge_pages(t);
-  return t;
-}
+// Outputs and gradients (O(L E) each) are plain at::empty. With the hint on them (THP and its
+// defrag both in "madvise" mode), every other fp32 fwd+bwd at B=4, H=8, L=512 took 70 ms
+// instead of 50, its fresh pages faulted in huge (Xeon capped to AVX2; AMX 34-56 vs 32-35 ms;
+// the encoder-size MultiheadAttention step 174-205 vs 171-180 ms); the same calls with THP
+// off for the process were steady.
 
 template <typename Kernel>
 void run_tasks(int64_t tasks, const FlashParams& p, Kernel kernel) {
@@ -221,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
                                         dropout_seed, dropout_p, is_causal, bottom_right,
                                         return_weights, average_weights);
   }
-  auto out = empty_advised(pb.out_shape(), query.options());
+  auto out = at::empty(pb.out_shape(), query.options());
   auto [lse, weights] =
       forward_into(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
                    is_causal, bottom_right, return_weights, average_weights,
@@ -296,9 +295,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   }
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                          dropout_p, scale, enable_gqa);
-  auto dq = empty_advised(query.sizes(), query.options());
-  auto dk = empty_advised(key.sizes(), key.options());
-  auto dv = empty_advised(value.sizes(), value.options());
+  auto dq = at::empty(query.sizes(), query.options());
+  auto dk = at::empty(key.sizes(), key.options());
+  auto dv = at::empty(value.sizes(), value.options());
   backward_into(pb, grad_out, grad_lse, query, key, value, out, lse, attn_mask, key_padding_mask,
                 dropout_seed, dropout_p, is_causal, bottom_right, as_4d(dq, pb.batch_size),
                 as_4d(dk, pb.batch_size), as_4d(dv, pb.batch_size));
@@ -317,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
   const auto [q, k, v] = detail::split_projected(query, key, value, num_heads, seq_first);
   const auto pb = check_attention_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p,
                                          std::nullopt, /*enable_gqa=*/false);
-  auto out = empty_advised({query.size(0), query.size(1), pb.heads * pb.v_head_dim}, query.options());
+  auto out = at::empty({query.size(0), query.size(1), pb.heads * pb.v_head_dim}, query.options());
   const auto out4 = detail::split_heads(out, num_heads, seq_first);  // (N, H, L, Dv) view
   if (reference_requested()) {
     auto [o, lse, weights] = reference::attention_forward(
@@ -348,9 +347,9 @@ attention_projected_backward(
   const auto out4 = detail::split_heads(out, num_heads, seq_first);
   const auto dout4 = detail::split_heads(grad_out, num_heads, seq_first);
   auto empty = [&] { return at::empty({0}, query.options()); };
-  auto d_query = empty_advised(query.sizes(), query.options());
-  auto d_key = key ? empty_advised(key->sizes(), key->options()) : empty();
-  auto d_value = value ? empty_advised(value->sizes(), value->options()) : empty();
+  auto d_query = at::empty(query.sizes(), query.options());
+  auto d_key = key ? at::empty(key->sizes(), key->options()) : empty();
+  auto d_value = value ? at::empty(value->sizes(), value->options()) : empty();
   const auto [dq4, dk4, dv4] = detail::split_projected(
       d_query, key ? std::optional<at::Tensor>(d_key) : std::nullopt,
       value ? std::optional<at::Tensor>(d_value) : std::nullopt, num_heads, seq_first);
