@@ -163,9 +163,10 @@ void* packed_workspace(int64_t elems, const at::TensorOptions& options, at::Tens
 
 // Outputs and gradients (O(L E) each) are plain at::empty. With the hint on them (THP and its
 // defrag both in "madvise" mode), every other fp32 fwd+bwd at B=4, H=8, L=512 took 70 ms
-// instead of 50, its fresh pages faulted in huge (Xeon capped to AVX2; AMX 34-56 vs 32-35 ms;
-// the encoder-size MultiheadAttention step 174-205 vs 171-180 ms); the same calls with THP
-// off for the process were steady.
+// instead of 50, its fresh pages faulted in huge (Xeon capped to AVX2; AMX 34-56 vs 32-35 ms),
+// and the same calls with THP off for the process were steady; the encoder-size
+// MultiheadAttention step (24 MiB of gradients) ran the same with the hint from 4 MiB, from
+// 16 MiB or not at all (in-process A/B, 111-124 ms each).
 
 template <typename Kernel>
 void run_tasks(int64_t tasks, const FlashParams& p, Kernel kernel) {
