@@ -37,10 +37,12 @@ void widen_rows(const T* x, int64_t ld, int64_t n, int64_t cols, float* y) {
 }
 }  // namespace
 
-// U = T: the products read the inputs in place and P, dS are rounded to T for them (half
-// types: scaled_operand). U = float (half types, p.half_on_f32): the products read fp32 copies
-// and fp32 P and dS, as PyTorch's own CPU kernel keeps them; products of two half values are
-// exact in fp32, so S and dP are the same numbers either way.
+// U = T: the products read the inputs in place, and P, dS are rounded to T for them (bf16 on
+// CPUs with bf16 GEMMs). U = float (p.half_on_f32: fp16, and bf16 elsewhere): the products
+// read fp32 copies and fp32 P and dS, as PyTorch's own CPU kernel keeps them; products of two
+// half values are exact in fp32, so S and dP are the same numbers either way. (fp16's dS, rounded,
+// fell below its smallest normal for long rows under a small grad_out: dQ at 10x the error of
+// PyTorch's math path at S = 4096, grad_out ~ 1e-3; in fp32, the math path's own.)
 template <typename T>
 template <typename U>
 void Backward<T>::query_rows_body(int64_t t, Work& w) const {
@@ -116,17 +118,15 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
           for (int64_t r = 0; r < bq; ++r) this->drop_row(s + r * bk, b, h, i0 + r, j0, bk);
         }
         // dV += P^T dO; dS is in dp: dQ += scale dS K, dK += scale dS^T Q.
-        A p_unscale = A(1), ds_unscale = A(1);
         const U *pm = nullptr, *ds = nullptr;
         if constexpr (kWide) {
           pm = s, ds = dp;
         } else {
-          pm = this->scaled_operand(s, bq * bk, w.narrow_s.data(), &p_unscale);
-          ds = this->scaled_operand(dp, bq * bk, w.narrow_dp.data(), &ds_unscale);
+          pm = this->operand(s, bq * bk, w.narrow_s.data());
+          ds = this->operand(dp, bq * bk, w.narrow_dp.data());
         }
-        mm(true, false, bk, p.Ev, bq, p_unscale, pm, bk, doi, do_sr, A(1), w.dv.data() + j0 * p.Ev,
-           p.Ev);
-        const A alpha = A(p.scale) * ds_unscale;
+        mm(true, false, bk, p.Ev, bq, A(1), pm, bk, doi, do_sr, A(1), w.dv.data() + j0 * p.Ev, p.Ev);
+        const A alpha = A(p.scale);
         mm(false, false, bq, p.E, bk, alpha, ds, bk, kj, k_sr, A(1), w.dq.data() + i0 * p.E, p.E);
         mm(true, false, bk, p.E, bq, alpha, ds, bk, qi, q_sr, A(1), w.dk.data() + j0 * p.E, p.E);
       }

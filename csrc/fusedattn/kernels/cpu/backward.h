@@ -30,7 +30,7 @@ struct Backward : Problem<T> {
           dq((kr ? layout::ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev),
           d(kr ? layout::l_pad(p) : p.L), bias(layout::kBwdBlockK), lse(kr ? layout::l_pad(p) : 0),
           one_key(d.size()), one_key_lanes(kr ? layout::l_pad(p) / 16 : 0),
-          narrow_s(kIsHalf<T> ? s.size() : 0), narrow_dp(narrow_s.size()),
+          narrow_s(kIsHalf<T> && !p.half_on_f32 ? s.size() : 0), narrow_dp(narrow_s.size()),
           ds_packed(kr && kIsHalf<T> ? s.size() : 0), kt(kr ? p.E * layout::ld_kt(p) : 0),
           qt(kr ? p.E * layout::ld_qt(p) : 0), dot(kr ? p.Ev * layout::ld_qt(p) : 0),
           qp(kr && kIsHalf<T> ? layout::l_pad(p) * layout::round64(p.E) : 0),

@@ -1,13 +1,11 @@
 #pragma once
 // One call seen by the kernels of a tier: the operands' rows, the block products on the
 // caller's GEMMs, masks (masks.h) and dropout (dropout_rows.h). Accumulation is in A (fp32,
-// fp64 for fp64 inputs); for bf16/fp16 the probabilities and dS are rounded to the input type
-// for their GEMMs, as FlashAttention does. Scores are S = Q K^T straight from the inputs (no
-// copies: the GEMMs read q, k, v, dout through their row strides).
-#include <algorithm>
-#include <cmath>
+// fp64 for fp64 inputs); where bf16 runs its products in bf16 (CPUs with bf16 GEMMs) the
+// probabilities and dS are rounded to bf16 for them, as FlashAttention does, and elsewhere the
+// half types run them in fp32 on widened operands (p.half_on_f32). Scores are S = Q K^T
+// straight from the inputs (no copies: the GEMMs read q, k, v, dout through their row strides).
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
 #include "fusedattn/kernels/cpu/dropout_rows.h"
@@ -42,30 +40,6 @@ struct Problem : Masks<T> {
   void fgemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
              const X* a, const Y* b, A* c) const {
     if constexpr (std::is_same_v<T, float>) p.fgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c);
-  }
-  // The backward's P and dS blocks as GEMM operands, rounded into buf for half types; *unscale
-  // multiplies the product back. fp16 has 5 exponent bits: dS = P (dP - D) of a long row (P ~
-  // 1/S) under a small grad_out falls below fp16's smallest normal (6.1e-5) and loses its
-  // digits (dQ 10x the error of PyTorch's fp32-inside math path at S = 4096, grad_out ~ 1e-3),
-  // and a large one overflows to inf. So fp16 blocks are scaled by the power of two that puts
-  // their largest finite magnitude in [2^14, 2^15) before rounding (exact: no digit changes),
-  // 2^-64 .. 2^64; a block whose largest magnitude is 0 or inf keeps 1 (NaN stays NaN
-  // either way). Other types: operand() and 1.
-  static const T* scaled_operand(A* x, int64_t n, T* buf, A* unscale) {
-    *unscale = A(1);
-    if constexpr (std::is_same_v<T, fp16>) {
-      A m = 0;
-      for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(x[i]));  // NaN never wins
-      if (m > 0 && m <= std::numeric_limits<A>::max()) {
-        int ex = 0;
-        std::frexp(m, &ex);  // m = f 2^ex, f in [0.5, 1)
-        const int s = std::clamp(15 - ex, -64, 64);
-        const A up = std::ldexp(A(1), s);
-        for (int64_t i = 0; i < n; ++i) x[i] *= up;
-        *unscale = std::ldexp(A(1), -s);
-      }
-    }
-    return operand(x, n, buf);
   }
   // An accumulator block as a GEMM operand: itself, or rounded into buf for half types.
   static const T* operand(const A* x, int64_t n, T* buf) {
