@@ -1,5 +1,6 @@
 """Fake (meta) kernels: output shapes for torch.compile and opcheck. The C++ kernels check the
-arguments; these only describe what they return (contiguous tensors)."""
+arguments; these describe what they return (contiguous tensors) and refuse tensors on another
+device than query's, which would otherwise route a real call here."""
 import torch
 
 
@@ -7,11 +8,23 @@ def _accumulate_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_devices(query, **others):
+    # A tensor on another device (a meta mask beside CPU inputs) dispatches the whole call
+    # here, to kernels that only shape outputs: the real kernels' device check, made here too.
+    for name, t in others.items():
+        if t is not None:
+            torch._check(t.device == query.device,
+                         lambda: f"attention: {name} must be on query's device ({query.device}), "
+                                 f"got {t.device}")
+
+
 @torch.library.register_fake("fusedattn::_attention_forward")
 def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                             dropout_p, is_causal, bottom_right, scale, enable_gqa,
                             return_weights, average_weights=False):
     torch._check(query.dim() >= 3, lambda: "attention: query must have at least 3 dims")
+    _check_devices(query, key=key, value=value, attn_mask=attn_mask,
+                   key_padding_mask=key_padding_mask)
     *batch, heads, q_len, _ = query.shape
     kv_len, v_dim = key.shape[-2], value.shape[-1]
     out = query.new_empty((*batch, heads, q_len, v_dim))
@@ -30,6 +43,9 @@ def _attention_backward_fake(grad_out, grad_weights, grad_lse, query, key, value
                              attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
                              bottom_right, scale, enable_gqa, attn_mask_grad,
                              key_padding_mask_grad):
+    _check_devices(query, grad_out=grad_out, key=key, value=value, out=out, lse=lse,
+                   attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+
     def grad_of(mask, wanted):
         if wanted and mask is not None and mask.is_floating_point():
             return mask.new_empty(mask.shape)
@@ -58,6 +74,8 @@ def _projected_sizes(query, key, value, seq_first):
 def _attention_projected_forward_fake(query, key, value, num_heads, seq_first, attn_mask,
                                       key_padding_mask, dropout_seed, dropout_p, is_causal,
                                       return_weights, average_weights):
+    _check_devices(query, key=key, value=value, attn_mask=attn_mask,
+                   key_padding_mask=key_padding_mask)
     n, seq_q, seq_k, out_features = _projected_sizes(query, key, value, seq_first)
     out = query.new_empty((*query.shape[:2], out_features))
     lse = query.new_empty((n, num_heads, seq_q), dtype=_accumulate_dtype(query.dtype))
@@ -75,6 +93,9 @@ def _attention_projected_backward_fake(grad_out, grad_weights, grad_lse, query, 
                                        lse, num_heads, seq_first, attn_mask, key_padding_mask,
                                        dropout_seed, dropout_p, is_causal, attn_mask_grad,
                                        key_padding_mask_grad):
+    _check_devices(query, grad_out=grad_out, key=key, value=value, out=out, lse=lse,
+                   attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+
     def like(t):
         return query.new_empty((0,)) if t is None else t.new_empty(t.shape)
 

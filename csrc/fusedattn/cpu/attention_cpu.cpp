@@ -196,6 +196,12 @@ std::tuple<at::Tensor, at::Tensor> forward_into(
     p.weights = weights.data_ptr();
     p.average_weights = average_weights;
   }
+  if (pb.heads == 0) {
+    // No heads: every output is empty but the head-averaged weights (N, L, S), which average
+    // nothing and are 0, as in the reference path; the kernels' group H / Hk is undefined.
+    if (return_weights) weights.zero_();
+    return {lse, weights};
+  }
   p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
   p.fgemm = float_gemm_offer(packing_disabled());
   auto plan = plan_or_error(kernels::cpu::plan_forward, p);
@@ -273,6 +279,7 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
   p.dq = dq4.data_ptr(), p.dq_sb = dq4.stride(0), p.dq_sh = dq4.stride(1), p.dq_sr = dq4.stride(2);
   p.dk = dk4.data_ptr(), p.dk_sb = dk4.stride(0), p.dk_sh = dk4.stride(1), p.dk_sr = dk4.stride(2);
   p.dv = dv4.data_ptr(), p.dv_sb = dv4.stride(0), p.dv_sh = dv4.stride(1), p.dv_sr = dv4.stride(2);
+  if (pb.heads == 0) return;  // no heads: the gradients are empty
   p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
   p.fgemm = float_gemm_offer(packing_disabled());
   const auto plan = plan_or_error(kernels::cpu::plan_backward, p);

@@ -114,6 +114,9 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
     TORCH_CHECK(m.sizes().equals(expected), "attention: key_padding_mask must have shape (..., S) = ",
                 c10::IntArrayRef(expected), ", got ", m.sizes());
   }
+  TORCH_CHECK(scale || p.head_dim > 0,
+              "attention: query's head dim E (its last dim) must be > 0 for the default scale "
+              "1/sqrt(E), got query of shape ", query.sizes(), " (pass scale= to allow E = 0)");
   p.scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim));
   TORCH_CHECK(std::isfinite(p.scale), "attention: scale must be finite, got ", p.scale);
   return p;

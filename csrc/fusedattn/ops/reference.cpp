@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
                                  : probs;
   auto out = at::matmul(dropped, v).to(query.scalar_type());
   auto weights = !return_weights ? at::empty({0}, query.options())
-                 : average_weights ? probs.mean(-3).to(query.scalar_type())
+                 : average_weights ? (p.heads > 0 ? probs.mean(-3) : probs.sum(-3)).to(query.scalar_type())
                                    : probs.to(query.scalar_type());
   return {out, lse, weights};
 }

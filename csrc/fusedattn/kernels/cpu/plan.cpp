@@ -61,7 +61,7 @@ constexpr int64_t kFloatGemmBackwardMinQueries = 128;
 // also keep P and dS unrounded, as PyTorch's CPU kernel does.
 constexpr Capability kBf16GemmTier = Capability::Avx512Bf16;
 
-int64_t queries_per_kv_head(const FlashParams& p) { return p.L * (p.H / p.Hk); }
+int64_t queries_per_kv_head(const FlashParams& p) { return p.Hk > 0 ? p.L * (p.H / p.Hk) : 0; }
 bool is_half(const FlashParams& p) { return p.dtype == DType::BFloat16 || p.dtype == DType::Half; }
 
 // The keys-as-rows paths write the packed B operand of their products themselves, in the

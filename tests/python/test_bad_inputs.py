@@ -1,0 +1,97 @@
+"""Degenerate and bad inputs: each case runs in its own process, so that a crash (a signal) is a
+failed test rather than a dead run. A case passes when it prints OK, or when it raises the
+expected error type with every expected fragment in its message."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PRELUDE = "import torch, fusedattn\ntorch.manual_seed(0)\n"
+
+
+def run_case(body):
+    code = PRELUDE + textwrap.dedent(body)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode >= 0, f"killed by signal {-r.returncode}:\n{r.stderr[-2000:]}"
+    return r
+
+
+def expect_ok(body):
+    r = run_case(textwrap.dedent(body) + "\nprint('OK')\n")
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-2000:]
+
+
+def expect_error(body, error, *fragments):
+    r = run_case(body)
+    assert r.returncode != 0, "no error raised"
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(error), r.stderr[-2000:]
+    for f in fragments:
+        assert f in r.stderr, (f, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("average", [False, True])
+def test_zero_heads_give_empty_outputs_not_a_crash(dtype, average):
+    expect_ok(f"""
+        dt = torch.{dtype}
+        q = torch.randn(2, 0, 5, 8, dtype=dt, requires_grad=True)
+        k = torch.randn(2, 0, 7, 8, dtype=dt, requires_grad=True)
+        v = torch.randn(2, 0, 7, 4, dtype=dt, requires_grad=True)
+        out, w, lse = fusedattn.attention(q, k, v, return_weights=True, return_lse=True,
+                                          average_weights={average})
+        assert out.shape == (2, 0, 5, 4) and lse.shape == (2, 0, 5)
+        assert w.shape == ((2, 5, 7) if {average} else (2, 0, 5, 7)) and (w == 0).all()
+        grads = torch.autograd.grad(out.sum() + w.sum(), (q, k, v), allow_unused=True)
+        assert all(g is None or g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+    """)
+
+
+def test_zero_heads_on_the_reference_path():
+    expect_ok("""
+        import os
+        os.environ["FUSEDATTN_CPU_KERNEL"] = "reference"
+        q, k, v = (torch.randn(2, 0, n, 8) for n in (5, 7, 7))
+        out, w, _ = fusedattn.attention(q, k, v, return_weights=True, average_weights=True)
+        assert out.shape == (2, 0, 5, 8) and w.shape == (2, 5, 7) and (w == 0).all()
+    """)
+
+
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+def test_a_mask_on_another_device_is_refused(which):
+    # It used to route the call to the fake kernels, which returned uninitialised memory.
+    mask = ("torch.ones(5, 7, dtype=torch.bool, device='meta')" if which == "attn_mask"
+            else "torch.zeros(2, 7, dtype=torch.bool, device='meta')")
+    expect_error(f"""
+        q, k, v = (torch.randn(2, 3, n, 8) for n in (5, 7, 7))
+        fusedattn.attention(q, k, v, {which}={mask})
+    """, "RuntimeError", which, "query's device", "meta")
+
+
+def test_a_meta_mask_is_refused_by_the_module():
+    expect_error("""
+        m = fusedattn.MultiheadAttention(16, 2, batch_first=True)
+        x = torch.randn(2, 5, 16)
+        m(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device="meta"))
+    """, "RuntimeError", "key_padding_mask", "meta")
+
+
+def test_meta_inputs_still_shape_outputs():
+    expect_ok("""
+        q, k, v = (torch.randn(2, 3, n, 8, device="meta") for n in (5, 7, 7))
+        out = fusedattn.attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool, device="meta"))
+        assert out.device.type == "meta" and out.shape == (2, 3, 5, 8)
+    """)
+
+
+def test_head_dim_zero_names_the_head_dim():
+    expect_error("""
+        q, k, v = torch.randn(2, 3, 5, 0), torch.randn(2, 3, 7, 0), torch.randn(2, 3, 7, 4)
+        fusedattn.attention(q, k, v)
+    """, "RuntimeError", "head dim E", "got query of shape [2, 3, 5, 0]")
+    expect_ok("""
+        q, k, v = torch.randn(2, 3, 5, 0), torch.randn(2, 3, 7, 0), torch.randn(2, 3, 7, 4)
+        out = fusedattn.attention(q, k, v, scale=1.0)  # uniform weights over the 7 keys
+        torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand(2, 3, 5, 4))
+    """)
