@@ -167,6 +167,15 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_attention_composite(
               key.sizes());
   TORCH_CHECK(v.dim() == k.dim() && v.size(-2) == k.size(-2), fn,
               ": value must have shape (..., S, Dv) with S = ", k.size(-2), ", got ", value.sizes());
+  // Distances do not move with the origin: both point sets are centred on the keys' mean
+  // (detached: its gradient is zero, the softmax below cancels it exactly), so that q.k and
+  // |k|^2 below stay the size of the points' spread. Uncentred, points near 1e4 with bandwidth
+  // 0.5 cancelled to an fp32 error of 0.73 against the direct formula's 1e-7.
+  if (k.size(-2) > 0) {
+    const auto centre = k.mean(-2, /*keepdim=*/true).detach();
+    q = q - centre;
+    k = k - centre;
+  }
   // -|q - k|^2 / (2 b^2) = q.k / b^2 - |k|^2 / (2 b^2) - |q|^2 / (2 b^2); the last term is
   // the same for every key of a query and cancels in the softmax. The rest is one dot
   // product of q' = [q / b^2, -1 / (2 b^2)] with k' = [k, |k|^2], so the fused op computes it
