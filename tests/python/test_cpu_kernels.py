@@ -212,6 +212,22 @@ torch.save((out.detach(), w.detach(), q.grad, k.grad, v.grad), r"{tmp_path}/resu
         torch.testing.assert_close(got[1].sum(-1), torch.ones(2, 3, 70, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
+def test_fp64_dropout_scales_by_the_fp64_keep_scale(monkeypatch, kernel):
+    # With V = I the output is P * M / (1 - p) itself: its kept entries over P are 1 / (1 - p)
+    # to fp64 precision (the scale was rounded to fp32: 4.8e-8 relative at p = 0.1).
+    if kernel == "reference":
+        monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "reference")
+    q, k = torch.randn(2, 3, 5, 4, dtype=torch.float64), torch.randn(2, 3, 7, 4, dtype=torch.float64)
+    v = torch.eye(7, dtype=torch.float64).expand(2, 3, 7, 7)
+    torch.manual_seed(1)
+    out, w, _ = fusedattn.attention(q, k, v, dropout_p=0.1, return_weights=True)
+    kept = out != 0
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(out[kept] / w[kept], torch.full_like(w[kept], 1 / 0.9),
+                               atol=0, rtol=1e-14)
+
+
 def test_mha_layout_strides_are_read_in_place():
     # The module hands the op (N, H, L, D) views of (L, N, H*D) projections: not contiguous.
     L, N, H, D = 70, 3, 4, 16

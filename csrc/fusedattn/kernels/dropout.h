@@ -28,7 +28,9 @@ struct DropoutParams {
   uint64_t seed = 0;        // drawn from torch's generator once per forward call
   uint32_t threshold = 0;   // drop when the 32-bit draw is below this: round(p * 2^32)
   bool drop_all = false;    // p == 1
-  float keep_scale = 1.f;   // 1 / (1 - p), 0 when p == 1
+  // 1 / (1 - p), 0 when p == 1; in fp64, so that fp64 calls scale without fp32's rounding
+  // (4.8e-8 relative at p = 0.1); fp32 kernels take float(keep_scale).
+  double keep_scale = 1.0;
 
   static DropoutParams make(uint64_t seed, double p) {
     DropoutParams d;
@@ -36,7 +38,7 @@ struct DropoutParams {
     d.drop_all = p >= 1.0;
     const double t = p * 4294967296.0;
     d.threshold = d.drop_all ? 0xffffffffu : static_cast<uint32_t>(t);
-    d.keep_scale = d.drop_all ? 0.f : static_cast<float>(1.0 / (1.0 - p));
+    d.keep_scale = d.drop_all ? 0.0 : 1.0 / (1.0 - p);
     return d;
   }
 

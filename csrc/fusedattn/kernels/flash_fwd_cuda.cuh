@@ -330,6 +330,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const FlashCudaParams
 
   DropoutParams drop = p.drop;
   if (p.dropout) drop.seed = static_cast<uint64_t>(*p.dropout_seed);
+  const float keep_scale = static_cast<float>(drop.keep_scale);
 
   float o[Tl::kMTiles][kD8][4];
   zero(o);
@@ -389,8 +390,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const FlashCudaParams
           row_sum[mt][i] += p0 + p1;
           if (p.dropout) {
             const uint64_t idx = drop_base + nt * 8;
-            p0 = drop.keep(idx) ? p0 * drop.keep_scale : 0.f;
-            p1 = drop.keep(idx + 1) ? p1 * drop.keep_scale : 0.f;
+            p0 = drop.keep(idx) ? p0 * keep_scale : 0.f;
+            p1 = drop.keep(idx + 1) ? p1 * keep_scale : 0.f;
           }
           // C fragment (rows g, g+8; cols 2t, 2t+1) of n-tile nt -> A fragment of k-chunk nt/2.
           pa[mt][nt / 2][(nt % 2) * 2 + i] = pack2<T>(p0, p1);

@@ -88,13 +88,17 @@ uint64_t dropout_seed_value(const std::optional<at::Tensor>& dropout_seed) {
 at::Tensor dropout_multiplier(const AttentionProblem& p, const at::Tensor& dropout_seed,
                               double dropout_p, const at::TensorOptions& options) {
   const auto params = kernels::DropoutParams::make(dropout_seed_value(dropout_seed), dropout_p);
-  auto mult = at::empty(p.weights_shape(), options.device(at::kCPU).dtype(at::kFloat));
-  float* data = mult.data_ptr<float>();
-  const float keep_scale = params.keep_scale;
-  at::parallel_for(0, mult.numel(), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      data[i] = params.keep(static_cast<uint64_t>(i)) ? keep_scale : 0.f;
-    }
+  // In fp64 for fp64 calls (the kernels' keep_scale in their accumulate type), else fp32.
+  const bool f64 = options.dtype() == at::kDouble;
+  auto mult = at::empty(p.weights_shape(), options.device(at::kCPU).dtype(f64 ? at::kDouble : at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES(mult.scalar_type(), "dropout_multiplier", [&] {
+    scalar_t* data = mult.data_ptr<scalar_t>();
+    const auto keep_scale = static_cast<scalar_t>(params.keep_scale);
+    at::parallel_for(0, mult.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        data[i] = params.keep(static_cast<uint64_t>(i)) ? keep_scale : scalar_t(0);
+      }
+    });
   });
   return mult.to(options);
 }
