@@ -95,3 +95,26 @@ def test_head_dim_zero_names_the_head_dim():
         out = fusedattn.attention(q, k, v, scale=1.0)  # uniform weights over the 7 keys
         torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand(2, 3, 5, 4))
     """)
+
+
+@pytest.mark.parametrize("module", ["MultiheadAttention(16, 2, batch_first=True)", "SelfAttention(16, 4)"])
+def test_an_input_dtype_other_than_the_modules_is_named(module):
+    # It surfaced as a GEMM's "mat1 and mat2 must have the same dtype".
+    call = "m(x, x, x)" if module.startswith("Multi") else "m(x)"
+    expect_error(f"""
+        m = fusedattn.{module}
+        x = torch.randn(2, 5, 16, dtype=torch.float64)
+        {call}
+    """, "RuntimeError", "parameter dtype (Float)", "got Double", ".to(dtype)")
+
+
+def test_autocast_still_casts_the_projections():
+    expect_ok("""
+        m = fusedattn.MultiheadAttention(16, 2, batch_first=True)
+        x = torch.randn(2, 5, 16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, w = m(x, x, x)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert x.grad is not None and x.grad.dtype == torch.float32
+    """)

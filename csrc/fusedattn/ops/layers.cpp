@@ -1,6 +1,7 @@
 #include "fusedattn/ops/layers.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <limits>
@@ -72,6 +73,10 @@ std::tuple<at::Tensor, at::Tensor> self_attention_composite(
   auto xb = batched ? x : x.unsqueeze(0);
   TORCH_CHECK(xb.size(2) == q_weight.size(1), fn, ": input must have in_dim = ", q_weight.size(1),
               " features in its last dim, got shape ", x.sizes());
+  TORCH_CHECK(at::autocast::is_autocast_enabled(x.device().type()) ||
+                  x.scalar_type() == q_weight.scalar_type(),
+              fn, ": input must have the module's parameter dtype (", q_weight.scalar_type(),
+              "), got ", x.scalar_type(), "; convert the input, or the module with .to(dtype)");
   auto kpm = key_padding_mask;
   if (kpm && !batched) kpm = kpm->unsqueeze(0);
   check_padding_mask(kpm, xb, xb.size(1), fn);

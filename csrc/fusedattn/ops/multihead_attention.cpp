@@ -1,6 +1,7 @@
 #include "fusedattn/ops/multihead_attention.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <limits>
@@ -87,6 +88,13 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
   TORCH_CHECK(key.device() == query.device() && value.device() == query.device(), kFn,
               ": query, key and value must be on the same device, got ", query.device(), ", ",
               key.device(), ", ", value.device());
+  // Outside autocast (which casts each projection's operands itself) the inputs must come in
+  // the parameters' dtype: said here, not as a GEMM's "mat1 and mat2" error.
+  TORCH_CHECK(at::autocast::is_autocast_enabled(query.device().type()) ||
+                  query.scalar_type() == out_proj_weight.scalar_type(),
+              kFn, ": query, key and value must have the module's parameter dtype (",
+              out_proj_weight.scalar_type(), "), got ", query.scalar_type(),
+              "; convert the inputs, or the module with .to(dtype)");
   const bool batched = query.dim() == 3;
   // Internally an unbatched call is a batch of one, batch first.
   const bool seq_first = batched && !batch_first;
