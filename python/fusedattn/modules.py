@@ -1,8 +1,18 @@
+import operator
+
 import torch
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
 from . import _C
+
+
+def _is_int(value):
+    try:
+        operator.index(value)  # int, numpy ints, SymInt; not float
+        return True
+    except TypeError:
+        return False
 
 
 class MultiheadAttention(torch.nn.Module):
@@ -29,6 +39,13 @@ class MultiheadAttention(torch.nn.Module):
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None, head_dim=None):
         super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kdim", kdim),
+                            ("vdim", vdim), ("head_dim", head_dim)):
+            if value is not None and not _is_int(value):
+                raise TypeError(f"MultiheadAttention: {name} must be an int, got "
+                                f"{type(value).__name__} {value!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"MultiheadAttention: dtype must be a floating-point dtype, got {dtype}")
         cpp = _C.cpp.MultiheadAttention(embed_dim, num_heads, dropout, bias, add_bias_kv,
                                         add_zero_attn, kdim, vdim, batch_first, head_dim)
         params = dict(cpp.named_parameters(True))

@@ -118,3 +118,46 @@ def test_autocast_still_casts_the_projections():
         out.float().sum().backward()
         assert x.grad is not None and x.grad.dtype == torch.float32
     """)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ("16, 2.5", "num_heads must be an int, got float 2.5"),
+    ("16.0, 2", "embed_dim must be an int, got float 16.0"),
+    ("16, 2, dtype=torch.int64", "dtype must be a floating-point dtype, got torch.int64"),
+])
+def test_module_constructor_arguments_are_named(args, fragment):
+    expect_error(f"fusedattn.MultiheadAttention({args})\n", "TypeError", fragment)
+
+
+def test_numpy_ints_are_ints():
+    expect_ok("""
+        import numpy as np
+        m = fusedattn.MultiheadAttention(np.int64(16), np.int32(2))
+        assert m.num_heads == 2
+    """)
+
+
+@pytest.mark.parametrize("bandwidth", ["0.0", "float('nan')", "1e-20", "-1.0", "float('inf')"])
+def test_gaussian_bandwidth_values_are_checked(bandwidth):
+    # They gave weights of 0 or NaN without a word.
+    expect_error(f"""
+        x = torch.rand(5)
+        fusedattn.gaussian_kernel_attention(x, torch.rand(7), torch.rand(7), bandwidth={bandwidth})
+    """, "RuntimeError", "bandwidth must be positive and finite")
+
+
+def test_gaussian_integer_inputs_are_named():
+    expect_error("""
+        x = torch.arange(5)
+        fusedattn.gaussian_kernel_attention(x, torch.arange(7), torch.arange(7), bandwidth=1.0)
+    """, "RuntimeError", "must be floating point, got Long")
+
+
+def test_gaussian_module_compiles_fullgraph():
+    # The bandwidth's value check stays out of traced graphs.
+    expect_ok("""
+        m = fusedattn.GaussianKernelAttention(0.7)
+        q, k, v = torch.rand(2, 5, 3), torch.rand(2, 7, 3), torch.rand(2, 7, 4)
+        out = torch.compile(m, fullgraph=True)(q, k, v)[0]
+        torch.testing.assert_close(out, m(q, k, v)[0])
+    """)

@@ -4,6 +4,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
 #include <limits>
 
 #include "fusedattn/ops/attention.h"
@@ -159,8 +160,27 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_attention_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& bandwidth, bool need_weights) {
   constexpr const char* fn = "gaussian_kernel_attention";
+  TORCH_CHECK(query.is_floating_point() && key.is_floating_point() && value.is_floating_point() &&
+                  bandwidth.is_floating_point(),
+              fn, ": query, key, value and bandwidth must be floating point, got ",
+              query.scalar_type(), ", ", key.scalar_type(), ", ", value.scalar_type(), " and ",
+              bandwidth.scalar_type());
   TORCH_CHECK(bandwidth.numel() == 1, fn, ": bandwidth must have one element, got shape ",
               bandwidth.sizes());
+  // Its value where it has one (not a meta, fake or functional tensor under tracing): 0, NaN or
+  // one whose 1/b^2 overflows the dtype gave weights of 0 or NaN without a word.
+  const auto keys = bandwidth.key_set();
+  if (!bandwidth.is_meta() && !keys.has(c10::DispatchKey::Python) &&
+      !keys.has(c10::DispatchKey::Functionalize)) {
+    const double b = bandwidth.item<double>();
+    const double inv_b2 = 1.0 / (b * b);
+    const double limit = query.scalar_type() == at::kHalf ? 65504.0
+                         : query.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                              : std::numeric_limits<float>::max();
+    TORCH_CHECK(b > 0 && std::isfinite(b) && inv_b2 <= limit, fn,
+                ": bandwidth must be positive and finite, with 1/bandwidth^2 finite in ",
+                query.scalar_type(), ", got ", b);
+  }
   const bool points = query.dim() == 1;  // scalar points: (L), (S), (S)
   TORCH_CHECK(key.dim() == query.dim(), fn, ": query and key must have as many dims, got ",
               query.sizes(), " and ", key.sizes());
