@@ -1,11 +1,22 @@
-"""Fake (meta) kernels: output shapes for torch.compile and opcheck. The C++ kernels check the
-arguments; these describe what they return (contiguous tensors) and refuse tensors on another
-device than query's, which would otherwise route a real call here."""
+"""Fake (meta) kernels: output shapes for torch.compile and opcheck (contiguous tensors). They
+run the C++ argument checks where the sizes are concrete, and refuse tensors on another device
+than query's, which would otherwise route a real call here."""
 import torch
+
+from . import _C
 
 
 def _accumulate_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa):
+    # The real kernels' checks (one implementation, in C++), where every size is concrete; with
+    # symbolic sizes (dynamic shapes) the real kernel checks at run time.
+    tensors = [t for t in (query, key, value, attn_mask, key_padding_mask) if t is not None]
+    if all(isinstance(s, int) for t in tensors for s in t.shape):
+        _C._check_attention_arguments(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                                      scale, enable_gqa)
 
 
 def _check_devices(query, **others):
@@ -25,6 +36,7 @@ def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, drop
     torch._check(query.dim() >= 3, lambda: "attention: query must have at least 3 dims")
     _check_devices(query, key=key, value=value, attn_mask=attn_mask,
                    key_padding_mask=key_padding_mask)
+    _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa)
     *batch, heads, q_len, _ = query.shape
     kv_len, v_dim = key.shape[-2], value.shape[-1]
     out = query.new_empty((*batch, heads, q_len, v_dim))
@@ -45,6 +57,7 @@ def _attention_backward_fake(grad_out, grad_weights, grad_lse, query, key, value
                              key_padding_mask_grad):
     _check_devices(query, grad_out=grad_out, key=key, value=value, out=out, lse=lse,
                    attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+    _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa)
 
     def grad_of(mask, wanted):
         if wanted and mask is not None and mask.is_floating_point():

@@ -161,3 +161,22 @@ def test_gaussian_module_compiles_fullgraph():
         out = torch.compile(m, fullgraph=True)(q, k, v)[0]
         torch.testing.assert_close(out, m(q, k, v)[0])
     """)
+
+
+def test_fake_kernels_run_the_real_checks():
+    # Meta inputs with mismatched head dims got a shape the real kernel would reject; under
+    # torch.compile the error now comes while tracing, with the real kernel's message.
+    expect_error("""
+        q = torch.randn(2, 3, 5, 8, device="meta")
+        k, v = torch.randn(2, 3, 7, 6, device="meta"), torch.randn(2, 3, 7, 4, device="meta")
+        fusedattn.attention(q, k, v)
+    """, "RuntimeError", "key must have shape (..., Hk, S, E) with E = 8")
+    expect_ok("""
+        f = torch.compile(lambda q, k, v: fusedattn.attention(q, k, v), fullgraph=True)
+        try:
+            f(torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 6), torch.randn(2, 3, 7, 4))
+            raise SystemExit("no error")
+        except Exception as e:  # dynamo wraps it
+            assert "key must have shape (..., Hk, S, E) with E = 8" in str(e), e
+        assert f(torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)).shape == (2, 3, 5, 4)
+    """)

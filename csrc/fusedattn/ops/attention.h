@@ -61,6 +61,16 @@ FUSEDATTN_API bool cuda_kernels_built();
 FUSEDATTN_API std::string cpu_capability();
 FUSEDATTN_API std::vector<std::string> cpu_capabilities_supported();
 
+// The attention op's argument checks alone (shapes, dtypes, devices; no data read): what the
+// op's kernels reject, this rejects with the same message. The fake kernels call it for
+// torch.compile and meta tensors, where the shapes are concrete.
+FUSEDATTN_API void check_attention_arguments(const at::Tensor& query, const at::Tensor& key,
+                                             const at::Tensor& value,
+                                             const std::optional<at::Tensor>& attn_mask,
+                                             const std::optional<at::Tensor>& key_padding_mask,
+                                             double dropout_p, std::optional<double> scale,
+                                             bool enable_gqa);
+
 namespace ops {
 // One function per schema, calling the dispatcher (the schemas are in registration.cpp).
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(

@@ -19,6 +19,8 @@ PYBIND11_MODULE(_C, m) {
         "The instruction-set tier of the CPU kernels in use (FUSEDATTN_CPU_CAPABILITY caps it)");
   m.def("cpu_capabilities_supported", &fusedattn::cpu_capabilities_supported,
         "Every tier this CPU runs, lowest first");
+  m.def("_check_attention_arguments", &fusedattn::check_attention_arguments,
+        "The attention op's argument checks (shapes, dtypes, devices), for the fake kernels");
 
   // _C.cpp.MultiheadAttention: the C++ module itself (parameters, train/eval, clone, forward).
   torch::python::bind_module<fusedattn::MultiheadAttentionImpl, /*force_enable=*/true>(
