@@ -27,16 +27,6 @@ void Backward<T>::query_rows_task(int64_t t, Work& w) const {
   query_rows_body<T>(t, w);
 }
 
-namespace {
-// n rows of x (row stride ld) as contiguous fp32 rows of `cols`.
-template <typename T>
-void widen_rows(const T* x, int64_t ld, int64_t n, int64_t cols, float* y) {
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t c = 0; c < cols; ++c) y[r * cols + c] = to_acc(x[r * ld + c]);
-  }
-}
-}  // namespace
-
 // U = T: the products read the inputs in place, and P, dS are rounded to T for them (bf16 on
 // CPUs with bf16 GEMMs). U = float (p.half_on_f32: fp16, and bf16 elsewhere): the products
 // read fp32 copies and fp32 P and dS, as PyTorch's own CPU kernel keeps them; products of two

@@ -34,10 +34,7 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
   const bool narrow = kIsHalf<T> && !wide;
   const A mul = this->mul;
   float* qf = w.qf.data();
-  if (wide) {
-    for (int64_t r = 0; r < bq; ++r)
-      for (int64_t c = 0; c < p.E; ++c) qf[r * p.E + c] = float(to_acc(q[r * p.q_sr + c]));
-  }
+  if (wide) widen_rows(q, p.q_sr, bq, p.E, qf);
   for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
     // Packed: the block's columns up to kv_end rounded up to whole 64-column panels of the
     // packed layout (the causal mask hides the extra ones); a prefix of a packed V block is

@@ -19,14 +19,8 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
       if (bk & 1)
         for (int64_t c = 0; c < p.Ev; ++c) vt[c * ldvt + bk] = T{};
     } else if (wide()) {  // K's and V's rows in fp32
-      float* kw = wide_k(b, hk, jb);
-      float* vw = wide_v(b, hk, jb);
-      for (int64_t r = 0; r < bk; ++r) {
-        const T* kr = this->k_rows(b, hk, j0 + r);
-        const T* vr = this->v_rows(b, hk, j0 + r);
-        for (int64_t c = 0; c < p.E; ++c) kw[r * p.E + c] = to_acc(kr[c]);
-        for (int64_t c = 0; c < p.Ev; ++c) vw[r * p.Ev + c] = to_acc(vr[c]);
-      }
+      widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, wide_k(b, hk, jb));
+      widen_rows(this->v_rows(b, hk, j0), p.v_sr, bk, p.Ev, wide_v(b, hk, jb));
     } else if constexpr (std::is_same_v<T, float>) {  // K^T for fgemm
       transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), layout::slot_ld_kt(p));
     } else if constexpr (kIsHalf<T>) {

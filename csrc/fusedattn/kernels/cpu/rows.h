@@ -181,6 +181,15 @@ inline void one_key_grad_row(A* dp, const A* p, int64_t n, A glse) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - dp[i] + glse);
 }
 
+// n rows of x (row stride ld) widened to contiguous fp32 rows of `cols` (the half types'
+// operands for fp32 products).
+template <typename T>
+inline void widen_rows(const T* x, int64_t ld, int64_t n, int64_t cols, float* y) {
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c < cols; ++c) y[r * cols + c] = float(to_acc(x[r * ld + c]));
+  }
+}
+
 inline void narrow_row(const float* x, bf16* y, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) store_bf16(y + i, vload(x + i));
