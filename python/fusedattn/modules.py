@@ -1,6 +1,10 @@
+import copy
 import operator
+from collections import OrderedDict
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
@@ -25,12 +29,22 @@ class MultiheadAttention(torch.nn.Module):
     registered op ``torch.ops.fusedattn.multihead_attention``, the same code the C++ module's
     forward runs, which ``torch.compile`` traces without graph breaks.
 
-    In ``torch.nn.TransformerEncoderLayer`` it stays the attention that runs: its
-    ``_qkv_same_embed_dim`` is False, which turns off the layer's own inference fast path.
+    ``_qkv_same_embed_dim`` says, as in torch, whether ``in_proj_weight`` is packed
+    (``kdim == vdim == embed_dim``). Inside ``torch.nn.TransformerEncoderLayer`` this module
+    stays the attention that runs: it carries a forward pre-hook that does nothing, and torch's
+    layers skip their own inference fast path for any submodule with hooks (that fast path
+    would read the weights and run torch's fused kernel instead). ``TransformerEncoder`` may
+    still pack a padded batch into a nested tensor for its layers; nested (jagged or strided)
+    inputs with ``batch_first=True`` run here as a padded batch with a key padding mask.
+
+    ``torch.jit.script`` compiles ``forward`` (nested inputs are eager-only there).
 
     Differences from torch: ``is_causal=True`` applies a causal mask by itself (torch needs
-    ``attn_mask`` too); returned weights are the probabilities before dropout; a query whose
-    keys are all masked gives zeros instead of NaN.
+    ``attn_mask`` too, as a hint it may ignore); with both, the causal mask and ``attn_mask``
+    both apply, except where torch ignores the mask (no key padding mask, no weights) and the
+    mask does not fit ``(L, S)``: then it is ignored with a warning, as torch does silently.
+    Returned weights are the probabilities before dropout; a query whose keys are all masked
+    gives zeros instead of NaN.
     """
 
     __constants__ = ["batch_first"]
@@ -62,13 +76,10 @@ class MultiheadAttention(torch.nn.Module):
         self.dropout = dropout
         self.batch_first = batch_first
         self.add_zero_attn = add_zero_attn
-        # torch's Transformer layers read this flag, in eval without grad, to decide to skip
-        # self_attn and run their own fused kernel on its weights (which also assumes
-        # head_dim == embed_dim // num_heads). False keeps them calling this module; nothing
-        # else reads it, since this module picks packed or separate weights by which exist.
-        self._qkv_same_embed_dim = False
-        # Registration order as in torch (it orders parameters() and optimizer state).
         packed = "in_proj_weight" in params
+        # torch's meaning: in_proj_weight holds q|k|v in torch's layout, (3 * embed_dim, E).
+        self._qkv_same_embed_dim = packed and num_heads * self.head_dim == embed_dim
+        # Registration order as in torch (it orders parameters() and optimizer state).
         names = (["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"] if packed
                  else ["q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_weight"])
         for name in names + ["in_proj_bias"]:
@@ -83,9 +94,18 @@ class MultiheadAttention(torch.nn.Module):
             self.bias_v = adopt("bias_v")
         else:
             self.bias_k = self.bias_v = None
+        # torch's TransformerEncoderLayer takes its fused inference path (which bypasses this
+        # module) only when no submodule has hooks; this one keeps it calling forward.
+        self.register_forward_pre_hook(_keep_module_in_transformer_layers)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if not torch.jit.is_scripting():
+            if query.is_nested or key.is_nested or value.is_nested:
+                return self._forward_nested(query, key, value, key_padding_mask, need_weights,
+                                            attn_mask, average_attn_weights, is_causal)
         out, weights = torch.ops.fusedattn.multihead_attention(
             query, key, value, self.num_heads, self.in_proj_weight, self.in_proj_bias,
             self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, self.bias_k, self.bias_v,
@@ -94,7 +114,84 @@ class MultiheadAttention(torch.nn.Module):
             average_attn_weights, is_causal)
         return out, (weights if need_weights else None)
 
+    def __prepare_scriptable__(self):
+        # TorchScript types a pre-hook's input as all of forward's arguments but calls it with
+        # the positional ones only, so a module with one cannot be scripted: the scripted copy
+        # goes without it. Scripted Transformer layers may then take their fused inference
+        # path over this module in eval without grad (the same attention, torch's kernel).
+        twin = copy.copy(self)
+        twin._forward_pre_hooks = OrderedDict(
+            (k, h) for k, h in self._forward_pre_hooks.items()
+            if h is not _keep_module_in_transformer_layers)
+        return twin
+
+    def merge_masks(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    query: Tensor) -> Tuple[Optional[Tensor], Optional[int]]:
+        """torch's contract, for code written against ``nn.MultiheadAttention`` (its
+        Transformer layers name it, even where the hook above keeps them from calling it):
+        the one mask given with its type (1 = key padding ``(N, S)``), or both summed as
+        ``(N, H, L, L)`` with type 2 (``attn_mask`` ``(L, L)`` or ``(N * H, L, L)``)."""
+        if attn_mask is None:
+            return key_padding_mask, (None if key_padding_mask is None else 1)
+        n, seq, _ = query.shape
+        merged = attn_mask.view(n, self.num_heads, seq, seq) if attn_mask.dim() == 3 else \
+            attn_mask.view(1, 1, seq, seq).expand(n, self.num_heads, seq, seq)
+        if key_padding_mask is not None:
+            merged = merged + key_padding_mask.view(n, 1, 1, seq)
+        return merged, 2
+
+    @torch.jit.unused
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights, is_causal):
+        """Nested (jagged or strided) batch-first inputs as a padded batch: keys beyond each
+        sequence's length are key padding, outputs beyond it are dropped. Returns the output in
+        the query's layout and, when asked, the weights padded, (N, L_max, S_max)."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not t.is_nested:
+                raise ValueError(f"MultiheadAttention: with a nested query, key and value must "
+                                 f"be nested too, got a dense {name}")
+            if t.dim() != 3:
+                raise ValueError(f"MultiheadAttention: nested {name} must be 3-D (N, L*, E), "
+                                 f"got {t.dim()}-D")
+        if not self.batch_first:
+            raise ValueError("MultiheadAttention: nested inputs need batch_first=True (the "
+                             "nested dim is the batch)")
+        if key_padding_mask is not None or attn_mask is not None:
+            raise ValueError("MultiheadAttention: with nested inputs the lengths are the "
+                             "padding; key_padding_mask and attn_mask must be None")
+        q_len, k_len = _nested_lengths(query), _nested_lengths(key)
+        if not torch.equal(k_len, _nested_lengths(value)):
+            raise ValueError("MultiheadAttention: nested key and value must have the same "
+                             "sequence lengths")
+        q = query.to_padded_tensor(0.0)
+        k = q if key is query else key.to_padded_tensor(0.0)
+        v = k if value is key else value.to_padded_tensor(0.0)
+        padding = torch.arange(k.size(1), device=k.device) >= k_len.to(k.device).unsqueeze(1)
+        out, weights = self.forward(q, k, v, key_padding_mask=padding, need_weights=need_weights,
+                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+        valid = torch.arange(q.size(1), device=q.device) < q_len.to(q.device).unsqueeze(1)
+        if query.layout == torch.jagged:
+            out = torch.nested.nested_tensor_from_jagged(out[valid], query.offsets())
+        else:
+            out = torch._nested_tensor_from_mask(out, valid, mask_check=False)
+        return out, weights
+
     def extra_repr(self):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"head_dim={self.head_dim}, dropout={self.dropout}, "
                 f"batch_first={self.batch_first}")
+
+
+# TorchScript compiles hooks too: the input tuple is typed as forward's arguments.
+def _keep_module_in_transformer_layers(
+        module: torch.nn.Module,
+        args: Tuple[Tensor, Tensor, Tensor, Optional[Tensor], bool, Optional[Tensor], bool, bool],
+) -> None:
+    return None
+
+
+def _nested_lengths(t):
+    """Sequence lengths (N,) of a nested tensor (N, L*, E), jagged or strided."""
+    if t.layout == torch.jagged:
+        return t.offsets().diff()
+    return t._nested_tensor_size()[:, 0]

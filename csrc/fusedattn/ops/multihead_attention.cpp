@@ -119,6 +119,18 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
   // On the CPU without extra key columns they go to the projected op as they are (q, k, v
   // read in place, the output written heads-merged, the gradients written whole); elsewhere
   // they are split into heads for the attention op.
+  // torch accepts biases in another float dtype than their weights (its fused path casts
+  // them); so do we, cast to the weight's dtype here rather than failing inside a GEMM.
+  auto bias_like = [](const std::optional<at::Tensor>& b,
+                      const at::Tensor& w) -> std::optional<at::Tensor> {
+    if (!b || b->scalar_type() == w.scalar_type()) return b;
+    return b->to(w.scalar_type());
+  };
+  const auto in_bias =
+      bias_like(in_proj_bias, in_proj_weight ? *in_proj_weight
+                                         : q_proj_weight ? *q_proj_weight : out_proj_weight);
+  const auto out_bias = bias_like(out_proj_bias, out_proj_weight);
+
   const bool projected = q_in.is_cpu() && !bias_k && !bias_v && !add_zero_attn;
   const bool self_packed = in_proj_weight && query.is_same(key) && key.is_same(value);
   // packed: 3, qp holds q|k|v; 2, kp holds k|v; 0, qp, kp, vp apart.
@@ -134,11 +146,11 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
       return t.narrow_symint(0, rows * first, rows * count);
     };
     auto bias_of = [&](int64_t first, int64_t count) -> std::optional<at::Tensor> {
-      if (!in_proj_bias) return std::nullopt;
-      return rows_of(*in_proj_bias, first, count);
+      if (!in_bias) return std::nullopt;
+      return rows_of(*in_bias, first, count);
     };
     if (self_packed) {
-      qp = at::linear(q_in, *in_proj_weight, in_proj_bias);
+      qp = at::linear(q_in, *in_proj_weight, in_bias);
       packed = 3;
     } else {
       qp = at::linear(q_in, rows_of(*in_proj_weight, 0, 1), bias_of(0, 1));
@@ -159,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     TORCH_SYM_CHECK(v_in.sym_size(2).sym_eq(v_proj_weight->sym_size(1)), kFn,
                     ": value must have vdim = ", v_proj_weight->sym_size(1),
                     " features in its last dim, got shape ", value.sym_sizes());
-    qp = at::linear(q_in, *q_proj_weight, chunk_or_none(in_proj_bias, 0));
-    kp = at::linear(k_in, *k_proj_weight, chunk_or_none(in_proj_bias, 1));
-    vp = at::linear(v_in, *v_proj_weight, chunk_or_none(in_proj_bias, 2));
+    qp = at::linear(q_in, *q_proj_weight, chunk_or_none(in_bias, 0));
+    kp = at::linear(k_in, *k_proj_weight, chunk_or_none(in_bias, 1));
+    vp = at::linear(v_in, *v_proj_weight, chunk_or_none(in_bias, 2));
   }
   const SymInt q_features = packed == 3 ? qp.sym_size(2) / 3 : qp.sym_size(2);
   TORCH_SYM_CHECK((q_features % num_heads).sym_eq(0), kFn, ": the projected size ", q_features,
@@ -180,7 +192,20 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
   // Masks, in the attention op's conventions: attn_mask bool True = allowed, float added;
   // key_padding_mask bool True = padding, float added.
   std::optional<at::Tensor> mask;
-  if (attn_mask) {
+  // torch reads is_causal=True as a hint that attn_mask is the causal mask, and without key
+  // padding or weights uses the hint alone, never looking at the mask. Here both apply; only
+  // a mask that cannot apply, in that case, is set aside (with a warning) as torch does.
+  auto mask_fits = [&](const at::Tensor& m) {
+    if (m.dim() == 2) return (m.sym_size(0).sym_eq(L) & m.sym_size(1).sym_eq(S)).guard_bool(__FILE__, __LINE__);
+    return m.dim() == 3 && (m.sym_size(0).sym_eq(N * num_heads) & m.sym_size(1).sym_eq(L) &
+                            m.sym_size(2).sym_eq(S)).guard_bool(__FILE__, __LINE__);
+  };
+  if (attn_mask && is_causal && !key_padding_mask && !need_weights && !mask_fits(*attn_mask)) {
+    TORCH_WARN_ONCE(kFn, ": is_causal=True with an attn_mask of shape ", attn_mask->sym_sizes(),
+                    " that does not fit (L, S) = (", L, ", ", S,
+                    "): the causal mask applies and attn_mask is ignored, as in "
+                    "torch.nn.MultiheadAttention");
+  } else if (attn_mask) {
     check_float_or_bool(*attn_mask, "attn_mask");
     const auto& m = *attn_mask;
     if (m.dim() == 2) {
@@ -271,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     merged = seq_first ? out.permute({2, 0, 1, 3}).reshape_symint({L, N, hd})
                        : out.transpose(1, 2).reshape_symint({N, L, hd});
   }
-  auto result = at::linear(merged, out_proj_weight, out_proj_bias);
+  auto result = at::linear(merged, out_proj_weight, out_bias);
   if (!batched) result = result.squeeze(0);
 
   at::Tensor attn_weights = at::empty({0}, query.options());
