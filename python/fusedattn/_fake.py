@@ -1,5 +1,5 @@
 """Fake (meta) kernels: output shapes for torch.compile and opcheck (contiguous tensors). They
-run the C++ argument checks where the sizes are concrete, and refuse tensors on another device
+run the C++ argument checks (on symbolic sizes too), and refuse tensors on another device
 than query's, which would otherwise route a real call here."""
 import torch
 
@@ -11,12 +11,10 @@ def _accumulate_dtype(dtype):
 
 
 def _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa):
-    # The real kernels' checks (one implementation, in C++), where every size is concrete; with
-    # symbolic sizes (dynamic shapes) the real kernel checks at run time.
-    tensors = [t for t in (query, key, value, attn_mask, key_padding_mask) if t is not None]
-    if all(isinstance(s, int) for t in tensors for s in t.shape):
-        _C._check_attention_arguments(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                      scale, enable_gqa)
+    # The real kernels' checks (one implementation, in C++, on SymInts): with symbolic sizes
+    # (dynamic shapes) a check that tracing cannot decide becomes a guard or a run-time assert.
+    _C._check_attention_arguments(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                                  scale, enable_gqa)
 
 
 def _check_devices(query, **others):

@@ -1,11 +1,15 @@
 """Degenerate and bad inputs: each case runs in its own process, so that a crash (a signal) is a
 failed test rather than a dead run. A case passes when it prints OK, or when it raises the
 expected error type with every expected fragment in its message."""
+import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+from fuzz_cases import CASES
 
 PRELUDE = "import torch, fusedattn\ntorch.manual_seed(0)\n"
 
@@ -180,3 +184,52 @@ def test_fake_kernels_run_the_real_checks():
             assert "key must have shape (..., Hk, S, E) with E = 8" in str(e), e
         assert f(torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)).shape == (2, 3, 5, 4)
     """)
+
+
+# ---------------------------------------------------------------- the fuzz suite (fuzz_cases.py)
+# Hundreds of cases share a few processes: a runner executes them in turn and a crash ends only
+# the case it happened in (the next runner resumes after it).
+RUNNER = str(Path(__file__).with_name("fuzz_runner.py"))
+
+
+@pytest.fixture(scope="module")
+def fuzz_results():
+    results, pending = {}, list(CASES)
+    while pending:
+        r = subprocess.run([sys.executable, RUNNER, *pending], capture_output=True, text=True,
+                           timeout=1800, cwd=Path(__file__).parent)
+        started = None
+        for line in r.stdout.splitlines():
+            if line.startswith("BEGIN "):
+                started = line[len("BEGIN "):]
+            elif line.startswith("RESULT "):
+                found = json.loads(line[len("RESULT "):])
+                results[found["name"]] = found
+                started = None
+        if started is not None:
+            results[started] = {"name": started, "crash": r.returncode, "stderr": r.stderr[-3000:]}
+        elif r.returncode != 0:
+            for name in pending:
+                results.setdefault(name, {"name": name, "crash": r.returncode, "stderr": r.stderr[-3000:]})
+        pending = [n for n in pending if n not in results]
+    return results
+
+
+def test_fuzz_suite_is_wide():
+    assert len(CASES) >= 200, len(CASES)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fuzz_case(name, fuzz_results):
+    got = fuzz_results[name]
+    assert "crash" not in got, f"process died (exit {got['crash']}):\n{got['stderr']}"
+    _, expect = CASES[name]
+    if expect == "ok":
+        assert got["raised"] is None, f"{got['raised']}: {got.get('message')}"
+        return
+    kind, fragments = expect
+    assert got["raised"] is not None, "no error raised"
+    assert got["raised"] == kind or got["raised"].endswith("." + kind), \
+        f"raised {got['raised']} instead of {kind}: {got['message']}"
+    for fragment in fragments:
+        assert fragment in got["message"], f"{fragment!r} not in: {got['message']}"

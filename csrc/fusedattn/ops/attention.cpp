@@ -26,8 +26,8 @@ void check_attention_arguments(const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
                                std::optional<double> scale, bool enable_gqa) {
-  (void)check_attention_inputs(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                               enable_gqa);
+  check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
+                         enable_gqa);
 }
 
 namespace ops {

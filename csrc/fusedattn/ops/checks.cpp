@@ -41,17 +41,20 @@ std::vector<int64_t> AttentionProblem::weights_shape() const {
   return s;
 }
 
-AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
-                                        const at::Tensor& value,
-                                        const std::optional<at::Tensor>& attn_mask,
-                                        const std::optional<at::Tensor>& key_padding_mask,
-                                        double dropout_p, std::optional<double> scale,
-                                        bool enable_gqa) {
+void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& attn_mask,
+                            const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                            std::optional<double> scale, bool enable_gqa) {
+  // Sizes as SymInts: the real kernels pass concrete sizes, the fake kernels (torch.compile,
+  // torch.export with dynamic shapes) symbolic ones, where a check that cannot be decided
+  // while tracing becomes a guard or a run-time assertion instead of being skipped.
+  using c10::SymInt;
+  const auto qs = query.sym_sizes(), ks = key.sym_sizes(), vs = value.sym_sizes();
   TORCH_CHECK(query.dim() >= 3, "attention: query must have shape (..., H, L, E) with at least 3 dims, got ",
-              query.sizes());
+              qs);
   TORCH_CHECK(key.dim() == query.dim() && value.dim() == query.dim(),
-              "attention: query, key and value must have the same number of dims, got query ",
-              query.sizes(), ", key ", key.sizes(), ", value ", value.sizes());
+              "attention: query, key and value must have the same number of dims, got query ", qs,
+              ", key ", ks, ", value ", vs);
   TORCH_CHECK(is_supported_float(query.scalar_type()),
               "attention: query must be float64, float32, bfloat16 or float16, got ",
               query.scalar_type());
@@ -65,6 +68,78 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
               dropout_p);
 
   const int64_t nd = query.dim();
+  const SymInt& heads = qs[nd - 3];
+  const SymInt& q_len = qs[nd - 2];
+  const SymInt& head_dim = qs[nd - 1];
+  const SymInt& kv_heads = ks[nd - 3];
+  const SymInt& kv_len = ks[nd - 2];
+  for (int64_t d = 0; d < nd - 3; ++d) {
+    TORCH_SYM_CHECK(ks[d].sym_eq(qs[d]) & vs[d].sym_eq(qs[d]),
+                    "attention: query, key and value must have the same batch dims (...), got query ",
+                    qs, ", key ", ks, ", value ", vs);
+  }
+  TORCH_SYM_CHECK(ks[nd - 1].sym_eq(head_dim),
+                  "attention: key must have shape (..., Hk, S, E) with E = ", head_dim,
+                  " (query's last dim), got ", ks);
+  TORCH_SYM_CHECK(vs[nd - 3].sym_eq(kv_heads) & vs[nd - 2].sym_eq(kv_len),
+                  "attention: value must have shape (..., Hk, S, Ev) with (Hk, S) = (", kv_heads,
+                  ", ", kv_len, ") from key, got ", vs);
+  if (enable_gqa) {
+    TORCH_SYM_CHECK(kv_heads.sym_gt(0) & (heads % kv_heads.max(1)).sym_eq(0),
+                    "attention: with enable_gqa the number of query heads (", heads,
+                    ") must be a multiple of the number of key/value heads (", kv_heads, ")");
+  } else {
+    TORCH_SYM_CHECK(kv_heads.sym_eq(heads), "attention: key and value must have H = ", heads,
+                    " heads like query (or pass enable_gqa=True), got ", kv_heads);
+  }
+
+  if (attn_mask) {
+    const auto& m = *attn_mask;
+    check_mask_dtype(m, "attn_mask", query);
+    std::vector<SymInt> target(qs.begin(), qs.end() - 1);  // (..., H, L, S)
+    target.push_back(kv_len);
+    const auto ms = m.sym_sizes();
+    TORCH_CHECK(m.dim() <= static_cast<int64_t>(target.size()),
+                "attention: attn_mask must broadcast to (..., H, L, S) = ", c10::SymIntArrayRef(target),
+                ", got ", ms);
+    for (int64_t i = 1; i <= m.dim(); ++i) {
+      const SymInt& size = ms[m.dim() - i];
+      TORCH_SYM_CHECK(size.sym_eq(1) | size.sym_eq(target[target.size() - i]),
+                      "attention: attn_mask must broadcast to (..., H, L, S) = ",
+                      c10::SymIntArrayRef(target), ", got ", ms);
+    }
+  }
+  if (key_padding_mask) {
+    const auto& m = *key_padding_mask;
+    check_mask_dtype(m, "key_padding_mask", query);
+    std::vector<SymInt> expected(qs.begin(), qs.end() - 3);  // (..., S)
+    expected.push_back(kv_len);
+    const auto ms = m.sym_sizes();
+    TORCH_CHECK(m.dim() == static_cast<int64_t>(expected.size()),
+                "attention: key_padding_mask must have shape (..., S) = ", c10::SymIntArrayRef(expected),
+                ", got ", ms);
+    for (size_t i = 0; i < expected.size(); ++i) {
+      TORCH_SYM_CHECK(ms[i].sym_eq(expected[i]),
+                      "attention: key_padding_mask must have shape (..., S) = ",
+                      c10::SymIntArrayRef(expected), ", got ", ms);
+    }
+  }
+  if (!scale) {
+    TORCH_SYM_CHECK(head_dim.sym_gt(0),
+                    "attention: query's head dim E (its last dim) must be > 0 for the default "
+                    "scale 1/sqrt(E), got query of shape ", qs, " (pass scale= to allow E = 0)");
+  }
+  TORCH_CHECK(!scale || std::isfinite(*scale), "attention: scale must be finite, got ", *scale);
+}
+
+AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
+                                        const at::Tensor& value,
+                                        const std::optional<at::Tensor>& attn_mask,
+                                        const std::optional<at::Tensor>& key_padding_mask,
+                                        double dropout_p, std::optional<double> scale,
+                                        bool enable_gqa) {
+  check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
+                         enable_gqa);
   AttentionProblem p;
   p.batch.assign(query.sizes().begin(), query.sizes().end() - 3);
   for (int64_t d : p.batch) p.batch_size *= d;
@@ -74,49 +149,6 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
   p.kv_heads = key.size(-3);
   p.kv_len = key.size(-2);
   p.v_head_dim = value.size(-1);
-
-  for (int64_t d = 0; d < nd - 3; ++d) {
-    TORCH_CHECK(key.size(d) == query.size(d) && value.size(d) == query.size(d),
-                "attention: query, key and value must have the same batch dims (...), got query ",
-                query.sizes(), ", key ", key.sizes(), ", value ", value.sizes());
-  }
-  TORCH_CHECK(key.size(-1) == p.head_dim, "attention: key must have shape (..., Hk, S, E) with E = ",
-              p.head_dim, " (query's last dim), got ", key.sizes());
-  TORCH_CHECK(value.size(-3) == p.kv_heads && value.size(-2) == p.kv_len,
-              "attention: value must have shape (..., Hk, S, Ev) with (Hk, S) = (", p.kv_heads, ", ",
-              p.kv_len, ") from key, got ", value.sizes());
-  if (enable_gqa) {
-    TORCH_CHECK(p.kv_heads > 0 && p.heads % p.kv_heads == 0,
-                "attention: with enable_gqa the number of query heads (", p.heads,
-                ") must be a multiple of the number of key/value heads (", p.kv_heads, ")");
-  } else {
-    TORCH_CHECK(p.kv_heads == p.heads, "attention: key and value must have H = ", p.heads,
-                " heads like query (or pass enable_gqa=True), got ", p.kv_heads);
-  }
-
-  if (attn_mask) {
-    const auto& m = *attn_mask;
-    check_mask_dtype(m, "attn_mask", query);
-    const auto target = p.weights_shape();
-    bool ok = m.dim() <= static_cast<int64_t>(target.size());
-    for (int64_t i = 1; ok && i <= m.dim(); ++i) {
-      const int64_t ms = m.size(-i), ts = target[target.size() - i];
-      ok = ms == 1 || ms == ts;
-    }
-    TORCH_CHECK(ok, "attention: attn_mask must broadcast to (..., H, L, S) = ",
-                c10::IntArrayRef(target), ", got ", m.sizes());
-  }
-  if (key_padding_mask) {
-    const auto& m = *key_padding_mask;
-    check_mask_dtype(m, "key_padding_mask", query);
-    auto expected = p.batch;
-    expected.push_back(p.kv_len);
-    TORCH_CHECK(m.sizes().equals(expected), "attention: key_padding_mask must have shape (..., S) = ",
-                c10::IntArrayRef(expected), ", got ", m.sizes());
-  }
-  TORCH_CHECK(scale || p.head_dim > 0,
-              "attention: query's head dim E (its last dim) must be > 0 for the default scale "
-              "1/sqrt(E), got query of shape ", query.sizes(), " (pass scale= to allow E = 0)");
   p.scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim));
   TORCH_CHECK(std::isfinite(p.scale), "attention: scale must be finite, got ", p.scale);
   return p;

@@ -28,6 +28,14 @@ struct AttentionProblem {
   std::vector<int64_t> weights_shape() const;  // (..., H, L, S)
 };
 
+// The argument checks of the attention op, on sizes as SymInts (concrete or symbolic): the
+// real kernels and the fake ones run this one function.
+void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& attn_mask,
+                            const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                            std::optional<double> scale, bool enable_gqa);
+
+// check_attention_shapes, then the concrete problem sizes.
 AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
                                         const at::Tensor& value,
                                         const std::optional<at::Tensor>& attn_mask,
