@@ -168,3 +168,57 @@ TEST_CASE("the op is registered for C++ callers that use the dispatcher by name"
   REQUIRE(handle.has_value());
   REQUIRE(c10::Dispatcher::singleton().findSchema({"fusedattn::multihead_attention", ""}).has_value());
 }
+
+TEST_CASE("C++ entry points: degenerate input is an answer or a named error, never a crash",
+          "[attention][errors]") {
+  using fusedattn::MultiheadAttentionOptions;
+  // Zero heads, zero keys, zero queries: empty or zero outputs.
+  auto out = fusedattn::attention(randn({2, 0, 5, 8}), randn({2, 0, 7, 8}), randn({2, 0, 7, 4})).out;
+  REQUIRE(out.sizes() == torch::IntArrayRef({2, 0, 5, 4}));
+  auto no_keys = fusedattn::attention(randn({2, 3, 5, 8}), randn({2, 3, 0, 8}), randn({2, 3, 0, 4}),
+                                      AttentionOptions().return_lse(true));
+  REQUIRE((no_keys.out == 0).all().item<bool>());
+  REQUIRE(no_keys.lse->isneginf().all().item<bool>());
+  // A mask on another device than the inputs (it once routed the call to the shape-only kernels).
+  REQUIRE_THROWS_WITH(fusedattn::attention(randn({2, 3, 5, 8}), randn({2, 3, 7, 8}), randn({2, 3, 7, 4}),
+                                           AttentionOptions().attn_mask(torch::ones(
+                                               {5, 7}, torch::TensorOptions().dtype(torch::kBool).device(torch::kMeta)))),
+                      Catch::Contains("attn_mask must be on query's device"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(randn({2, 3, 5, 0}), randn({2, 3, 7, 0}), randn({2, 3, 7, 4})),
+                      Catch::Contains("head dim E"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(randn({2, 3, 5, 8}), randn({2, 3, 7, 8}), randn({2, 3, 7, 4}),
+                                           AttentionOptions().scale(std::nan(""))),
+                      Catch::Contains("scale must be finite"));
+  // NaN in, NaN out: no data path hides it.
+  auto q = randn({1, 2, 5, 8});
+  q[0][1][3][0] = std::nan("");
+  auto nan_out = fusedattn::attention(q, randn({1, 2, 7, 8}), randn({1, 2, 7, 4})).out;
+  REQUIRE(nan_out[0][1][3].isnan().all().item<bool>());
+  REQUIRE_FALSE(nan_out[0][0].isnan().any().item<bool>());
+
+  // Module options checked where the app builds the module.
+  REQUIRE_THROWS_WITH(fusedattn::MultiheadAttention(MultiheadAttentionOptions(8, 0)),
+                      Catch::Contains("num_heads must be positive"));
+  REQUIRE_THROWS_WITH(fusedattn::MultiheadAttention(MultiheadAttentionOptions(8, 2).dropout(1.5)),
+                      Catch::Contains("dropout must be in"));
+  REQUIRE_THROWS_WITH(fusedattn::MultiheadAttention(MultiheadAttentionOptions(8, 2).kdim(0)),
+                      Catch::Contains("kdim and vdim must be positive"));
+  REQUIRE_THROWS_WITH(fusedattn::SelfAttention(fusedattn::SelfAttentionOptions(0, 4)), Catch::Contains("must be positive"));
+  REQUIRE_THROWS_WITH(fusedattn::GaussianKernelAttention(fusedattn::GaussianKernelAttentionOptions().bandwidth(0.0)),
+                      Catch::Contains("bandwidth must be positive"));
+
+  fusedattn::MultiheadAttention m(MultiheadAttentionOptions(8, 2));
+  auto x = torch::randn({5, 3, 8});
+  // A mask on the meta device, a float64 input to a float32 module: named.
+  REQUIRE_THROWS_WITH(m->forward(x, x, x, torch::zeros({3, 5}, torch::TensorOptions().dtype(torch::kBool).device(torch::kMeta))),
+                      Catch::Contains("key_padding_mask must be on query's device (cpu), got meta"));
+  REQUIRE_THROWS_WITH(m->forward(x.to(torch::kDouble), x.to(torch::kDouble), x.to(torch::kDouble)),
+                      Catch::Contains("parameter dtype (Float)"));
+  // torch's is_causal hint: a mask that cannot apply is set aside only where torch never reads it.
+  auto wrong = torch::zeros({2, 2});
+  auto causal = torch::ones({5, 5}, torch::kBool).triu(1);
+  auto hinted = std::get<0>(m->forward(x, x, x, {}, /*need_weights=*/false, wrong, true, /*is_causal=*/true));
+  require_close(hinted, std::get<0>(m->forward(x, x, x, {}, false, causal)), 1e-6);
+  REQUIRE_THROWS_WITH(m->forward(x, x, x, {}, /*need_weights=*/true, wrong, true, true),
+                      Catch::Contains("2-D attn_mask must have shape"));
+}

@@ -172,8 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
               "attention: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
               std::string(causal_alignment), "\"");
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0,
-              "attention: dropout_p must be in [0, 1], got ", dropout_p);
+  // Every check where the call enters, in C++ as from Python: a C++ app has no fake kernels,
+  // and a mask on another device (meta) would route the call to a Meta kernel that is not
+  // there. The backends run the same checks on what reaches them.
+  check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
+                         enable_gqa);
   // The seed is drawn with an ATen op (not by reading the generator directly) so that
   // torch.compile records the draw instead of baking one seed into the graph; on the query's
   // device, so a CUDA call draws from torch's CUDA generator and the kernel reads the seed

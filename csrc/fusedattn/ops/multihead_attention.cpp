@@ -32,9 +32,13 @@ at::Tensor pad_key_column(const at::Tensor& m, bool unmasked) {
   return at::cat({m, col}, -1);
 }
 
-void check_float_or_bool(const at::Tensor& m, const char* name) {
+void check_float_or_bool(const at::Tensor& m, const char* name, const at::Tensor& query) {
   TORCH_CHECK(m.scalar_type() == at::kBool || m.is_floating_point(), kFn, ": only bool and float ",
               name, " are supported, got ", m.scalar_type());
+  // Checked here, not only by the attention kernels: a mask on another device (meta) would
+  // send the call to a Meta kernel, which a C++ app without the Python fakes does not have.
+  TORCH_CHECK(m.device() == query.device(), kFn, ": ", name, " must be on query's device (",
+              query.device(), "), got ", m.device());
 }
 
 std::optional<at::Tensor> chunk_or_none(const std::optional<at::Tensor>& t, int64_t i) {
@@ -206,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
                     "): the causal mask applies and attn_mask is ignored, as in "
                     "torch.nn.MultiheadAttention");
   } else if (attn_mask) {
-    check_float_or_bool(*attn_mask, "attn_mask");
+    check_float_or_bool(*attn_mask, "attn_mask", query);
     const auto& m = *attn_mask;
     if (m.dim() == 2) {
       TORCH_SYM_CHECK(m.sym_size(0).sym_eq(L) & m.sym_size(1).sym_eq(S), kFn,
@@ -226,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
   }
   std::optional<at::Tensor> kpm;
   if (key_padding_mask) {
-    check_float_or_bool(*key_padding_mask, "key_padding_mask");
+    check_float_or_bool(*key_padding_mask, "key_padding_mask", query);
     kpm = batched ? *key_padding_mask : key_padding_mask->unsqueeze(0);
     if (batched) {
       TORCH_CHECK(kpm->dim() == 2, kFn, ": key_padding_mask must have shape (N, S) = (", N, ", ",
