@@ -42,7 +42,7 @@ for name, args, frags in [
     ("complex_query", "q.cfloat(), k.cfloat(), v.cfloat()", ["float64, float32, bfloat16 or float16"]),
     ("dtype_mismatch_key", "q, k.double(), v", ["same dtype", "Double"]),
     ("dtype_mismatch_value", "q, k, v.half()", ["same dtype", "Half"]),
-    ("key_on_meta", "q, k.to('meta'), v", ["key must be on query's device", "meta"]),
+    ("key_on_meta", "q, k.to('meta'), v", ["same device", "key meta"]),
     ("dropout_negative", "q, k, v, dropout_p=-0.1", ["dropout_p must be in [0, 1]", "-0.1"]),
     ("dropout_above_one", "q, k, v, dropout_p=1.5", ["dropout_p must be in [0, 1]", "1.5"]),
     ("dropout_nan", "q, k, v, dropout_p=float('nan')", ["dropout_p must be in [0, 1]", "nan"]),
