@@ -10,11 +10,12 @@ def _accumulate_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa):
+def _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa,
+                  window=None, alibi_slopes=None, softcap=None):
     # The real kernels' checks (one implementation, in C++, on SymInts): with symbolic sizes
     # (dynamic shapes) a check that tracing cannot decide becomes a guard or a run-time assert.
     _C._check_attention_arguments(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                  scale, enable_gqa)
+                                  scale, enable_gqa, window, alibi_slopes, softcap)
 
 
 def _check_devices(query, **others):
@@ -30,11 +31,13 @@ def _check_devices(query, **others):
 @torch.library.register_fake("fusedattn::_attention_forward")
 def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                             dropout_p, is_causal, bottom_right, scale, enable_gqa,
-                            return_weights, average_weights=False):
+                            return_weights, average_weights=False, window=None,
+                            alibi_slopes=None, softcap=None):
     torch._check(query.dim() >= 3, lambda: "attention: query must have at least 3 dims")
     _check_devices(query, key=key, value=value, attn_mask=attn_mask,
-                   key_padding_mask=key_padding_mask)
-    _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa)
+                   key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
+    _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa,
+                  window, alibi_slopes, softcap)
     *batch, heads, q_len, _ = query.shape
     kv_len, v_dim = key.shape[-2], value.shape[-1]
     out = query.new_empty((*batch, heads, q_len, v_dim))
@@ -52,10 +55,12 @@ def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, drop
 def _attention_backward_fake(grad_out, grad_weights, grad_lse, query, key, value, out, lse,
                              attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
                              bottom_right, scale, enable_gqa, attn_mask_grad,
-                             key_padding_mask_grad):
+                             key_padding_mask_grad, window=None, alibi_slopes=None, softcap=None):
     _check_devices(query, grad_out=grad_out, key=key, value=value, out=out, lse=lse,
-                   attn_mask=attn_mask, key_padding_mask=key_padding_mask)
-    _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa)
+                   attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                   alibi_slopes=alibi_slopes)
+    _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa,
+                  window, alibi_slopes, softcap)
 
     def grad_of(mask, wanted):
         if wanted and mask is not None and mask.is_floating_point():

@@ -3,7 +3,8 @@ import torch
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False, *, key_padding_mask=None, causal_alignment="top_left",
-              return_weights=False, return_lse=False, average_weights=False):
+              return_weights=False, return_lse=False, average_weights=False, window=None,
+              alibi_slopes=None, softcap=None):
     """Scaled dot-product attention (``torch.ops.fusedattn.attention``).
 
     Same arguments as ``torch.nn.functional.scaled_dot_product_attention``, plus
@@ -13,11 +14,24 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     was not asked. ``average_weights`` (with ``return_weights``) returns the weights averaged
     over the heads, ``(..., L, S)``, as ``nn.MultiheadAttention`` does, without storing the
     per-head ones. Rows whose keys are all masked give 0 (torch gives NaN).
+
+    Variants (fused, with gradients), positions relative to query ``i``'s diagonal
+    ``i + o`` (``o = S - L`` for ``"bottom_right"``, else 0):
+
+    - ``window=(left, right)``: key ``j`` is visible iff ``i + o - left <= j <= i + o + right``
+      (``-1``: unbounded on that side); with ``is_causal`` it only narrows. Key blocks
+      outside the window are skipped: the cost is O(L * window).
+    - ``alibi_slopes``: fp32 ``(H,)`` or ``(..., H)``: adds ``-slope[h] * |i + o - j|`` (no
+      gradient to the slopes).
+    - ``softcap``: float > 0: the scaled score ``s`` becomes ``softcap * tanh(s / softcap)``
+      before ALiBi and the masks are added.
     """
     out, weights, lse = torch.ops.fusedattn.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         key_padding_mask=key_padding_mask, causal_alignment=causal_alignment,
-        return_weights=return_weights, return_lse=return_lse, average_weights=average_weights)
+        return_weights=return_weights, return_lse=return_lse, average_weights=average_weights,
+        window=None if window is None else list(window), alibi_slopes=alibi_slopes,
+        softcap=softcap)
     if not (return_weights or return_lse):
         return out
     return out, (weights if return_weights else None), (lse if return_lse else None)

@@ -222,3 +222,40 @@ TEST_CASE("C++ entry points: degenerate input is an answer or a named error, nev
   REQUIRE_THROWS_WITH(m->forward(x, x, x, {}, /*need_weights=*/true, wrong, true, true),
                       Catch::Contains("2-D attn_mask must have shape"));
 }
+
+TEST_CASE("variants: window, ALiBi and softcap from C++ equal their formulas", "[attention][variants]") {
+  const int64_t L = 37, S = 45, H = 3;
+  auto q = randn({2, H, L, 16}), k = randn({2, H, S, 16}), v = randn({2, H, S, 8});
+  for (int t : {0, 1, 2}) {
+    auto q_ = q.clone().requires_grad_(true), k_ = k.clone().requires_grad_(true);
+    const int64_t o = S - L;  // bottom-right
+    auto rel = torch::arange(S, torch::kLong).unsqueeze(0) - (torch::arange(L, torch::kLong) + o).unsqueeze(1);
+    auto slopes = torch::rand({H}, torch::kFloat);
+    auto opts = AttentionOptions().causal_alignment("bottom_right");
+    // The same attention written as a float mask on the (soft-capped) scores.
+    auto scores = torch::matmul(q_, k_.transpose(-1, -2)) / std::sqrt(16.0);
+    torch::Tensor bias = torch::zeros({L, S}, torch::kDouble);
+    if (t == 0) {
+      opts.window({6, 2});
+      bias = bias.masked_fill((rel < -6) | (rel > 2), -INFINITY);
+    } else if (t == 1) {
+      opts.alibi_slopes(slopes);
+      bias = -slopes.to(torch::kDouble).view({H, 1, 1}) * rel.abs().to(torch::kDouble);
+    } else {
+      opts.softcap(2.0);
+      scores = 2.0 * torch::tanh(scores / 2.0);
+    }
+    auto expected = torch::matmul(torch::softmax(scores + bias, -1), v);
+    auto got = fusedattn::attention(q_, k_, v, opts).out;
+    require_close(got, expected, 1e-10);
+    auto g = torch::randn_like(expected);
+    auto ge = torch::autograd::grad({expected}, {q_, k_}, {g});
+    auto gg = torch::autograd::grad({got}, {q_, k_}, {g});
+    require_close(gg[0], ge[0], 1e-9);
+    require_close(gg[1], ge[1], 1e-9);
+  }
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, k, v, AttentionOptions().window({1})),
+                      Catch::Contains("window must be (left, right)"));
+  REQUIRE_THROWS_WITH(fusedattn::attention(q, k, v, AttentionOptions().softcap(-1.0)),
+                      Catch::Contains("softcap must be positive"));
+}

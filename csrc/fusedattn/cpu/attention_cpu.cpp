@@ -100,7 +100,7 @@ Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Te
                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                const std::optional<at::Tensor>& key_padding_mask,
                const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-               bool bottom_right) {
+               bool bottom_right, const ScoreMods& mods) {
   Launch l;
   auto& p = l.p;
   p.dtype = kernel_dtype(query.scalar_type());
@@ -111,7 +111,7 @@ Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Te
   p.gemm = &torch_gemms();
   fill_operands(l.q, l.k, l.v, p);
   std::tie(l.mask, l.kpm) =
-      fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p);
+      fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p, mods);
   if (dropout_p > 0.0) {
     p.dropout = true;
     p.drop = kernels::DropoutParams::make(reference::dropout_seed_value(dropout_seed), dropout_p);
@@ -180,9 +180,10 @@ std::tuple<at::Tensor, at::Tensor> forward_into(
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, bool return_weights, bool average_weights, const at::Tensor& out4) {
+    bool bottom_right, bool return_weights, bool average_weights, const at::Tensor& out4,
+    const ScoreMods& mods = ScoreMods()) {
   auto launch = prepare(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                        dropout_p, is_causal, bottom_right);
+                        dropout_p, is_causal, bottom_right, mods);
   auto& p = launch.p;
   auto lse = at::empty(pb.lse_shape(), query.options().dtype(accumulate_type(query.scalar_type())));
   p.out = out4.data_ptr(), p.o_sb = out4.stride(0), p.o_sh = out4.stride(1), p.o_sr = out4.stride(2);
@@ -219,19 +220,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights) {
+    bool average_weights, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                         dropout_p, scale, enable_gqa);
+                                         dropout_p, scale, enable_gqa, window, alibi_slopes,
+                                         softcap);
+  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap);
   if (reference_requested()) {
     return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
                                         dropout_seed, dropout_p, is_causal, bottom_right,
-                                        return_weights, average_weights);
+                                        return_weights, average_weights, mods);
   }
   auto out = at::empty(pb.out_shape(), query.options());
   auto [lse, weights] =
       forward_into(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
                    is_causal, bottom_right, return_weights, average_weights,
-                   out.view({pb.batch_size, pb.heads, pb.q_len, pb.v_head_dim}));
+                   out.view({pb.batch_size, pb.heads, pb.q_len, pb.v_head_dim}), mods);
   return {out, lse, weights};
 }
 
@@ -256,7 +260,8 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
                    const std::optional<at::Tensor>& key_padding_mask,
                    const std::optional<at::Tensor>& dropout_seed, double dropout_p,
                    bool is_causal, bool bottom_right, const at::Tensor& dq4,
-                   const at::Tensor& dk4, const at::Tensor& dv4) {
+                   const at::Tensor& dk4, const at::Tensor& dv4,
+                   const ScoreMods& mods = ScoreMods()) {
   TORCH_CHECK(grad_out.sizes().equals(pb.out_shape()) && out.sizes().equals(pb.out_shape()),
               "attention backward: grad_out and out must have shape ",
               c10::IntArrayRef(pb.out_shape()), ", got ", grad_out.sizes(), " and ", out.sizes());
@@ -265,7 +270,7 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
               "attention backward: lse must be ", acc, " of shape ",
               c10::IntArrayRef(pb.lse_shape()), ", got ", lse.scalar_type(), " ", lse.sizes());
   auto launch = prepare(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                        dropout_p, is_causal, bottom_right);
+                        dropout_p, is_causal, bottom_right, mods);
   auto& p = launch.p;
   auto out4 = as_4d(out, p.B), dout4 = as_4d(grad_out, p.B);
   auto lse_c = lse.contiguous();
@@ -293,22 +298,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
-    bool key_padding_mask_grad) {
+    bool key_padding_mask_grad, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   if (reference_backward(grad_weights, attn_mask, key_padding_mask, attn_mask_grad,
                          key_padding_mask_grad)) {
     return reference::attention_backward_op(
         grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
         key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale, enable_gqa,
-        attn_mask_grad, key_padding_mask_grad);
+        attn_mask_grad, key_padding_mask_grad, window, alibi_slopes, softcap);
   }
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                         dropout_p, scale, enable_gqa);
+                                         dropout_p, scale, enable_gqa, window, alibi_slopes,
+                                         softcap);
+  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap);
   auto dq = at::empty(query.sizes(), query.options());
   auto dk = at::empty(key.sizes(), key.options());
   auto dv = at::empty(value.sizes(), value.options());
   backward_into(pb, grad_out, grad_lse, query, key, value, out, lse, attn_mask, key_padding_mask,
                 dropout_seed, dropout_p, is_causal, bottom_right, as_4d(dq, pb.batch_size),
-                as_4d(dk, pb.batch_size), as_4d(dv, pb.batch_size));
+                as_4d(dk, pb.batch_size), as_4d(dv, pb.batch_size), mods);
   return {dq, dk, dv, at::empty({0}, query.options()), at::empty({0}, query.options())};
 }
 
@@ -366,7 +374,8 @@ attention_projected_backward(
     auto [dq, dk, dv, d_mask, d_kpm] = reference::attention_backward_op(
         dout4, grad_weights, grad_lse, q, k, v, out4, lse, attn_mask, key_padding_mask,
         dropout_seed, dropout_p, is_causal, /*bottom_right=*/false, std::nullopt,
-        /*enable_gqa=*/false, attn_mask_grad, key_padding_mask_grad);
+        /*enable_gqa=*/false, attn_mask_grad, key_padding_mask_grad, std::nullopt, std::nullopt,
+        std::nullopt);
     dq4.copy_(dq), dk4.copy_(dk), dv4.copy_(dv);
     return {d_query, d_key, d_value, d_mask, d_kpm};
   }

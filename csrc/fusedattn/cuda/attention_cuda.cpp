@@ -145,11 +145,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights) {
+    bool average_weights, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                         dropout_p, scale, enable_gqa);
+                                         dropout_p, scale, enable_gqa, window, alibi_slopes,
+                                         softcap);
+  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap);
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
-  if (const int head_dim = fused_head_dim(pb, query)) {
+  // The variants are not in the CUDA kernel yet: the reference runs them.
+  if (const int head_dim = mods.any() ? 0 : fused_head_dim(pb, query)) {
     auto [out, lse, weights] =
         fused_forward(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
                       dropout_p, is_causal, bottom_right, return_weights, head_dim);
@@ -160,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 #endif
   return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
                                       dropout_seed, dropout_p, is_causal, bottom_right,
-                                      return_weights, average_weights);
+                                      return_weights, average_weights, mods);
 }
 
 }  // namespace

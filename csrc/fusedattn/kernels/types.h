@@ -24,6 +24,21 @@ struct MaskParams {
   // Key j is visible to query i iff j <= i + causal_offset (0 top-left, S - L bottom-right).
   bool causal = false;
   int64_t causal_offset = 0;
+
+  // Variants beyond masks, positions relative to query i's diagonal i + pos_offset (0
+  // top-left, S - L bottom-right, as causal). Sliding window: key j is visible iff
+  // i + pos_offset - window_left <= j <= i + pos_offset + window_right; a side < 0 is unbounded.
+  int64_t pos_offset = 0;
+  int64_t window_left = -1, window_right = -1;
+  // ALiBi: -alibi[b * al_sb + h * al_sh] * |i + pos_offset - j| added to the scaled scores.
+  const float* alibi = nullptr;
+  int64_t al_sb = 0, al_sh = 0;
+  // Soft-capping: the scaled score s becomes softcap * tanh(s / softcap), before any bias or
+  // mask is added; 0 = none.
+  double softcap = 0;
+
+  bool windowed() const { return window_left >= 0 || window_right >= 0; }
+  bool score_mods() const { return windowed() || alibi != nullptr || softcap > 0; }
 };
 
 // The sizes and operands every kernel's parameter struct carries (it derives from this). Each

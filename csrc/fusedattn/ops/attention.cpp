@@ -25,9 +25,12 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
 void check_attention_arguments(const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                               std::optional<double> scale, bool enable_gqa) {
+                               std::optional<double> scale, bool enable_gqa,
+                               at::OptionalIntArrayRef window,
+                               const std::optional<at::Tensor>& alibi_slopes,
+                               std::optional<double> softcap) {
   check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa);
+                         enable_gqa, window, alibi_slopes, softcap);
 }
 
 namespace ops {
@@ -37,10 +40,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
-    bool average_weights) {
+    bool average_weights, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   static auto op = op_handle<decltype(attention)>("fusedattn::attention");
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                 key_padding_mask, causal_alignment, return_weights, return_lse, average_weights);
+                 key_padding_mask, causal_alignment, return_weights, return_lse, average_weights,
+                 window, alibi_slopes, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
@@ -48,10 +53,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights) {
+    bool average_weights, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   static auto op = op_handle<decltype(attention_forward)>("fusedattn::_attention_forward");
   return op.call(query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
-                 is_causal, bottom_right, scale, enable_gqa, return_weights, average_weights);
+                 is_causal, bottom_right, scale, enable_gqa, return_weights, average_weights,
+                 window, alibi_slopes, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -61,11 +68,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
-    bool key_padding_mask_grad) {
+    bool key_padding_mask_grad, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   static auto op = op_handle<decltype(attention_backward)>("fusedattn::_attention_backward");
   return op.call(grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
                  key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale,
-                 enable_gqa, attn_mask_grad, key_padding_mask_grad);
+                 enable_gqa, attn_mask_grad, key_padding_mask_grad, window, alibi_slopes, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
@@ -100,10 +108,13 @@ attention_projected_backward(
 
 AttentionResult attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           const AttentionOptions& o) {
+  at::OptionalIntArrayRef window;
+  if (!o.window().empty()) window = o.window();
   auto [out, weights, lse] =
       ops::attention(query, key, value, opt(o.attn_mask()), o.dropout_p(), o.is_causal(),
                      o.scale(), o.enable_gqa(), opt(o.key_padding_mask()), o.causal_alignment(),
-                     o.return_weights(), o.return_lse(), o.average_weights());
+                     o.return_weights(), o.return_lse(), o.average_weights(), window,
+                     opt(o.alibi_slopes()), o.softcap());
   AttentionResult r;
   r.out = std::move(out);
   if (o.return_weights()) r.weights = std::move(weights);
@@ -165,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
-    bool average_weights) {
+    bool average_weights, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   TORCH_CHECK(!average_weights || return_weights,
               "attention: average_weights=True averages the returned weights: it needs "
               "return_weights=True");
@@ -176,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   // and a mask on another device (meta) would route the call to a Meta kernel that is not
   // there. The backends run the same checks on what reaches them.
   check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa);
+                         enable_gqa, window, alibi_slopes, softcap);
   // The seed is drawn with an ATen op (not by reading the generator directly) so that
   // torch.compile records the draw instead of baking one seed into the graph; on the query's
   // device, so a CUDA call draws from torch's CUDA generator and the kernel reads the seed
@@ -185,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   auto [out, lse, weights] =
       ops::attention_forward(query, key, value, attn_mask, key_padding_mask, seed, dropout_p,
                              is_causal, causal_alignment == "bottom_right", scale, enable_gqa,
-                             return_weights, average_weights);
+                             return_weights, average_weights, window, alibi_slopes, softcap);
   (void)return_lse;  // lse is always computed (the backward needs it); the caller picks.
   return {out, weights, lse};
 }

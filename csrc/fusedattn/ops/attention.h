@@ -35,6 +35,15 @@ struct FUSEDATTN_API AttentionOptions {
   // With return_weights: the weights averaged over the heads, (..., L, S), as
   // nn.MultiheadAttention returns them; the per-head weights are never stored.
   TORCH_ARG(bool, average_weights) = false;
+  // Sliding window {left, right}: query i sees keys i + o - left .. i + o + right (o: 0
+  // top-left, S - L bottom-right, as causal_alignment); -1 = unbounded; empty = none.
+  // Combined with is_causal it only narrows. Key blocks outside it are skipped.
+  TORCH_ARG(std::vector<int64_t>, window) = {};
+  // ALiBi: fp32 slopes (H,) or (..., H); adds -slope[h] * |i + o - j| to the scores.
+  TORCH_ARG(at::Tensor, alibi_slopes);
+  // Soft-capping: the scaled score s becomes softcap * tanh(s / softcap) before any bias or
+  // mask is added.
+  TORCH_ARG(std::optional<double>, softcap) = std::nullopt;
 };
 
 struct AttentionResult {
@@ -69,7 +78,10 @@ FUSEDATTN_API void check_attention_arguments(const at::Tensor& query, const at::
                                              const std::optional<at::Tensor>& attn_mask,
                                              const std::optional<at::Tensor>& key_padding_mask,
                                              double dropout_p, std::optional<double> scale,
-                                             bool enable_gqa);
+                                             bool enable_gqa,
+                                             at::OptionalIntArrayRef window = std::nullopt,
+                                             const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                                             std::optional<double> softcap = std::nullopt);
 
 namespace ops {
 // One function per schema, calling the dispatcher (the schemas are in registration.cpp).
@@ -78,7 +90,9 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
-    bool average_weights = false);
+    bool average_weights = false, at::OptionalIntArrayRef window = std::nullopt,
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+    std::optional<double> softcap = std::nullopt);
 
 // -> (out, lse, weights); weights is empty unless return_weights, (..., L, S) if averaged.
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
@@ -86,7 +100,9 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights = false);
+    bool average_weights = false, at::OptionalIntArrayRef window = std::nullopt,
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+    std::optional<double> softcap = std::nullopt);
 
 // -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask); the last two
 // are empty unless asked for.
@@ -98,7 +114,10 @@ attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                    const std::optional<at::Tensor>& key_padding_mask,
                    const std::optional<at::Tensor>& dropout_seed, double dropout_p,
                    bool is_causal, bool bottom_right, std::optional<double> scale,
-                   bool enable_gqa, bool attn_mask_grad, bool key_padding_mask_grad);
+                   bool enable_gqa, bool attn_mask_grad, bool key_padding_mask_grad,
+                   at::OptionalIntArrayRef window = std::nullopt,
+                   const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                   std::optional<double> softcap = std::nullopt);
 // Attention on projections in the caller's layout, as the modules call it (schemas and
 // the three forms of query/key/value in registration.cpp).
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
@@ -141,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
-    bool average_weights);
+    bool average_weights, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap);
 }  // namespace detail
 
 }  // namespace fusedattn

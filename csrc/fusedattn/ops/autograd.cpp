@@ -67,15 +67,22 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const std::optional<at::Tensor>& key_padding_mask,
                                const std::optional<at::Tensor>& dropout_seed, double dropout_p,
                                bool is_causal, bool bottom_right, std::optional<double> scale,
-                               bool enable_gqa, bool return_weights, bool average_weights) {
+                               bool enable_gqa, bool return_weights, bool average_weights,
+                               at::OptionalIntArrayRef window,
+                               const std::optional<at::Tensor>& alibi_slopes,
+                               std::optional<double> softcap) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, weights] =
         ops::attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                                dropout_p, is_causal, bottom_right, scale, enable_gqa,
-                               return_weights, average_weights);
+                               return_weights, average_weights, window, alibi_slopes, softcap);
     ctx->saved_data["bottom_right"] = bottom_right;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["enable_gqa"] = enable_gqa;
+    // The variants (constants of the call: no gradient to alibi_slopes).
+    ctx->saved_data["window"] = window ? c10::IValue(window->vec()) : c10::IValue();
+    ctx->saved_data["alibi_slopes"] = alibi_slopes ? c10::IValue(alibi_slopes->detach()) : c10::IValue();
+    ctx->saved_data["softcap"] = softcap;
     return save_forward(ctx, query, key, value, out, lse, weights, attn_mask, key_padding_mask,
                         dropout_seed, dropout_p, is_causal, return_weights, average_weights);
   }
@@ -91,6 +98,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
     const auto grad_weights = per_head_grad(grads[2], ctx->saved_data["average_weights"].toBool(),
                                             query.size(-3));
+    const auto& window_iv = ctx->saved_data["window"];
+    const auto window = window_iv.isNone() ? std::vector<int64_t>() : window_iv.toIntVector();
+    const auto& alibi_iv = ctx->saved_data["alibi_slopes"];
 
     auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_backward(
         grad_out, defined_or_none(grad_weights), defined_or_none(grads[1]), query, key, value, out,
@@ -98,14 +108,17 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         defined_or_none(dropout_seed), ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),
         ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(),
-        mask_grad, kpm_grad);
+        mask_grad, kpm_grad,
+        window_iv.isNone() ? at::OptionalIntArrayRef() : at::OptionalIntArrayRef(window),
+        alibi_iv.isNone() ? std::nullopt : std::optional<at::Tensor>(alibi_iv.toTensor()),
+        ctx->saved_data["softcap"].toOptional<double>());
     return {dq,
             dk,
             dv,
             mask_grad ? d_mask : at::Tensor(),
             kpm_grad ? d_kpm : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -182,10 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights) {
+    bool average_weights, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   auto outs = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
                                        dropout_seed, dropout_p, is_causal, bottom_right, scale,
-                                       enable_gqa, return_weights, average_weights);
+                                       enable_gqa, return_weights, average_weights, window,
+                                       alibi_slopes, softcap);
   return {outs[0], outs[1], outs[2]};
 }
 

@@ -44,7 +44,10 @@ std::vector<int64_t> AttentionProblem::weights_shape() const {
 void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& attn_mask,
                             const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                            std::optional<double> scale, bool enable_gqa) {
+                            std::optional<double> scale, bool enable_gqa,
+                            at::OptionalIntArrayRef window,
+                            const std::optional<at::Tensor>& alibi_slopes,
+                            std::optional<double> softcap) {
   // Sizes as SymInts: the real kernels pass concrete sizes, the fake kernels (torch.compile,
   // torch.export with dynamic shapes) symbolic ones, where a check that cannot be decided
   // while tracing becomes a guard or a run-time assertion instead of being skipped.
@@ -130,6 +133,47 @@ void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, cons
                     "scale 1/sqrt(E), got query of shape ", qs, " (pass scale= to allow E = 0)");
   }
   TORCH_CHECK(!scale || std::isfinite(*scale), "attention: scale must be finite, got ", *scale);
+
+  if (window) {
+    TORCH_CHECK(window->size() == 2 && (*window)[0] >= -1 && (*window)[1] >= -1,
+                "attention: window must be (left, right), each >= 0 or -1 for unbounded, got ",
+                *window);
+  }
+  if (alibi_slopes) {
+    const auto& a = *alibi_slopes;
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "attention: alibi_slopes must be float32, got ",
+                a.scalar_type());
+    TORCH_CHECK(a.device() == query.device(), "attention: alibi_slopes must be on query's device (",
+                query.device(), "), got ", a.device());
+    // (H,) or the batch dims then H: (..., H).
+    const auto as = a.sym_sizes();
+    TORCH_CHECK(a.dim() == 1 || a.dim() == nd - 2,
+                "attention: alibi_slopes must have shape (H,) or (..., H) = ", qs.slice(0, nd - 2),
+                ", got ", as);
+    for (int64_t d = 0; d < a.dim(); ++d) {
+      const int64_t qd = a.dim() == 1 ? nd - 3 : d;
+      TORCH_SYM_CHECK(as[d].sym_eq(qs[qd]), "attention: alibi_slopes must have shape (H,) or (..., H) = ",
+                      qs.slice(0, nd - 2), ", got ", as);
+    }
+  }
+  if (softcap) {
+    TORCH_CHECK(*softcap > 0 && std::isfinite(*softcap),
+                "attention: softcap must be positive and finite, got ", *softcap);
+  }
+}
+
+ScoreMods make_score_mods(const AttentionProblem& pb, at::OptionalIntArrayRef window,
+                          const std::optional<at::Tensor>& alibi_slopes,
+                          std::optional<double> softcap) {
+  ScoreMods m;
+  if (window) m.window_left = (*window)[0], m.window_right = (*window)[1];
+  if (alibi_slopes) {
+    auto a = *alibi_slopes;
+    if (a.dim() == 1) a = a.expand({pb.batch_size, pb.heads});
+    m.alibi = a.reshape({pb.batch_size, pb.heads});
+  }
+  if (softcap) m.softcap = *softcap;
+  return m;
 }
 
 AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
@@ -137,9 +181,11 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
                                         const std::optional<at::Tensor>& attn_mask,
                                         const std::optional<at::Tensor>& key_padding_mask,
                                         double dropout_p, std::optional<double> scale,
-                                        bool enable_gqa) {
+                                        bool enable_gqa, at::OptionalIntArrayRef window,
+                                        const std::optional<at::Tensor>& alibi_slopes,
+                                        std::optional<double> softcap) {
   check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa);
+                         enable_gqa, window, alibi_slopes, softcap);
   AttentionProblem p;
   p.batch.assign(query.sizes().begin(), query.sizes().end() - 3);
   for (int64_t d : p.batch) p.batch_size *= d;
@@ -165,7 +211,7 @@ std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
                                                    const std::optional<at::Tensor>& attn_mask,
                                                    const std::optional<at::Tensor>& key_padding_mask,
                                                    bool is_causal, bool bottom_right,
-                                                   kernels::MaskParams& p) {
+                                                   kernels::MaskParams& p, const ScoreMods& mods) {
   using kernels::MaskKind;
   at::Tensor mask, kpm;
   if (attn_mask) {
@@ -183,6 +229,12 @@ std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
   }
   p.causal = is_causal;
   p.causal_offset = bottom_right ? pb.kv_len - pb.q_len : 0;
+  p.pos_offset = bottom_right ? pb.kv_len - pb.q_len : 0;
+  p.window_left = mods.window_left, p.window_right = mods.window_right;
+  if (mods.alibi.defined()) {
+    p.alibi = mods.alibi.data_ptr<float>(), p.al_sb = mods.alibi.stride(0), p.al_sh = mods.alibi.stride(1);
+  }
+  p.softcap = mods.softcap;
   return {mask, kpm};
 }
 

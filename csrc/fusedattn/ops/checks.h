@@ -28,12 +28,31 @@ struct AttentionProblem {
   std::vector<int64_t> weights_shape() const;  // (..., H, L, S)
 };
 
+// The attention variants beyond masks, as the kernels take them: made once, where a backend
+// kernel receives its arguments (make_score_mods), from the schema's window, alibi_slopes and
+// softcap.
+struct ScoreMods {
+  int64_t window_left = -1, window_right = -1;  // < 0: unbounded on that side
+  at::Tensor alibi;                             // (B, H) fp32 slopes (stride 0 where broadcast)
+  double softcap = 0;                           // > 0: soft-capping
+  bool windowed() const { return window_left >= 0 || window_right >= 0; }
+  bool any() const { return windowed() || alibi.defined() || softcap > 0; }
+};
+
 // The argument checks of the attention op, on sizes as SymInts (concrete or symbolic): the
 // real kernels and the fake ones run this one function.
 void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& attn_mask,
                             const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                            std::optional<double> scale, bool enable_gqa);
+                            std::optional<double> scale, bool enable_gqa,
+                            at::OptionalIntArrayRef window = std::nullopt,
+                            const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                            std::optional<double> softcap = std::nullopt);
+
+// The checked variants of one call (check_attention_shapes has checked their arguments).
+ScoreMods make_score_mods(const AttentionProblem& problem, at::OptionalIntArrayRef window,
+                          const std::optional<at::Tensor>& alibi_slopes,
+                          std::optional<double> softcap);
 
 // check_attention_shapes, then the concrete problem sizes.
 AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
@@ -41,7 +60,10 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
                                         const std::optional<at::Tensor>& attn_mask,
                                         const std::optional<at::Tensor>& key_padding_mask,
                                         double dropout_p, std::optional<double> scale,
-                                        bool enable_gqa);
+                                        bool enable_gqa,
+                                        at::OptionalIntArrayRef window = std::nullopt,
+                                        const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                                        std::optional<double> softcap = std::nullopt);
 
 // attn_mask, key_padding_mask and causality as the kernels' MaskParams: the masks as views of
 // (B, H, L, S) and (B, S), stride 0 where they broadcast, never copied. Returns the views the
@@ -50,7 +72,8 @@ std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
                                                    const std::optional<at::Tensor>& attn_mask,
                                                    const std::optional<at::Tensor>& key_padding_mask,
                                                    bool is_causal, bool bottom_right,
-                                                   kernels::MaskParams& p);
+                                                   kernels::MaskParams& p,
+                                                   const ScoreMods& mods = ScoreMods());
 
 // Pointers and (b, h, row) strides of q, k, v, each already viewed as 4-d (B, heads, rows,
 // cols) with a contiguous last dim, into the kernels' ProblemParams.

@@ -33,12 +33,37 @@ at::Tensor reduce_kv_heads(const AttentionProblem& p, const at::Tensor& t) {
   return t.reshape(shape).sum(-3);
 }
 
-// Scaled scores with every mask applied: (..., H, L, S) in the accumulate type.
+// (L, S) relative positions j - (i + o) of key j to query i's diagonal (o: 0 top-left,
+// S - L bottom-right), int64 on `device`.
+at::Tensor relative_positions(const AttentionProblem& p, bool bottom_right, c10::Device device) {
+  auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  const int64_t offset = bottom_right ? p.kv_len - p.q_len : 0;
+  return at::arange(p.kv_len, opts).unsqueeze(0) - (at::arange(p.q_len, opts) + offset).unsqueeze(1);
+}
+
+// Scaled scores with every variant and mask applied: (..., H, L, S) in the accumulate type,
+// in the op's order: soft-capped scores, + ALiBi, + float masks; then bool masks, key
+// padding, causal and the window remove keys. cap_grad (optional): soft-capping's derivative
+// 1 - tanh^2 per score.
 at::Tensor masked_scores(const AttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
                          const std::optional<at::Tensor>& attn_mask,
                          const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
-                         bool bottom_right) {
+                         bool bottom_right, const ScoreMods& mods = ScoreMods(),
+                         at::Tensor* cap_grad = nullptr) {
   auto s = at::matmul(q, k.transpose(-2, -1)).mul_(p.scale);
+  if (mods.softcap > 0) {
+    auto t = at::tanh(s / mods.softcap);
+    if (cap_grad) *cap_grad = 1 - t * t;
+    s = t.mul_(mods.softcap);
+  }
+  at::Tensor rel;
+  if (mods.alibi.defined() || mods.windowed()) rel = relative_positions(p, bottom_right, s.device());
+  if (mods.alibi.defined()) {
+    auto shape = p.batch;
+    shape.insert(shape.end(), {p.heads, 1, 1});
+    auto slopes = mods.alibi.reshape(shape).to(s.scalar_type());
+    s = s - slopes * rel.abs().to(s.scalar_type());
+  }
   if (attn_mask) {
     if (attn_mask->scalar_type() == at::kBool) {
       s.masked_fill_(attn_mask->logical_not(), kNegInf);
@@ -63,6 +88,8 @@ at::Tensor masked_scores(const AttentionProblem& p, const at::Tensor& q, const a
     auto col = at::arange(p.kv_len, opts).unsqueeze(0);
     s.masked_fill_(col > row + offset, kNegInf);
   }
+  if (mods.window_left >= 0) s.masked_fill_(rel < -mods.window_left, kNegInf);
+  if (mods.window_right >= 0) s.masked_fill_(rel > mods.window_right, kNegInf);
   return s;
 }
 
@@ -108,12 +135,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dropout_seed,
     double dropout_p, bool is_causal, bool bottom_right, bool return_weights,
-    bool average_weights) {
+    bool average_weights, const ScoreMods& mods) {
   const auto acc = accumulate_type(query.scalar_type());
   auto q = query.to(acc);
   auto k = expand_kv_heads(p, key.to(acc));
   auto v = expand_kv_heads(p, value.to(acc));
-  auto s = masked_scores(p, q, k, attn_mask, key_padding_mask, is_causal, bottom_right);
+  auto s = masked_scores(p, q, k, attn_mask, key_padding_mask, is_causal, bottom_right, mods);
   auto lse = at::logsumexp(s, -1);
   auto probs = probabilities(s, lse);
   auto dropped = dropout_p > 0.0 ? probs * dropout_multiplier(p, *dropout_seed, dropout_p, probs.options())
@@ -131,13 +158,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lse,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, bool attn_mask_grad, bool key_padding_mask_grad) {
+    bool bottom_right, bool attn_mask_grad, bool key_padding_mask_grad, const ScoreMods& mods) {
   const auto acc = accumulate_type(query.scalar_type());
   auto q = query.to(acc);
   auto k = expand_kv_heads(p, key.to(acc));
   auto v = expand_kv_heads(p, value.to(acc));
   auto d_out = grad_out.to(acc);
-  auto s = masked_scores(p, q, k, attn_mask, key_padding_mask, is_causal, bottom_right);
+  at::Tensor cap_grad;
+  auto s = masked_scores(p, q, k, attn_mask, key_padding_mask, is_causal, bottom_right, mods,
+                         &cap_grad);
   auto probs = probabilities(s, lse.to(acc));
 
   at::Tensor mult;
@@ -152,8 +181,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   auto ds = probs * (dp - (probs * dp).sum(-1, /*keepdim=*/true));
   if (grad_lse && grad_lse->numel() > 0) ds.add_(probs * grad_lse->to(acc).unsqueeze(-1));
 
-  auto dq = at::matmul(ds, k).mul_(p.scale);
-  auto dk = at::matmul(ds.transpose(-2, -1), q).mul_(p.scale);
+  // The masks' gradients are ds; the raw scores' pass through soft-capping's derivative.
+  auto ds_raw = cap_grad.defined() ? ds * cap_grad : ds;
+  auto dq = at::matmul(ds_raw, k).mul_(p.scale);
+  auto dk = at::matmul(ds_raw.transpose(-2, -1), q).mul_(p.scale);
   dk = reduce_kv_heads(p, dk);
   dv = reduce_kv_heads(p, dv);
 
@@ -176,15 +207,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
-    bool key_padding_mask_grad) {
+    bool key_padding_mask_grad, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
   const auto problem = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                              dropout_p, scale, enable_gqa);
+                                              dropout_p, scale, enable_gqa, window, alibi_slopes,
+                                              softcap);
   TORCH_CHECK(grad_out.sizes().equals(problem.out_shape()),
               "attention backward: grad_out must have shape ", c10::IntArrayRef(problem.out_shape()),
               ", got ", grad_out.sizes());
   return attention_backward(problem, grad_out, grad_weights, grad_lse, query, key, value, lse,
                             attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
-                            bottom_right, attn_mask_grad, key_padding_mask_grad);
+                            bottom_right, attn_mask_grad, key_padding_mask_grad,
+                            make_score_mods(problem, window, alibi_slopes, softcap));
 }
 
 }  // namespace fusedattn::reference

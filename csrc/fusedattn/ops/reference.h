@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dropout_seed,
     double dropout_p, bool is_causal, bool bottom_right, bool return_weights,
-    bool average_weights);
+    bool average_weights, const ScoreMods& mods = ScoreMods());
 
 // -> (dq, dk, dv, d_attn_mask or empty, d_key_padding_mask or empty)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -27,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lse,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, bool attn_mask_grad, bool key_padding_mask_grad);
+    bool bottom_right, bool attn_mask_grad, bool key_padding_mask_grad,
+    const ScoreMods& mods = ScoreMods());
 
 // The backward with the op's schema (it checks its arguments): what a backend without a
 // fused backward registers.
@@ -39,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
-    bool key_padding_mask_grad);
+    bool key_padding_mask_grad, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap);
 
 // The dropout multiplier (keep / (1 - p), or 0) of every element of the (..., H, L, S)
 // probabilities, drawn with kernels::DropoutParams so that fused kernels draw the same.

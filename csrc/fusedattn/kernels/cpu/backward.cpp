@@ -75,20 +75,23 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
       w.one_key[i] = this->sees_one_key(b, h, i, ke);
     }
     std::fill(w.dq.begin(), w.dq.end(), A(0));
-    for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
-      const int64_t bk = std::min(kBwdBlockK, ke - j0);
-      // Queries that see any key of this block: i >= j0 - causal_offset.
-      const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
+    // Keys some query sees: from the first query's window edge to the last query's end.
+    const int64_t j_end = std::min(ke, this->visible_end(p.L - 1));
+    for (int64_t j0 = this->visible_begin(0); j0 < j_end; j0 += kBwdBlockK) {
+      const int64_t bk = std::min(kBwdBlockK, j_end - j0);
+      // Queries that see any key of this block (causal, the window): [i_first, i_end).
+      const auto [i_first, i_end] = this->seeing_queries(j0, j0 + bk);
       const U* kj = k + j0 * k_sr;
       const U* vj = v + j0 * v_sr;
-      for (int64_t i0 = i_first / kBwdBlockQ * kBwdBlockQ; i0 < p.L; i0 += kBwdBlockQ) {
+      for (int64_t i0 = i_first / kBwdBlockQ * kBwdBlockQ; i0 < i_end; i0 += kBwdBlockQ) {
         const int64_t bq = std::min(kBwdBlockQ, p.L - i0);
         const U* qi = q + i0 * q_sr;
         const U* doi = dout + i0 * do_sr;
         A* s = w.s.data();
         A* dp = w.dp.data();
         mm(false, true, bq, bk, p.E, A(1), qi, q_sr, kj, k_sr, A(0), s, bk);
-        this->apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data());
+        A* cap = p.softcap > 0 ? w.cap.data() : nullptr;
+        this->apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data(), cap);
         this->probabilities(s, bq, bk, lse + i0);
         // dP = dO V^T. With dropout the forward used P * M: dP picks up M here, and dV
         // takes P * M below, once dS (which needs P itself) is formed.
@@ -103,6 +106,10 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
           } else {
             softmax_grad_row(dp + r * bk, s + r * bk, bk, w.d[i0 + r], glse);
           }
+        }
+        // Soft-capping: the scores' gradient times tanh's derivative (dS of the raw scores).
+        if (cap) {
+          for (int64_t e = 0; e < bq * bk; ++e) dp[e] *= cap[e];
         }
         if (p.dropout) {
           for (int64_t r = 0; r < bq; ++r) this->drop_row(s + r * bk, b, h, i0 + r, j0, bk);

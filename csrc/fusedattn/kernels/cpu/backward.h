@@ -18,6 +18,7 @@ struct Backward : Problem<T> {
 
   struct Work {
     std::vector<A> s, dp, dq, dk, dv, d, bias, lse;
+    std::vector<A> cap;  // softcap: its derivative per score of the block
     // Per query: it sees exactly one key (Masks::sees_one_key); keys-as-rows: as lane masks,
     // bit l of one_key_lanes[v] for query 16 v + l.
     std::vector<uint8_t> one_key;
@@ -28,7 +29,8 @@ struct Backward : Problem<T> {
     Work(const FlashParams& p, bool kr)
         : s((kr ? layout::kKrQ : layout::kBwdBlockQ) * layout::kBwdBlockK), dp(s.size()),
           dq((kr ? layout::ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev),
-          d(kr ? layout::l_pad(p) : p.L), bias(layout::kBwdBlockK), lse(kr ? layout::l_pad(p) : 0),
+          d(kr ? layout::l_pad(p) : p.L), bias(2 * layout::kBwdBlockK), lse(kr ? layout::l_pad(p) : 0),
+          cap(p.softcap > 0 ? s.size() : 0),
           one_key(d.size()), one_key_lanes(kr ? layout::l_pad(p) / 16 : 0),
           narrow_s(kIsHalf<T> && !p.half_on_f32 ? s.size() : 0), narrow_dp(narrow_s.size()),
           ds_packed(kr && kIsHalf<T> ? s.size() : 0), kt(kr ? p.E * layout::ld_kt(p) : 0),

@@ -35,7 +35,10 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
   const A mul = this->mul;
   float* qf = w.qf.data();
   if (wide) widen_rows(q, p.q_sr, bq, p.E, qf);
-  for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
+  // A sliding window's left edge: key blocks before it are skipped (block-aligned: the
+  // packed operands are per block of kFwdBlockK keys).
+  const int64_t j_begin = this->visible_begin(i0) / kFwdBlockK * kFwdBlockK;
+  for (int64_t j0 = j_begin; j0 < kv_end; j0 += kFwdBlockK) {
     // Packed: the block's columns up to kv_end rounded up to whole 64-column panels of the
     // packed layout (the causal mask hides the extra ones); a prefix of a packed V block is
     // a valid packed operand. bkp is P's row stride and the P V product's depth, even for

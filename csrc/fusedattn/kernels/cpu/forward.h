@@ -23,7 +23,7 @@ struct Forward : Problem<T> {
   bool wide() const { return kIsHalf<T> && p.half_on_f32; }
 
   struct Work {
-    std::vector<A> s, acc, m, l, bias;
+    std::vector<A> s, acc, m, l, bias;  // bias: a block's key bias, then softcap's scratch
     // Scores against all keys (weights): half types', or every type's when averaging.
     std::vector<A> rows;
     std::vector<A> avg;                    // averaging, half types: the heads' weights summed
@@ -33,7 +33,7 @@ struct Forward : Problem<T> {
     std::vector<float> qf;                 // wide(): the task's queries in fp32 (bq x E)
     explicit Work(const FlashParams& p)
         : s(layout::kFwdBlockQ * layout::kFwdBlockK), acc(layout::kFwdBlockQ * p.Ev),
-          m(layout::kFwdBlockQ), l(layout::kFwdBlockQ), bias(layout::kFwdBlockK),
+          m(layout::kFwdBlockQ), l(layout::kFwdBlockQ), bias(2 * layout::kFwdBlockK),
           rows(p.weights && (kIsHalf<T> || p.average_weights) ? layout::kFwdBlockQ * p.S : 0),
           avg(kIsHalf<T> && p.weights && p.average_weights ? layout::kFwdBlockQ * p.S : 0),
           head(avg.size()),

@@ -1,10 +1,13 @@
 #pragma once
-// Which keys a query sees: attn_mask (bool or additive, read through its strides),
-// key_padding_mask (as a per-key bias), causal in either alignment, and the keys past the
-// last visible one that every loop skips.
+// Which keys a query sees and what is added to its scores: attn_mask (bool or additive, read
+// through its strides), key_padding_mask (as a per-key bias), causal in either alignment, the
+// sliding window, ALiBi and soft-capping, and the keys outside the visible range that every
+// loop skips.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "fusedattn/kernels/cpu/params.h"
 #include "fusedattn/kernels/cpu/rows.h"
@@ -24,14 +27,36 @@ struct Masks {
   bool mask_pass;  // apply_masks has work to do
 
   explicit Masks(const FlashParams& params) : p(params) {
-    fold = p.scale > 0 && p.mask_kind != MaskKind::Additive && p.kpm_kind != MaskKind::Additive;
+    fold = p.scale > 0 && p.mask_kind != MaskKind::Additive && p.kpm_kind != MaskKind::Additive &&
+           p.alibi == nullptr && !(p.softcap > 0);
     mul = fold ? A(p.scale) : A(1);
-    mask_pass = !fold || p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None || p.causal;
+    mask_pass = !fold || p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None ||
+                p.causal || p.windowed();
   }
 
   // One past the last key that any of the queries up to i_last may see.
   int64_t visible_end(int64_t i_last) const {
-    return p.causal ? std::clamp<int64_t>(i_last + p.causal_offset + 1, 0, p.S) : p.S;
+    int64_t end = p.causal ? std::clamp<int64_t>(i_last + p.causal_offset + 1, 0, p.S) : p.S;
+    if (p.window_right >= 0)
+      end = std::min(end, std::clamp<int64_t>(i_last + p.pos_offset + p.window_right + 1, 0, p.S));
+    return end;
+  }
+  // The first key that any query from i_first on may see (the window's left edge; else 0).
+  int64_t visible_begin(int64_t i_first) const {
+    return p.window_left >= 0 ? std::clamp<int64_t>(i_first + p.pos_offset - p.window_left, 0, p.S) : 0;
+  }
+  // The queries that see any key of [j0, j1): [first, last + 1), by causal and the window.
+  std::pair<int64_t, int64_t> seeing_queries(int64_t j0, int64_t j1) const {
+    int64_t first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
+    int64_t end = p.L;
+    if (p.window_right >= 0) first = std::max<int64_t>(first, j0 - p.pos_offset - p.window_right);
+    if (p.window_left >= 0) end = std::clamp<int64_t>(j1 - 1 - p.pos_offset + p.window_left + 1, 0, p.L);
+    return {std::min(first, p.L), end};
+  }
+  // Whether key j is inside query i's window.
+  bool in_window(int64_t i, int64_t j) const {
+    const int64_t d = j - (i + p.pos_offset);
+    return (p.window_left < 0 || d >= -p.window_left) && (p.window_right < 0 || d <= p.window_right);
   }
   // One past the last key of batch b that key_padding_mask leaves visible (bool: 0; float: not
   // -inf). The keys after it are hidden from every query of the batch and, like the keys past
@@ -63,7 +88,8 @@ struct Masks {
   bool sees_one_key(int64_t b, int64_t h, int64_t i, int64_t key_end_b) const {
     const int64_t end = std::min(visible_end(i), key_end_b);
     int64_t seen = 0;
-    for (int64_t j = 0; j < end && seen < 2; ++j) {
+    for (int64_t j = visible_begin(i); j < end && seen < 2; ++j) {
+      if (p.windowed() && !in_window(i, j)) continue;
       const int64_t kp = b * p.p_sb + j * p.p_sc;
       if (p.kpm_kind == MaskKind::Bool && static_cast<const uint8_t*>(p.kpm)[kp]) continue;
       if (p.kpm_kind == MaskKind::Additive && A(to_acc(static_cast<const T*>(p.kpm)[kp])) == kNegInf)
@@ -88,16 +114,42 @@ struct Masks {
     }
   }
 
+  // softcap * tanh(row / softcap), in place, from exp of -2|x| (the tier's vector exp, no
+  // overflow); d (optional): the derivative 1 - tanh^2, what the backward multiplies dS by.
+  // NaN stays NaN; +-inf becomes +-softcap.
+  void soft_cap_row(A* row, int64_t n, A* d) const {
+    const A cap = A(p.softcap), inv = A(1) / cap;
+    for (int64_t c = 0; c < n; ++c) d[c] = A(-2) * std::abs(row[c]) * inv;
+    exp_rows(d, n, A(1), A(0));
+    for (int64_t c = 0; c < n; ++c) {
+      const A e = d[c], t = (A(1) - e) / (A(1) + e);  // tanh(|x| / cap)
+      row[c] = std::copysign(cap * t, row[c]);
+      d[c] = A(1) - t * t;
+    }
+  }
+  // ALiBi's -slope * |i + pos_offset - j| for keys j0 .. j0 + n - 1.
+  void add_alibi_row(A* row, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) const {
+    const A slope = A(p.alibi[b * p.al_sb + h * p.al_sh]);
+    const int64_t diag = i + p.pos_offset - j0;
+    for (int64_t c = 0; c < n; ++c) row[c] -= slope * A(std::abs(diag - c));
+  }
+
   // Scores block s (bq x bk, row stride ld) for queries i0.. and keys j0..: scale unless
-  // folded, then every mask.
+  // folded, soft-cap, ALiBi, then every mask and the window. cap_grad (bq x bk, row stride
+  // bk; the backward's, with softcap only): soft-capping's derivative per score.
   void apply_masks(A* s, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0,
-                   int64_t bk, A* col_bias) const {
+                   int64_t bk, A* col_bias, A* cap_grad = nullptr) const {
     if (!mask_pass) return;
     key_bias(b, j0, bk, col_bias);
     for (int64_t r = 0; r < bq; ++r) {
       A* row = s + r * ld;
       const int64_t i = i0 + r;
       if (!fold) scale_row(row, bk, A(p.scale));
+      if (p.softcap > 0) {
+        A* d = cap_grad ? cap_grad + r * bk : col_bias + bk;  // col_bias has room for 2 bk
+        soft_cap_row(row, bk, d);
+      }
+      if (p.alibi) add_alibi_row(row, bk, b, h, i, j0);
       if (p.mask_kind != MaskKind::None) {
         const int64_t base = b * p.m_sb + h * p.m_sh + i * p.m_sr + j0 * p.m_sc;
         if (p.mask_kind == MaskKind::Bool) {
@@ -112,6 +164,17 @@ struct Masks {
       if (p.causal) {
         const int64_t first_hidden = std::max<int64_t>(i + p.causal_offset + 1 - j0, 0);
         for (int64_t c = first_hidden; c < bk; ++c) row[c] = kNegInf;
+      }
+      if (p.windowed()) {
+        const int64_t diag = i + p.pos_offset - j0;  // the block's column of key i + offset
+        if (p.window_left >= 0) {
+          const int64_t lo = std::clamp<int64_t>(diag - p.window_left, 0, bk);
+          std::fill(row, row + lo, kNegInf);
+        }
+        if (p.window_right >= 0) {
+          const int64_t hi = std::clamp<int64_t>(diag + p.window_right + 1, 0, bk);
+          std::fill(row + hi, row + bk, kNegInf);
+        }
       }
     }
   }

@@ -92,10 +92,12 @@ bool keep_packed(const FlashParams& p, Capability tier, bool backward) {
          p.E % 2 == 0 && (!backward || p.Ev % 2 == 0) &&
          queries_per_kv_head(p) >= kPackedMinQueries;
 }
-// What the keys-as-rows bf16 paths need beyond packed GEMMs: no attn_mask and no dropout
-// (those keep the query-rows paths, which read masks row by row), the VNNI layout.
+// What the keys-as-rows bf16 paths need beyond packed GEMMs: no attn_mask, dropout, window,
+// ALiBi or softcap (those keep the query-rows paths, whose one masking pass, Masks::apply_masks,
+// applies them row by row), the VNNI layout.
 bool keys_as_rows_bf16(const FlashParams& p) {
-  if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None || p.dropout)
+  if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None ||
+      p.dropout || p.score_mods())
     return false;
   static const bool vnni = packed_layout_is_vnni(*p.packed);  // the bf16 hooks: one object
   return vnni;
@@ -137,7 +139,7 @@ Plan plan_forward(const FlashParams& in) {
 Plan plan_backward(const FlashParams& in) {
   Plan r = start(in, /*backward=*/true);
   FlashParams& p = r.p;
-  const bool plain = p.mask_kind == MaskKind::None && !p.dropout;
+  const bool plain = p.mask_kind == MaskKind::None && !p.dropout && !p.score_mods();
   const bool f32_kr = p.dtype == DType::Float && p.fgemm != nullptr && plain && p.S > 0 &&
                       r.tier >= Capability::Avx512 &&
                       queries_per_kv_head(p) >= kFloatGemmBackwardMinQueries;

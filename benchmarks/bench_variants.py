@@ -1,0 +1,118 @@
+"""Attention variants against PyTorch in one run (CPU): sliding window, ALiBi, soft-capping.
+
+For each case: fusedattn with the variant, fusedattn's plain call of the same size (the
+variant's own cost), SDPA given the equivalent mask (a materialised bool window or ALiBi's
+float bias; softcap has no SDPA form, so the same math written out in ATen), and FlexAttention
+in eager mode (forward; on the CPU it has no backward). Medians of interleaved calls; writes
+benchmarks/results/variants.json.
+
+  python benchmarks/bench_variants.py [--quick]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cpu_model, fwd_bwd, peak_mb, time_pair  # noqa: E402
+
+import fusedattn  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    from torch.nn.attention.flex_attention import flex_attention
+except ImportError:  # older torch
+    flex_attention = None
+
+
+def rel_positions(L):
+    return torch.arange(L)[None, :] - torch.arange(L)[:, None]  # j - i
+
+
+def case(variant, dtype, L, B=4, H=8, E=64):
+    """(inputs, {name: fn}) with fn(q, k, v) -> out."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, E, generator=g).to(dtype) for _ in range(3))
+    rel = rel_positions(L)
+    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)])
+    fns = {"fusedattn plain": lambda q, k, v: fusedattn.attention(q, k, v, is_causal=True)}
+    if variant == "window":  # left 256, right 0 (causal)
+        allowed = (rel <= 0) & (rel >= -256)
+        fns["fusedattn"] = lambda q, k, v: fusedattn.attention(q, k, v, window=(256, 0))
+        fns["sdpa bool mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        mod = lambda score, b, h, i, j: torch.where((j <= i) & (j >= i - 256), score, -math.inf)
+    elif variant == "alibi":
+        bias = (-slopes[:, None, None] * rel.abs()).masked_fill(rel > 0, -math.inf).to(dtype)
+        fns["fusedattn"] = lambda q, k, v: fusedattn.attention(q, k, v, is_causal=True, alibi_slopes=slopes)
+        fns["sdpa float mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        mod = lambda score, b, h, i, j: torch.where(j <= i, score - slopes[h] * (i - j).abs(), -math.inf)
+    elif variant == "softcap":
+        cap = 30.0
+
+        def math_softcap(q, k, v):
+            s = cap * torch.tanh((q @ k.transpose(-1, -2)) / math.sqrt(E) / cap)
+            s = s.masked_fill(rel > 0, -math.inf)
+            return torch.softmax(s.float(), -1).to(v.dtype) @ v
+        fns["fusedattn"] = lambda q, k, v: fusedattn.attention(q, k, v, is_causal=True, softcap=cap)
+        fns["math (ATen)"] = math_softcap
+        mod = lambda score, b, h, i, j: torch.where(j <= i, cap * torch.tanh(score / cap), -math.inf)
+    else:
+        raise ValueError(variant)
+    flex = (lambda q, k, v: flex_attention(q, k, v, score_mod=mod)) if flex_attention else None
+    return (q, k, v), fns, flex
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    repeats = 3 if args.quick else args.repeats
+    plan = [("window", d, L) for d in (torch.float32, torch.bfloat16) for L in ((2048,) if args.quick else (2048, 4096))]
+    plan += [(v, torch.float32, L) for v in ("alibi", "softcap") for L in ((1024,) if args.quick else (1024, 2048))]
+    rows = []
+    for variant, dtype, L in plan:
+        inputs, fns, flex = case(variant, dtype, L)
+        for mode in ("fwd", "fwd+bwd"):
+            names = list(fns)
+            if mode == "fwd":
+                runs = []
+                for n in names:
+                    fn = fns[n]
+                    runs.append(lambda fn=fn: fn(*inputs))
+                if flex is not None:
+                    names.append("flex eager")
+                    runs.append(lambda: flex(*inputs))
+                with torch.no_grad():
+                    times = time_pair(runs, repeats, 20.0)
+                    peaks = [peak_mb(r) for r in runs]
+            else:
+                runs = [fwd_bwd(fns[n], inputs) for n in names]
+                times = time_pair(runs, repeats, 20.0)
+                peaks = [peak_mb(r) for r in runs]
+            row = dict(case=variant, dtype=str(dtype)[6:], L=L, mode=mode,
+                       ms={n: t * 1e3 for n, t in zip(names, times)},
+                       peak_mb={n: m for n, m in zip(names, peaks)})
+            ours = row["ms"]["fusedattn"]
+            row["speedup"] = {n: t / ours for n, t in row["ms"].items() if n != "fusedattn"}
+            rows.append(row)
+            others = ", ".join(f"{n} {t:.1f} ms ({row['speedup'][n]:.2f}x)" for n, t in row["ms"].items()
+                               if n != "fusedattn")
+            print(f"{variant:<8}{row['dtype']:<10}L={L:<6}{mode:<8} fusedattn {ours:8.1f} ms "
+                  f"(peak {row['peak_mb']['fusedattn']:.0f} MiB); {others}", flush=True)
+    meta = dict(torch=torch.__version__, cpu=cpu_model(), threads=torch.get_num_threads(),
+                fusedattn_tier=fusedattn.cpu_capability())
+    print(f"CPU: {meta['cpu']}; tier {meta['fusedattn_tier']}; {meta['threads']} threads; torch {meta['torch']}; "
+          "B=4 H=8 E=64; speedup = their time / fusedattn's")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "variants.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Attention variants on the fused path: sliding windows, ALiBi and logit soft-capping, alone
+and with every existing option, forward and backward, against an fp64 reference written from
+the formulas (not from the op's own reference path)."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedattn
+
+
+def formula(q, k, v, *, window=None, alibi=None, softcap=None, attn_mask=None, kpm=None,
+            is_causal=False, bottom_right=False, scale=None, gqa=False):
+    """fp64: s = scale q.k, soft-capped, + ALiBi + float masks; bool masks, key padding,
+    causal and the window remove keys; fully removed rows give 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    if gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    L, S = q.shape[-2], k.shape[-2]
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    o = S - L if bottom_right else 0
+    rel = torch.arange(S)[None, :] - (torch.arange(L)[:, None] + o)  # j - (i + o)
+    if alibi is not None:
+        slopes = alibi.double()
+        slopes = slopes.reshape(*([1] * (q.dim() - 3)), -1, 1, 1) if alibi.dim() == 1 else slopes[..., None, None]
+        s = s - slopes * rel.abs()
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.double()
+    if kpm is not None and kpm.dtype != torch.bool:
+        s = s + kpm.double()[..., None, None, :]
+    keep = torch.ones(L, S, dtype=torch.bool)
+    if is_causal:
+        keep &= rel <= 0
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep &= rel >= -left
+        if right >= 0:
+            keep &= rel <= right
+    keep = keep.expand(s.shape).clone()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep &= attn_mask.expand(s.shape)
+    if kpm is not None and kpm.dtype == torch.bool:
+        keep &= ~kpm[..., None, None, :].expand(s.shape)
+    s = s.masked_fill(~keep, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0)[..., None]).masked_fill(~keep, 0)
+    return p @ v, lse
+
+
+def rand(*shape, dtype=torch.float32, grad=True):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def check(q, k, v, atol, **kw):
+    """Values, lse and gradients against the formula."""
+    out, _, lse = fusedattn.attention(q, k, v, return_lse=True, **{
+        k_: v_ for k_, v_ in dict(
+            window=kw.get("window"), alibi_slopes=kw.get("alibi"), softcap=kw.get("softcap"),
+            attn_mask=kw.get("attn_mask"), key_padding_mask=kw.get("kpm"),
+            is_causal=kw.get("is_causal", False), scale=kw.get("scale"),
+            enable_gqa=kw.get("gqa", False),
+            causal_alignment="bottom_right" if kw.get("bottom_right") else "top_left").items()})
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = formula(qd, kd, vd, **kw)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=atol, rtol=atol)
+    assert torch.isneginf(lse[~finite]).all()
+    g = torch.randn_like(ref)
+    out.backward(g.to(out.dtype))
+    ref.backward(g)
+    for got, want, name in ((q.grad, qd.grad, "dq"), (k.grad, kd.grad, "dk"), (v.grad, vd.grad, "dv")):
+        torch.testing.assert_close(got.double(), want, atol=atol * 4, rtol=atol * 4, msg=name)
+
+
+WINDOWS = [(0, 0), (3, 0), (0, 2), (5, 5), (-1, 4), (7, -1), (600, 0), (2, 700)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("bottom_right", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window(window, bottom_right, causal):
+    torch.manual_seed(0)
+    q, k, v = rand(2, 3, 37, 16), rand(2, 3, 45, 16), rand(2, 3, 45, 8)
+    check(q, k, v, 2e-5, window=window, bottom_right=bottom_right, is_causal=causal)
+
+
+@pytest.mark.parametrize("L,S", [(700, 700), (1100, 900), (130, 1500)])
+def test_window_cuts_blocks(L, S):
+    # Windows that start and end inside the 512-key forward / 256-key backward blocks.
+    torch.manual_seed(1)
+    q, k, v = rand(1, 2, L, 32), rand(1, 2, S, 32), rand(1, 2, S, 32)
+    check(q, k, v, 3e-5, window=(300, 40), bottom_right=True)
+    q.grad = k.grad = v.grad = None
+    check(q, k, v, 3e-5, window=(257, 0), is_causal=True)
+
+
+@pytest.mark.parametrize("shape", ["heads", "batch"])
+@pytest.mark.parametrize("bottom_right", [False, True])
+def test_alibi(shape, bottom_right):
+    torch.manual_seed(2)
+    q, k, v = rand(2, 4, 19, 8), rand(2, 4, 23, 8), rand(2, 4, 23, 6)
+    slopes = torch.tensor([2 ** -(8 * (h + 1) / 4) for h in range(4)])
+    if shape == "batch":
+        slopes = torch.stack([slopes, slopes * 0.5])
+    check(q, k, v, 2e-5, alibi=slopes, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("cap", [0.5, 5.0, 50.0])
+def test_softcap(cap):
+    torch.manual_seed(3)
+    q, k, v = rand(2, 3, 21, 16) * 3, rand(2, 3, 29, 16) * 3, rand(2, 3, 29, 8)
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    check(q, k, v, 2e-5, softcap=cap)
+
+
+COMBOS = list(itertools.product([None, (4, 1)], [False, True], [None, 2.0], ["none", "bool", "float", "kpm"]))
+
+
+@pytest.mark.parametrize("window,alibi,softcap,mask", COMBOS)
+def test_combinations_with_masks(window, alibi, softcap, mask):
+    torch.manual_seed(4)
+    q, k, v = rand(2, 4, 17, 8), rand(2, 2, 20, 8), rand(2, 2, 20, 5)
+    kw = dict(window=window, softcap=softcap, gqa=True, is_causal=window is None, bottom_right=True)
+    if alibi:
+        kw["alibi"] = torch.rand(4)
+    if mask == "bool":
+        m = torch.rand(17, 20) > 0.3
+        m[:, -1] = True
+        kw["attn_mask"] = m
+    elif mask == "float":
+        kw["attn_mask"] = torch.randn(17, 20)
+    elif mask == "kpm":
+        pad = torch.zeros(2, 20, dtype=torch.bool)
+        pad[1, 12:] = True
+        kw["kpm"] = pad
+    check(q, k, v, 2e-5, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_against_sdpa_error(dtype):
+    # Half types: within 2x of PyTorch's own error (SDPA with the equivalent float mask, same
+    # dtype) against fp64, plus a quarter epsilon.
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 77, 32, dtype=dtype) for _ in range(3))
+    slopes = torch.rand(4)
+    kw = dict(window=(20, 3), alibi=slopes, softcap=8.0)
+    out = fusedattn.attention(q, k, v, window=(20, 3), alibi_slopes=slopes, softcap=8.0)
+    ref, _ = formula(q, k, v, **kw)
+    # The same scores as a float mask for SDPA (softcap has no SDPA form: compare to fp64 only).
+    err = (out.double() - ref).abs().max().item()
+    eps = torch.finfo(dtype).eps
+    if dtype in (torch.float64, torch.float32):
+        assert err < 50 * eps, err
+    else:
+        rel = torch.arange(77)[None] - torch.arange(77)[:, None]
+        keep = (rel >= -20) & (rel <= 3)
+        bias = (-slopes[:, None, None] * rel.abs()).masked_fill(~keep, -math.inf)
+        # SDPA cannot softcap: its reference error uses the same problem without it.
+        sd = F.scaled_dot_product_attention(q, k, v, bias.to(dtype))
+        sd_ref, _ = formula(q, k, v, window=(20, 3), alibi=slopes)
+        torch_err = (sd.double() - sd_ref).abs().max().item()
+        assert err <= 2 * torch_err + eps / 4, (err, torch_err)
+
+
+def test_dropout_weights_and_averaging_with_variants():
+    torch.manual_seed(6)
+    q, k, v = rand(2, 3, 15, 8, grad=False), rand(2, 3, 18, 8, grad=False), rand(2, 3, 18, 8, grad=False)
+    kw = dict(window=(3, 2), alibi_slopes=torch.rand(3), softcap=3.0)
+    out, w, lse = fusedattn.attention(q, k, v, return_weights=True, return_lse=True, **kw)
+    _, w_avg, _ = fusedattn.attention(q, k, v, return_weights=True, average_weights=True, **kw)
+    torch.testing.assert_close(w_avg, w.mean(1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, w @ v, atol=1e-5, rtol=1e-5)
+    # Window holes are exact zeros in the weights.
+    rel = torch.arange(18)[None] - torch.arange(15)[:, None]
+    assert (w[..., (rel < -3) | (rel > 2)] == 0).all()
+    # Dropout: the same seed twice gives the same result, and the reference path agrees.
+    torch.manual_seed(7)
+    a = fusedattn.attention(q, k, v, dropout_p=0.3, **kw)
+    torch.manual_seed(7)
+    b = fusedattn.attention(q, k, v, dropout_p=0.3, **kw)
+    assert torch.equal(a, b)
+
+
+def test_reference_path_agrees(monkeypatch):
+    torch.manual_seed(8)
+    q, k, v = rand(1, 2, 33, 8), rand(1, 2, 41, 8), rand(1, 2, 41, 8)
+    kw = dict(window=(6, 2), alibi_slopes=torch.rand(2), softcap=4.0, is_causal=True,
+              causal_alignment="bottom_right")
+    fused = fusedattn.attention(q, k, v, **kw)
+    fused.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "reference")
+    ref = fusedattn.attention(q, k, v, **kw)
+    ref.sum().backward()
+    torch.testing.assert_close(fused, ref, atol=2e-6, rtol=2e-6)
+    for a, b in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_float_mask_gradient_with_variants():
+    # A float mask's gradient takes the reference backward: the variants apply there too.
+    torch.manual_seed(9)
+    q, k, v = rand(1, 2, 9, 8, dtype=torch.float64), rand(1, 2, 11, 8, dtype=torch.float64), \
+        rand(1, 2, 11, 8, dtype=torch.float64)
+    m = torch.randn(9, 11, dtype=torch.float64, requires_grad=True)
+    kw = dict(window=(2, 2), alibi_slopes=torch.rand(2), softcap=3.0)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, m: fusedattn.attention(q, k, v, m, **kw), (q, k, v, m))
+
+
+@pytest.mark.parametrize("kw", [dict(window=(3, 1)), dict(alibi_slopes=torch.rand(2)), dict(softcap=2.0),
+                                dict(window=(2, -1), alibi_slopes=torch.rand(2), softcap=1.5, is_causal=True)])
+def test_gradcheck_fp64(kw):
+    torch.manual_seed(10)
+    q, k, v = (torch.randn(1, 2, n, 6, dtype=torch.float64, requires_grad=True) for n in (7, 9, 9))
+    assert torch.autograd.gradcheck(lambda q, k, v: fusedattn.attention(q, k, v, **kw), (q, k, v))
+
+
+def test_opcheck_and_compile():
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(2, 2, n, 8, requires_grad=True) for n in (10, 12, 12))
+    slopes = torch.rand(2)
+    args = (q, k, v, None, 0.0, True, None, False)
+    kwargs = dict(key_padding_mask=None, causal_alignment="bottom_right", return_weights=False,
+                  return_lse=True, average_weights=False, window=[3, 1], alibi_slopes=slopes,
+                  softcap=2.5)
+    torch.library.opcheck(torch.ops.fusedattn.attention, args, kwargs)
+    f = torch.compile(lambda q, k, v: fusedattn.attention(
+        q, k, v, is_causal=True, window=(3, 1), alibi_slopes=slopes, softcap=2.5), fullgraph=True)
+    torch.testing.assert_close(f(q, k, v), fusedattn.attention(
+        q, k, v, is_causal=True, window=(3, 1), alibi_slopes=slopes, softcap=2.5))
+
+
+def test_fully_removed_rows():
+    # A window that leaves some queries no key: 0 output, lse -inf, 0 gradients.
+    torch.manual_seed(12)
+    q, k, v = rand(1, 1, 8, 4), rand(1, 1, 4, 4), rand(1, 1, 4, 4)
+    out, _, lse = fusedattn.attention(q, k, v, window=(0, 0), return_lse=True)
+    assert (out[0, 0, 4:] == 0).all() and torch.isneginf(lse[0, 0, 4:]).all()
+    out.sum().backward()
+    assert (q.grad[0, 0, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(window=(1,)), "window must be (left, right)"),
+    (dict(window=(-2, 0)), "window must be (left, right)"),
+    (dict(alibi_slopes=torch.rand(3, dtype=torch.float64)), "alibi_slopes must be float32"),
+    (dict(alibi_slopes=torch.rand(5)), "alibi_slopes must have shape (H,) or (..., H)"),
+    (dict(alibi_slopes=torch.rand(3, 2)), "alibi_slopes must have shape"),
+    (dict(softcap=0.0), "softcap must be positive and finite"),
+    (dict(softcap=float("inf")), "softcap must be positive and finite"),
+])
+def test_bad_variant_arguments_are_named(kw, match):
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
+    with pytest.raises(RuntimeError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        fusedattn.attention(q, k, v, **kw)
