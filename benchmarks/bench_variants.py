@@ -59,10 +59,18 @@ def case(variant, dtype, L, B=4, H=8, E=64):
             return torch.softmax(s.float(), -1).to(v.dtype) @ v
         fns["fusedattn"] = lambda q, k, v: fusedattn.attention(q, k, v, is_causal=True, softcap=cap)
         fns["math (ATen)"] = math_softcap
-        mod = lambda score, b, h, i, j: torch.where(j <= i, cap * torch.tanh(score / cap), -math.inf)
+        cap_t = torch.tensor(cap)  # a tensor: flex_attention's tracing refuses a captured float
+        mod = lambda score, b, h, i, j: torch.where(j <= i, cap_t * torch.tanh(score / cap_t), -math.inf)
     else:
         raise ValueError(variant)
-    flex = (lambda q, k, v: flex_attention(q, k, v, score_mod=mod)) if flex_attention else None
+    flex = None
+    if flex_attention is not None:
+        try:
+            with torch.no_grad():
+                flex_attention(q[:1, :1, :64], k[:1, :1, :64], v[:1, :1, :64], score_mod=mod)
+            flex = lambda q, k, v: flex_attention(q, k, v, score_mod=mod)
+        except Exception as e:  # noqa: BLE001 - reported, the rest still runs
+            print(f"flex_attention unavailable for {variant}: {type(e).__name__}", file=sys.stderr)
     return (q, k, v), fns, flex
 
 
