@@ -11,11 +11,11 @@ def _accumulate_dtype(dtype):
 
 
 def _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa,
-                  window=None, alibi_slopes=None, softcap=None):
+                  window=None, alibi_slopes=None, softcap=None, rel_bias=None):
     # The real kernels' checks (one implementation, in C++, on SymInts): with symbolic sizes
     # (dynamic shapes) a check that tracing cannot decide becomes a guard or a run-time assert.
     _C._check_attention_arguments(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                  scale, enable_gqa, window, alibi_slopes, softcap)
+                                  scale, enable_gqa, window, alibi_slopes, softcap, rel_bias)
 
 
 def _check_devices(query, **others):
@@ -32,12 +32,13 @@ def _check_devices(query, **others):
 def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                             dropout_p, is_causal, bottom_right, scale, enable_gqa,
                             return_weights, average_weights=False, window=None,
-                            alibi_slopes=None, softcap=None):
+                            alibi_slopes=None, softcap=None, rel_bias=None):
     torch._check(query.dim() >= 3, lambda: "attention: query must have at least 3 dims")
     _check_devices(query, key=key, value=value, attn_mask=attn_mask,
-                   key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
+                   key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes,
+                   rel_bias=rel_bias)
     _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa,
-                  window, alibi_slopes, softcap)
+                  window, alibi_slopes, softcap, rel_bias)
     *batch, heads, q_len, _ = query.shape
     kv_len, v_dim = key.shape[-2], value.shape[-1]
     out = query.new_empty((*batch, heads, q_len, v_dim))
@@ -55,20 +56,25 @@ def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, drop
 def _attention_backward_fake(grad_out, grad_weights, grad_lse, query, key, value, out, lse,
                              attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
                              bottom_right, scale, enable_gqa, attn_mask_grad,
-                             key_padding_mask_grad, window=None, alibi_slopes=None, softcap=None):
+                             key_padding_mask_grad, window=None, alibi_slopes=None, softcap=None,
+                             rel_bias=None):
     _check_devices(query, grad_out=grad_out, key=key, value=value, out=out, lse=lse,
                    attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                   alibi_slopes=alibi_slopes)
+                   alibi_slopes=alibi_slopes, rel_bias=rel_bias)
     _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa,
-                  window, alibi_slopes, softcap)
+                  window, alibi_slopes, softcap, rel_bias)
 
     def grad_of(mask, wanted):
         if wanted and mask is not None and mask.is_floating_point():
             return mask.new_empty(mask.shape)
         return query.new_empty((0,))
 
+    # rel_bias's gradient comes in the accumulate type, cast by the autograd kernel.
+    d_rel = (query.new_empty((0,)) if rel_bias is None
+             else rel_bias.new_empty(rel_bias.shape, dtype=_accumulate_dtype(query.dtype)))
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
-            grad_of(attn_mask, attn_mask_grad), grad_of(key_padding_mask, key_padding_mask_grad))
+            grad_of(attn_mask, attn_mask_grad), grad_of(key_padding_mask, key_padding_mask_grad),
+            d_rel)
 
 
 def _projected_sizes(query, key, value, seq_first):

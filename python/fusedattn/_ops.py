@@ -1,10 +1,12 @@
+import math
+
 import torch
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False, *, key_padding_mask=None, causal_alignment="top_left",
               return_weights=False, return_lse=False, average_weights=False, window=None,
-              alibi_slopes=None, softcap=None):
+              alibi_slopes=None, softcap=None, rel_bias=None):
     """Scaled dot-product attention (``torch.ops.fusedattn.attention``).
 
     Same arguments as ``torch.nn.functional.scaled_dot_product_attention``, plus
@@ -25,13 +27,43 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
       gradient to the slopes).
     - ``softcap``: float > 0: the scaled score ``s`` becomes ``softcap * tanh(s / softcap)``
       before ALiBi and the masks are added.
+    - ``rel_bias``: a learnable table ``(H, 2 D + 1)`` (any float dtype): adds
+      ``rel_bias[h, clamp(j - (i + o), -D, D) + D]``; its gradient is computed on the fused
+      path (no ``L x S`` buffer).
     """
     out, weights, lse = torch.ops.fusedattn.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         key_padding_mask=key_padding_mask, causal_alignment=causal_alignment,
         return_weights=return_weights, return_lse=return_lse, average_weights=average_weights,
         window=None if window is None else list(window), alibi_slopes=alibi_slopes,
-        softcap=softcap)
+        softcap=softcap, rel_bias=rel_bias)
     if not (return_weights or return_lse):
         return out
     return out, (weights if return_weights else None), (lse if return_lse else None)
+
+
+def t5_rel_bias(bucket_bias, max_distance=128, bidirectional=True):
+    """T5's bucketed relative position bias as a ``rel_bias`` table for ``attention``.
+
+    ``bucket_bias``: ``(num_buckets, H)``, the weight of T5's ``relative_attention_bias``
+    embedding. Returns ``(H, 2 * max_distance + 1)``: the bucket's bias of every relative
+    position ``j - i`` in ``-max_distance .. max_distance`` (positions beyond share the last
+    bucket, as the clamp in ``rel_bias`` does), gathered once per call and differentiable, so
+    the ``L x S`` bias is never formed.
+    """
+    num_buckets = bucket_bias.shape[0]
+    rel = torch.arange(-max_distance, max_distance + 1, device=bucket_bias.device)  # j - i
+    dist = -rel  # T5 measures query minus key
+    bucket = torch.zeros_like(dist)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (dist < 0).long() * num_buckets
+        dist = dist.abs()
+    else:
+        dist = dist.clamp(min=0)
+    exact = num_buckets // 2
+    # Log-spaced buckets from `exact` up to max_distance, the rest in the last one.
+    far = exact + (torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                   * (num_buckets - exact)).long()
+    bucket = bucket + torch.where(dist < exact, dist, far.clamp(max=num_buckets - 1))
+    return bucket_bias[bucket].t()

@@ -3,6 +3,7 @@ and with every existing option, forward and backward, against an fp64 reference 
 the formulas (not from the op's own reference path)."""
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -262,5 +263,119 @@ def test_fully_removed_rows():
 ])
 def test_bad_variant_arguments_are_named(kw, match):
     q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
-    with pytest.raises(RuntimeError, match=match.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RuntimeError, match=re.escape(match)):
         fusedattn.attention(q, k, v, **kw)
+
+
+# ---------------------------------------------------------------- rel_bias
+def formula_rel(q, k, v, table, bottom_right=False, **kw):
+    """The formula with the rel_bias entries as an explicit float mask (fp64)."""
+    L, S = q.shape[-2], k.shape[-2]
+    D = (table.shape[1] - 1) // 2
+    o = S - L if bottom_right else 0
+    rel = torch.arange(S)[None, :] - (torch.arange(L)[:, None] + o)
+    bias = table.double()[:, (rel.clamp(-D, D) + D)]  # (H, L, S)
+    mask = kw.pop("attn_mask", None)
+    if mask is not None:
+        bias = bias + mask.double() if mask.dtype != torch.bool else bias.masked_fill(~mask, -math.inf)
+    return formula(q, k, v, attn_mask=bias, bottom_right=bottom_right, **kw)
+
+
+@pytest.mark.parametrize("D", [1, 4, 40])
+@pytest.mark.parametrize("bottom_right", [False, True])
+@pytest.mark.parametrize("extra", [{}, dict(is_causal=True), dict(window=(6, 3)), dict(softcap=3.0, alibi=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rel_bias_values_and_gradients(D, bottom_right, extra, dtype):
+    torch.manual_seed(13)
+    L, S = 23, 31
+    q, k, v = rand(2, 3, L, 8, dtype=dtype), rand(2, 3, S, 8, dtype=dtype), rand(2, 3, S, 6, dtype=dtype)
+    table = torch.randn(3, 2 * D + 1, dtype=dtype, requires_grad=True)
+    kw = dict(extra)
+    alibi = torch.rand(3) if kw.pop("alibi", False) else None
+    out = fusedattn.attention(q, k, v, rel_bias=table, alibi_slopes=alibi,
+                              causal_alignment="bottom_right" if bottom_right else "top_left",
+                              **{("softcap" if n == "softcap" else n): val for n, val in kw.items()})
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    ref, _ = formula_rel(*leaves, bottom_right=bottom_right, alibi=alibi, **kw)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    g = torch.randn_like(ref)
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    for got, want in zip((q.grad, k.grad, v.grad, table.grad), (t.grad for t in leaves)):
+        torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol * 10)
+    assert table.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rel_bias_half_types(dtype):
+    torch.manual_seed(14)
+    q, k, v = (torch.randn(2, 4, 65, 32, dtype=dtype, requires_grad=True) for _ in range(3))
+    table = torch.randn(4, 21, dtype=dtype, requires_grad=True)
+    out = fusedattn.attention(q, k, v, rel_bias=table, is_causal=True)
+    out.float().sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    ref, _ = formula_rel(*leaves, is_causal=True)
+    ref.sum().backward()
+    err = (out.double() - ref).abs().max().item()
+    assert err < 2e-2, err
+    g_err = (table.grad.double() - leaves[3].grad).abs().max() / leaves[3].grad.abs().max()
+    assert g_err < 2e-2, g_err
+
+
+def test_rel_bias_gradcheck_and_opcheck():
+    torch.manual_seed(15)
+    q, k, v = (torch.randn(1, 2, n, 5, dtype=torch.float64, requires_grad=True) for n in (6, 8, 8))
+    table = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, t: fusedattn.attention(q, k, v, rel_bias=t, window=(3, 1)), (q, k, v, table))
+    args = (q.float(), k.float(), v.float(), None, 0.0, False, None, False)
+    torch.library.opcheck(torch.ops.fusedattn.attention, args, dict(
+        key_padding_mask=None, causal_alignment="top_left", return_weights=False, return_lse=False,
+        average_weights=False, window=None, alibi_slopes=None, softcap=None,
+        rel_bias=table.detach().float().requires_grad_()))
+
+
+def test_t5_bucketed_bias():
+    """T5's bucketed relative bias through rel_bias equals it added as an L x S mask."""
+    torch.manual_seed(16)
+    H, buckets, max_distance, L = 4, 32, 20, 50
+
+    def t5_bucket(rel, bidirectional=True, num_buckets=buckets):  # rel = j - i, per the paper
+        n = -rel
+        out = torch.zeros_like(n)
+        if bidirectional:
+            num_buckets //= 2
+            out += (n < 0).long() * num_buckets
+            n = n.abs()
+        else:
+            n = n.clamp(min=0)
+        exact = num_buckets // 2
+        large = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                         * (num_buckets - exact)).long()
+        return out + torch.where(n < exact, n, large.clamp(max=num_buckets - 1))
+
+    for bidirectional in (True, False):
+        emb = torch.randn(buckets, H, requires_grad=True)
+        q, k, v = (torch.randn(2, H, L, 16) for _ in range(3))
+        rel = torch.arange(L)[None] - torch.arange(L)[:, None]
+        mask = emb[t5_bucket(rel, bidirectional)].permute(2, 0, 1)  # (H, L, L)
+        ref = F.scaled_dot_product_attention(q, k, v, mask, scale=1.0)  # T5 does not scale
+        table = fusedattn.t5_rel_bias(emb, max_distance, bidirectional)
+        out = fusedattn.attention(q, k, v, rel_bias=table, scale=1.0)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        g = torch.autograd.grad(out.sum(), emb)[0]
+        g_ref = torch.autograd.grad(ref.sum(), emb)[0]
+        torch.testing.assert_close(g, g_ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("table,match", [
+    (torch.randn(2, 5), "rel_bias must have shape (H, 2 D + 1) with H = 3"),
+    (torch.randn(3, 4), "an odd number of entries"),
+    (torch.randn(3), "rel_bias must have shape"),
+    (torch.arange(15).view(3, 5), "rel_bias must be floating point"),
+])
+def test_bad_rel_bias_is_named(table, match):
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+    with pytest.raises(RuntimeError, match=re.escape(match)):
+        fusedattn.attention(q, k, v, rel_bias=table)

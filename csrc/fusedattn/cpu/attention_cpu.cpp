@@ -221,11 +221,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
     bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                          dropout_p, scale, enable_gqa, window, alibi_slopes,
-                                         softcap);
-  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap);
+                                         softcap, rel_bias);
+  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap, rel_bias);
   if (reference_requested()) {
     return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
                                         dropout_seed, dropout_p, is_causal, bottom_right,
@@ -261,7 +262,7 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
                    const std::optional<at::Tensor>& dropout_seed, double dropout_p,
                    bool is_causal, bool bottom_right, const at::Tensor& dq4,
                    const at::Tensor& dk4, const at::Tensor& dv4,
-                   const ScoreMods& mods = ScoreMods()) {
+                   const ScoreMods& mods = ScoreMods(), const at::Tensor& d_rel_partial = {}) {
   TORCH_CHECK(grad_out.sizes().equals(pb.out_shape()) && out.sizes().equals(pb.out_shape()),
               "attention backward: grad_out and out must have shape ",
               c10::IntArrayRef(pb.out_shape()), ", got ", grad_out.sizes(), " and ", out.sizes());
@@ -284,6 +285,7 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
   p.dq = dq4.data_ptr(), p.dq_sb = dq4.stride(0), p.dq_sh = dq4.stride(1), p.dq_sr = dq4.stride(2);
   p.dk = dk4.data_ptr(), p.dk_sb = dk4.stride(0), p.dk_sh = dk4.stride(1), p.dk_sr = dk4.stride(2);
   p.dv = dv4.data_ptr(), p.dv_sb = dv4.stride(0), p.dv_sh = dv4.stride(1), p.dv_sr = dv4.stride(2);
+  if (d_rel_partial.defined()) p.d_rel_bias = d_rel_partial.data_ptr();
   if (pb.heads == 0) return;  // no heads: the gradients are empty
   p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
   p.fgemm = float_gemm_offer(packing_disabled());
@@ -291,7 +293,7 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
   run_tasks(plan.tasks, plan.p, plan.kernels->backward);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
@@ -299,25 +301,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
     bool key_padding_mask_grad, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   if (reference_backward(grad_weights, attn_mask, key_padding_mask, attn_mask_grad,
                          key_padding_mask_grad)) {
     return reference::attention_backward_op(
         grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
         key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale, enable_gqa,
-        attn_mask_grad, key_padding_mask_grad, window, alibi_slopes, softcap);
+        attn_mask_grad, key_padding_mask_grad, window, alibi_slopes, softcap, rel_bias);
   }
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                          dropout_p, scale, enable_gqa, window, alibi_slopes,
-                                         softcap);
-  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap);
+                                         softcap, rel_bias);
+  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap, rel_bias);
+  at::Tensor d_rel;  // (B, H, 2 D + 1), written by the tasks
+  if (mods.rel_bias.defined())
+    d_rel = at::zeros({pb.batch_size, pb.heads, mods.rel_bias.size(1)}, mods.rel_bias.options());
   auto dq = at::empty(query.sizes(), query.options());
   auto dk = at::empty(key.sizes(), key.options());
   auto dv = at::empty(value.sizes(), value.options());
   backward_into(pb, grad_out, grad_lse, query, key, value, out, lse, attn_mask, key_padding_mask,
                 dropout_seed, dropout_p, is_causal, bottom_right, as_4d(dq, pb.batch_size),
-                as_4d(dk, pb.batch_size), as_4d(dv, pb.batch_size), mods);
-  return {dq, dk, dv, at::empty({0}, query.options()), at::empty({0}, query.options())};
+                as_4d(dk, pb.batch_size), as_4d(dv, pb.batch_size), mods, d_rel);
+  auto none = at::empty({0}, query.options());
+  // rel_bias: the tasks' per-batch rows, summed.
+  return {dq, dk, dv, none, none, d_rel.defined() ? d_rel.sum(0) : none};
 }
 
 // Attention on projections in the caller's layout: q, k, v are views of the given tensors,
@@ -371,11 +379,11 @@ attention_projected_backward(
       value ? std::optional<at::Tensor>(d_value) : std::nullopt, num_heads, seq_first);
   if (reference_backward(grad_weights, attn_mask, key_padding_mask, attn_mask_grad,
                          key_padding_mask_grad)) {
-    auto [dq, dk, dv, d_mask, d_kpm] = reference::attention_backward_op(
+    auto [dq, dk, dv, d_mask, d_kpm, d_rel] = reference::attention_backward_op(
         dout4, grad_weights, grad_lse, q, k, v, out4, lse, attn_mask, key_padding_mask,
         dropout_seed, dropout_p, is_causal, /*bottom_right=*/false, std::nullopt,
         /*enable_gqa=*/false, attn_mask_grad, key_padding_mask_grad, std::nullopt, std::nullopt,
-        std::nullopt);
+        std::nullopt, std::nullopt);
     dq4.copy_(dq), dk4.copy_(dk), dv4.copy_(dv);
     return {d_query, d_key, d_value, d_mask, d_kpm};
   }

@@ -146,11 +146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
     bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                          dropout_p, scale, enable_gqa, window, alibi_slopes,
-                                         softcap);
-  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap);
+                                         softcap, rel_bias);
+  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap, rel_bias);
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
   // The variants are not in the CUDA kernel yet: the reference runs them.
   if (const int head_dim = mods.any() ? 0 : fused_head_dim(pb, query)) {

@@ -36,9 +36,16 @@ struct MaskParams {
   // Soft-capping: the scaled score s becomes softcap * tanh(s / softcap), before any bias or
   // mask is added; 0 = none.
   double softcap = 0;
+  // Learned relative position bias: rel_bias[h * (2 rel_max + 1) + clamp(j - i - pos_offset,
+  // -rel_max, rel_max) + rel_max] added to the scaled scores; contiguous (H, 2 rel_max + 1) in
+  // the accumulate type (float; double for Double).
+  const void* rel_bias = nullptr;
+  int64_t rel_max = 0;
 
   bool windowed() const { return window_left >= 0 || window_right >= 0; }
-  bool score_mods() const { return windowed() || alibi != nullptr || softcap > 0; }
+  bool score_mods() const {
+    return windowed() || alibi != nullptr || softcap > 0 || rel_bias != nullptr;
+  }
 };
 
 // The sizes and operands every kernel's parameter struct carries (it derives from this). Each

@@ -28,9 +28,10 @@ void check_attention_arguments(const at::Tensor& query, const at::Tensor& key,
                                std::optional<double> scale, bool enable_gqa,
                                at::OptionalIntArrayRef window,
                                const std::optional<at::Tensor>& alibi_slopes,
-                               std::optional<double> softcap) {
+                               std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa, window, alibi_slopes, softcap);
+                         enable_gqa, window, alibi_slopes, softcap, rel_bias);
 }
 
 namespace ops {
@@ -41,11 +42,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
     bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   static auto op = op_handle<decltype(attention)>("fusedattn::attention");
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  key_padding_mask, causal_alignment, return_weights, return_lse, average_weights,
-                 window, alibi_slopes, softcap);
+                 window, alibi_slopes, softcap, rel_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
@@ -54,14 +56,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
     bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   static auto op = op_handle<decltype(attention_forward)>("fusedattn::_attention_forward");
   return op.call(query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
                  is_causal, bottom_right, scale, enable_gqa, return_weights, average_weights,
-                 window, alibi_slopes, softcap);
+                 window, alibi_slopes, softcap, rel_bias);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
@@ -69,11 +72,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
     bool key_padding_mask_grad, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   static auto op = op_handle<decltype(attention_backward)>("fusedattn::_attention_backward");
   return op.call(grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
                  key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale,
-                 enable_gqa, attn_mask_grad, key_padding_mask_grad, window, alibi_slopes, softcap);
+                 enable_gqa, attn_mask_grad, key_padding_mask_grad, window, alibi_slopes, softcap, rel_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
@@ -114,7 +118,7 @@ AttentionResult attention(const at::Tensor& query, const at::Tensor& key, const 
       ops::attention(query, key, value, opt(o.attn_mask()), o.dropout_p(), o.is_causal(),
                      o.scale(), o.enable_gqa(), opt(o.key_padding_mask()), o.causal_alignment(),
                      o.return_weights(), o.return_lse(), o.average_weights(), window,
-                     opt(o.alibi_slopes()), o.softcap());
+                     opt(o.alibi_slopes()), o.softcap(), opt(o.rel_bias()));
   AttentionResult r;
   r.out = std::move(out);
   if (o.return_weights()) r.weights = std::move(weights);
@@ -177,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
     bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   TORCH_CHECK(!average_weights || return_weights,
               "attention: average_weights=True averages the returned weights: it needs "
               "return_weights=True");
@@ -188,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   // and a mask on another device (meta) would route the call to a Meta kernel that is not
   // there. The backends run the same checks on what reaches them.
   check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa, window, alibi_slopes, softcap);
+                         enable_gqa, window, alibi_slopes, softcap, rel_bias);
   // The seed is drawn with an ATen op (not by reading the generator directly) so that
   // torch.compile records the draw instead of baking one seed into the graph; on the query's
   // device, so a CUDA call draws from torch's CUDA generator and the kernel reads the seed
@@ -197,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   auto [out, lse, weights] =
       ops::attention_forward(query, key, value, attn_mask, key_padding_mask, seed, dropout_p,
                              is_causal, causal_alignment == "bottom_right", scale, enable_gqa,
-                             return_weights, average_weights, window, alibi_slopes, softcap);
+                             return_weights, average_weights, window, alibi_slopes, softcap, rel_bias);
   (void)return_lse;  // lse is always computed (the backward needs it); the caller picks.
   return {out, weights, lse};
 }

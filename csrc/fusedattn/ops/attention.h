@@ -44,6 +44,9 @@ struct FUSEDATTN_API AttentionOptions {
   // Soft-capping: the scaled score s becomes softcap * tanh(s / softcap) before any bias or
   // mask is added.
   TORCH_ARG(std::optional<double>, softcap) = std::nullopt;
+  // Learned relative position bias (H, 2 D + 1), any float dtype, differentiable: adds
+  // rel_bias[h, clamp(j - (i + o), -D, D) + D] to the scores.
+  TORCH_ARG(at::Tensor, rel_bias);
 };
 
 struct AttentionResult {
@@ -81,7 +84,8 @@ FUSEDATTN_API void check_attention_arguments(const at::Tensor& query, const at::
                                              bool enable_gqa,
                                              at::OptionalIntArrayRef window = std::nullopt,
                                              const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-                                             std::optional<double> softcap = std::nullopt);
+                                             std::optional<double> softcap = std::nullopt,
+    const std::optional<at::Tensor>& rel_bias = std::nullopt);
 
 namespace ops {
 // One function per schema, calling the dispatcher (the schemas are in registration.cpp).
@@ -92,7 +96,8 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
     bool average_weights = false, at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-    std::optional<double> softcap = std::nullopt);
+    std::optional<double> softcap = std::nullopt,
+    const std::optional<at::Tensor>& rel_bias = std::nullopt);
 
 // -> (out, lse, weights); weights is empty unless return_weights, (..., L, S) if averaged.
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
@@ -102,11 +107,12 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
     bool average_weights = false, at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-    std::optional<double> softcap = std::nullopt);
+    std::optional<double> softcap = std::nullopt,
+    const std::optional<at::Tensor>& rel_bias = std::nullopt);
 
-// -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask); the last two
-// are empty unless asked for.
-FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+// -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask,
+// grad_rel_bias); the last three are empty unless asked for (rel_bias: given).
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
                    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
                    const at::Tensor& key, const at::Tensor& value, const at::Tensor& out,
@@ -117,7 +123,8 @@ attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                    bool enable_gqa, bool attn_mask_grad, bool key_padding_mask_grad,
                    at::OptionalIntArrayRef window = std::nullopt,
                    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-                   std::optional<double> softcap = std::nullopt);
+                   std::optional<double> softcap = std::nullopt,
+    const std::optional<at::Tensor>& rel_bias = std::nullopt);
 // Attention on projections in the caller's layout, as the modules call it (schemas and
 // the three forms of query/key/value in registration.cpp).
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
@@ -161,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     std::optional<double> scale, bool enable_gqa, const std::optional<at::Tensor>& key_padding_mask,
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
     bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap);
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias);
 }  // namespace detail
 
 }  // namespace fusedattn

@@ -70,12 +70,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                bool enable_gqa, bool return_weights, bool average_weights,
                                at::OptionalIntArrayRef window,
                                const std::optional<at::Tensor>& alibi_slopes,
-                               std::optional<double> softcap) {
+                               std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, weights] =
         ops::attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                                dropout_p, is_causal, bottom_right, scale, enable_gqa,
-                               return_weights, average_weights, window, alibi_slopes, softcap);
+                               return_weights, average_weights, window, alibi_slopes, softcap, rel_bias);
     ctx->saved_data["bottom_right"] = bottom_right;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["enable_gqa"] = enable_gqa;
@@ -83,6 +84,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["window"] = window ? c10::IValue(window->vec()) : c10::IValue();
     ctx->saved_data["alibi_slopes"] = alibi_slopes ? c10::IValue(alibi_slopes->detach()) : c10::IValue();
     ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["rel_bias"] = rel_bias ? c10::IValue(rel_bias->detach()) : c10::IValue();
     return save_forward(ctx, query, key, value, out, lse, weights, attn_mask, key_padding_mask,
                         dropout_seed, dropout_p, is_causal, return_weights, average_weights);
   }
@@ -101,8 +103,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto& window_iv = ctx->saved_data["window"];
     const auto window = window_iv.isNone() ? std::vector<int64_t>() : window_iv.toIntVector();
     const auto& alibi_iv = ctx->saved_data["alibi_slopes"];
+    const auto& rel_iv = ctx->saved_data["rel_bias"];
 
-    auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_backward(
+    auto [dq, dk, dv, d_mask, d_kpm, d_rel] = ops::attention_backward(
         grad_out, defined_or_none(grad_weights), defined_or_none(grads[1]), query, key, value, out,
         lse, defined_or_none(attn_mask), defined_or_none(key_padding_mask),
         defined_or_none(dropout_seed), ctx->saved_data["dropout_p"].toDouble(),
@@ -111,14 +114,16 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         mask_grad, kpm_grad,
         window_iv.isNone() ? at::OptionalIntArrayRef() : at::OptionalIntArrayRef(window),
         alibi_iv.isNone() ? std::nullopt : std::optional<at::Tensor>(alibi_iv.toTensor()),
-        ctx->saved_data["softcap"].toOptional<double>());
+        ctx->saved_data["softcap"].toOptional<double>(),
+        rel_iv.isNone() ? std::nullopt : std::optional<at::Tensor>(rel_iv.toTensor()));
     return {dq,
             dk,
             dv,
             mask_grad ? d_mask : at::Tensor(),
             kpm_grad ? d_kpm : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            rel_iv.isNone() ? at::Tensor() : d_rel.to(rel_iv.toTensor().scalar_type())};
   }
 };
 
@@ -196,11 +201,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
     bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   auto outs = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
                                        dropout_seed, dropout_p, is_causal, bottom_right, scale,
                                        enable_gqa, return_weights, average_weights, window,
-                                       alibi_slopes, softcap);
+                                       alibi_slopes, softcap, rel_bias);
   return {outs[0], outs[1], outs[2]};
 }
 

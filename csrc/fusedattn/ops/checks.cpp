@@ -47,7 +47,8 @@ void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, cons
                             std::optional<double> scale, bool enable_gqa,
                             at::OptionalIntArrayRef window,
                             const std::optional<at::Tensor>& alibi_slopes,
-                            std::optional<double> softcap) {
+                            std::optional<double> softcap,
+                            const std::optional<at::Tensor>& rel_bias) {
   // Sizes as SymInts: the real kernels pass concrete sizes, the fake kernels (torch.compile,
   // torch.export with dynamic shapes) symbolic ones, where a check that cannot be decided
   // while tracing becomes a guard or a run-time assertion instead of being skipped.
@@ -160,11 +161,24 @@ void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, cons
     TORCH_CHECK(*softcap > 0 && std::isfinite(*softcap),
                 "attention: softcap must be positive and finite, got ", *softcap);
   }
+  if (rel_bias) {
+    const auto& t = *rel_bias;
+    TORCH_CHECK(t.is_floating_point(), "attention: rel_bias must be floating point, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == query.device(), "attention: rel_bias must be on query's device (",
+                query.device(), "), got ", t.device());
+    TORCH_CHECK(t.dim() == 2, "attention: rel_bias must have shape (H, 2 D + 1) with H = ", heads,
+                ", got ", t.sym_sizes());
+    TORCH_SYM_CHECK(t.sym_size(0).sym_eq(heads) & (t.sym_size(1) % 2).sym_eq(1),
+                    "attention: rel_bias must have shape (H, 2 D + 1) with H = ", heads,
+                    " and an odd number of entries, got ", t.sym_sizes());
+  }
 }
 
 ScoreMods make_score_mods(const AttentionProblem& pb, at::OptionalIntArrayRef window,
                           const std::optional<at::Tensor>& alibi_slopes,
-                          std::optional<double> softcap) {
+                          std::optional<double> softcap,
+                          const std::optional<at::Tensor>& rel_bias) {
   ScoreMods m;
   if (window) m.window_left = (*window)[0], m.window_right = (*window)[1];
   if (alibi_slopes) {
@@ -173,6 +187,10 @@ ScoreMods make_score_mods(const AttentionProblem& pb, at::OptionalIntArrayRef wi
     m.alibi = a.reshape({pb.batch_size, pb.heads});
   }
   if (softcap) m.softcap = *softcap;
+  if (rel_bias) {
+    m.rel_bias = rel_bias->detach().to(accumulate_type(pb.dtype)).contiguous();
+    m.rel_max = (rel_bias->size(1) - 1) / 2;
+  }
   return m;
 }
 
@@ -183,9 +201,10 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
                                         double dropout_p, std::optional<double> scale,
                                         bool enable_gqa, at::OptionalIntArrayRef window,
                                         const std::optional<at::Tensor>& alibi_slopes,
-                                        std::optional<double> softcap) {
+                                        std::optional<double> softcap,
+                                        const std::optional<at::Tensor>& rel_bias) {
   check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa, window, alibi_slopes, softcap);
+                         enable_gqa, window, alibi_slopes, softcap, rel_bias);
   AttentionProblem p;
   p.batch.assign(query.sizes().begin(), query.sizes().end() - 3);
   for (int64_t d : p.batch) p.batch_size *= d;
@@ -195,6 +214,7 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
   p.kv_heads = key.size(-3);
   p.kv_len = key.size(-2);
   p.v_head_dim = value.size(-1);
+  p.dtype = query.scalar_type();
   p.scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim));
   TORCH_CHECK(std::isfinite(p.scale), "attention: scale must be finite, got ", p.scale);
   return p;
@@ -235,6 +255,7 @@ std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
     p.alibi = mods.alibi.data_ptr<float>(), p.al_sb = mods.alibi.stride(0), p.al_sh = mods.alibi.stride(1);
   }
   p.softcap = mods.softcap;
+  if (mods.rel_bias.defined()) p.rel_bias = mods.rel_bias.data_ptr(), p.rel_max = mods.rel_max;
   return {mask, kpm};
 }
 

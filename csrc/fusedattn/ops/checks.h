@@ -22,6 +22,7 @@ struct AttentionProblem {
   int64_t head_dim = 0;        // E
   int64_t v_head_dim = 0;      // Ev
   double scale = 1.0;          // given, or 1 / sqrt(E)
+  at::ScalarType dtype = at::kFloat;  // query's
 
   std::vector<int64_t> out_shape() const;      // (..., H, L, Ev)
   std::vector<int64_t> lse_shape() const;      // (..., H, L)
@@ -35,8 +36,10 @@ struct ScoreMods {
   int64_t window_left = -1, window_right = -1;  // < 0: unbounded on that side
   at::Tensor alibi;                             // (B, H) fp32 slopes (stride 0 where broadcast)
   double softcap = 0;                           // > 0: soft-capping
+  at::Tensor rel_bias;                          // (H, 2 D + 1) contiguous, accumulate type
+  int64_t rel_max = 0;                          // D
   bool windowed() const { return window_left >= 0 || window_right >= 0; }
-  bool any() const { return windowed() || alibi.defined() || softcap > 0; }
+  bool any() const { return windowed() || alibi.defined() || softcap > 0 || rel_bias.defined(); }
 };
 
 // The argument checks of the attention op, on sizes as SymInts (concrete or symbolic): the
@@ -47,12 +50,14 @@ void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, cons
                             std::optional<double> scale, bool enable_gqa,
                             at::OptionalIntArrayRef window = std::nullopt,
                             const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-                            std::optional<double> softcap = std::nullopt);
+                            std::optional<double> softcap = std::nullopt,
+                            const std::optional<at::Tensor>& rel_bias = std::nullopt);
 
 // The checked variants of one call (check_attention_shapes has checked their arguments).
 ScoreMods make_score_mods(const AttentionProblem& problem, at::OptionalIntArrayRef window,
                           const std::optional<at::Tensor>& alibi_slopes,
-                          std::optional<double> softcap);
+                          std::optional<double> softcap,
+                          const std::optional<at::Tensor>& rel_bias = std::nullopt);
 
 // check_attention_shapes, then the concrete problem sizes.
 AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
@@ -63,7 +68,8 @@ AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tenso
                                         bool enable_gqa,
                                         at::OptionalIntArrayRef window = std::nullopt,
                                         const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-                                        std::optional<double> softcap = std::nullopt);
+                                        std::optional<double> softcap = std::nullopt,
+                                        const std::optional<at::Tensor>& rel_bias = std::nullopt);
 
 // attn_mask, key_padding_mask and causality as the kernels' MaskParams: the masks as views of
 // (B, H, L, S) and (B, S), stride 0 where they broadcast, never copied. Returns the views the

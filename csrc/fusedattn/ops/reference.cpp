@@ -41,6 +41,16 @@ at::Tensor relative_positions(const AttentionProblem& p, bool bottom_right, c10:
   return at::arange(p.kv_len, opts).unsqueeze(0) - (at::arange(p.q_len, opts) + offset).unsqueeze(1);
 }
 
+// rel_bias's table entry of each (query, key): (L, S) int64.
+at::Tensor rel_bias_index(const ScoreMods& mods, const at::Tensor& rel) {
+  return rel.clamp(-mods.rel_max, mods.rel_max) + mods.rel_max;
+}
+// rel_bias gathered per (head, query, key): (H, L, S).
+at::Tensor rel_bias_scores(const ScoreMods& mods, const at::Tensor& rel) {
+  const auto idx = rel_bias_index(mods, rel);
+  return mods.rel_bias.index_select(1, idx.flatten()).view({mods.rel_bias.size(0), rel.size(0), rel.size(1)});
+}
+
 // Scaled scores with every variant and mask applied: (..., H, L, S) in the accumulate type,
 // in the op's order: soft-capped scores, + ALiBi, + float masks; then bool masks, key
 // padding, causal and the window remove keys. cap_grad (optional): soft-capping's derivative
@@ -57,13 +67,15 @@ at::Tensor masked_scores(const AttentionProblem& p, const at::Tensor& q, const a
     s = t.mul_(mods.softcap);
   }
   at::Tensor rel;
-  if (mods.alibi.defined() || mods.windowed()) rel = relative_positions(p, bottom_right, s.device());
+  if (mods.alibi.defined() || mods.windowed() || mods.rel_bias.defined())
+    rel = relative_positions(p, bottom_right, s.device());
   if (mods.alibi.defined()) {
     auto shape = p.batch;
     shape.insert(shape.end(), {p.heads, 1, 1});
     auto slopes = mods.alibi.reshape(shape).to(s.scalar_type());
     s = s - slopes * rel.abs().to(s.scalar_type());
   }
+  if (mods.rel_bias.defined()) s = s + rel_bias_scores(mods, rel).to(s.scalar_type());
   if (attn_mask) {
     if (attn_mask->scalar_type() == at::kBool) {
       s.masked_fill_(attn_mask->logical_not(), kNegInf);
@@ -152,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   return {out, lse, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const AttentionProblem& p, const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lse,
@@ -196,11 +208,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   if (key_padding_mask_grad && key_padding_mask && key_padding_mask->is_floating_point()) {
     d_kpm = ds.sum({-3, -2}).to(key_padding_mask->scalar_type());
   }
+  // rel_bias: ds summed over the batch, scattered into each head's table entries.
+  at::Tensor d_rel = at::empty({0}, query.options());
+  if (mods.rel_bias.defined()) {
+    const auto idx = rel_bias_index(mods, relative_positions(p, bottom_right, ds.device()));
+    auto per_head = ds.reshape({p.batch_size, p.heads, p.q_len * p.kv_len}).sum(0);
+    d_rel = at::zeros_like(mods.rel_bias)
+                .scatter_add_(1, idx.flatten().unsqueeze(0).expand({p.heads, -1}), per_head);
+  }
   return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dv.to(value.scalar_type()), d_mask,
-          d_kpm};
+          d_kpm, d_rel};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
@@ -208,17 +228,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
     bool key_padding_mask_grad, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
   const auto problem = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
                                               dropout_p, scale, enable_gqa, window, alibi_slopes,
-                                              softcap);
+                                              softcap, rel_bias);
   TORCH_CHECK(grad_out.sizes().equals(problem.out_shape()),
               "attention backward: grad_out must have shape ", c10::IntArrayRef(problem.out_shape()),
               ", got ", grad_out.sizes());
   return attention_backward(problem, grad_out, grad_weights, grad_lse, query, key, value, lse,
                             attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
                             bottom_right, attn_mask_grad, key_padding_mask_grad,
-                            make_score_mods(problem, window, alibi_slopes, softcap));
+                            make_score_mods(problem, window, alibi_slopes, softcap, rel_bias));
 }
 
 }  // namespace fusedattn::reference

@@ -15,7 +15,8 @@ TORCH_LIBRARY(fusedattn, m) {
   // Public: scaled_dot_product_attention's arguments plus key padding, both causal
   // alignments, returned weights / log-sum-exp, and the variants: window (left, right) keys
   // around each query's diagonal (-1: unbounded), ALiBi slopes (H,) or (..., H) (fp32, no
-  // gradient), softcap (the scaled scores through softcap * tanh(s / softcap)). Returns
+  // gradient), softcap (the scaled scores through softcap * tanh(s / softcap)), rel_bias
+  // (H, 2 D + 1), learnable: entry clamp(j - i - o, -D, D) + D added to the scores. Returns
   // (out, weights, lse); weights is empty unless return_weights (the Python wrapper turns
   // what was not asked into None), and (..., L, S), the mean over heads, with average_weights.
   m.def(
@@ -23,8 +24,8 @@ TORCH_LIBRARY(fusedattn, m) {
       "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, *, "
       "Tensor? key_padding_mask=None, str causal_alignment=\"top_left\", "
       "bool return_weights=False, bool return_lse=False, bool average_weights=False, "
-      "int[]? window=None, Tensor? alibi_slopes=None, float? softcap=None) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int[]? window=None, Tensor? alibi_slopes=None, float? softcap=None, "
+      "Tensor? rel_bias=None) -> (Tensor, Tensor, Tensor)");
   m.impl("attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::attention_composite));
 
@@ -34,15 +35,17 @@ TORCH_LIBRARY(fusedattn, m) {
       "Tensor? key_padding_mask, Tensor? dropout_seed, float dropout_p, bool is_causal, "
       "bool bottom_right, float? scale, bool enable_gqa, bool return_weights, "
       "bool average_weights=False, int[]? window=None, Tensor? alibi_slopes=None, "
-      "float? softcap=None) -> (Tensor, Tensor, Tensor)");
-  // -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask)
+      "float? softcap=None, Tensor? rel_bias=None) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask,
+  //     grad_rel_bias); the last three empty unless asked for / given
   m.def(
       "_attention_backward(Tensor grad_out, Tensor? grad_weights, Tensor? grad_lse, "
       "Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor? attn_mask, "
       "Tensor? key_padding_mask, Tensor? dropout_seed, float dropout_p, bool is_causal, "
       "bool bottom_right, float? scale, bool enable_gqa, bool attn_mask_grad, "
       "bool key_padding_mask_grad, int[]? window=None, Tensor? alibi_slopes=None, "
-      "float? softcap=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float? softcap=None, Tensor? rel_bias=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Internal, for the modules: attention on projections in the caller's layout, (A, B, F)
   // with (A, B) = (seq, N) if seq_first else (N, seq) and F = heads x head dim, read in

@@ -25,17 +25,18 @@ PYBIND11_MODULE(_C, m) {
          const std::optional<at::Tensor>& attn_mask,
          const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
          std::optional<double> scale, bool enable_gqa, std::optional<std::vector<int64_t>> window,
-         const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap) {
+         const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+         const std::optional<at::Tensor>& rel_bias) {
         fusedattn::check_attention_arguments(
             query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa,
             window ? at::OptionalIntArrayRef(*window) : at::OptionalIntArrayRef(), alibi_slopes,
-            softcap);
+            softcap, rel_bias);
       },
       "The attention op's argument checks (shapes, dtypes, devices), for the fake kernels",
       py::arg("query"), py::arg("key"), py::arg("value"), py::arg("attn_mask"),
       py::arg("key_padding_mask"), py::arg("dropout_p"), py::arg("scale"), py::arg("enable_gqa"),
       py::arg("window") = py::none(), py::arg("alibi_slopes") = py::none(),
-      py::arg("softcap") = py::none());
+      py::arg("softcap") = py::none(), py::arg("rel_bias") = py::none());
 
   // _C.cpp.MultiheadAttention: the C++ module itself (parameters, train/eval, clone, forward).
   torch::python::bind_module<fusedattn::MultiheadAttentionImpl, /*force_enable=*/true>(

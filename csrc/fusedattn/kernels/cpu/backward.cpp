@@ -107,6 +107,11 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
             softmax_grad_row(dp + r * bk, s + r * bk, bk, w.d[i0 + r], glse);
           }
         }
+        // rel_bias: dS (of the scores the bias is added to) into its table entries.
+        if (p.rel_bias) {
+          A* grad = static_cast<A*>(p.d_rel_bias) + (b * p.H + h) * (2 * p.rel_max + 1);
+          for (int64_t r = 0; r < bq; ++r) this->rel_bias_grad_row(dp + r * bk, bk, i0 + r, j0, grad);
+        }
         // Soft-capping: the scores' gradient times tanh's derivative (dS of the raw scores).
         if (cap) {
           for (int64_t e = 0; e < bq * bk; ++e) dp[e] *= cap[e];

@@ -31,7 +31,7 @@ struct Masks {
            !(p.softcap > 0);
     mul = fold ? A(p.scale) : A(1);
     mask_pass = !fold || p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None ||
-                p.causal || p.windowed() || p.alibi != nullptr;
+                p.causal || p.score_mods();
   }
 
   // One past the last key that any of the queries up to i_last may see.
@@ -139,6 +139,41 @@ struct Masks {
     for (int32_t c = 0; c < cols; ++c) row[c] -= slope * std::abs(A(c) - diag);
   }
 
+  // The table entry of each key j0 + c of query i: clamp(j0 + c - i - pos_offset, -D, D) + D
+  // for c in [0, n) is entry 0 for c < lo, lo's own from lo to hi (consecutive entries), the
+  // last from hi on. -> (lo, hi, the entry at lo)
+  struct RelSpan { int64_t lo, hi, first; };
+  RelSpan rel_span(int64_t n, int64_t i, int64_t j0) const {
+    const int64_t d0 = j0 - i - p.pos_offset, D = p.rel_max;  // column c is at d0 + c
+    const int64_t lo = std::clamp<int64_t>(-D - d0, 0, n), hi = std::clamp<int64_t>(D - d0 + 1, 0, n);
+    return {lo, hi, std::clamp<int64_t>(d0 + lo, -D, D) + D};
+  }
+  const A* rel_table(int64_t h) const {
+    return static_cast<const A*>(p.rel_bias) + h * (2 * p.rel_max + 1);
+  }
+  // rel_bias's entries for keys j0 .. j0 + n - 1, in the row's units (as ALiBi).
+  void add_rel_bias_row(A* row, int64_t n, int64_t h, int64_t i, int64_t j0) const {
+    const A* t = rel_table(h);
+    const A inv = fold ? A(1) / A(p.scale) : A(1);
+    const auto [lo, hi, first] = rel_span(n, i, j0);
+    const A before = t[0] * inv, after = t[2 * p.rel_max] * inv;
+    for (int64_t c = 0; c < lo; ++c) row[c] += before;
+    const A* mid = t + first - lo;
+    for (int64_t c = lo; c < hi; ++c) row[c] += mid[c] * inv;
+    for (int64_t c = std::max(hi, lo); c < n; ++c) row[c] += after;
+  }
+  // The backward's counterpart: dS of the row (scaled scores) summed into its table entries.
+  void rel_bias_grad_row(const A* ds, int64_t n, int64_t i, int64_t j0, A* grad) const {
+    const auto [lo, hi, first] = rel_span(n, i, j0);
+    A before = 0, after = 0;
+    for (int64_t c = 0; c < lo; ++c) before += ds[c];
+    A* mid = grad + first - lo;
+    for (int64_t c = lo; c < hi; ++c) mid[c] += ds[c];
+    for (int64_t c = std::max(hi, lo); c < n; ++c) after += ds[c];
+    grad[0] += before;
+    grad[2 * p.rel_max] += after;
+  }
+
   // Scores block s (bq x bk, row stride ld) for queries i0.. and keys j0..: scale unless
   // folded, soft-cap, ALiBi, then every mask and the window. cap_grad (bq x bk, row stride
   // bk; the backward's, with softcap only): soft-capping's derivative per score.
@@ -155,6 +190,7 @@ struct Masks {
         soft_cap_row(row, bk, d);
       }
       if (p.alibi) add_alibi_row(row, bk, b, h, i, j0);
+      if (p.rel_bias) add_rel_bias_row(row, bk, h, i, j0);
       if (p.mask_kind != MaskKind::None) {
         const int64_t base = b * p.m_sb + h * p.m_sh + i * p.m_sr + j0 * p.m_sc;
         if (p.mask_kind == MaskKind::Bool) {

@@ -49,6 +49,10 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   int64_t dk_sb = 0, dk_sh = 0, dk_sr = 0;
   void* dv = nullptr;
   int64_t dv_sb = 0, dv_sh = 0, dv_sr = 0;
+  // With rel_bias: its gradient per batch, (B, H, 2 rel_max + 1) contiguous in the accumulate
+  // type, zeroed by the caller; each (b, hk) task adds its heads' rows (no two tasks share
+  // one), the caller sums over b.
+  void* d_rel_bias = nullptr;
 
   // GEMM back-ends. gemm is required; packed and fgemm are offers (null: none): the plan
   // keeps them where they pay and clears them elsewhere.
