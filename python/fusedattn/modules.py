@@ -39,6 +39,11 @@ class MultiheadAttention(torch.nn.Module):
 
     ``torch.jit.script`` compiles ``forward`` (nested inputs are eager-only there).
 
+    Beyond torch, keyword-only: ``window=(left, right)``, ``alibi=True`` (the ALiBi paper's
+    slopes for ``num_heads``, buffer ``alibi_slopes``) or a ``(H,)`` tensor of slopes,
+    ``max_relative_distance=D`` (a learnable ``rel_bias`` parameter ``(H, 2D+1)``, zeros) and
+    ``softcap``: ``fusedattn.attention``'s variants, positions top-left aligned.
+
     Differences from torch: ``is_causal=True`` applies a causal mask by itself (torch needs
     ``attn_mask`` too, as a hint it may ignore); with both, the causal mask and ``attn_mask``
     both apply, except where torch ignores the mask (no key padding mask, no weights) and the
@@ -51,17 +56,23 @@ class MultiheadAttention(torch.nn.Module):
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
-                 dtype=None, head_dim=None):
+                 dtype=None, head_dim=None, *, window=None, alibi=False,
+                 max_relative_distance=None, softcap=None):
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kdim", kdim),
-                            ("vdim", vdim), ("head_dim", head_dim)):
+                            ("vdim", vdim), ("head_dim", head_dim),
+                            ("max_relative_distance", max_relative_distance)):
             if value is not None and not _is_int(value):
                 raise TypeError(f"MultiheadAttention: {name} must be an int, got "
                                 f"{type(value).__name__} {value!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"MultiheadAttention: dtype must be a floating-point dtype, got {dtype}")
+        given_slopes = alibi if isinstance(alibi, torch.Tensor) else None
         cpp = _C.cpp.MultiheadAttention(embed_dim, num_heads, dropout, bias, add_bias_kv,
-                                        add_zero_attn, kdim, vdim, batch_first, head_dim)
+                                        add_zero_attn, kdim, vdim, batch_first, head_dim,
+                                        None if window is None else list(window),
+                                        given_slopes is None and bool(alibi),
+                                        max_relative_distance, softcap)
         params = dict(cpp.named_parameters(True))
 
         def adopt(name):
@@ -94,6 +105,18 @@ class MultiheadAttention(torch.nn.Module):
             self.bias_v = adopt("bias_v")
         else:
             self.bias_k = self.bias_v = None
+        # The variants (fusedattn.attention's): window, ALiBi slopes (the paper's for
+        # num_heads, or given: (H,) fp32), a learnable relative bias table, softcap.
+        self.window = None if window is None else [int(w) for w in window]
+        self.softcap = None if softcap is None else float(softcap)
+        self.max_relative_distance = max_relative_distance
+        if given_slopes is not None:
+            self.register_buffer("alibi_slopes", given_slopes.detach().to(device=device, dtype=torch.float32))
+        elif alibi:
+            self.register_buffer("alibi_slopes", dict(cpp.named_buffers(True))["alibi_slopes"].to(device=device))
+        else:
+            self.alibi_slopes = None
+        self.rel_bias = adopt("rel_bias")
         # torch's TransformerEncoderLayer takes its fused inference path (which bypasses this
         # module) only when no submodule has hooks; this one keeps it calling forward.
         self.register_forward_pre_hook(_keep_module_in_transformer_layers)
@@ -111,7 +134,8 @@ class MultiheadAttention(torch.nn.Module):
             self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, self.bias_k, self.bias_v,
             self.add_zero_attn, self.dropout if self.training else 0.0, self.out_proj.weight,
             self.out_proj.bias, self.batch_first, key_padding_mask, need_weights, attn_mask,
-            average_attn_weights, is_causal)
+            average_attn_weights, is_causal, self.window, self.alibi_slopes, self.softcap,
+            self.rel_bias)
         return out, (weights if need_weights else None)
 
     def __prepare_scriptable__(self):
@@ -179,7 +203,12 @@ class MultiheadAttention(torch.nn.Module):
     def extra_repr(self):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"head_dim={self.head_dim}, dropout={self.dropout}, "
-                f"batch_first={self.batch_first}")
+                f"batch_first={self.batch_first}"
+                + (f", window={self.window}" if self.window is not None else "")
+                + (", alibi=True" if self.alibi_slopes is not None else "")
+                + (f", max_relative_distance={self.max_relative_distance}"
+                   if self.rel_bias is not None else "")
+                + (f", softcap={self.softcap}" if self.softcap is not None else ""))
 
 
 # TorchScript compiles hooks too: the input tuple is typed as forward's arguments.

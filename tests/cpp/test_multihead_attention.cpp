@@ -196,3 +196,26 @@ TEST_CASE("MultiheadAttention rejects bad input with the argument's name", "[mha
   REQUIRE_THROWS_WITH(m->forward(torch::randn({8}), x, x), Catch::Contains("query must be 3-D"));
   REQUIRE_THROWS_WITH(m->forward(x, x, x.to(torch::kDouble)), Catch::Contains("same dtype"));
 }
+
+TEST_CASE("MultiheadAttention: the variants as options (window, ALiBi, rel_bias, softcap)", "[mha][variants]") {
+  auto o = fusedattn::MultiheadAttentionOptions(16, 4).batch_first(true).window({4, 1}).alibi(true)
+               .max_relative_distance(3).softcap(5.0);
+  fusedattn::MultiheadAttention m(o);
+  auto params = m->named_parameters();
+  REQUIRE(params.contains("rel_bias"));
+  REQUIRE(params["rel_bias"].sizes() == torch::IntArrayRef({4, 7}));
+  REQUIRE(m->named_buffers().contains("alibi_slopes"));
+  require_close(m->alibi_slopes, torch::tensor({0.25f, 0.0625f, 0.015625f, 0.00390625f}), 1e-7);
+  auto x = torch::randn({2, 9, 16});
+  auto out = std::get<0>(m->forward(x, x, x, {}, /*need_weights=*/false));
+  out.sum().backward();
+  REQUIRE(m->rel_bias.grad().abs().sum().item<float>() > 0);
+  // The same module without the options gives another result; with them, save/load keeps it.
+  std::stringstream buf;
+  torch::save(m, buf);
+  fusedattn::MultiheadAttention loaded(o);
+  torch::load(loaded, buf);
+  require_close(std::get<0>(loaded->forward(x, x, x, {}, false)), out.detach(), 1e-6);
+  REQUIRE_THROWS_WITH(fusedattn::MultiheadAttention(fusedattn::MultiheadAttentionOptions(8, 2).window({1})),
+                      Catch::Contains("window must be {left, right}"));
+}

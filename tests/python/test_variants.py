@@ -379,3 +379,75 @@ def test_bad_rel_bias_is_named(table, match):
     q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
     with pytest.raises(RuntimeError, match=re.escape(match)):
         fusedattn.attention(q, k, v, rel_bias=table)
+
+
+# ---------------------------------------------------------------- the module options
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_module_window_and_alibi_equal_torch_with_the_mask(batch_first):
+    torch.manual_seed(17)
+    E, H, L = 24, 6, 13
+    ours = fusedattn.MultiheadAttention(E, H, batch_first=batch_first, window=(4, 1), alibi=True).double()
+    theirs = torch.nn.MultiheadAttention(E, H, batch_first=batch_first).double()
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "alibi_slopes"})
+    x = torch.randn((2, L, E) if batch_first else (L, 2, E), dtype=torch.float64)
+    rel = torch.arange(L)[None] - torch.arange(L)[:, None]
+    slopes = ours.alibi_slopes.double()
+    bias = (-slopes[:, None, None] * rel.abs()).masked_fill((rel < -4) | (rel > 1), -math.inf)
+    out, w = ours(x, x, x)
+    ref, ref_w = theirs(x, x, x, attn_mask=bias.repeat(2, 1, 1))  # (N * H, L, L)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(w, ref_w)
+
+
+def test_module_alibi_slopes_are_the_papers():
+    def paper(n):
+        def geo(m):
+            return [2 ** (-8 * (i + 1) / m) for i in range(m)]
+        p = 2 ** int(math.log2(n))
+        return geo(p) + geo(2 * p)[0::2][:n - p]
+    for n in (1, 4, 6, 8, 12):
+        m = fusedattn.MultiheadAttention(n * 2, n, alibi=True)
+        torch.testing.assert_close(m.alibi_slopes, torch.tensor(paper(n)))
+    given = torch.rand(4)
+    assert torch.equal(fusedattn.MultiheadAttention(8, 4, alibi=given).alibi_slopes, given)
+
+
+def test_module_rel_bias_and_softcap_learn_and_script():
+    torch.manual_seed(18)
+    m = fusedattn.MultiheadAttention(16, 4, batch_first=True, max_relative_distance=6, softcap=5.0,
+                                     window=(8, 0))
+    assert m.rel_bias.shape == (4, 13) and (m.rel_bias == 0).all()
+    assert "rel_bias" in dict(m.named_parameters())
+    x = torch.randn(3, 11, 16)
+    pad = torch.zeros(3, 11, dtype=torch.bool)
+    pad[2, 7:] = True
+    out, _ = m(x, x, x, key_padding_mask=pad, need_weights=False)
+    out.sum().backward()
+    assert m.rel_bias.grad.abs().sum() > 0
+    # The module's call is the op's on its projections.
+    q, k, v = torch.nn.functional.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, -1)
+    heads = lambda t: t.view(3, 11, 4, 4).transpose(1, 2)
+    o = fusedattn.attention(heads(q), heads(k), heads(v), key_padding_mask=pad, window=(8, 0),
+                            softcap=5.0, rel_bias=m.rel_bias)
+    ref = torch.nn.functional.linear(o.transpose(1, 2).reshape(3, 11, 16), m.out_proj.weight, m.out_proj.bias)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    scripted = torch.jit.script(m.eval())
+    torch.testing.assert_close(scripted(x, x, x)[0], m(x, x, x)[0])
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(compiled(x, x, x)[0], m(x, x, x)[0])
+    # state_dict round trip keeps the table.
+    m2 = fusedattn.MultiheadAttention(16, 4, batch_first=True, max_relative_distance=6, softcap=5.0,
+                                      window=(8, 0))
+    m2.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m2(x, x, x)[0], m(x, x, x)[0])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(window=(1,)), "window must be {left, right}"),
+    (dict(softcap=-1.0), "softcap must be positive"),
+    (dict(max_relative_distance=-2), "max_relative_distance must be >= 0"),
+    (dict(max_relative_distance=2.5), "max_relative_distance must be an int"),
+])
+def test_module_bad_variant_options(kw, match):
+    with pytest.raises((RuntimeError, TypeError), match=re.escape(match)):
+        fusedattn.MultiheadAttention(8, 2, **kw)

@@ -1,6 +1,10 @@
 #include "fusedattn/modules/multihead_attention.h"
 
 #include <torch/nn/init.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <vector>
 
 #include "fusedattn/ops/multihead_attention.h"
 
@@ -61,7 +65,34 @@ void MultiheadAttentionImpl::reset() {
     bias_k = register_parameter("bias_k", torch::empty({1, 1, inner}));
     bias_v = register_parameter("bias_v", torch::empty({1, 1, inner}));
   }
+  // The variants' state, after torch's parameters (their order and draws stay torch's).
+  TORCH_CHECK(o.window().empty() || (o.window().size() == 2 && o.window()[0] >= -1 && o.window()[1] >= -1),
+              "MultiheadAttention: window must be {left, right}, each >= 0 or -1 for unbounded");
+  TORCH_CHECK(!o.softcap() || *o.softcap() > 0, "MultiheadAttention: softcap must be positive");
+  if (o.alibi()) alibi_slopes = register_buffer("alibi_slopes", fusedattn::alibi_slopes(o.num_heads()));
+  if (o.max_relative_distance()) {
+    TORCH_CHECK(*o.max_relative_distance() >= 0,
+                "MultiheadAttention: max_relative_distance must be >= 0, got ", *o.max_relative_distance());
+    rel_bias = register_parameter(
+        "rel_bias", torch::zeros({o.num_heads(), 2 * *o.max_relative_distance() + 1}));
+  }
   reset_parameters();
+}
+
+at::Tensor alibi_slopes(int64_t n) {
+  auto geometric = [](int64_t m) {  // 2^(-8 i / m), i = 1..m
+    std::vector<float> s(m);
+    for (int64_t i = 0; i < m; ++i) s[i] = std::pow(2.0f, -8.0f * float(i + 1) / float(m));
+    return s;
+  };
+  int64_t pow2 = 1;
+  while (pow2 * 2 <= n) pow2 *= 2;
+  auto s = geometric(pow2);
+  if (pow2 < n) {
+    const auto above = geometric(2 * pow2);
+    for (int64_t i = 0; int64_t(s.size()) < n; i += 2) s.push_back(above[i]);
+  }
+  return torch::tensor(s, torch::kFloat);
 }
 
 void MultiheadAttentionImpl::reset_parameters() {
@@ -91,7 +122,9 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward(
       opt(q_proj_weight), opt(k_proj_weight), opt(v_proj_weight), opt(bias_k), opt(bias_v),
       options.add_zero_attn(), is_training() ? options.dropout() : 0.0, out_proj->weight,
       opt(out_proj->bias), options.batch_first(), opt(key_padding_mask), need_weights,
-      opt(attn_mask), average_attn_weights, is_causal);
+      opt(attn_mask), average_attn_weights, is_causal,
+      options.window().empty() ? at::OptionalIntArrayRef() : at::OptionalIntArrayRef(options.window()),
+      opt(alibi_slopes), options.softcap(), opt(rel_bias));
   return {out, need_weights ? weights : at::Tensor()};
 }
 

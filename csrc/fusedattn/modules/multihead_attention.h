@@ -34,7 +34,19 @@ struct FUSEDATTN_API MultiheadAttentionOptions {
   // Per-head projection size (default embed_dim / num_heads): q/k/v map to num_heads *
   // head_dim features and out_proj maps back to embed_dim. Beyond torch.
   TORCH_ARG(std::optional<int64_t>, head_dim) = std::nullopt;
+  // Attention variants (fusedattn::attention's), beyond torch: a sliding window {left, right}
+  // (-1 unbounded; empty = none); ALiBi with the paper's slopes for num_heads (buffer
+  // alibi_slopes); a learnable relative position bias (parameter rel_bias, (H, 2 D + 1),
+  // zeros) for distances up to D = max_relative_distance; logit soft-capping.
+  TORCH_ARG(std::vector<int64_t>, window) = {};
+  TORCH_ARG(bool, alibi) = false;
+  TORCH_ARG(std::optional<int64_t>, max_relative_distance) = std::nullopt;
+  TORCH_ARG(std::optional<double>, softcap) = std::nullopt;
 };
+
+// ALiBi's slopes for n heads (the paper's geometric sequence; for n not a power of two, those
+// of the power below and every other one of the power above). fp32 (n,).
+FUSEDATTN_API at::Tensor alibi_slopes(int64_t num_heads);
 
 class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<MultiheadAttentionImpl> {
  public:
@@ -68,6 +80,8 @@ class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<Multihe
   at::Tensor in_proj_weight;   // (3 * H * head_dim, E) when qkv_same_embed_dim()
   at::Tensor q_proj_weight;    // (H * head_dim, E)     otherwise
   at::Tensor k_proj_weight;    // (H * head_dim, kdim)
+  at::Tensor alibi_slopes;     // (H,) buffer, with options.alibi()
+  at::Tensor rel_bias;         // (H, 2 D + 1) parameter, with options.max_relative_distance()
   at::Tensor v_proj_weight;    // (H * head_dim, vdim)
   at::Tensor in_proj_bias;     // (3 * H * head_dim) with bias
   at::Tensor bias_k, bias_v;   // (1, 1, H * head_dim) with add_bias_kv

@@ -57,14 +57,17 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention(
     const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p,
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
-    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal) {
+    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedattn::multihead_attention", "")
                        .typed<decltype(multihead_attention)>();
   return op.call(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
                  k_proj_weight, v_proj_weight, bias_k, bias_v, add_zero_attn, dropout_p,
                  out_proj_weight, out_proj_bias, batch_first, key_padding_mask, need_weights,
-                 attn_mask, average_attn_weights, is_causal);
+                 attn_mask, average_attn_weights, is_causal, window, alibi_slopes, softcap,
+                 rel_bias);
 }
 }  // namespace ops
 
@@ -78,7 +81,9 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p,
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
-    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal) {
+    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
   TORCH_CHECK(num_heads > 0, kFn, ": num_heads must be positive, got ", num_heads);
   TORCH_CHECK(query.dim() == 3 || query.dim() == 2, kFn,
               ": query must be 3-D (L, N, E), (N, L, E) with batch_first, or 2-D (L, E) "
@@ -135,7 +140,13 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
                                          : q_proj_weight ? *q_proj_weight : out_proj_weight);
   const auto out_bias = bias_like(out_proj_bias, out_proj_weight);
 
-  const bool projected = q_in.is_cpu() && !bias_k && !bias_v && !add_zero_attn;
+  // The variants (window, ALiBi, softcap, rel_bias) run on the attention op's kernels, on
+  // split heads.
+  const bool variants = window || alibi_slopes || softcap || rel_bias;
+  // The op takes fp32 slopes; a module's buffer follows the module's .to(dtype).
+  std::optional<at::Tensor> slopes;
+  if (alibi_slopes) slopes = alibi_slopes->to(at::kFloat);
+  const bool projected = q_in.is_cpu() && !bias_k && !bias_v && !add_zero_attn && !variants;
   const bool self_packed = in_proj_weight && query.is_same(key) && key.is_same(value);
   // packed: 3, qp holds q|k|v; 2, kp holds k|v; 0, qp, kp, vp apart.
   int packed = 0;
@@ -294,7 +305,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     at::Tensor out;
     std::tie(out, weights, std::ignore) =
         ops::attention(q, k, v, mask, dropout_p, op_causal, std::nullopt, false, kpm, "top_left",
-                       need_weights, false, need_weights && average_attn_weights);
+                       need_weights, false, need_weights && average_attn_weights, window,
+                       slopes, softcap, rel_bias);
     // (N, H, L, Dv) -> the caller's layout, heads concatenated.
     const SymInt hd = out.sym_size(1) * out.sym_size(3);
     merged = seq_first ? out.permute({2, 0, 1, 3}).reshape_symint({L, N, hd})

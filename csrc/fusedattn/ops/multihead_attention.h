@@ -22,7 +22,11 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> multihead_attention(
     const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p,
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
-    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal);
+    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal,
+    at::OptionalIntArrayRef window = std::nullopt,
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+    std::optional<double> softcap = std::nullopt,
+    const std::optional<at::Tensor>& rel_bias = std::nullopt);
 }  // namespace ops
 
 namespace detail {
@@ -36,6 +40,10 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p,
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
-    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal);
+    const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal,
+    at::OptionalIntArrayRef window = std::nullopt,
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+    std::optional<double> softcap = std::nullopt,
+    const std::optional<at::Tensor>& rel_bias = std::nullopt);
 }  // namespace detail
 }  // namespace fusedattn

@@ -78,8 +78,9 @@ TORCH_LIBRARY(fusedattn, m) {
       "Tensor? k_proj_weight, Tensor? v_proj_weight, Tensor? bias_k, Tensor? bias_v, "
       "bool add_zero_attn, float dropout_p, Tensor out_proj_weight, Tensor? out_proj_bias, "
       "bool batch_first=False, Tensor? key_padding_mask=None, bool need_weights=True, "
-      "Tensor? attn_mask=None, bool average_attn_weights=True, bool is_causal=False) "
-      "-> (Tensor, Tensor)");
+      "Tensor? attn_mask=None, bool average_attn_weights=True, bool is_causal=False, "
+      "int[]? window=None, Tensor? alibi_slopes=None, float? softcap=None, "
+      "Tensor? rel_bias=None) -> (Tensor, Tensor)");
   m.impl("multihead_attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::multihead_attention_composite));
 

@@ -44,7 +44,10 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](int64_t embed_dim, int64_t num_heads, double dropout, bool bias,
                        bool add_bias_kv, bool add_zero_attn, std::optional<int64_t> kdim,
                        std::optional<int64_t> vdim, bool batch_first,
-                       std::optional<int64_t> head_dim) {
+                       std::optional<int64_t> head_dim,
+                       std::optional<std::vector<int64_t>> window, bool alibi,
+                       std::optional<int64_t> max_relative_distance,
+                       std::optional<double> softcap) {
              auto o = fusedattn::MultiheadAttentionOptions(embed_dim, num_heads)
                           .dropout(dropout)
                           .bias(bias)
@@ -53,13 +56,19 @@ PYBIND11_MODULE(_C, m) {
                           .kdim(kdim.value_or(embed_dim))
                           .vdim(vdim.value_or(embed_dim))
                           .batch_first(batch_first)
-                          .head_dim(head_dim);
+                          .head_dim(head_dim)
+                          .window(window.value_or(std::vector<int64_t>{}))
+                          .alibi(alibi)
+                          .max_relative_distance(max_relative_distance)
+                          .softcap(softcap);
              return std::make_shared<fusedattn::MultiheadAttentionImpl>(o);
            }),
            py::arg("embed_dim"), py::arg("num_heads"), py::arg("dropout") = 0.0,
            py::arg("bias") = true, py::arg("add_bias_kv") = false, py::arg("add_zero_attn") = false,
            py::arg("kdim") = py::none(), py::arg("vdim") = py::none(),
-           py::arg("batch_first") = false, py::arg("head_dim") = py::none())
+           py::arg("batch_first") = false, py::arg("head_dim") = py::none(),
+           py::arg("window") = py::none(), py::arg("alibi") = false,
+           py::arg("max_relative_distance") = py::none(), py::arg("softcap") = py::none())
       .def(
           "forward",
           [](fusedattn::MultiheadAttentionImpl& self, const at::Tensor& query,
