@@ -1,4 +1,5 @@
-"""Attention variants against PyTorch in one run (CPU): sliding window, ALiBi, soft-capping.
+"""Attention variants against PyTorch in one run (CPU): sliding window, ALiBi, soft-capping,
+a learned relative position bias.
 
 For each case: fusedattn with the variant, fusedattn's plain call of the same size (the
 variant's own cost), SDPA given the equivalent mask (a materialised bool window or ALiBi's
@@ -61,6 +62,17 @@ def case(variant, dtype, L, B=4, H=8, E=64):
         fns["math (ATen)"] = math_softcap
         cap_t = torch.tensor(cap)  # a tensor: flex_attention's tracing refuses a captured float
         mod = lambda score, b, h, i, j: torch.where(j <= i, cap_t * torch.tanh(score / cap_t), -math.inf)
+    elif variant == "rel_bias":  # a learnable (H, 2D+1) table, D = 128; its gradient on both sides
+        D = 128
+        table = torch.randn(H, 2 * D + 1, requires_grad=True)
+        idx = rel.clamp(-D, D) + D
+        fns["fusedattn"] = lambda q, k, v: fusedattn.attention(q, k, v, is_causal=True, rel_bias=table)
+
+        def sdpa_rel(q, k, v):
+            bias = table[:, idx].masked_fill(rel > 0, -math.inf).to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        fns["sdpa float mask"] = sdpa_rel
+        mod = lambda score, b, h, i, j: torch.where(j <= i, score + table[h, (j - i).clamp(-D, D) + D], -math.inf)
     else:
         raise ValueError(variant)
     flex = None
@@ -75,6 +87,10 @@ def case(variant, dtype, L, B=4, H=8, E=64):
 
 
 def main():
+    # As bench.py: every block >= 64 KiB its own mapping, so the RSS high-water mark sees peaks.
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        os.execve(sys.executable, [sys.executable] + sys.argv,
+                  dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
@@ -82,7 +98,8 @@ def main():
     args = ap.parse_args()
     repeats = 3 if args.quick else args.repeats
     plan = [("window", d, L) for d in (torch.float32, torch.bfloat16) for L in ((2048,) if args.quick else (2048, 4096))]
-    plan += [(v, torch.float32, L) for v in ("alibi", "softcap") for L in ((1024,) if args.quick else (1024, 2048))]
+    plan += [(v, torch.float32, L) for v in ("alibi", "softcap", "rel_bias")
+             for L in ((1024,) if args.quick else (1024, 2048))]
     rows = []
     for variant, dtype, L in plan:
         inputs, fns, flex = case(variant, dtype, L)
