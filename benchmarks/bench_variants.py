@@ -130,6 +130,45 @@ def main():
                                if n != "fusedattn")
             print(f"{variant:<8}{row['dtype']:<10}L={L:<6}{mode:<8} fusedattn {ours:8.1f} ms "
                   f"(peak {row['peak_mb']['fusedattn']:.0f} MiB); {others}", flush=True)
+    # varlen: 16 sequences of 32..1024 (fixed draw), packed, against the same batch padded to
+    # the longest with a key padding mask; the work ratio sum(L_max^2) / sum(L_b^2) beside.
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(32, 1025, (16,), generator=g).tolist()
+    lengths[0] = 1024
+    T, H, E = max(lengths), 8, 64
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    for dtype in (torch.float32, torch.bfloat16):
+        packed = [torch.randn(sum(lengths), H, E, generator=g).to(dtype) for _ in range(3)]
+        padded = []
+        for x in packed:
+            p = x.new_zeros(len(lengths), T, H, E)
+            for b, n in enumerate(lengths):
+                p[b, :n] = x[cu[b]:cu[b + 1]]
+            padded.append(p.transpose(1, 2))
+        pad = torch.arange(T)[None] >= torch.tensor(lengths)[:, None]
+        allowed = ~pad[:, None, None, :]
+        fns = {"fusedattn": lambda q, k, v: fusedattn.attention_varlen(q, k, v, cu, cu, T, T, is_causal=True)}
+        pfns = {"fusedattn padded": lambda q, k, v: fusedattn.attention(q, k, v, is_causal=True, key_padding_mask=pad),
+                "sdpa padded": lambda q, k, v: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=allowed & torch.ones(T, T, dtype=torch.bool).tril())}
+        work = len(lengths) * T * T / sum(n * n for n in lengths)
+        for mode in ("fwd", "fwd+bwd"):
+            if mode == "fwd":
+                runs = [lambda: fns["fusedattn"](*packed)] + [lambda f=f: f(*padded) for f in pfns.values()]
+                with torch.no_grad():
+                    times = time_pair(runs, repeats, 20.0)
+            else:
+                runs = [fwd_bwd(fns["fusedattn"], packed)] + [fwd_bwd(f, padded) for f in pfns.values()]
+                times = time_pair(runs, repeats, 20.0)
+            names = ["fusedattn"] + list(pfns)
+            row = dict(case="varlen", dtype=str(dtype)[6:], L=T, mode=mode, work_ratio=work,
+                       ms={n: t * 1e3 for n, t in zip(names, times)})
+            row["speedup"] = {n: t / row["ms"]["fusedattn"] for n, t in row["ms"].items() if n != "fusedattn"}
+            rows.append(row)
+            print(f"varlen  {row['dtype']:<10}16 seqs 32..1024 causal {mode:<8} fusedattn {row['ms']['fusedattn']:8.1f} ms; "
+                  + ", ".join(f"{n} {row['ms'][n]:.1f} ms ({row['speedup'][n]:.2f}x)" for n in pfns)
+                  + f"; work ratio {work:.2f}", flush=True)
+
     meta = dict(torch=torch.__version__, cpu=cpu_model(), threads=torch.get_num_threads(),
                 fusedattn_tier=fusedattn.cpu_capability())
     print(f"CPU: {meta['cpu']}; tier {meta['fusedattn_tier']}; {meta['threads']} threads; torch {meta['torch']}; "

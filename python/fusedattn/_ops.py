@@ -67,3 +67,26 @@ def t5_rel_bias(bucket_bias, max_distance=128, bidirectional=True):
                    * (num_buckets - exact)).long()
     bucket = bucket + torch.where(dist < exact, dist, far.clamp(max=num_buckets - 1))
     return bucket_bias[bucket].t()
+
+
+def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                     dropout_p=0.0, is_causal=False, causal_alignment="top_left", scale=None,
+                     enable_gqa=False, window=None, alibi_slopes=None, softcap=None,
+                     rel_bias=None, return_lse=False):
+    """Attention over packed variable-length sequences (``torch.ops.fusedattn.attention_varlen``;
+    FlashAttention's ``flash_attn_varlen_func`` layout).
+
+    ``query (total_q, H, E)``, ``key (total_k, Hk, E)``, ``value (total_k, Hk, Ev)``,
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 ``(B + 1,)`` offsets of each sequence; the
+    options are ``attention``'s (alignment per sequence; ``alibi_slopes`` ``(H,)`` or
+    ``(B, H)``). Returns ``out (total_q, H, Ev)``, or ``(out, lse (H, total_q))`` with
+    ``return_lse``. No padding is formed or computed: one fused call per sequence on views, the
+    cost the sum over sequences of ``L_b * S_b``; gradients for query, key, value, rel_bias.
+    The offsets are read on the host, so ``torch.compile`` breaks the graph here.
+    """
+    out, lse = torch.ops.fusedattn.attention_varlen(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        dropout_p=dropout_p, is_causal=is_causal, causal_alignment=causal_alignment, scale=scale,
+        enable_gqa=enable_gqa, window=None if window is None else list(window),
+        alibi_slopes=alibi_slopes, softcap=softcap, rel_bias=rel_bias, return_lse=return_lse)
+    return (out, lse) if return_lse else out

@@ -259,3 +259,27 @@ TEST_CASE("variants: window, ALiBi and softcap from C++ equal their formulas", "
   REQUIRE_THROWS_WITH(fusedattn::attention(q, k, v, AttentionOptions().softcap(-1.0)),
                       Catch::Contains("softcap must be positive"));
 }
+
+TEST_CASE("attention_varlen from C++: each packed sequence is its own attention", "[attention][varlen]") {
+  const std::vector<int64_t> lq{4, 0, 9, 1}, lk{6, 3, 9, 2};
+  auto offsets = [](const std::vector<int64_t>& l) {
+    std::vector<int32_t> o{0};
+    for (auto n : l) o.push_back(o.back() + static_cast<int32_t>(n));
+    return torch::tensor(o, torch::kInt);
+  };
+  auto cu_q = offsets(lq), cu_k = offsets(lk);
+  auto q = randn({14, 2, 8}), k = randn({20, 2, 8}), v = randn({20, 2, 5});
+  auto r = fusedattn::attention_varlen(q, k, v, cu_q, cu_k, 9, 9,
+                                       AttentionOptions().is_causal(true).causal_alignment("bottom_right").return_lse(true));
+  REQUIRE(r.out.sizes() == torch::IntArrayRef({14, 2, 5}));
+  REQUIRE(r.lse->sizes() == torch::IntArrayRef({2, 14}));
+  int64_t a = 0, c = 0;
+  for (size_t b = 0; b < lq.size(); ++b) {
+    auto one = fusedattn::attention(q.narrow(0, a, lq[b]).transpose(0, 1), k.narrow(0, c, lk[b]).transpose(0, 1),
+                                    v.narrow(0, c, lk[b]).transpose(0, 1),
+                                    AttentionOptions().is_causal(true).causal_alignment("bottom_right")).out;
+    if (lq[b] > 0) require_close(r.out.narrow(0, a, lq[b]).transpose(0, 1), one, 1e-12);
+    a += lq[b], c += lk[b];
+  }
+  REQUIRE_THROWS_WITH(fusedattn::attention_varlen(q, k, v, cu_k, cu_q, 9, 9), Catch::Contains("cu_seqlens_q must start at 0"));
+}

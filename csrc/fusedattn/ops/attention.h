@@ -61,6 +61,18 @@ FUSEDATTN_API AttentionResult attention(const at::Tensor& query, const at::Tenso
                                         const at::Tensor& value,
                                         const AttentionOptions& options = {});
 
+// Packed variable-length sequences (FlashAttention's varlen layout): query (total_q, H, E),
+// key (total_k, Hk, E), value (total_k, Hk, Ev), cu_seqlens_q / cu_seqlens_k (B + 1,) int32
+// offsets. Options as attention's but masks and weights (the offsets are the padding);
+// alignment per sequence, alibi_slopes (H,) or (B, H). -> out (total_q, H, Ev), lse (H, total_q).
+// No padding is formed: one attention call per sequence on views (ops/varlen.cpp).
+FUSEDATTN_API AttentionResult attention_varlen(const at::Tensor& query, const at::Tensor& key,
+                                               const at::Tensor& value,
+                                               const at::Tensor& cu_seqlens_q,
+                                               const at::Tensor& cu_seqlens_k,
+                                               int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                               const AttentionOptions& options = {});
+
 // Whether this build holds the fused CUDA kernels (a CUDA toolkit was found at build time).
 // Without them, or with FUSEDATTN_CUDA_KERNEL unset (see cuda/attention_cuda.cpp), CUDA
 // tensors take the ATen reference.
@@ -89,6 +101,13 @@ FUSEDATTN_API void check_attention_arguments(const at::Tensor& query, const at::
 
 namespace ops {
 // One function per schema, calling the dispatcher (the schemas are in registration.cpp).
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> attention_varlen(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double dropout_p, bool is_causal, c10::string_view causal_alignment,
+    std::optional<double> scale, bool enable_gqa, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias, bool return_lse);
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
@@ -170,6 +189,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
     const std::optional<at::Tensor>& rel_bias);
+// The CompositeImplicitAutograd kernel of `attention_varlen` (ops/varlen.cpp).
+std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double dropout_p, bool is_causal, c10::string_view causal_alignment,
+    std::optional<double> scale, bool enable_gqa, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias, bool return_lse);
 }  // namespace detail
 
 }  // namespace fusedattn

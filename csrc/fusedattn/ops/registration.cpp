@@ -29,6 +29,18 @@ TORCH_LIBRARY(fusedattn, m) {
   m.impl("attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::attention_composite));
 
+  // Packed variable-length sequences: query (total_q, H, E), key (total_k, Hk, E), value
+  // (total_k, Hk, Ev), cu_seqlens_* (B + 1,) int32 offsets. -> (out (total_q, H, Ev), lse
+  // (H, total_q), empty unless return_lse). Alignment per sequence (ops/varlen.cpp).
+  m.def(
+      "attention_varlen(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, *, float dropout_p=0.0, "
+      "bool is_causal=False, str causal_alignment=\"top_left\", float? scale=None, "
+      "bool enable_gqa=False, int[]? window=None, Tensor? alibi_slopes=None, "
+      "float? softcap=None, Tensor? rel_bias=None, bool return_lse=False) -> (Tensor, Tensor)");
+  m.impl("attention_varlen", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::attention_varlen_composite));
+
   // Internal, pure given dropout_seed: what the backends implement. -> (out, lse, weights)
   m.def(
       "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
