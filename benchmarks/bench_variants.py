@@ -95,11 +95,14 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--cases", default="window,alibi,softcap,rel_bias,varlen")
     args = ap.parse_args()
+    wanted = set(args.cases.split(","))
     repeats = 3 if args.quick else args.repeats
     plan = [("window", d, L) for d in (torch.float32, torch.bfloat16) for L in ((2048,) if args.quick else (2048, 4096))]
     plan += [(v, torch.float32, L) for v in ("alibi", "softcap", "rel_bias")
              for L in ((1024,) if args.quick else (1024, 2048))]
+    plan = [c for c in plan if c[0] in wanted]
     rows = []
     for variant, dtype, L in plan:
         inputs, fns, flex = case(variant, dtype, L)
@@ -137,7 +140,7 @@ def main():
     lengths[0] = 1024
     T, H, E = max(lengths), 8, 64
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in ((torch.float32, torch.bfloat16) if "varlen" in wanted else ()):
         packed = [torch.randn(sum(lengths), H, E, generator=g).to(dtype) for _ in range(3)]
         padded = []
         for x in packed:
@@ -174,7 +177,9 @@ def main():
     print(f"CPU: {meta['cpu']}; tier {meta['fusedattn_tier']}; {meta['threads']} threads; torch {meta['torch']}; "
           "B=4 H=8 E=64; speedup = their time / fusedattn's")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "variants.json"), "w") as f:
+    name = "variants.json" if wanted >= {"window", "alibi", "softcap", "rel_bias", "varlen"} else \
+        "variants_" + "_".join(sorted(wanted)) + ".json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
 
