@@ -61,13 +61,11 @@ def rand(*shape, dtype=torch.float32, grad=True):
 
 def check(q, k, v, atol, **kw):
     """Values, lse and gradients against the formula."""
-    out, _, lse = fusedattn.attention(q, k, v, return_lse=True, **{
-        k_: v_ for k_, v_ in dict(
-            window=kw.get("window"), alibi_slopes=kw.get("alibi"), softcap=kw.get("softcap"),
-            attn_mask=kw.get("attn_mask"), key_padding_mask=kw.get("kpm"),
-            is_causal=kw.get("is_causal", False), scale=kw.get("scale"),
-            enable_gqa=kw.get("gqa", False),
-            causal_alignment="bottom_right" if kw.get("bottom_right") else "top_left").items()})
+    out, _, lse = fusedattn.attention(
+        q, k, v, return_lse=True, window=kw.get("window"), alibi_slopes=kw.get("alibi"),
+        softcap=kw.get("softcap"), attn_mask=kw.get("attn_mask"), key_padding_mask=kw.get("kpm"),
+        is_causal=kw.get("is_causal", False), scale=kw.get("scale"), enable_gqa=kw.get("gqa", False),
+        causal_alignment="bottom_right" if kw.get("bottom_right") else "top_left")
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = formula(qd, kd, vd, **kw)
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)
@@ -294,7 +292,7 @@ def test_rel_bias_values_and_gradients(D, bottom_right, extra, dtype):
     alibi = torch.rand(3) if kw.pop("alibi", False) else None
     out = fusedattn.attention(q, k, v, rel_bias=table, alibi_slopes=alibi,
                               causal_alignment="bottom_right" if bottom_right else "top_left",
-                              **{("softcap" if n == "softcap" else n): val for n, val in kw.items()})
+                              **kw)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
     ref, _ = formula_rel(*leaves, bottom_right=bottom_right, alibi=alibi, **kw)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
