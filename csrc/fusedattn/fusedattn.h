@@ -8,6 +8,7 @@
 #include "fusedattn/modules/layers.h"
 #include "fusedattn/modules/multihead_attention.h"
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/kv_cache.h"
 #include "fusedattn/ops/layers.h"
 #include "fusedattn/ops/multihead_attention.h"
 

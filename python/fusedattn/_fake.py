@@ -126,3 +126,18 @@ def _attention_projected_backward_fake(grad_out, grad_weights, grad_lse, query, 
 
     return (like(query), like(key), like(value), grad_of(attn_mask, attn_mask_grad),
             grad_of(key_padding_mask, key_padding_mask_grad))
+
+
+@torch.library.register_fake("fusedattn::kv_cache_attention")
+def _kv_cache_attention_fake(query, key, value, key_cache, value_cache, lengths, *, scale=None,
+                             is_causal=False, key_padding_mask=None, enable_gqa=False,
+                             return_lse=False, return_weights=False):
+    # Shapes only: the lengths' values (a full cache) are checked by the real kernel.
+    _C._check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths,
+                                 key_padding_mask, enable_gqa)
+    b, h, t, _ = query.shape
+    out = query.new_empty((b, h, t, value_cache.shape[-1]))
+    acc = _accumulate_dtype(query.dtype)
+    lse = query.new_empty((b, h, t) if return_lse else (0,), dtype=acc)
+    weights = query.new_empty((b, h, t, key_cache.shape[2]) if return_weights else (0,))
+    return out, lse, weights

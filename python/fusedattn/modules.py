@@ -1,7 +1,7 @@
 import copy
 import operator
 from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -9,6 +9,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
 from . import _C
+from .kv_cache import KVCache
 
 
 def _is_int(value):
@@ -124,8 +125,12 @@ class MultiheadAttention(torch.nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+                is_causal: bool = False, cache: Any = None) -> Tuple[Tensor, Optional[Tensor]]:
         if not torch.jit.is_scripting():
+            if cache is not None:
+                return self._forward_cached(query, key, value, cache, key_padding_mask,
+                                            need_weights, attn_mask, average_attn_weights,
+                                            is_causal)
             if query.is_nested or key.is_nested or value.is_nested:
                 return self._forward_nested(query, key, value, key_padding_mask, need_weights,
                                             attn_mask, average_attn_weights, is_causal)
@@ -163,6 +168,133 @@ class MultiheadAttention(torch.nn.Module):
         if key_padding_mask is not None:
             merged = merged + key_padding_mask.view(n, 1, 1, seq)
         return merged, 2
+
+    def kv_cache(self, max_batch, max_len):
+        """An empty ``KVCache`` for this module's self-attention: ``max_batch`` sequences of up
+        to ``max_len`` positions, in the parameters' dtype and device."""
+        w = self.out_proj.weight
+        return KVCache(max_batch, max_len, self.num_heads, self.head_dim, self.head_dim,
+                       dtype=w.dtype, device=w.device)
+
+    @torch.jit.unused
+    def memory_cache(self, memory, key_padding_mask=None):
+        """Cross-attention keys and values projected once: a read-only ``KVCache`` over
+        ``memory`` (the encoder's output, in the query's layout: ``(S, N, kdim)``, ``(N, S,
+        kdim)`` with batch_first, or ``(S, kdim)``), with its ``key_padding_mask (N, S)``.
+        ``mha(y, None, None, cache=memory)`` then equals ``mha(y, memory, memory,
+        key_padding_mask=key_padding_mask)``."""
+        self._check_cacheable()
+        if memory.dim() not in (2, 3):
+            raise ValueError(f"MultiheadAttention.memory_cache: memory must be 3-D (S, N, E), "
+                             f"(N, S, E) with batch_first, or 2-D (S, E), got {tuple(memory.shape)}")
+        x = self._batch_first_view(memory)
+        wk, wv, bk, bv = self._kv_projection()
+        if wk.shape[1] != x.shape[-1] or wv.shape[1] != x.shape[-1]:
+            raise ValueError(f"MultiheadAttention.memory_cache: memory must have "
+                             f"{wk.shape[1]} features, got {tuple(memory.shape)}")
+        if key_padding_mask is not None and memory.dim() == 2:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        k = self._split(torch.nn.functional.linear(x, wk, bk))
+        v = self._split(torch.nn.functional.linear(x, wv, bv))
+        return KVCache.from_tensors(k, v, key_padding_mask=key_padding_mask)
+
+    def _check_cacheable(self):
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("MultiheadAttention: a KV cache does not take add_bias_kv or "
+                             "add_zero_attn")
+        if (self.window is not None or self.alibi_slopes is not None or self.softcap is not None
+                or self.rel_bias is not None):
+            raise ValueError("MultiheadAttention: a KV cache does not take the variants (window, "
+                             "alibi, max_relative_distance, softcap) yet")
+
+    def _batch_first_view(self, x):
+        """(A, B, F) in the module's layout or (T, F) unbatched -> (N, T, F), a view."""
+        if x.dim() == 2:
+            return x.unsqueeze(0)
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def _split(self, x):
+        """(N, T, H * D) -> (N, H, T, D), a view."""
+        n, t, f = x.shape
+        return x.view(n, t, self.num_heads, f // self.num_heads).transpose(1, 2)
+
+    def _kv_projection(self):
+        if self.in_proj_weight is not None:
+            rows = self.in_proj_weight.shape[0] // 3
+            wk, wv = self.in_proj_weight[rows:2 * rows], self.in_proj_weight[2 * rows:]
+        else:
+            rows = self.q_proj_weight.shape[0]
+            wk, wv = self.k_proj_weight, self.v_proj_weight
+        b = self.in_proj_bias
+        bk, bv = (None, None) if b is None else (b[rows:2 * rows], b[2 * rows:])
+        return wk, wv, bk, bv
+
+    @torch.jit.unused
+    def _forward_cached(self, query, key, value, cache, key_padding_mask, need_weights,
+                        attn_mask, average_attn_weights, is_causal):
+        """Incremental decoding: the new tokens ``query`` (and, for self-attention, the same
+        tensor as key and value, appended to the cache) against every cached position."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"MultiheadAttention: cache must be a fusedattn.KVCache, got "
+                            f"{type(cache).__name__}")
+        self._check_cacheable()
+        if attn_mask is not None:
+            raise ValueError("MultiheadAttention: with a cache, attn_mask is not supported; "
+                             "use is_causal and key_padding_mask (over the cached positions)")
+        if self.training and self.dropout > 0:
+            raise ValueError("MultiheadAttention: a KV cache decodes without dropout; call "
+                             ".eval() (or build the module with dropout=0)")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"MultiheadAttention: query must be 3-D (T, N, E), (N, T, E) with "
+                             f"batch_first, or 2-D (T, E), got {tuple(query.shape)}")
+        if (key is None) != (value is None):
+            raise ValueError("MultiheadAttention: with a cache, key and value are both the new "
+                             "tokens (self-attention) or both None (attend to the cache only)")
+        batched = query.dim() == 3
+        x = self._batch_first_view(query)
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"MultiheadAttention: query must have embed_dim = {self.embed_dim} "
+                             f"features, got {tuple(query.shape)}")
+        k = v = None
+        if key is None:
+            w = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
+            rows = self.num_heads * self.head_dim
+            b = None if self.in_proj_bias is None else self.in_proj_bias[:rows]
+            q = torch.nn.functional.linear(x, w[:rows], b)
+        else:
+            if key.dim() != query.dim() or value.dim() != query.dim():
+                raise ValueError("MultiheadAttention: key and value must have query's dims")
+            xk, xv = self._batch_first_view(key), self._batch_first_view(value)
+            if (self.in_proj_weight is not None and query is key and key is value):
+                q, k, v = torch.nn.functional.linear(x, self.in_proj_weight,
+                                                     self.in_proj_bias).chunk(3, dim=-1)
+            else:
+                w = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
+                rows = self.num_heads * self.head_dim
+                b = None if self.in_proj_bias is None else self.in_proj_bias[:rows]
+                q = torch.nn.functional.linear(x, w[:rows], b)
+                wk, wv, bk, bv = self._kv_projection()
+                k = torch.nn.functional.linear(xk, wk, bk)
+                v = torch.nn.functional.linear(xv, wv, bv)
+            k, v = self._split(k), self._split(v)
+        if key_padding_mask is not None and not batched:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        out, _, weights = cache.attend(self._split(q), k, v, is_causal=is_causal,
+                                       key_padding_mask=key_padding_mask,
+                                       return_weights=need_weights)
+        n, h, t, dv = out.shape
+        merged = out.transpose(1, 2).reshape(n, t, h * dv)
+        result = torch.nn.functional.linear(merged, self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            result = result.squeeze(0)
+        elif not self.batch_first:
+            result = result.transpose(0, 1)
+        if need_weights:
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        return result, weights
 
     @torch.jit.unused
     def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask,

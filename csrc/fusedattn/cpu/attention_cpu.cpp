@@ -70,15 +70,6 @@ const bool onednn_capped = [] {
   return true;
 }();
 
-kernels::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kernels::DType::Float;
-    case at::kDouble: return kernels::DType::Double;
-    case at::kBFloat16: return kernels::DType::BFloat16;
-    default: return kernels::DType::Half;  // check_attention_inputs allows no other
-  }
-}
-
 // (..., X, R, C) -> a (B, X, R, C) view (a copy only where the batch dims cannot merge),
 // with a contiguous last dim and rows that do not overlap, as the kernels and BLAS need (an
 // expanded tensor, e.g. the gradient of a sum, has row stride 0: copied).

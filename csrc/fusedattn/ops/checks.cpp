@@ -21,6 +21,15 @@ void check_mask_dtype(const at::Tensor& mask, const char* name, const at::Tensor
 
 }  // namespace
 
+kernels::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kernels::DType::Float;
+    case at::kDouble: return kernels::DType::Double;
+    case at::kBFloat16: return kernels::DType::BFloat16;
+    default: return kernels::DType::Half;  // the checks allow no other
+  }
+}
+
 at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -86,6 +86,9 @@ std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
 void fill_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    kernels::ProblemParams& p);
 
+// The kernels' name of a checked floating dtype.
+kernels::DType kernel_dtype(at::ScalarType t);
+
 // The dtype the kernels accumulate in: fp64 for fp64 inputs, fp32 otherwise. lse has it.
 at::ScalarType accumulate_type(at::ScalarType t);
 

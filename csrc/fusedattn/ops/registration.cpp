@@ -96,6 +96,16 @@ TORCH_LIBRARY(fusedattn, m) {
   m.impl("multihead_attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::multihead_attention_composite));
 
+  // Incremental decoding (ops/kv_cache.h): query (B, H, T, E) against a preallocated cache
+  // (Bc >= B, Hk, max_len, E|Ev); key and value (B, Hk, T, E|Ev), when given, are written
+  // at each sequence's lengths[b] and lengths grows by T, in place. -> (out (B, H, T, Ev),
+  // lse (B, H, T), empty unless return_lse). No gradient.
+  m.def(
+      "kv_cache_attention(Tensor query, Tensor? key, Tensor? value, Tensor(a!) key_cache, "
+      "Tensor(b!) value_cache, Tensor(c!) lengths, *, float? scale=None, bool is_causal=False, "
+      "Tensor? key_padding_mask=None, bool enable_gqa=False, bool return_lse=False, "
+      "bool return_weights=False) -> (Tensor, Tensor, Tensor)");
+
   // The seed layers (ops/layers.h): SelfAttention, AttentionPooling, Gaussian-kernel attention.
   m.def(
       "self_attention(Tensor x, Tensor q_weight, Tensor? q_bias, Tensor k_weight, Tensor? k_bias, "

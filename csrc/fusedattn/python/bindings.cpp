@@ -38,6 +38,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("window") = py::none(), py::arg("alibi_slopes") = py::none(),
       py::arg("softcap") = py::none(), py::arg("rel_bias") = py::none());
 
+  m.def("_check_kv_cache_arguments", &fusedattn::check_kv_cache_arguments,
+        "kv_cache_attention's argument checks, for its fake kernel", py::arg("query"),
+        py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("lengths"), py::arg("key_padding_mask"), py::arg("enable_gqa"));
+
   // _C.cpp.MultiheadAttention: the C++ module itself (parameters, train/eval, clone, forward).
   torch::python::bind_module<fusedattn::MultiheadAttentionImpl, /*force_enable=*/true>(
       m, "MultiheadAttention")

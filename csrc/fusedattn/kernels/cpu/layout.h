@@ -17,6 +17,9 @@ constexpr int64_t kBwdBlockQ = 64, kBwdBlockK = 256;
 // (64-query panels): dV's and dK's products then run 256 deep per load of their
 // accumulators.
 constexpr int64_t kKrQ = 256;
+// Decode: key blocks of 256 against the task's few query rows (heads of a group x new
+// tokens); the split ranges are whole blocks.
+constexpr int64_t kDecodeBlockK = 256;
 
 // n rounded up to whole 64-column panels of the packed layout.
 constexpr int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }

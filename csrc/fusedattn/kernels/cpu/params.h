@@ -72,4 +72,26 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   bool half_on_f32 = false;
 };
 
+// Decoding over a KV cache (decode.cpp): T = L new queries per sequence against the first
+// lengths[b] positions of a preallocated cache. k, v point at the cache, (B, Hk, S, E|Ev)
+// with S its capacity; kn, vn (when set) are the T new keys and values, (B, Hk, T, E|Ev),
+// which the append tasks copy to positions [lengths[b] - T, lengths[b]) first. Causal (the
+// MaskParams' flag): query t sees positions <= lengths[b] - T + t. The key padding mask
+// covers positions [0, kpm_len) only (later ones are not padding). The other MaskParams
+// (attn_mask, windows, biases) are not used. lse is (B, H, T) contiguous or null.
+struct DecodeParams : FlashParams {
+  const int64_t* lengths = nullptr;  // (B,) positions valid after the append, <= S
+  const void* kn = nullptr;
+  int64_t kn_sb = 0, kn_sh = 0, kn_sr = 0;
+  const void* vn = nullptr;
+  int64_t vn_sb = 0, vn_sh = 0, vn_sr = 0;
+  int64_t kpm_len = 0;
+  int64_t threads = 1;  // the caller's thread count, which the split is sized for
+  // Flash-decoding: each (b, hk) splits its keys into `splits` ranges of split_keys (a
+  // multiple of the key block), one task each; with splits > 1 the tasks write their
+  // partial softmax state into `partial` and the merge tasks combine them. Set by the plan.
+  int64_t splits = 1, split_keys = 0;
+  void* partial = nullptr;  // (B, H, T, splits) x (2 + Ev) accumulate-type values
+};
+
 }  // namespace fusedattn::kernels

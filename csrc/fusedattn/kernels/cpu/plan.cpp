@@ -155,4 +155,38 @@ Plan plan_backward(const FlashParams& in) {
   return r;
 }
 
+// Decoding: few queries per (b, hk) against a long cache. The keys of one (b, hk) are split
+// across tasks (flash-decoding) only when B * Hk alone gives fewer than kDecodeTasksPerThread
+// tasks per thread, and never into ranges under kDecodeMinSplitKeys (a split's partial state
+// and its merge cost about as much as 64 keys).
+constexpr int64_t kDecodeTasksPerThread = 2;
+constexpr int64_t kDecodeMinSplitKeys = 512;
+
+DecodePlan plan_decode(const DecodeParams& in, int64_t max_len) {
+  DecodePlan r;
+  r.p = in;
+  DecodeParams& p = r.p;
+  const Capability tier = capability();
+  r.kernels = &table_for(tier);
+  p.packed = nullptr;
+  p.fgemm = nullptr;
+  p.half_on_f32 = half_on_f32(p, tier);
+  const int64_t bh = p.B * p.Hk;
+  int64_t splits = 1;
+  const int64_t want = kDecodeTasksPerThread * std::max<int64_t>(p.threads, 1);
+  if (bh > 0 && bh < want && max_len > kDecodeMinSplitKeys) {
+    splits = std::min((want + bh - 1) / bh, max_len / kDecodeMinSplitKeys);
+    splits = std::max<int64_t>(splits, 1);
+  }
+  const int64_t block = layout::kDecodeBlockK;
+  p.splits = splits;
+  p.split_keys = splits == 1 ? std::max<int64_t>(p.S, 1)
+                             : ((max_len + splits - 1) / splits + block - 1) / block * block;
+  r.append_tasks = p.kn != nullptr ? bh : 0;
+  r.tasks = bh * splits;
+  r.merge_tasks = splits > 1 ? p.B * p.H : 0;
+  r.partial_elems = splits > 1 ? p.B * p.H * p.L * splits * (2 + p.Ev) : 0;
+  return r;
+}
+
 }  // namespace fusedattn::kernels::cpu

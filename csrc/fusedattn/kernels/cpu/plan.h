@@ -17,6 +17,11 @@ struct KernelTable {
   void (*pack)(const FlashParams& p, int64_t begin, int64_t end);
   void (*forward)(const FlashParams& p, int64_t begin, int64_t end);
   void (*backward)(const FlashParams& p, int64_t begin, int64_t end);
+  // Decoding over a KV cache: append tasks (B * Hk) when kn is set, then decode tasks
+  // (B * Hk * splits), then merge tasks (B * H) when splits > 1.
+  void (*decode_append)(const DecodeParams& p, int64_t begin, int64_t end);
+  void (*decode)(const DecodeParams& p, int64_t begin, int64_t end);
+  void (*decode_merge)(const DecodeParams& p, int64_t begin, int64_t end);
 };
 
 struct Plan {
@@ -30,5 +35,14 @@ struct Plan {
 
 Plan plan_forward(const FlashParams& p);
 Plan plan_backward(const FlashParams& p);
+
+struct DecodePlan {
+  DecodeParams p;  // the caller's, with the split and half_on_f32 set
+  const KernelTable* kernels = nullptr;
+  int64_t append_tasks = 0, tasks = 0, merge_tasks = 0;
+  int64_t partial_elems = 0;  // accumulate-type elements for p.partial (0: no split)
+};
+// max_len: the longest lengths[b] of the call (what the split divides).
+DecodePlan plan_decode(const DecodeParams& p, int64_t max_len);
 
 }  // namespace fusedattn::kernels::cpu

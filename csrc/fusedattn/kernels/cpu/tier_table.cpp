@@ -1,6 +1,7 @@
 // This tier's entry points (plan.h's KernelTable): the dtype switch from DType to the
 // kernels' templates, made here once.
 #include "fusedattn/kernels/cpu/backward.h"
+#include "fusedattn/kernels/cpu/decode.h"
 #include "fusedattn/kernels/cpu/forward.h"
 #include "fusedattn/kernels/cpu/plan.h"
 
@@ -27,10 +28,20 @@ void backward(const FlashParams& p, int64_t begin, int64_t end) {
   with_type(p.dtype, [&](auto tag) { Backward<decltype(tag)>(p).run(begin, end); });
 }
 
+void decode_append(const DecodeParams& p, int64_t begin, int64_t end) {
+  with_type(p.dtype, [&](auto tag) { Decode<decltype(tag)>(p).append(begin, end); });
+}
+void decode(const DecodeParams& p, int64_t begin, int64_t end) {
+  with_type(p.dtype, [&](auto tag) { Decode<decltype(tag)>(p).run(begin, end); });
+}
+void decode_merge(const DecodeParams& p, int64_t begin, int64_t end) {
+  with_type(p.dtype, [&](auto tag) { Decode<decltype(tag)>(p).merge(begin, end); });
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable t{&pack, &forward, &backward};
+  static const KernelTable t{&pack, &forward, &backward, &decode_append, &decode, &decode_merge};
   return t;
 }
 

@@ -1,0 +1,126 @@
+// CPU implementation of `kv_cache_attention`: the decode kernel (kernels/cpu/decode.cpp,
+// planned by plan_decode), reading the cache in place and appending the new keys and values
+// in the same call. FUSEDATTN_CPU_KERNEL=reference sends it to the ATen implementation.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#include "fusedattn/cpu/gemm_hooks.h"
+#include "fusedattn/kernels/cpu/plan.h"
+#include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/kv_cache.h"
+
+namespace fusedattn::cpu {
+namespace {
+
+template <typename Kernel>
+void run_decode_tasks(int64_t tasks, const kernels::DecodeParams& p, Kernel kernel) {
+  if (tasks > 0)
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+}
+
+// Rows of the (b, h, row) layout the kernels read: a contiguous last dim. The cache is
+// written in place, so it cannot be copied into one.
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "kv_cache_attention: ", name,
+              " must have a contiguous last dim (stride 1), got strides ", t.strides());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale, bool is_causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
+    bool return_weights) {
+  const char* mode = std::getenv("FUSEDATTN_CPU_KERNEL");
+  if (mode != nullptr && std::strcmp(mode, "reference") == 0) {
+    return detail::kv_cache_attention_aten(query, key, value, key_cache, value_cache, lengths,
+                                           scale, is_causal, key_padding_mask, enable_gqa,
+                                           return_lse, return_weights);
+  }
+  check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths, key_padding_mask,
+                           enable_gqa);
+  check_rows(key_cache, "key_cache");
+  check_rows(value_cache, "value_cache");
+  const int64_t B = query.size(0), H = query.size(1), T = query.size(2), E = query.size(3);
+  const int64_t capacity = key_cache.size(2);
+  const auto acc = accumulate_type(query.scalar_type());
+  auto out = at::empty({B, H, T, value_cache.size(3)}, query.options());
+  const bool lse_wanted = return_lse || return_weights;  // the weights come from it
+  auto lse = lse_wanted ? at::empty({B, H, T}, query.options().dtype(acc))
+                        : at::empty({0}, query.options().dtype(acc));
+  auto weights = at::empty({0}, query.options());
+  const int64_t longest = detail::check_kv_cache_lengths(lengths, key ? T : 0, capacity);
+  if (key) lengths.add_(T);  // the kernels read the lengths after the append
+  auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    if (return_weights) {
+      weights = detail::kv_cache_weights(query, key_cache, lengths, lse, scale, is_causal,
+                                         key_padding_mask);
+    }
+    return {out, return_lse ? lse : at::empty({0}, lse.options()), weights};
+  };
+  if (out.numel() == 0 && !key) {
+    if (lse_wanted) lse.fill_(-std::numeric_limits<double>::infinity());
+    return finish();
+  }
+
+  kernels::DecodeParams p;
+  p.dtype = kernel_dtype(query.scalar_type());
+  p.B = B, p.H = H, p.Hk = key_cache.size(1);
+  p.L = T, p.S = capacity, p.E = E, p.Ev = value_cache.size(3);
+  p.scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(E));
+  p.gemm = &torch_gemms();
+  auto q = query.stride(-1) == 1 || E <= 1 ? query : query.contiguous();
+  auto lengths_c = lengths.contiguous();
+  fill_operands(q, key_cache, value_cache, p);
+  p.lengths = lengths_c.data_ptr<int64_t>();
+  p.causal = is_causal;
+  at::Tensor k_new, v_new, kpm;
+  if (key) {
+    k_new = key->stride(-1) == 1 || E <= 1 ? *key : key->contiguous();
+    v_new = value->stride(-1) == 1 || value->size(-1) <= 1 ? *value : value->contiguous();
+    p.kn = k_new.data_ptr(), p.kn_sb = k_new.stride(0), p.kn_sh = k_new.stride(1),
+    p.kn_sr = k_new.stride(2);
+    p.vn = v_new.data_ptr(), p.vn_sb = v_new.stride(0), p.vn_sh = v_new.stride(1),
+    p.vn_sr = v_new.stride(2);
+  }
+  if (key_padding_mask && key_padding_mask->size(1) > 0) {
+    kpm = *key_padding_mask;
+    p.kpm_kind = kpm.scalar_type() == at::kBool ? kernels::MaskKind::Bool : kernels::MaskKind::Additive;
+    p.kpm = kpm.data_ptr(), p.p_sb = kpm.stride(0), p.p_sc = kpm.stride(1);
+    p.kpm_len = kpm.size(1);
+  }
+  p.out = out.data_ptr(), p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sr = out.stride(2);
+  p.lse = lse_wanted ? lse.data_ptr() : nullptr;
+  p.threads = at::get_num_threads();
+  kernels::cpu::DecodePlan plan;
+  try {
+    plan = kernels::cpu::plan_decode(p, longest);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  at::Tensor partial;
+  if (plan.partial_elems > 0) {
+    partial = at::empty({plan.partial_elems}, query.options().dtype(acc));
+    plan.p.partial = partial.data_ptr();
+  }
+  run_decode_tasks(plan.append_tasks, plan.p, plan.kernels->decode_append);
+  if (H > 0) {
+    run_decode_tasks(plan.tasks, plan.p, plan.kernels->decode);
+    run_decode_tasks(plan.merge_tasks, plan.p, plan.kernels->decode_merge);
+  }
+  return finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
+  m.impl("kv_cache_attention", &kv_cache_attention);
+}
+
+}  // namespace fusedattn::cpu

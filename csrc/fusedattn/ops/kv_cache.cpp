@@ -1,0 +1,276 @@
+// kv_cache_attention: the dispatcher entry, its argument checks, the ATen implementation
+// (devices without a decode kernel) and its autograd kernel.
+#include "fusedattn/ops/kv_cache.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string>
+
+namespace fusedattn {
+
+namespace ops {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale, bool is_causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
+    bool return_weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedattn::kv_cache_attention", "")
+                       .typed<decltype(kv_cache_attention)>();
+  return op.call(query, key, value, key_cache, value_cache, lengths, scale, is_causal,
+                 key_padding_mask, enable_gqa, return_lse, return_weights);
+}
+}  // namespace ops
+
+void check_kv_cache_arguments(const at::Tensor& query, const std::optional<at::Tensor>& key,
+                              const std::optional<at::Tensor>& value, const at::Tensor& key_cache,
+                              const at::Tensor& value_cache, const at::Tensor& lengths,
+                              const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa) {
+  constexpr const char* fn = "kv_cache_attention";
+  const auto qs = query.sym_sizes(), kcs = key_cache.sym_sizes(), vcs = value_cache.sym_sizes();
+  TORCH_CHECK(query.dim() == 4, fn, ": query must be 4-D (B, H, T, E), got shape ", qs);
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, fn,
+              ": key_cache and value_cache must be 4-D (batch, Hk, max_len, E|Ev), got ", kcs,
+              " and ", vcs);
+  const auto t = query.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, fn,
+              ": query must be float, double, bfloat16 or half, got ", t);
+  TORCH_CHECK(key_cache.scalar_type() == t && value_cache.scalar_type() == t, fn,
+              ": the cache must have query's dtype (", t, "), got key_cache ",
+              key_cache.scalar_type(), " and value_cache ", value_cache.scalar_type());
+  TORCH_CHECK(key_cache.device() == query.device() && value_cache.device() == query.device() &&
+                  lengths.device() == query.device(),
+              fn, ": the cache must be on query's device (", query.device(), "), got key_cache ",
+              key_cache.device(), ", value_cache ", value_cache.device(), ", lengths ",
+              lengths.device());
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1, fn,
+              ": lengths must be a 1-D int64 tensor (batch,), got ", lengths.scalar_type(), " ",
+              lengths.sym_sizes());
+  const c10::SymInt& B = qs[0];
+  const c10::SymInt& H = qs[1];
+  const c10::SymInt& T = qs[2];
+  const c10::SymInt& E = qs[3];
+  TORCH_SYM_CHECK(lengths.sym_size(0).sym_eq(B), fn, ": query's batch (", B,
+                  ") must be the cache's (lengths has ", lengths.sym_size(0), ")");
+  TORCH_SYM_CHECK(kcs[0].sym_ge(B) & vcs[0].sym_eq(kcs[0]), fn,
+                  ": key_cache and value_cache must hold at least the batch (", B,
+                  ") and the same rows, got ", kcs, " and ", vcs);
+  TORCH_SYM_CHECK(kcs[1].sym_eq(vcs[1]) & kcs[2].sym_eq(vcs[2]), fn,
+                  ": key_cache and value_cache must have the same heads and max_len, got ", kcs,
+                  " and ", vcs);
+  TORCH_SYM_CHECK(kcs[3].sym_eq(E), fn, ": key_cache's head dim (", kcs[3],
+                  ") must be query's (", E, ")");
+  const c10::SymInt& Hk = kcs[1];
+  TORCH_SYM_CHECK(Hk.sym_gt(0) | H.sym_eq(0), fn, ": the cache must have at least one head");
+  if (enable_gqa) {
+    TORCH_SYM_CHECK((H % Hk).sym_eq(0), fn, ": with enable_gqa, query's heads (", H,
+                    ") must be a multiple of the cache's (", Hk, ")");
+  } else {
+    TORCH_SYM_CHECK(H.sym_eq(Hk), fn, ": query has ", H, " heads and the cache ", Hk,
+                    "; pass enable_gqa=True for grouped-query attention");
+  }
+  TORCH_CHECK(key.has_value() == value.has_value(), fn,
+              ": key and value come together (both to append, neither to attend only)");
+  if (key) {
+    TORCH_CHECK(key->dim() == 4 && value->dim() == 4, fn,
+                ": key and value must be 4-D (B, Hk, T, E|Ev), got ", key->sym_sizes(), " and ",
+                value->sym_sizes());
+    TORCH_CHECK(key->scalar_type() == t && value->scalar_type() == t, fn,
+                ": key and value must have the cache's dtype (", t, "), got ", key->scalar_type(),
+                " and ", value->scalar_type());
+    TORCH_CHECK(key->device() == query.device() && value->device() == query.device(), fn,
+                ": key and value must be on query's device (", query.device(), ")");
+    const auto ks = key->sym_sizes(), vs = value->sym_sizes();
+    TORCH_SYM_CHECK(ks[0].sym_eq(B) & ks[1].sym_eq(Hk) & ks[2].sym_eq(T) & ks[3].sym_eq(E), fn,
+                    ": key must have shape (B, Hk, T, E) = (", B, ", ", Hk, ", ", T, ", ", E,
+                    "), got ", ks);
+    TORCH_SYM_CHECK(vs[0].sym_eq(B) & vs[1].sym_eq(Hk) & vs[2].sym_eq(T) & vs[3].sym_eq(vcs[3]),
+                    fn, ": value must have shape (B, Hk, T, Ev) = (", B, ", ", Hk, ", ", T, ", ",
+                    vcs[3], "), got ", vs);
+  }
+  if (key_padding_mask) {
+    const auto& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == t, fn,
+                ": key_padding_mask must be bool or have query's dtype (", t, "), got ",
+                m.scalar_type());
+    TORCH_CHECK(m.device() == query.device(), fn, ": key_padding_mask must be on query's device (",
+                query.device(), "), got ", m.device());
+    TORCH_CHECK(m.dim() == 2, fn, ": key_padding_mask must be 2-D (B, K) over the cache's first K ",
+                "positions, got ", m.sym_sizes());
+    TORCH_SYM_CHECK(m.sym_size(0).sym_eq(B) & m.sym_size(1).sym_le(kcs[2]), fn,
+                    ": key_padding_mask must have shape (B, K) with B = ", B, " and K <= max_len = ",
+                    kcs[2], ", got ", m.sym_sizes());
+  }
+}
+
+namespace detail {
+
+int64_t check_kv_cache_lengths(const at::Tensor& lengths, int64_t appended, int64_t capacity) {
+  const auto host = lengths.cpu();
+  const int64_t* len = host.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < host.numel(); ++b) {
+    TORCH_CHECK(len[b] >= 0, "kv_cache_attention: lengths[", b, "] = ", len[b],
+                " is negative");
+    TORCH_CHECK(len[b] + appended <= capacity, "kv_cache_attention: the cache is full: sequence ",
+                b, " has ", len[b], " cached positions, ",
+                appended > 0 ? "appending " + std::to_string(appended) + " would exceed"
+                             : std::string("more than"),
+                " max_len = ", capacity);
+    longest = std::max(longest, len[b] + appended);
+  }
+  return longest;
+}
+
+// Scaled scores of the queries against the cache's first S positions, (B, H, T, S) in the
+// accumulate type, -inf where a position is hidden (past lengths[b], causal, bool padding);
+// a float key padding mask added. lengths: after the append.
+at::Tensor visible_scores(const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& lengths, int64_t S, double scale, bool is_causal,
+                          const std::optional<at::Tensor>& key_padding_mask) {
+  const int64_t B = query.size(0), H = query.size(1), T = query.size(2);
+  const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto k = key_cache.narrow(0, 0, B).narrow(2, 0, S).to(acc);
+  if (H != k.size(1)) k = k.repeat_interleave(H / k.size(1), 1);
+  auto scores = at::matmul(query.to(acc), k.transpose(-2, -1)).mul_(scale);  // (B, H, T, S)
+  const auto long_opts = lengths.options();
+  auto j = at::arange(S, long_opts).view({1, 1, 1, S});
+  auto len = lengths.view({B, 1, 1, 1});
+  auto hidden = j >= len;
+  if (is_causal) hidden = hidden | (j > len - T + at::arange(T, long_opts).view({1, 1, T, 1}));
+  if (key_padding_mask && key_padding_mask->size(1) > 0 && S > 0) {
+    const int64_t K = std::min<int64_t>(key_padding_mask->size(1), S);
+    auto m = key_padding_mask->narrow(1, 0, K);
+    auto pad = [&](const at::Tensor& x, const at::Scalar& fill) {
+      return K == S ? x : at::cat({x, at::full({B, S - K}, fill, x.options())}, 1);
+    };
+    if (m.scalar_type() == at::kBool) {
+      hidden = hidden | pad(m, false).view({B, 1, 1, S});
+    } else {
+      scores = scores + pad(m.to(acc), 0.0).view({B, 1, 1, S});
+    }
+  }
+  return scores.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
+}
+
+double scale_of(std::optional<double> scale, const at::Tensor& query) {
+  return scale ? *scale : 1.0 / std::sqrt(static_cast<double>(query.size(3)));
+}
+
+at::Tensor kv_cache_weights(const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& lengths, const at::Tensor& lse,
+                            std::optional<double> scale, bool is_causal,
+                            const std::optional<at::Tensor>& key_padding_mask) {
+  auto scores = visible_scores(query, key_cache, lengths, key_cache.size(2),
+                               scale_of(scale, query), is_causal, key_padding_mask);
+  // A row with no visible position (lse -inf) has weights 0, not NaN.
+  auto sub = lse.masked_fill(lse.isneginf(), 0).unsqueeze(-1);
+  return at::exp(scores - sub).to(query.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_aten(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale, bool is_causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
+    bool return_weights) {
+  check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths, key_padding_mask,
+                           enable_gqa);
+  const int64_t B = query.size(0), H = query.size(1), T = query.size(2), E = query.size(3);
+  const int64_t Hk = key_cache.size(1), C = key_cache.size(2), Ev = value_cache.size(3);
+  const int64_t longest = check_kv_cache_lengths(lengths, key ? T : 0, C);
+  if (key) {
+    // Positions lengths[b] + t, as scatter indices along the cache's position dim.
+    auto pos = (lengths.unsqueeze(1) + at::arange(T, lengths.options())).view({B, 1, T, 1});
+    key_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, E}), *key);
+    value_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, Ev}), *value);
+    lengths.add_(T);
+  }
+  const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto scores = visible_scores(query, key_cache, lengths, longest, scale_of(scale, query),
+                               is_causal, key_padding_mask);
+  auto lse = at::logsumexp(scores, -1);  // -inf where no position is visible
+  auto probs = at::exp(scores - lse.masked_fill(lse.isneginf(), 0).unsqueeze(-1));
+  auto v = value_cache.narrow(0, 0, B).narrow(2, 0, longest).to(acc);
+  if (H != Hk) v = v.repeat_interleave(H / Hk, 1);
+  auto out = at::matmul(probs, v).to(query.scalar_type());
+  auto weights = return_weights ? kv_cache_weights(query, key_cache, lengths, lse, scale,
+                                                   is_causal, key_padding_mask)
+                                : at::empty({0}, query.options());
+  return {out, return_lse ? lse : at::empty({0}, query.options().dtype(acc)), weights};
+}
+
+}  // namespace detail
+
+namespace {
+
+// Decoding has no gradient: outputs that would need one get a node whose backward says so
+// (rather than outputs silently detached from the graph). The results computed below
+// autograd come in a struct, which the Function does not take for one of its inputs.
+struct CacheResults {
+  at::Tensor out, lse, weights;
+};
+class NoGradThroughCache : public torch::autograd::Function<NoGradThroughCache> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& query,
+                                                const std::optional<at::Tensor>& key,
+                                                const std::optional<at::Tensor>& value,
+                                                const std::optional<at::Tensor>& kpm,
+                                                CacheResults results) {
+    ctx->mark_non_differentiable({results.lse});
+    return {results.out, results.lse, results.weights};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list) {
+    TORCH_CHECK(false, "kv_cache_attention: gradients through a KV cache are not supported "
+                "(decoding is inference); run the decode steps under torch.no_grad() or "
+                "torch.inference_mode(), or train with the full causal forward");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_autograd(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale, bool is_causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
+    bool return_weights) {
+  auto wants = [](const std::optional<at::Tensor>& t) { return t && t->requires_grad(); };
+  const bool grad = at::GradMode::is_enabled() &&
+                    (query.requires_grad() || wants(key) || wants(value) || wants(key_padding_mask));
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> r;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    r = ops::kv_cache_attention(query, key, value, key_cache, value_cache, lengths, scale,
+                                is_causal, key_padding_mask, enable_gqa, return_lse,
+                                return_weights);
+  }
+  // The in-place writes, as autograd's own in-place ops record them.
+  if (key) {
+    key_cache.unsafeGetTensorImpl()->bump_version();
+    value_cache.unsafeGetTensorImpl()->bump_version();
+    lengths.unsafeGetTensorImpl()->bump_version();
+  }
+  if (!grad) return r;
+  auto outs = NoGradThroughCache::apply(query, key, value, key_padding_mask,
+                                        CacheResults{std::get<0>(r), std::get<1>(r), std::get<2>(r)});
+  return {outs[0], outs[1], outs[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedattn, Autograd, m) {
+  m.impl("kv_cache_attention", &kv_cache_attention_autograd);
+}
+
+// Devices without a decode kernel of their own (the CPU has kernels/cpu/decode.cpp).
+TORCH_LIBRARY_IMPL(fusedattn, CUDA, m) {
+  m.impl("kv_cache_attention", &detail::kv_cache_attention_aten);
+}
+
+}  // namespace fusedattn

@@ -1,0 +1,59 @@
+#pragma once
+// The op `fusedattn::kv_cache_attention`: a few new queries per sequence against a
+// preallocated key/value cache, appending the new keys and values first (incremental
+// decoding). Its CPU kernel is the decode kernel (kernels/cpu/decode.cpp); other devices run
+// kv_cache_attention_aten. Gradients are not defined (decoding is inference): a backward
+// through it is an error that says so.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "fusedattn/macros.h"
+
+namespace fusedattn {
+namespace ops {
+// query (B, H, T, E); key (B, Hk, T, E) and value (B, Hk, T, Ev), both or neither;
+// key_cache (Bc, Hk, C, E) and value_cache (Bc, Hk, C, Ev) with Bc >= B (rows [0, B) used),
+// contiguous last dims; lengths int64 (B,), the positions cached per sequence.
+// With key and value: they are written at positions [lengths[b], lengths[b] + T) and lengths
+// grows by T (in place; past C is an error). Then each query attends to positions
+// [0, lengths[b]); is_causal: token t to positions <= lengths[b] - T + t. key_padding_mask
+// (B, K), K <= C: bool True = padding, or float added, over positions [0, K).
+// H != Hk needs enable_gqa. -> (out (B, H, T, Ev), lse (B, H, T) fp32 (fp64 for fp64),
+// weights (B, H, T, max_len), 0 at hidden positions; the last two empty unless asked for).
+// A query with no visible position gives 0 (weights 0) and lse -inf.
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale = std::nullopt, bool is_causal = false,
+    const std::optional<at::Tensor>& key_padding_mask = std::nullopt, bool enable_gqa = false,
+    bool return_lse = false, bool return_weights = false);
+}  // namespace ops
+
+// The argument checks of kv_cache_attention on SymInt sizes (the real and the fake kernels
+// run it); lengths' values are checked by the kernels.
+FUSEDATTN_API void check_kv_cache_arguments(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, const at::Tensor& key_cache,
+    const at::Tensor& value_cache, const at::Tensor& lengths,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa);
+
+namespace detail {
+// lengths' values, read on the host: every lengths[b] + appended within capacity, none
+// negative. Returns the longest length after the append.
+int64_t check_kv_cache_lengths(const at::Tensor& lengths, int64_t appended, int64_t capacity);
+// The weights (B, H, T, max_len) of a call from its lse (lengths after the append).
+at::Tensor kv_cache_weights(const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& lengths, const at::Tensor& lse,
+                            std::optional<double> scale, bool is_causal,
+                            const std::optional<at::Tensor>& key_padding_mask);
+// The op in ATen operations (any device; the CPU reference for the tests).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_aten(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale, bool is_causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
+    bool return_weights);
+}  // namespace detail
+}  // namespace fusedattn
