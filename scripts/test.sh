@@ -28,7 +28,8 @@ for tier in $tiers; do
   echo "== CPU kernel tests at tier $tier (ONEDNN_MAX_CPU_ISA=$onednn)"
   FUSEDATTN_CPU_CAPABILITY=$tier ONEDNN_MAX_CPU_ISA=$onednn \
     $PY -m pytest python/test_cpu_kernels.py python/test_attention.py \
-    python/test_multihead_attention.py python/test_capability.py python/test_variants.py python/test_varlen.py -q -ra
+    python/test_multihead_attention.py python/test_capability.py python/test_variants.py python/test_varlen.py \
+    python/test_kv_cache.py -q -ra
 done
 echo "== all tests at tier $top"
 $PY -m pytest python -q -ra "$@"

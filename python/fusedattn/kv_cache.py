@@ -96,22 +96,27 @@ class KVCache:
 
     def reorder(self, index):
         """Keeps or duplicates rows of the batch, in place: row i becomes old row index[i]
-        (beam search). ``index`` is an int tensor ``(new_batch,)``, new_batch <= max_batch."""
+        (beam search). ``index`` is an int tensor ``(new_batch,)``, new_batch <= max_batch.
+        A read-only cache (a memory) is gathered into new tensors instead, of any new_batch."""
         if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (
                 torch.int64, torch.int32):
             raise ValueError("KVCache.reorder: index must be a 1-D int64 or int32 tensor")
         n = index.shape[0]
-        if n > self.max_batch:
+        if n > self.max_batch and not self.read_only:
             raise ValueError(f"KVCache.reorder: index has {n} rows, more than max_batch = {self.max_batch}")
         index = index.to(device=self.lengths.device, dtype=torch.long)
         if n > 0 and (int(index.min()) < 0 or int(index.max()) >= self.batch):
             raise ValueError(f"KVCache.reorder: index values must be in [0, batch = {self.batch}), "
                              f"got {index.tolist()}")
-        # Only the filled positions move (beam search reorders every step).
-        used = int(self.lengths.max()) if self.batch > 0 else 0
-        for t in (self.key_cache, self.value_cache):
-            src = t[: self.batch, :, :used].index_select(0, index)
-            t[:n, :, :used].copy_(src)
+        if self.read_only:
+            self.key_cache = self.key_cache[: self.batch].index_select(0, index)
+            self.value_cache = self.value_cache[: self.batch].index_select(0, index)
+        else:
+            # Only the filled positions move (beam search reorders every step).
+            used = int(self.lengths.max()) if self.batch > 0 else 0
+            for t in (self.key_cache, self.value_cache):
+                src = t[: self.batch, :, :used].index_select(0, index)
+                t[:n, :, :used].copy_(src)
         if self.key_padding_mask is not None:
             self.key_padding_mask = self.key_padding_mask.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "fusedattn/macros.h"
+#include "fusedattn/modules/kv_cache.h"
 
 namespace fusedattn {
 
@@ -68,6 +69,26 @@ class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<Multihe
                                              bool average_attn_weights = true,
                                              bool is_causal = false);
 
+  // Incremental decoding (Python: forward(..., cache=cache)). query: the new tokens, in
+  // forward's layout (T in place of L). key and value: the same new tokens for
+  // self-attention (projected and appended to the cache after each sequence's length), or
+  // undefined to attend to the cache only (a memory_cache). Each token attends to every
+  // cached position up to its own with is_causal (bottom-right within the new block), and
+  // key_padding_mask (N, K) covers the cache's first K positions. Weights (N, T, max_len)
+  // averaged or (N, H, T, max_len), 0 past each sequence's visible positions. No attn_mask,
+  // no dropout (eval mode or dropout 0), no add_bias_kv / add_zero_attn / variants.
+  std::tuple<at::Tensor, at::Tensor> forward_cached(const at::Tensor& query, const at::Tensor& key,
+                                                    const at::Tensor& value, KVCache& cache,
+                                                    const at::Tensor& key_padding_mask = {},
+                                                    bool need_weights = true,
+                                                    bool average_attn_weights = true,
+                                                    bool is_causal = false);
+  // Cross-attention keys and values of memory (the encoder's output, in forward's layout)
+  // projected once: a read-only cache with memory's key_padding_mask (N, S).
+  KVCache memory_cache(const at::Tensor& memory, const at::Tensor& key_padding_mask = {});
+  // An empty cache for this module's self-attention, in its parameters' dtype and device.
+  KVCache kv_cache(int64_t max_batch, int64_t max_len);
+
   void reset() override;
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
@@ -88,6 +109,10 @@ class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<Multihe
   torch::nn::Linear out_proj = nullptr;  // H * head_dim -> E
 
  protected:
+  void check_cacheable() const;
+  // The key and value projections' weights and biases (bias undefined without bias).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kv_projection() const;
+
   FORWARD_HAS_DEFAULT_ARGS({3, torch::nn::AnyValue(at::Tensor())},
                            {4, torch::nn::AnyValue(true)},
                            {5, torch::nn::AnyValue(at::Tensor())},

@@ -44,6 +44,7 @@ void Decode<T>::run(int64_t begin, int64_t end) const {
   std::vector<float> qf(wide ? rows * d.E : 0), kf(wide ? kDecodeBlockK * d.E : 0),
       vf(wide ? kDecodeBlockK * d.Ev : 0);
   std::vector<A> s(rows * kDecodeBlockK), acc(rows * d.Ev), m(rows), l(rows), bias(kDecodeBlockK);
+  std::vector<int32_t> pad(kDecodeBlockK);
   const A mul = this->mul;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bhk = task / d.splits, c = task % d.splits;
@@ -69,23 +70,25 @@ void Decode<T>::run(int64_t begin, int64_t end) const {
       } else {
         this->mm(false, true, rows, bk, d.E, A(1), q.data(), d.E, kb, d.k_sr, A(0), s.data(), bk);
       }
-      // The key padding mask of this block as a bias (bool: -inf where padding), shared by
-      // the rows; scores are scaled first where the bias is a float one (mul is then 1).
+      // The key padding mask of this block, shared by the rows: a float one as a bias (the
+      // scores scaled first; mul is then 1), a bool one as the padded positions, which are
+      // set to -inf (not added: a NaN key that is padding stays hidden, as in the formula).
       const int64_t masked_to = std::clamp<int64_t>(d.kpm_len - j0, 0, bk);
-      if (d.kpm_kind != MaskKind::None && masked_to > 0) {
+      int64_t padded = 0;  // Bool: padded positions in pad[0, padded)
+      if (d.kpm_kind == MaskKind::Bool && masked_to > 0) {
+        const uint8_t* pm = static_cast<const uint8_t*>(d.kpm) + b * d.p_sb + j0 * d.p_sc;
+        for (int64_t j = 0; j < masked_to; ++j)
+          if (pm[j * d.p_sc] != 0) pad[padded++] = j;
+      } else if (d.kpm_kind == MaskKind::Additive && masked_to > 0) {
         std::fill(bias.begin() + masked_to, bias.begin() + bk, A(0));
-        if (d.kpm_kind == MaskKind::Bool) {
-          const uint8_t* pm = static_cast<const uint8_t*>(d.kpm) + b * d.p_sb + j0 * d.p_sc;
-          for (int64_t j = 0; j < masked_to; ++j) bias[j] = pm[j * d.p_sc] != 0 ? kNegInf : A(0);
-        } else {
-          const T* pm = static_cast<const T*>(d.kpm) + b * d.p_sb + j0 * d.p_sc;
-          for (int64_t j = 0; j < masked_to; ++j) bias[j] = A(to_acc(pm[j * d.p_sc]));
-        }
+        const T* pm = static_cast<const T*>(d.kpm) + b * d.p_sb + j0 * d.p_sc;
+        for (int64_t j = 0; j < masked_to; ++j) bias[j] = A(to_acc(pm[j * d.p_sc]));
       }
       for (int64_t r = 0; r < rows; ++r) {
         A* row = s.data() + r * bk;
         if (!this->fold) scale_row(row, bk, A(d.scale));
-        if (d.kpm_kind != MaskKind::None && masked_to > 0) add_row(row, bias.data(), bk);
+        if (d.kpm_kind == MaskKind::Additive && masked_to > 0) add_row(row, bias.data(), bk);
+        for (int64_t i = 0; i < padded; ++i) row[pad[i]] = kNegInf;
         if (d.causal) {  // token t sees positions <= len - T + t
           const int64_t visible = std::clamp<int64_t>(len - d.L + r % d.L + 1 - j0, 0, bk);
           std::fill(row + visible, row + bk, kNegInf);
