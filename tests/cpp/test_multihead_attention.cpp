@@ -219,3 +219,55 @@ TEST_CASE("MultiheadAttention: the variants as options (window, ALiBi, rel_bias,
   REQUIRE_THROWS_WITH(fusedattn::MultiheadAttention(fusedattn::MultiheadAttentionOptions(8, 2).window({1})),
                       Catch::Contains("window must be {left, right}"));
 }
+
+TEST_CASE("MultiheadAttention: decoding through a KVCache equals the full causal forward", "[mha][kv_cache]") {
+  torch::manual_seed(0);
+  fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(24, 3).batch_first(true));
+  m->eval();
+  torch::NoGradGuard g;
+  const int64_t N = 3, L = 9;
+  auto x = torch::randn({N, L, 24});
+  auto [full, wfull] = m->forward(x, x, x, {}, true, {}, true, /*is_causal=*/true);
+  auto cache = m->kv_cache(N + 1, 16);  // room for a grown batch of beams
+  cache.reset(N);
+  std::vector<at::Tensor> outs, ws;
+  for (int64_t t = 0; t < L; t += 2) {  // chunks of 2 new tokens (and one of 1)
+    auto step = x.narrow(1, t, std::min<int64_t>(2, L - t));
+    auto [o, w] = m->forward_cached(step, step, step, cache, {}, true, true, /*is_causal=*/true);
+    outs.push_back(o);
+    ws.push_back(w);
+  }
+  require_close(torch::cat(outs, 1), full, 1e-5);
+  require_close(torch::cat(ws, 1).narrow(2, 0, L), wfull, 1e-5);
+  REQUIRE(cache.lengths().equal(torch::full({N}, L, torch::kLong)));
+
+  // Beam search: rows kept, duplicated and the batch grown, then one more token.
+  auto index = torch::tensor({2, 0, 0, 1}, torch::kLong);
+  cache.reorder(index);
+  REQUIRE(cache.batch() == 4);
+  auto y = torch::randn({4, 1, 24});
+  auto got = std::get<0>(m->forward_cached(y, y, y, cache, {}, false, true, true));
+  auto hist = torch::cat({x.index_select(0, index), y}, 1);
+  auto want = std::get<0>(m->forward(hist, hist, hist, {}, false, {}, true, true)).narrow(1, L, 1);
+  require_close(got, want, 1e-5);
+
+  // Cross-attention: the memory projected once.
+  auto enc = torch::randn({N, 7, 24});
+  auto kpm = torch::zeros({N, 7}, torch::kBool);
+  kpm.index_put_({1, torch::indexing::Slice(4)}, true);
+  auto memory = m->memory_cache(enc, kpm);
+  auto q = torch::randn({N, 4, 24});
+  auto [a, wa] = m->forward(q, enc, enc, kpm);
+  auto [b, wb] = m->forward_cached(q, {}, {}, memory);
+  require_close(b, a, 1e-5);
+  require_close(wb, wa, 1e-6);
+
+  // Misuse, named.
+  REQUIRE_THROWS_WITH(m->forward_cached(q, q, q, memory), Catch::Contains("read-only"));
+  auto small = m->kv_cache(N, 2);
+  REQUIRE_THROWS_WITH(m->forward_cached(q, q, q, small), Catch::Contains("cache is full"));
+  REQUIRE_THROWS_WITH(cache.reorder(torch::tensor({7}, torch::kLong)), Catch::Contains("index values"));
+  REQUIRE_THROWS_WITH(fusedattn::KVCache(1, 0, 2, 8), Catch::Contains("max_len must be positive"));
+  auto q2 = torch::randn({2, 1, 24});
+  REQUIRE_THROWS_WITH(m->forward_cached(q2, q2, q2, cache), Catch::Contains("query's batch"));
+}
