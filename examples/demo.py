@@ -4,9 +4,11 @@ to sort sequences of digits, on the CPU, in about two minutes.
 The encoder's self-attention, the decoder's causal self-attention and the cross-attention
 between them are fusedattn.MultiheadAttention. The same model built from
 torch.nn.MultiheadAttention (same weights) is timed on the same batches in the same run.
-Decoding is greedy with an incremental KV cache: each new token's query attends to the cached
-keys of the tokens before it through fusedattn.attention with bottom-right causal alignment
-(the query is the *last* row of the causal mask), and to the encoder's keys, projected once.
+Decoding runs on fusedattn.KVCache: each decoder self-attention appends the new token's keys
+and values to its cache and attends to every cached position, and the cross-attention reads
+the encoder's keys and values from mha.memory_cache (projected once). Greedy decoding and beam
+search (width 4, the caches reordered with KVCache.reorder as beams are kept or dropped) are
+both evaluated.
 
     python examples/demo.py [--steps 1500] [--batch 128] [--max-len 12]
 """
@@ -102,58 +104,74 @@ class Seq2Seq(nn.Module):
         return self.head(self.dec_norm(x))
 
 
-def split_heads(x, heads):
-    """(N, T, E) -> (N, heads, T, E / heads)."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+def decode_step(model, token, t, caches, memories):
+    """One decoding step: token (B, 1) at position t through every decoder layer, each with
+    its self-attention KVCache (appended to) and its cross-attention memory cache. -> logits
+    (B, VOCAB)."""
+    x = model.embed(token) + model.pos[t:t + 1]
+    for layer, cache, memory in zip(model.decoder, caches, memories):
+        y = layer.norm1(x)
+        x = x + layer.self_attn(y, y, y, cache=cache, is_causal=True, need_weights=False)[0]
+        y = layer.norm2(x)
+        x = x + layer.cross_attn(y, None, None, cache=memory, need_weights=False)[0]
+        x = x + layer.ff(layer.norm3(x))
+    return model.head(model.dec_norm(x))[:, 0]
 
 
-def merge_heads(x):
-    return x.transpose(1, 2).flatten(-2)
+def start_decoding(model, src, src_pad, steps, beams=1):
+    """The decoder's caches for src (each sentence repeated `beams` times): per layer an
+    empty self-attention KVCache and the cross-attention's memory cache."""
+    memory = model.encode(src, src_pad)
+    rows = torch.arange(src.shape[0]).repeat_interleave(beams)
+    caches, memories = [], []
+    for layer in model.decoder:
+        caches.append(layer.self_attn.kv_cache(len(rows), steps))
+        m = layer.cross_attn.memory_cache(memory, src_pad)
+        if beams > 1:
+            m.reorder(rows)  # a read-only cache: gathered, one row per beam
+        memories.append(m)
+    return caches, memories
 
 
 @torch.no_grad()
 def greedy_decode(model, src, src_pad, steps, return_logits=False):
-    """Greedy decoding with an incremental KV cache, through fusedattn.attention.
-
-    Per decoder layer the cache holds the self-attention keys and values of the tokens decoded
-    so far, (N, heads, t, head_dim); each step appends one column and runs one query against
-    them with bottom-right causal alignment. The cross-attention keys and values come from the
-    encoder once. Returns (N, steps) tokens, and (N, steps, VOCAB) logits with return_logits."""
+    """Greedy decoding through the KV caches. Returns (N, steps) tokens, and (N, steps, VOCAB)
+    logits with return_logits."""
     model.eval()
-    memory = model.encode(src, src_pad)
-    N = src.shape[0]
-    cache, cross = [], []
-    for layer in model.decoder:
-        a = layer.cross_attn
-        w_k, w_v = a.in_proj_weight.chunk(3)[1:]
-        b_k, b_v = a.in_proj_bias.chunk(3)[1:]
-        cross.append((split_heads(F.linear(memory, w_k, b_k), a.num_heads),
-                      split_heads(F.linear(memory, w_v, b_v), a.num_heads)))
-        cache.append(None)
-    token = torch.full((N, 1), BOS)
+    caches, memories = start_decoding(model, src, src_pad, steps)
+    token = torch.full((src.shape[0], 1), BOS)
     decoded, logits = [], []
     for t in range(steps):
-        x = model.embed(token) + model.pos[t:t + 1]
-        for i, layer in enumerate(model.decoder):
-            a = layer.self_attn
-            q, k, v = (split_heads(z, a.num_heads) for z in
-                       F.linear(layer.norm1(x), a.in_proj_weight, a.in_proj_bias).chunk(3, -1))
-            if cache[i] is not None:
-                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
-            cache[i] = (k, v)
-            o = fusedattn.attention(q, k, v, is_causal=True, causal_alignment="bottom_right")
-            x = x + a.out_proj(merge_heads(o))
-            c = layer.cross_attn
-            w_q, b_q = c.in_proj_weight.chunk(3)[0], c.in_proj_bias.chunk(3)[0]
-            q = split_heads(F.linear(layer.norm2(x), w_q, b_q), c.num_heads)
-            o = fusedattn.attention(q, *cross[i], key_padding_mask=src_pad)
-            x = x + c.out_proj(merge_heads(o))
-            x = x + layer.ff(layer.norm3(x))
-        logits.append(model.head(model.dec_norm(x)))
-        token = logits[-1].argmax(-1)
+        logits.append(decode_step(model, token, t, caches, memories))
+        token = logits[-1].argmax(-1, keepdim=True)
         decoded.append(token)
     decoded = torch.cat(decoded, 1)
-    return (decoded, torch.cat(logits, 1)) if return_logits else decoded
+    return (decoded, torch.stack(logits, 1)) if return_logits else decoded
+
+
+@torch.no_grad()
+def beam_search(model, src, src_pad, steps, width=4):
+    """Beam search of `width` beams per sentence, every sequence `steps` tokens long (the
+    task's output has the input's length). Each step scores width x VOCAB continuations per
+    sentence, keeps the best `width`, and reorders the self-attention caches to the kept beams'
+    parents (KVCache.reorder). Returns ((N, steps) best tokens, (N,) their log-probabilities)."""
+    model.eval()
+    N = src.shape[0]
+    caches, memories = start_decoding(model, src, src_pad, steps, beams=width)
+    token = torch.full((N * width, 1), BOS)
+    score = torch.full((N, width), -float("inf"))
+    score[:, 0] = 0.0  # all beams start equal: keep one, or the first step picks duplicates
+    history = torch.zeros(N * width, 0, dtype=torch.long)
+    for t in range(steps):
+        logp = decode_step(model, token, t, caches, memories).log_softmax(-1)  # (N * W, V)
+        total = (score.reshape(-1, 1) + logp).reshape(N, width * VOCAB)
+        score, best = total.topk(width, dim=-1)  # (N, W), sorted
+        parent = (torch.arange(N).unsqueeze(1) * width + best // VOCAB).reshape(-1)
+        token = (best % VOCAB).reshape(-1, 1)
+        for cache in caches:
+            cache.reorder(parent)
+        history = torch.cat([history[parent], token], 1)
+    return history.reshape(N, width, steps)[:, 0], score[:, 0]
 
 
 def torch_twin(model):
@@ -204,14 +222,22 @@ def train(steps=1500, batch=128, max_len=12, lr=2e-3, seed=0, timing_every=10, q
     return model, {"time_ms": {k: median(v) * 1e3 for k, v in times.items()}}
 
 
-def evaluate(model, n=1000, max_len=12, seed=123):
-    """Sequence and token accuracy of greedy (KV-cache) decoding on fresh data."""
+def evaluate(model, n=1000, max_len=12, seed=123, beam_width=4):
+    """Sequence and token accuracy of greedy and of beam-search decoding on fresh data."""
     gen = torch.Generator().manual_seed(seed)
     src, pad, tgt_in, tgt_out = make_batch(n, max_len, gen)
-    pred = greedy_decode(model, src, pad, max_len).masked_fill(pad, PAD)
-    seq_acc = ((pred == tgt_out) | pad).all(1).float().mean().item()
-    tok_acc = ((pred == tgt_out) & ~pad).sum().item() / (~pad).sum().item()
-    return {"sequence_accuracy": seq_acc, "token_accuracy": tok_acc, "examples": (src, pad, pred)}
+
+    def accuracy(pred):
+        pred = pred.masked_fill(pad, PAD)
+        seq_acc = ((pred == tgt_out) | pad).all(1).float().mean().item()
+        tok_acc = ((pred == tgt_out) & ~pad).sum().item() / (~pad).sum().item()
+        return seq_acc, tok_acc, pred
+
+    seq_acc, tok_acc, pred = accuracy(greedy_decode(model, src, pad, max_len))
+    beam_seq, beam_tok, _ = accuracy(beam_search(model, src, pad, max_len, beam_width)[0])
+    return {"sequence_accuracy": seq_acc, "token_accuracy": tok_acc,
+            "beam_sequence_accuracy": beam_seq, "beam_token_accuracy": beam_tok,
+            "beam_width": beam_width, "examples": (src, pad, pred)}
 
 
 def main(argv=None):
@@ -227,8 +253,11 @@ def main(argv=None):
     result = evaluate(model, max_len=args.max_len)
     t = stats["time_ms"]
     print(f"trained {args.steps} steps in {elapsed:.0f} s")
-    print(f"greedy decoding with KV cache, 1000 fresh sequences: "
+    print(f"greedy decoding (fusedattn.KVCache), 1000 fresh sequences: "
           f"{result['sequence_accuracy']:.1%} sorted exactly, {result['token_accuracy']:.1%} of tokens")
+    print(f"beam search, width {result['beam_width']} (KVCache.reorder): "
+          f"{result['beam_sequence_accuracy']:.1%} sorted exactly, "
+          f"{result['beam_token_accuracy']:.1%} of tokens")
     print(f"median training step: fusedattn {t['fusedattn']:.1f} ms, "
           f"same model with torch.nn.MultiheadAttention {t['torch']:.1f} ms "
           f"({t['torch'] / t['fusedattn']:.2f}x)")
