@@ -105,3 +105,10 @@ def test_nadaraya_watson_learns_bandwidth_and_plots(examples, tmp_path):
 def test_gru_seq2seq_cross_attention(examples, attention):
     r = examples("gru_seq2seq").run(steps=300, attention=attention, quiet=True)
     assert r["token_accuracy"] > 0.7, r["token_accuracy"]
+
+
+def test_char_lm_generates_through_the_kv_cache(examples):
+    r = examples("char_lm").run(steps=160, tokens=64, quiet=True)
+    assert r["same_tokens"]  # cached sampling = recomputing the prefix, token for token
+    assert r["known_word_fraction"] > 0.6, r["sample"]
+    assert r["tokens_per_s"] > r["tokens_per_s_recompute"]
