@@ -9,6 +9,10 @@ import operator
 
 import torch
 
+# The overload itself: skips the packet's overload resolution on every call (a decode step
+# makes one call per layer and token).
+_kv_cache_attention = torch.ops.fusedattn.kv_cache_attention.default
+
 
 def _positive_int(name, value):
     try:
@@ -133,7 +137,7 @@ class KVCache:
             key_padding_mask = self.key_padding_mask
         elif self.key_padding_mask is not None:
             raise ValueError("KVCache: this cache has its own key_padding_mask; pass none")
-        out, lse, weights = torch.ops.fusedattn.kv_cache_attention(
+        out, lse, weights = _kv_cache_attention(
             query, key, value, self.key_cache, self.value_cache, self.lengths, scale=scale,
             is_causal=is_causal, key_padding_mask=key_padding_mask, enable_gqa=enable_gqa,
             return_lse=return_lse, return_weights=return_weights)

@@ -233,7 +233,8 @@ class MultiheadAttention(torch.nn.Module):
     def _forward_cached(self, query, key, value, cache, key_padding_mask, need_weights,
                         attn_mask, average_attn_weights, is_causal):
         """Incremental decoding: the new tokens ``query`` (and, for self-attention, the same
-        tensor as key and value, appended to the cache) against every cached position."""
+        tensor as key and value, appended to the cache) against every cached position.
+        Written for a short path per token (it runs once per layer and token)."""
         if not isinstance(cache, KVCache):
             raise TypeError(f"MultiheadAttention: cache must be a fusedattn.KVCache, got "
                             f"{type(cache).__name__}")
@@ -244,55 +245,51 @@ class MultiheadAttention(torch.nn.Module):
         if self.training and self.dropout > 0:
             raise ValueError("MultiheadAttention: a KV cache decodes without dropout; call "
                              ".eval() (or build the module with dropout=0)")
-        if query.dim() not in (2, 3):
+        dims = query.dim()
+        if dims != 3 and dims != 2:
             raise ValueError(f"MultiheadAttention: query must be 3-D (T, N, E), (N, T, E) with "
                              f"batch_first, or 2-D (T, E), got {tuple(query.shape)}")
+        if query.shape[-1] != self.embed_dim:
+            raise ValueError(f"MultiheadAttention: query must have embed_dim = {self.embed_dim} "
+                             f"features, got {tuple(query.shape)}")
         if (key is None) != (value is None):
             raise ValueError("MultiheadAttention: with a cache, key and value are both the new "
                              "tokens (self-attention) or both None (attend to the cache only)")
-        batched = query.dim() == 3
-        x = self._batch_first_view(query)
-        if x.shape[-1] != self.embed_dim:
-            raise ValueError(f"MultiheadAttention: query must have embed_dim = {self.embed_dim} "
-                             f"features, got {tuple(query.shape)}")
+        x = query.unsqueeze(0) if dims == 2 else (query if self.batch_first else query.transpose(0, 1))
+        linear = torch.nn.functional.linear
+        w_in, b_in = self.in_proj_weight, self.in_proj_bias
+        heads = self.num_heads
+        n, t = x.shape[0], x.shape[1]
         k = v = None
-        if key is None:
-            w = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
-            rows = self.num_heads * self.head_dim
-            b = None if self.in_proj_bias is None else self.in_proj_bias[:rows]
-            q = torch.nn.functional.linear(x, w[:rows], b)
+        if key is not None and w_in is not None and query is key and key is value:
+            # Self-attention, packed: one GEMM, q | k | v split as views (N, H, T, D).
+            qkv = linear(x, w_in, b_in).view(n, t, 3, heads, -1)
+            q, k, v = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         else:
-            if key.dim() != query.dim() or value.dim() != query.dim():
-                raise ValueError("MultiheadAttention: key and value must have query's dims")
-            xk, xv = self._batch_first_view(key), self._batch_first_view(value)
-            if (self.in_proj_weight is not None and query is key and key is value):
-                q, k, v = torch.nn.functional.linear(x, self.in_proj_weight,
-                                                     self.in_proj_bias).chunk(3, dim=-1)
-            else:
-                w = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
-                rows = self.num_heads * self.head_dim
-                b = None if self.in_proj_bias is None else self.in_proj_bias[:rows]
-                q = torch.nn.functional.linear(x, w[:rows], b)
+            rows = heads * self.head_dim
+            w = w_in if w_in is not None else self.q_proj_weight
+            q = self._split(linear(x, w[:rows], None if b_in is None else b_in[:rows]))
+            if key is not None:
+                if key.dim() != dims or value.dim() != dims:
+                    raise ValueError("MultiheadAttention: key and value must have query's dims")
                 wk, wv, bk, bv = self._kv_projection()
-                k = torch.nn.functional.linear(xk, wk, bk)
-                v = torch.nn.functional.linear(xv, wv, bv)
-            k, v = self._split(k), self._split(v)
-        if key_padding_mask is not None and not batched:
+                k = self._split(linear(self._batch_first_view(key), wk, bk))
+                v = self._split(linear(self._batch_first_view(value), wv, bv))
+        if key_padding_mask is not None and dims == 2:
             key_padding_mask = key_padding_mask.unsqueeze(0)
-        out, _, weights = cache.attend(self._split(q), k, v, is_causal=is_causal,
+        out, _, weights = cache.attend(q, k, v, is_causal=is_causal,
                                        key_padding_mask=key_padding_mask,
                                        return_weights=need_weights)
-        n, h, t, dv = out.shape
-        merged = out.transpose(1, 2).reshape(n, t, h * dv)
-        result = torch.nn.functional.linear(merged, self.out_proj.weight, self.out_proj.bias)
-        if not batched:
+        result = linear(out.transpose(1, 2).reshape(n, t, -1), self.out_proj.weight,
+                        self.out_proj.bias)
+        if dims == 2:
             result = result.squeeze(0)
         elif not self.batch_first:
             result = result.transpose(0, 1)
         if need_weights:
             if average_attn_weights:
                 weights = weights.mean(dim=1)
-            if not batched:
+            if dims == 2:
                 weights = weights.squeeze(0)
         return result, weights
 

@@ -265,3 +265,49 @@ def test_sanitizer_cases():
                   key_padding_mask=torch.randn(1, 45, device="cuda", dtype=dtype))
             fusedattn.attention(q, k, v, enable_gqa=True, dropout_p=0.2)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hk,T,E,Ev,C,lengths", [
+    (3, 4, 4, 1, 64, 64, 300, [0, 7, 290]),   # an empty sequence, ragged
+    (1, 8, 2, 5, 80, 48, 5000, [4800]),       # GQA, long: split across blocks
+    (2, 2, 1, 16, 256, 256, 700, [600, 40]),  # the widest head dim, 16 new tokens
+])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kpm_kind", [None, "bool", "float"])
+def test_kv_cache_decode_kernel_matches_the_aten_path(monkeypatch, dtype, B, H, Hk, T, E, Ev,
+                                                      C, lengths, causal, kpm_kind):
+    op = torch.ops.fusedattn.kv_cache_attention
+    kc = torch.randn(B, Hk, C, E, device="cuda", dtype=dtype)
+    vc = torch.randn(B, Hk, C, Ev, device="cuda", dtype=dtype)
+    q = torch.randn(B, H, T, E, device="cuda", dtype=dtype)
+    k = torch.randn(B, Hk, T, E, device="cuda", dtype=dtype)
+    v = torch.randn(B, Hk, T, Ev, device="cuda", dtype=dtype)
+    kpm = None
+    if kpm_kind is not None:
+        kpm = torch.rand(B, C // 2, device="cuda") < 0.2
+        if kpm_kind == "float":
+            kpm = torch.where(kpm, -math.inf, 0.5).to(dtype)
+    n = torch.tensor(lengths, device="cuda")
+    kw = dict(is_causal=causal, key_padding_mask=kpm, enable_gqa=H != Hk, return_lse=True)
+    kc2, vc2, n2 = kc.clone(), vc.clone(), n.clone()
+    out, lse, _ = op(q, k, v, kc, vc, n, **kw)
+    monkeypatch.setenv("FUSEDATTN_CUDA_KERNEL", "reference")
+    ref, ref_lse, _ = op(q.double(), k.double(), v.double(), kc2.double(), vc2.double(), n2, **kw)
+    assert torch.equal(n, n2) and torch.equal(kc, kc2)
+    seen = ref_lse > -math.inf
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=tol * 4, rtol=tol)
+    assert torch.equal(lse > -math.inf, seen)
+
+
+def test_kv_cache_module_decoding_on_cuda():
+    m = fusedattn.MultiheadAttention(64, 4, batch_first=True).cuda().eval()
+    x = torch.randn(2, 9, 64, device="cuda")
+    with torch.no_grad():
+        full = m(x, x, x, is_causal=True)[0]
+        cache = m.kv_cache(2, 16)
+        inc = torch.cat([m(x[:, t:t + 1], x[:, t:t + 1], x[:, t:t + 1], cache=cache,
+                           is_causal=True, need_weights=False)[0] for t in range(9)], 1)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)

@@ -109,7 +109,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     partial = at::empty({plan.partial_elems}, query.options().dtype(acc));
     plan.p.partial = partial.data_ptr();
   }
-  run_decode_tasks(plan.append_tasks, plan.p, plan.kernels->decode_append);
+  // The append copies T rows per (b, hk): a parallel region costs more than that until the
+  // rows add up to about 1 MiB.
+  if (plan.append_tasks > 0 && B * plan.p.Hk * T * (E + plan.p.Ev) * query.element_size() < (1 << 20)) {
+    plan.kernels->decode_append(plan.p, 0, plan.append_tasks);
+  } else {
+    run_decode_tasks(plan.append_tasks, plan.p, plan.kernels->decode_append);
+  }
   if (H > 0) {
     run_decode_tasks(plan.tasks, plan.p, plan.kernels->decode);
     run_decode_tasks(plan.merge_tasks, plan.p, plan.kernels->decode_merge);

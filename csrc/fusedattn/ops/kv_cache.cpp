@@ -1,5 +1,5 @@
 // kv_cache_attention: the dispatcher entry, its argument checks, the ATen implementation
-// (devices without a decode kernel) and its autograd kernel.
+// (CUDA without the fused kernel, and the CPU reference) and its autograd kernel.
 #include "fusedattn/ops/kv_cache.h"
 
 #include <ATen/ATen.h>
@@ -266,11 +266,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_autograd(
 
 TORCH_LIBRARY_IMPL(fusedattn, Autograd, m) {
   m.impl("kv_cache_attention", &kv_cache_attention_autograd);
-}
-
-// Devices without a decode kernel of their own (the CPU has kernels/cpu/decode.cpp).
-TORCH_LIBRARY_IMPL(fusedattn, CUDA, m) {
-  m.impl("kv_cache_attention", &detail::kv_cache_attention_aten);
 }
 
 }  // namespace fusedattn

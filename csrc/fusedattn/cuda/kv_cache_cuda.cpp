@@ -1,0 +1,115 @@
+// CUDA implementation of `kv_cache_attention`: the decode kernel (kernels/decode_cuda.h) for
+// fp32/fp16/bf16 at head dims up to 256, with FUSEDATTN_CUDA_KERNEL=fused (opt-in, as the
+// forward: not yet run on a GPU in this project's tests); otherwise, and for fp64, the ATen
+// implementation. The lengths are read on the host once per call (a synchronisation) to
+// refuse a full cache and to size the split.
+//
+// This file needs no nvcc: without FUSEDATTN_WITH_CUDA_KERNELS it registers the ATen path.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/kv_cache.h"
+
+#ifdef FUSEDATTN_WITH_CUDA_KERNELS
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "fusedattn/kernels/decode_cuda.h"
+#endif
+
+namespace fusedattn::cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale, bool is_causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
+    bool return_weights) {
+#ifdef FUSEDATTN_WITH_CUDA_KERNELS
+  const char* mode = std::getenv("FUSEDATTN_CUDA_KERNEL");
+  const bool fused = mode != nullptr && std::strcmp(mode, "fused") == 0 &&
+                     query.scalar_type() != at::kDouble && query.dim() == 4 &&
+                     query.size(-1) <= kernels::kDecodeCudaMaxHeadDim &&
+                     value_cache.size(-1) <= kernels::kDecodeCudaMaxHeadDim;
+  if (fused) {
+    check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths,
+                             key_padding_mask, enable_gqa);
+    for (const auto* t : {&key_cache, &value_cache})
+      TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1,
+                  "kv_cache_attention: the cache must have a contiguous last dim");
+    c10::cuda::CUDAGuard guard(query.device());
+    const int64_t B = query.size(0), H = query.size(1), T = query.size(2), E = query.size(3);
+    const int64_t C = key_cache.size(2), Ev = value_cache.size(3), Hk = key_cache.size(1);
+    const int64_t longest = detail::check_kv_cache_lengths(lengths, key ? T : 0, C);
+    if (key) {  // positions lengths[b] + t, scattered along the cache's position dim
+      auto pos = (lengths.unsqueeze(1) + at::arange(T, lengths.options())).view({B, 1, T, 1});
+      key_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, E}), *key);
+      value_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, Ev}), *value);
+      lengths.add_(T);
+    }
+    auto q = query.stride(-1) == 1 ? query : query.contiguous();
+    auto out = at::empty({B, H, T, Ev}, query.options());
+    auto lse = at::empty({B, H, T}, query.options().dtype(at::kFloat));
+    if (out.numel() > 0) {
+      kernels::DecodeCudaParams p;
+      p.dtype = kernel_dtype(query.scalar_type());
+      p.B = B, p.H = H, p.Hk = Hk, p.L = T, p.S = C, p.E = E, p.Ev = Ev;
+      p.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(E)));
+      fill_operands(q, key_cache, value_cache, p);
+      p.out = out.data_ptr(), p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sr = out.stride(2);
+      auto lengths_c = lengths.contiguous();
+      p.lengths = lengths_c.data_ptr<int64_t>();
+      p.causal = is_causal;
+      at::Tensor kpm;
+      if (key_padding_mask && key_padding_mask->size(1) > 0) {
+        kpm = *key_padding_mask;
+        p.kpm_kind = kpm.scalar_type() == at::kBool ? kernels::MaskKind::Bool
+                                                    : kernels::MaskKind::Additive;
+        p.kpm = kpm.data_ptr(), p.p_sb = kpm.stride(0), p.p_sc = kpm.stride(1);
+        p.kpm_len = kpm.size(1);
+      }
+      p.lse = lse.data_ptr<float>();
+      // Enough blocks for two per multiprocessor, ranges of at least 256 positions.
+      const auto* prop = at::cuda::getDeviceProperties(query.device().index());
+      const int64_t want = 2 * prop->multiProcessorCount, blocks = B * H;
+      int64_t splits = blocks >= want ? 1 : (want + blocks - 1) / blocks;
+      splits = std::clamp<int64_t>(std::min(splits, (longest + 255) / 256), 1, 65535);
+      p.splits = static_cast<int>(splits);
+      p.split_keys = std::max<int64_t>((longest + splits - 1) / splits, 1);
+      at::Tensor partial;
+      if (splits > 1) {
+        partial = at::empty({B * H * T * splits * (2 + Ev)}, query.options().dtype(at::kFloat));
+        p.partial = partial.data_ptr<float>();
+      }
+      const auto stream = at::cuda::getCurrentCUDAStream(query.device().index()).stream();
+      C10_CUDA_CHECK(kernels::decode_cuda(p, stream));
+    } else {
+      lse.fill_(-std::numeric_limits<double>::infinity());
+    }
+    auto weights = return_weights ? detail::kv_cache_weights(query, key_cache, lengths, lse,
+                                                             scale, is_causal, key_padding_mask)
+                                  : at::empty({0}, query.options());
+    return {out, return_lse ? lse : at::empty({0}, lse.options()), weights};
+  }
+#endif
+  return detail::kv_cache_attention_aten(query, key, value, key_cache, value_cache, lengths,
+                                         scale, is_causal, key_padding_mask, enable_gqa,
+                                         return_lse, return_weights);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedattn, CUDA, m) {
+  m.impl("kv_cache_attention", &kv_cache_attention);
+}
+
+}  // namespace fusedattn::cuda
