@@ -164,6 +164,25 @@ def time_alternating(fns, repeats, budget_s):
     return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
+def op_case(dtype, batch, n, repeats, heads=8, head_dim=64):
+    """One attention decode step alone: kv_cache_attention (append + attend) against the new
+    keys written into a preallocated buffer and SDPA on its filled prefix."""
+    g = torch.Generator().manual_seed(n)
+    kc, vc = (torch.randn(batch, heads, n + 1, head_dim, generator=g).to(dtype) for _ in range(2))
+    q, k, v = (torch.randn(batch, heads, 1, head_dim, generator=g).to(dtype) for _ in range(3))
+    lengths = torch.full((batch,), n)
+
+    def fused():
+        lengths.fill_(n)
+        torch.ops.fusedattn.kv_cache_attention(q, k, v, kc, vc, lengths, is_causal=True)
+
+    def sdpa():
+        kc[:, :, n:n + 1] = k
+        vc[:, :, n:n + 1] = v
+        F.scaled_dot_product_attention(q, kc[:, :, :n + 1], vc[:, :, :n + 1])
+    return time_alternating([fused, sdpa], repeats, 5.0)
+
+
 def greedy(model, step, state, prompt, new_tokens):
     tokens = prompt
     logits = step(prompt, state, 0)
@@ -183,6 +202,7 @@ def main():
     ap.add_argument("--lengths", default="128,512,1024,2048")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "generate.json"))
+    ap.add_argument("--op-only", action="store_true", help="only the attention step alone")
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.repeats, args.batches = "128,1024", 5, "1,8"
@@ -190,7 +210,21 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     torch.manual_seed(0)
-    rows = []
+    rows, op_rows = [], []
+    with torch.inference_mode():
+        for dname in args.dtypes.split(","):
+            for batch in batches:
+                for n in lengths:
+                    tf, ts = op_case(dtypes[dname], batch, n, 20 * args.repeats)
+                    op_rows.append(dict(dtype=dname, batch=batch, cache_len=n, fused_us=tf * 1e6,
+                                        sdpa_cache_us=ts * 1e6, speedup=ts / tf))
+    print(f"attention step alone (8 heads x 64), CPU: {cpu_model()}")
+    for r in op_rows:
+        print(f"  {r['dtype']:5} batch {r['batch']} cache {r['cache_len']:5}: fusedattn "
+              f"{r['fused_us']:7.1f} us, SDPA + buffer writes {r['sdpa_cache_us']:7.1f} us "
+              f"({r['speedup']:.2f}x)")
+    if args.op_only:
+        return
     cases = [(d, b, n) for d in args.dtypes.split(",") for b in batches for n in lengths]
     progress = Progress(len(cases) + 1)
     models = {}
@@ -230,7 +264,8 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(cpu=cpu_model(), tier=fusedattn.cpu_capability(), torch=torch.__version__,
-                       threads=torch.get_num_threads(), rows=rows, greedy_tokens_agree=same),
+                       threads=torch.get_num_threads(), rows=rows, op_rows=op_rows,
+                       greedy_tokens_agree=same),
                   f, indent=1)
 
 
