@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
   fill_operands(q, key_cache, value_cache, p);
   p.lengths = lengths_c.data_ptr<int64_t>();
   p.causal = is_causal;
-  at::Tensor k_new, v_new, kpm;
+  at::Tensor k_new, v_new;
   if (key) {
     k_new = key->stride(-1) == 1 || E <= 1 ? *key : key->contiguous();
     v_new = value->stride(-1) == 1 || value->size(-1) <= 1 ? *value : value->contiguous();
@@ -89,12 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     p.vn = v_new.data_ptr(), p.vn_sb = v_new.stride(0), p.vn_sh = v_new.stride(1),
     p.vn_sr = v_new.stride(2);
   }
-  if (key_padding_mask && key_padding_mask->size(1) > 0) {
-    kpm = *key_padding_mask;
-    p.kpm_kind = kpm.scalar_type() == at::kBool ? kernels::MaskKind::Bool : kernels::MaskKind::Additive;
-    p.kpm = kpm.data_ptr(), p.p_sb = kpm.stride(0), p.p_sc = kpm.stride(1);
-    p.kpm_len = kpm.size(1);
-  }
+  p.kpm_len = fill_cache_padding(key_padding_mask, p);
   p.out = out.data_ptr(), p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sr = out.stride(2);
   p.lse = lse_wanted ? lse.data_ptr() : nullptr;
   p.threads = at::get_num_threads();

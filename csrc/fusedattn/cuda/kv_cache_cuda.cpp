@@ -50,12 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     const int64_t B = query.size(0), H = query.size(1), T = query.size(2), E = query.size(3);
     const int64_t C = key_cache.size(2), Ev = value_cache.size(3), Hk = key_cache.size(1);
     const int64_t longest = detail::check_kv_cache_lengths(lengths, key ? T : 0, C);
-    if (key) {  // positions lengths[b] + t, scattered along the cache's position dim
-      auto pos = (lengths.unsqueeze(1) + at::arange(T, lengths.options())).view({B, 1, T, 1});
-      key_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, E}), *key);
-      value_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, Ev}), *value);
-      lengths.add_(T);
-    }
+    if (key) detail::kv_cache_append_aten(*key, *value, key_cache, value_cache, lengths);
     auto q = query.stride(-1) == 1 ? query : query.contiguous();
     auto out = at::empty({B, H, T, Ev}, query.options());
     auto lse = at::empty({B, H, T}, query.options().dtype(at::kFloat));
@@ -69,14 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
       auto lengths_c = lengths.contiguous();
       p.lengths = lengths_c.data_ptr<int64_t>();
       p.causal = is_causal;
-      at::Tensor kpm;
-      if (key_padding_mask && key_padding_mask->size(1) > 0) {
-        kpm = *key_padding_mask;
-        p.kpm_kind = kpm.scalar_type() == at::kBool ? kernels::MaskKind::Bool
-                                                    : kernels::MaskKind::Additive;
-        p.kpm = kpm.data_ptr(), p.p_sb = kpm.stride(0), p.p_sc = kpm.stride(1);
-        p.kpm_len = kpm.size(1);
-      }
+      p.kpm_len = fill_cache_padding(key_padding_mask, p);
       p.lse = lse.data_ptr<float>();
       // Enough blocks for two per multiprocessor, ranges of at least 256 positions.
       const auto* prop = at::cuda::getDeviceProperties(query.device().index());

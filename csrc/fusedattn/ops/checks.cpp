@@ -21,6 +21,15 @@ void check_mask_dtype(const at::Tensor& mask, const char* name, const at::Tensor
 
 }  // namespace
 
+int64_t fill_cache_padding(const std::optional<at::Tensor>& key_padding_mask,
+                           kernels::MaskParams& p) {
+  if (!key_padding_mask || key_padding_mask->size(1) == 0) return 0;
+  const auto& m = *key_padding_mask;
+  p.kpm_kind = m.scalar_type() == at::kBool ? kernels::MaskKind::Bool : kernels::MaskKind::Additive;
+  p.kpm = m.data_ptr(), p.p_sb = m.stride(0), p.p_sc = m.stride(1);
+  return m.size(1);
+}
+
 kernels::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kernels::DType::Float;
@@ -82,7 +91,6 @@ void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, cons
 
   const int64_t nd = query.dim();
   const SymInt& heads = qs[nd - 3];
-  const SymInt& q_len = qs[nd - 2];
   const SymInt& head_dim = qs[nd - 1];
   const SymInt& kv_heads = ks[nd - 3];
   const SymInt& kv_len = ks[nd - 2];

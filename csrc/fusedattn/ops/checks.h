@@ -81,6 +81,11 @@ std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
                                                    kernels::MaskParams& p,
                                                    const ScoreMods& mods = ScoreMods());
 
+// A KV cache's key padding mask (B, K) over its first K positions into MaskParams' kpm
+// fields, read in place. Returns K (0: none).
+int64_t fill_cache_padding(const std::optional<at::Tensor>& key_padding_mask,
+                           kernels::MaskParams& p);
+
 // Pointers and (b, h, row) strides of q, k, v, each already viewed as 4-d (B, heads, rows,
 // cols) with a contiguous last dim, into the kernels' ProblemParams.
 void fill_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -173,6 +173,16 @@ at::Tensor kv_cache_weights(const at::Tensor& query, const at::Tensor& key_cache
   return at::exp(scores - sub).to(query.scalar_type());
 }
 
+void kv_cache_append_aten(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                          at::Tensor& value_cache, at::Tensor& lengths) {
+  const int64_t B = key.size(0), Hk = key.size(1), T = key.size(2);
+  // Positions lengths[b] + t, as scatter indices along the cache's position dim.
+  auto pos = (lengths.unsqueeze(1) + at::arange(T, lengths.options())).view({B, 1, T, 1});
+  key_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, key.size(3)}), key);
+  value_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, value.size(3)}), value);
+  lengths.add_(T);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_aten(
     const at::Tensor& query, const std::optional<at::Tensor>& key,
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
@@ -181,16 +191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_aten(
     bool return_weights) {
   check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths, key_padding_mask,
                            enable_gqa);
-  const int64_t B = query.size(0), H = query.size(1), T = query.size(2), E = query.size(3);
-  const int64_t Hk = key_cache.size(1), C = key_cache.size(2), Ev = value_cache.size(3);
-  const int64_t longest = check_kv_cache_lengths(lengths, key ? T : 0, C);
-  if (key) {
-    // Positions lengths[b] + t, as scatter indices along the cache's position dim.
-    auto pos = (lengths.unsqueeze(1) + at::arange(T, lengths.options())).view({B, 1, T, 1});
-    key_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, E}), *key);
-    value_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, Ev}), *value);
-    lengths.add_(T);
-  }
+  const int64_t B = query.size(0), H = query.size(1), T = query.size(2);
+  const int64_t Hk = key_cache.size(1);
+  const int64_t longest = check_kv_cache_lengths(lengths, key ? T : 0, key_cache.size(2));
+  if (key) kv_cache_append_aten(*key, *value, key_cache, value_cache, lengths);
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto scores = visible_scores(query, key_cache, lengths, longest, scale_of(scale, query),
                                is_causal, key_padding_mask);

@@ -43,6 +43,10 @@ namespace detail {
 // lengths' values, read on the host: every lengths[b] + appended within capacity, none
 // negative. Returns the longest length after the append.
 int64_t check_kv_cache_lengths(const at::Tensor& lengths, int64_t appended, int64_t capacity);
+// The append in ATen operations: key (B, Hk, T, E) and value at positions lengths[b] + t of
+// the cache's first B rows, then lengths += T (lengths checked by check_kv_cache_lengths).
+void kv_cache_append_aten(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                          at::Tensor& value_cache, at::Tensor& lengths);
 // The weights (B, H, T, max_len) of a call from its lse (lengths after the append).
 at::Tensor kv_cache_weights(const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& lengths, const at::Tensor& lse,
