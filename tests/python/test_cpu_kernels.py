@@ -594,3 +594,31 @@ def test_trailing_key_padding_is_skipped(monkeypatch, dtype, L, kpm_kind, causal
         assert not a.isnan().any()
         torch.testing.assert_close(a.double(), c.double(), atol=tol * (c.abs().max().item() + 1), rtol=0)
     assert (got[0][2] == 0).all() and torch.isneginf(got[1][2]).all()  # all padding: 0, lse -inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("L", [5, 300])
+def test_one_key_rows_with_an_outside_lse_take_the_general_formula(dtype, L):
+    # A backward given the lse and output of a larger softmax (ring attention merges shards
+    # that way): a row that sees one key of this call has p < 1 there, and its gradient is
+    # p (dP - D), not the exact zero of a row whose whole softmax is that key.
+    g = torch.Generator().manual_seed(L)
+    N, H, S, E = 1, 2, 64, 32
+    q, k, v = (torch.randn(N, H, n, E, generator=g).to(dtype) for n in (L, S, S))
+    kpm = torch.ones(N, S, dtype=torch.bool)
+    kpm[0, 3] = False  # one visible key
+    scale = E ** -0.5
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    lse = (s[..., 3] + 0.7).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    out = torch.randn(N, H, L, E, generator=g).to(dtype)
+    dout = torch.randn(N, H, L, E, generator=g).to(dtype)
+    dq, dk, dv, *_ = torch.ops.fusedattn._attention_backward(
+        dout, None, None, q, k, v, out, lse, None, kpm, None, 0.0, False, False, None, False,
+        False, False)
+    p = torch.exp(s[..., 3] - lse.double())  # exp(-0.7)
+    d = (dout.double() * out.double()).sum(-1)
+    dp = dout.double() @ v.double()[..., 3, :].unsqueeze(-1)
+    ds = p * (dp.squeeze(-1) - d)
+    want_dq = ds.unsqueeze(-1) * scale * k.double()[..., 3:4, :]
+    tol = 1e-9 if dtype == torch.float64 else (2e-5 if dtype == torch.float32 else 5e-2)
+    torch.testing.assert_close(dq.double(), want_dq, atol=tol * 10, rtol=tol)

@@ -102,7 +102,7 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
         for (int64_t r = 0; r < bq; ++r) {
           const A glse = dlse ? dlse[i0 + r] : A(0);
           if (w.one_key[i0 + r]) {
-            one_key_grad_row(dp + r * bk, s + r * bk, bk, glse);
+            one_key_grad_row(dp + r * bk, s + r * bk, bk, w.d[i0 + r], glse);
           } else {
             softmax_grad_row(dp + r * bk, s + r * bk, bk, w.d[i0 + r], glse);
           }

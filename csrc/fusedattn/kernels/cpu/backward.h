@@ -23,6 +23,7 @@ struct Backward : Problem<T> {
     // bit l of one_key_lanes[v] for query 16 v + l.
     std::vector<uint8_t> one_key;
     std::vector<uint16_t> one_key_lanes;
+    std::vector<A> d_one;  // keys-as-rows: -dlse, D's part for a query with one key and p = 1
     std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     // half_on_f32: K and V of the task, Q and dO of the head, in fp32 (contiguous rows).
     std::vector<float> kf, vf, qf, dof;
@@ -32,6 +33,7 @@ struct Backward : Problem<T> {
           d(kr ? layout::l_pad(p) : p.L), bias(2 * layout::kBwdBlockK), lse(kr ? layout::l_pad(p) : 0),
           cap(p.softcap > 0 ? s.size() : 0),
           one_key(d.size()), one_key_lanes(kr ? layout::l_pad(p) / 16 : 0),
+          d_one(kr ? layout::l_pad(p) : 0),
           narrow_s(kIsHalf<T> && !p.half_on_f32 ? s.size() : 0), narrow_dp(narrow_s.size()),
           ds_packed(kr && kIsHalf<T> ? s.size() : 0), kt(kr ? p.E * layout::ld_kt(p) : 0),
           qt(kr ? p.E * layout::ld_qt(p) : 0), dot(kr ? p.Ev * layout::ld_qt(p) : 0),
@@ -55,8 +57,8 @@ struct Backward : Problem<T> {
   // Keys-as-rows backwards, per query head h: w.lse and w.d for queries 0 .. Lp - 1: lse
   // (+inf where the query sees no key, or is padding past L: exp gives 0) and D =
   // rowsum(dO * O) - dlse (softmax's backward term and lse's own gradient); for a query that
-  // sees one key, -dlse and its bit in w.one_key_lanes: the loops then take D = dP + w.d
-  // (one_key_grad_row's exact zero).
+  // sees one key also w.d_one = -dlse and its bit in w.one_key_lanes: where its probability is
+  // 1 the loops take D = dP + w.d_one (one_key_grad_row's exact zero), else w.d.
   void kr_lse_and_d(int64_t b, int64_t h, Work& w) const {
     const A* lse_in = this->lse_row(b, h);
     const A* dlse = this->dlse_row(b, h);
@@ -64,12 +66,13 @@ struct Backward : Problem<T> {
     std::fill(w.one_key_lanes.begin(), w.one_key_lanes.end(), uint16_t(0));
     for (int64_t i = 0; i < layout::l_pad(p); ++i) {
       if (i >= p.L) {
-        w.lse[i] = std::numeric_limits<A>::infinity(), w.d[i] = A(0);
+        w.lse[i] = std::numeric_limits<A>::infinity(), w.d[i] = w.d_one[i] = A(0);
         continue;
       }
       w.lse[i] = lse_in[i] == Masks<T>::kNegInf ? std::numeric_limits<A>::infinity() : lse_in[i];
       const bool one = this->sees_one_key(b, h, i, ke);
-      w.d[i] = (one ? A(0) : this->out_dot_dout(b, h, i)) - (dlse ? dlse[i] : A(0));
+      w.d_one[i] = -(dlse ? dlse[i] : A(0));
+      w.d[i] = this->out_dot_dout(b, h, i) + w.d_one[i];
       if (one) w.one_key_lanes[i / 16] |= uint16_t(1u << (i % 16));
     }
   }

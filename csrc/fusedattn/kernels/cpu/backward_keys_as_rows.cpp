@@ -17,6 +17,14 @@ void Backward<T>::keys_as_rows_task(int64_t t, Work& w) const {
   query_rows_task(t, w);
 }
 
+#ifdef FUSEDATTN_AVX512
+// Lanes whose probability is within tol of 1 (rows.h's is_whole_softmax, 16 at a time).
+inline __mmask16 whole_softmax_lanes(__m512 pr, float tol) {
+  const __m512 gap = _mm512_abs_ps(_mm512_sub_ps(pr, _mm512_set1_ps(1.f)));
+  return _mm512_cmp_ps_mask(gap, _mm512_set1_ps(tol), _CMP_LE_OQ);
+}
+#endif
+
 #ifdef FUSEDATTN_AVX512_BF16
 // bf16, the forward's keys-as-rows layout. Per query head: Q^T and dO^T packed in 64-query
 // panels (B of S^T = K Q^T and dP^T = V dO^T, whose A are K's and V's rows straight from the
@@ -98,6 +106,7 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
         T* dsp = w.ds_packed.data();  // the same packed (pairs of keys), panel c at c * bkp * 64
         const float* lse = w.lse.data() + i0;
         const float* dd = w.d.data() + i0;
+        const float* d1 = w.d_one.data() + i0;
         const uint16_t* one_key = w.one_key_lanes.data() + i0 / 16;
         for (int64_t j = 0; j < bkp; j += 2) {
           for (int64_t c = 0; c < nv; ++c) {
@@ -119,7 +128,8 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
               const __m512 pr = exp2_zmm<true>(_mm512_mul_ps(x, l2e), keep);
               const __m512 dp = _mm512_loadu_ps(dpt + jj * nq + 16 * c);
               const __m512 dv = _mm512_loadu_ps(dd + 16 * c);
-              const __m512 d = _mm512_mask_add_ps(dv, one_key[c], dv, dp);
+              const __mmask16 exact = one_key[c] & whole_softmax_lanes(pr, kExactOneTolShort);
+              const __m512 d = _mm512_mask_add_ps(dv, exact, _mm512_loadu_ps(d1 + 16 * c), dp);
               const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pr, _mm512_sub_ps(dp, d)), scale);
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + jj * nq + 16 * c), to_bf16_zmm(pr));
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + jj * nq + 16 * c), to_bf16_zmm(ds));
@@ -201,6 +211,7 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
         p.fgemm(bk, nq, p.Ev, p.v_sr, ldq, nq, false, this->v_rows(b, hk, j0), dot + i0, dpt);
         const float* lse = w.lse.data() + i0;
         const float* dd = w.d.data() + i0;
+        const float* d1 = w.d_one.data() + i0;
         const uint16_t* one_key = w.one_key_lanes.data() + i0 / 16;
         for (int64_t j = 0; j < bk; ++j) {
           const __m512 bj = _mm512_set1_ps(bias[j]);
@@ -217,7 +228,8 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
                                              _mm512_sub_ps(bj, _mm512_loadu_ps(lse + 16 * c)));
             const __m512 pr = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
             const __m512 dpv = _mm512_loadu_ps(dp), dv = _mm512_loadu_ps(dd + 16 * c);
-            const __m512 d = _mm512_mask_add_ps(dv, one_key[c], dv, dpv);
+            const __mmask16 exact = one_key[c] & whole_softmax_lanes(pr, kExactOneTol);
+            const __m512 d = _mm512_mask_add_ps(dv, exact, _mm512_loadu_ps(d1 + 16 * c), dpv);
             const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pr, _mm512_sub_ps(dpv, d)), scale);
             _mm512_storeu_ps(sp, pr);
             _mm512_storeu_ps(dp, ds);

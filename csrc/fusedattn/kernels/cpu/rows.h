@@ -173,12 +173,26 @@ inline void softmax_grad_row(A* dp, const A* p, int64_t n, A d, A glse) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d + glse);
 }
 
-// The same for a query that sees one key (Masks::sees_one_key): p is 1 there and 0 elsewhere,
-// so D = dp at that key and p * (dp - D) is exactly 0, not the rounding gap between D =
-// rowsum(dO * O) and the GEMM's dp; formed as dp - dp, so that a NaN or inf in dp stays NaN.
+// How far from 1 a probability may be and still be taken for the whole softmax of a query
+// that sees one key: the forward's own rounding (its lse sat up to 5.3e-7 from that key's
+// score on the AVX-512 fp32 paths, measured; kExactOneTol), and the degree-3 exp of the bf16
+// keys-as-rows backward (kExactOneTolShort). An lse from elsewhere
+// (the merged lse of a ring of sequence shards, where this call sees a part of the keys)
+// gives a smaller p, and the general formula.
+constexpr float kExactOneTol = 4e-6f, kExactOneTolShort = 1e-3f;
 template <typename A>
-inline void one_key_grad_row(A* dp, const A* p, int64_t n, A glse) {
-  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - dp[i] + glse);
+inline bool is_whole_softmax(A p) {
+  return std::abs(p - A(1)) <= A(std::is_same_v<A, double> ? 1e-12 : kExactOneTol);
+}
+
+// The same for a query that sees one key (Masks::sees_one_key): where p is 1 there (the lse
+// is this key's own) D = dp at that key and p * (dp - D) is exactly 0, not the rounding gap
+// between D = rowsum(dO * O) and the GEMM's dp; formed as dp - dp, so that a NaN or inf in
+// dp stays NaN. Otherwise softmax_grad_row's formula with D = d.
+template <typename A>
+inline void one_key_grad_row(A* dp, const A* p, int64_t n, A d, A glse) {
+  for (int64_t i = 0; i < n; ++i)
+    dp[i] = p[i] * ((is_whole_softmax(p[i]) ? dp[i] - dp[i] : dp[i] - d) + glse);
 }
 
 // n rows of x (row stride ld) widened to contiguous fp32 rows of `cols` (the half types'
