@@ -15,10 +15,16 @@ Layouts of a sequence of W * n positions (W ranks; ``shard``/``unshard`` convert
 With ``is_causal`` the alignment is the whole sequence's (top-left, L = S); blocks entirely
 in the future are neither computed nor waited for beyond passing them on.
 """
+import contextlib
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["ring_attention", "shard", "unshard"]
+__all__ = ["ring_attention", "shard", "unshard", "context_parallel", "current_context"]
+
+# The model-level switch: while set (context_parallel), fusedattn.MultiheadAttention runs its
+# attention as ring attention over this group, on inputs that are this rank's shards.
+_CONTEXT = {"group": None, "layout": None}
 
 _LAYOUTS = ("contiguous", "zigzag")
 
@@ -96,17 +102,18 @@ class _Ring:
         self.prev = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
 
     def start(self, tensors):
-        received = [torch.empty_like(t) for t in tensors]
+        tensors = [t.contiguous() for t in tensors]  # the messages are whole, dense buffers
+        received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         ops = []
         for t, r in zip(tensors, received):
-            ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group))
+            ops.append(dist.P2POp(dist.isend, t, self.next, self.group))
             ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group))
         reqs = dist.batch_isend_irecv(ops)
-        return reqs, received
+        return reqs, received, tensors  # the sent buffers stay alive until the wait
 
 
 def _wait(pending):
-    reqs, received = pending
+    reqs, received, _ = pending
     for r in reqs:
         r.wait()
     return received
@@ -243,3 +250,29 @@ def ring_attention(query, key, value, *, group=None, layout="contiguous", is_cau
     out, lse = _RingAttention.apply(query, key, value, key_padding_mask, group, layout,
                                     is_causal, scale, enable_gqa)
     return (out, lse) if return_lse else out
+
+
+@contextlib.contextmanager
+def context_parallel(group=None, layout="contiguous"):
+    """Within this block every ``fusedattn.MultiheadAttention`` attends over the sequence
+    sharded across ``group`` (default: the world): its query/key/value inputs are this rank's
+    shards in ``layout`` (self-attention, or cross-attention whose memory is sharded the same
+    way), its projections run on them as they are, and the attention between them is
+    ``ring_attention``. A model built from the modules runs context-parallel without a change
+    to its code; positions (embeddings) must be the shards' global ones (``shard`` them too).
+    Returned weights, attn_mask and dropout are not available inside (each is an error)."""
+    _check_layout(layout)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("context_parallel: torch.distributed is not initialised")
+    before = dict(_CONTEXT)
+    _CONTEXT.update(group=group, layout=layout)
+    try:
+        yield
+    finally:
+        _CONTEXT.update(before)
+
+
+def current_context():
+    """(group, layout) while ``context_parallel`` is active, else None."""
+    return None if _CONTEXT["layout"] is None else (_CONTEXT["group"], _CONTEXT["layout"])
+

@@ -9,6 +9,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
 from . import _C
+from . import distributed as _distributed
 from .kv_cache import KVCache
 
 
@@ -131,6 +132,9 @@ class MultiheadAttention(torch.nn.Module):
                 return self._forward_cached(query, key, value, cache, key_padding_mask,
                                             need_weights, attn_mask, average_attn_weights,
                                             is_causal)
+            if _distributed.current_context() is not None:
+                return self._forward_context_parallel(query, key, value, key_padding_mask,
+                                                      need_weights, attn_mask, is_causal)
             if query.is_nested or key.is_nested or value.is_nested:
                 return self._forward_nested(query, key, value, key_padding_mask, need_weights,
                                             attn_mask, average_attn_weights, is_causal)
@@ -292,6 +296,40 @@ class MultiheadAttention(torch.nn.Module):
             if dims == 2:
                 weights = weights.squeeze(0)
         return result, weights
+
+    @torch.jit.unused
+    def _forward_context_parallel(self, query, key, value, key_padding_mask, need_weights,
+                                  attn_mask, is_causal):
+        """Under ``fusedattn.distributed.context_parallel``: the inputs are this rank's
+        sequence shards; projections on them, ring attention between them."""
+        group, layout = _distributed.current_context()
+        self._check_cacheable()
+        if need_weights or attn_mask is not None:
+            raise ValueError("MultiheadAttention: under context_parallel pass need_weights=False "
+                             "and no attn_mask (use is_causal and key_padding_mask)")
+        if self.training and self.dropout > 0:
+            raise ValueError("MultiheadAttention: under context_parallel dropout is not "
+                             "supported; build the module with dropout=0 or call .eval()")
+        if query.dim() != 3:
+            raise ValueError("MultiheadAttention: under context_parallel the inputs must be 3-D")
+        x = self._batch_first_view(query)
+        linear = torch.nn.functional.linear
+        rows = self.num_heads * self.head_dim
+        w = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
+        b = self.in_proj_bias
+        q = self._split(linear(x, w[:rows], None if b is None else b[:rows]))
+        wk, wv, bk, bv = self._kv_projection()
+        k = self._split(linear(self._batch_first_view(key), wk, bk))
+        v = self._split(linear(self._batch_first_view(value), wv, bv))
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise ValueError("MultiheadAttention: under context_parallel key_padding_mask must "
+                             "be bool")
+        out = _distributed.ring_attention(q, k, v, group=group, layout=layout,
+                                          is_causal=is_causal, key_padding_mask=key_padding_mask)
+        n, h, t, dv = out.shape
+        result = linear(out.transpose(1, 2).reshape(n, t, h * dv), self.out_proj.weight,
+                        self.out_proj.bias)
+        return (result if self.batch_first else result.transpose(0, 1)), None
 
     @torch.jit.unused
     def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask,

@@ -114,3 +114,179 @@ def test_needs_an_initialised_group_and_checks_arguments():
             fd.ring_attention(q, q, q)
     with pytest.raises(ValueError, match="layout"):
         fd.ring_attention(q, q, q, layout="striped")
+
+
+# ---------------------------------------------------------------- models across ranks
+
+
+class TinyLM(torch.nn.Module):
+    """Decoder-only, pre-norm, fusedattn.MultiheadAttention (dropout 0)."""
+
+    def __init__(self, vocab=17, d=24, heads=3, layers=2, max_len=64):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Embedding(max_len, d)
+        self.attn = torch.nn.ModuleList(fusedattn.MultiheadAttention(d, heads, batch_first=True)
+                                        for _ in range(layers))
+        self.ff = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(),
+                                                          torch.nn.Linear(2 * d, d))
+                                      for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, tokens, positions, pad=None):
+        x = self.tok(tokens) + self.pos(positions)
+        for attn, ff in zip(self.attn, self.ff):
+            x = x + attn(x, x, x, is_causal=True, key_padding_mask=pad, need_weights=False)[0]
+            x = x + ff(x)
+        return self.head(self.norm(x))
+
+
+def _data(step, B=4, L=16):
+    g = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, 17, (B, L + 1), generator=g)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[1, 11:] = True  # trailing padding in one sequence
+    return tokens[:, :-1], tokens[:, 1:], pad
+
+
+def _loss_sum(model, tokens, targets, positions, pad):
+    logits = model(tokens, positions, pad)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                             reduction="none")
+    return (loss * (~pad).flatten()).sum()
+
+
+def _train_single(steps=3):
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for step in range(steps):
+        tokens, targets, pad = _data(step)
+        count = (~pad).sum()
+        loss = _loss_sum(model, tokens, targets, torch.arange(tokens.shape[1]).expand_as(tokens), pad) / count
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, losses
+
+
+def _train_worker(rank, world, port, errfile, ckpt_dir):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        ref, ref_losses = _train_single()
+        _context_parallel_training(rank, world, ref, ref_losses)
+        _ddp_training(rank, world, ref, ref_losses)
+        _fsdp2_training_and_checkpoint(rank, world, ref, ref_losses, ckpt_dir)
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        with open(errfile, "a") as f:
+            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
+        raise
+
+
+def _assert_same_model(a, b, what):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach(),
+                                   q.detach(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{what} {name}: {m}")
+
+
+def _context_parallel_training(rank, world, ref, ref_losses):
+    # The sequences split across the ranks (zigzag), the model code unchanged: step for step
+    # the same losses and parameters as one process on the whole sequences.
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    layout = "zigzag"
+    for step, want in enumerate(ref_losses):
+        tokens, targets, pad = _data(step)
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        count = (~pad).sum()
+        local = [fd.shard(t, 1, layout) for t in (tokens, targets, positions, pad)]
+        with fd.context_parallel(layout=layout):
+            loss = _loss_sum(model, *local) / count
+        opt.zero_grad()
+        loss.backward()
+        for p in model.parameters():  # each rank holds part of every gradient: the sum
+            dist.all_reduce(p.grad)
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        opt.step()
+        assert abs(total.item() - want) < 1e-5, (step, total.item(), want)
+    _assert_same_model(model, ref, "context parallel")
+
+
+def _ddp_training(rank, world, ref, ref_losses):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    model = DDP(TinyLM())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(len(ref_losses)):
+        tokens, targets, pad = _data(step)
+        count = (~pad).sum()
+        rows = slice(rank * tokens.shape[0] // world, (rank + 1) * tokens.shape[0] // world)
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        # DDP averages gradients over ranks: scale so that the average is the global mean.
+        loss = _loss_sum(model, tokens[rows], targets[rows], positions[rows], pad[rows]) * world / count
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _assert_same_model(model.module, ref, "DDP")
+
+
+def _fsdp2_training_and_checkpoint(rank, world, ref, ref_losses, ckpt_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    import torch.distributed.checkpoint as dcp
+    torch.manual_seed(0)
+    model = TinyLM()
+    mesh = init_device_mesh("cpu", (world,))
+    for attn in model.attn:
+        fully_shard(attn, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(len(ref_losses)):
+        tokens, targets, pad = _data(step)
+        count = (~pad).sum()
+        rows = slice(rank * tokens.shape[0] // world, (rank + 1) * tokens.shape[0] // world)
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        loss = _loss_sum(model, tokens[rows], targets[rows], positions[rows], pad[rows]) * world / count
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _assert_same_model(model, ref, "FSDP2")
+    # torch.distributed.checkpoint: save the sharded state, load it into a fresh sharded model.
+    dcp.save({"model": model.state_dict()}, checkpoint_id=ckpt_dir)
+    torch.manual_seed(1)
+    fresh = TinyLM()
+    for attn in fresh.attn:
+        fully_shard(attn, mesh=mesh)
+    fully_shard(fresh, mesh=mesh)
+    state = {"model": fresh.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    fresh.load_state_dict(state["model"])
+    _assert_same_model(fresh, ref, "DCP round trip")
+
+
+def test_models_train_context_parallel_ddp_and_fsdp2_like_one_process():
+    world = 2
+    with tempfile.TemporaryDirectory() as d:
+        errfile = os.path.join(d, "errors.txt")
+        ctx = mp.start_processes(_train_worker, args=(world, _free_port(), errfile, os.path.join(d, "ckpt")),
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.time() + TIMEOUT_S
+        try:
+            while not ctx.join(timeout=5):
+                if time.time() > deadline:
+                    pytest.fail(f"training with {world} ranks did not finish in {TIMEOUT_S} s")
+        except mp.ProcessRaisedException as e:
+            detail = open(errfile).read() if os.path.exists(errfile) else str(e)
+            pytest.fail(detail)
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
