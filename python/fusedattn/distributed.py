@@ -215,8 +215,8 @@ class _RingAttention(torch.autograd.Function):
                 dv[..., ks, :] += g[2].to(acc)
             # The accumulators travel with the shard they belong to; after the last step one
             # more hop brings each back to its owner.
-            moved = _wait(ring.start([dk, dv]))
-            dk, dv = moved
+            if world > 1:
+                dk, dv = _wait(ring.start([dk, dv]))
             if pending is not None:
                 bufs = _wait(pending)
         return (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None,

@@ -112,3 +112,10 @@ def test_char_lm_generates_through_the_kv_cache(examples):
     assert r["same_tokens"]  # cached sampling = recomputing the prefix, token for token
     assert r["known_word_fraction"] > 0.6, r["sample"]
     assert r["tokens_per_s"] > r["tokens_per_s_recompute"]
+
+
+def test_context_parallel_training_equals_one_process(examples):
+    r = examples("context_parallel").run(ranks=4, steps=3, length=128)
+    for a, b in zip(r["losses"], r["cp_losses"]):
+        assert abs(a - b) < 1e-5, (r["losses"], r["cp_losses"])
+    assert r["max_param_diff"] < 1e-5
