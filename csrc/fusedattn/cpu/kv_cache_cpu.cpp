@@ -56,10 +56,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
                         : at::empty({0}, query.options().dtype(acc));
   auto weights = at::empty({0}, query.options());
   const int64_t longest = detail::check_kv_cache_lengths(lengths, key ? T : 0, capacity);
-  if (key) lengths.add_(T);  // the kernels read the lengths after the append
+  // The lengths after the append, which the kernels read; `lengths` itself advances only
+  // once they have run (an error before leaves the cache as it was).
+  const auto after = key ? lengths + T : lengths.contiguous();
   auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    if (key) lengths.add_(T);
     if (return_weights) {
-      weights = detail::kv_cache_weights(query, key_cache, lengths, lse, scale, is_causal,
+      weights = detail::kv_cache_weights(query, key_cache, after, lse, scale, is_causal,
                                          key_padding_mask);
     }
     return {out, return_lse ? lse : at::empty({0}, lse.options()), weights};
@@ -76,9 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
   p.scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(E));
   p.gemm = &torch_gemms();
   auto q = query.stride(-1) == 1 || E <= 1 ? query : query.contiguous();
-  auto lengths_c = lengths.contiguous();
   fill_operands(q, key_cache, value_cache, p);
-  p.lengths = lengths_c.data_ptr<int64_t>();
+  p.lengths = after.data_ptr<int64_t>();
   p.causal = is_causal;
   at::Tensor k_new, v_new;
   if (key) {
