@@ -87,17 +87,18 @@ def _run_case(rank, world, layout, causal, dtype, L, H, Hk, E, Ev, kpm):
     assert lse.dtype == torch.float32
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ring_attention_matches_single_process(world):
+def _spawn(worker, world, *args):
+    """Runs worker(rank, world, port, errfile, *args) on `world` spawned ranks, bounded by
+    TIMEOUT_S; a rank's exception fails the test with its traceback."""
     with tempfile.TemporaryDirectory() as d:
         errfile = os.path.join(d, "errors.txt")
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), errfile), nprocs=world,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(worker, args=(world, _free_port(), errfile, *[a or d for a in args]),
+                                 nprocs=world, join=False, start_method="spawn")
         deadline = time.time() + TIMEOUT_S
         try:
             while not ctx.join(timeout=5):
                 if time.time() > deadline:
-                    pytest.fail(f"ring attention with {world} ranks did not finish in {TIMEOUT_S} s")
+                    pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s")
         except mp.ProcessRaisedException as e:
             detail = open(errfile).read() if os.path.exists(errfile) else str(e)
             pytest.fail(detail)
@@ -105,6 +106,11 @@ def test_ring_attention_matches_single_process(world):
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_matches_single_process(world):
+    _spawn(_worker, world)
 
 
 def test_needs_an_initialised_group_and_checks_arguments():
@@ -181,7 +187,7 @@ def _train_worker(rank, world, port, errfile, ckpt_dir):
         ref, ref_losses = _train_single()
         _context_parallel_training(rank, world, ref, ref_losses)
         _ddp_training(rank, world, ref, ref_losses)
-        _fsdp2_training_and_checkpoint(rank, world, ref, ref_losses, ckpt_dir)
+        _fsdp2_training_and_checkpoint(rank, world, ref, ref_losses, os.path.join(ckpt_dir, "ckpt"))
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         with open(errfile, "a") as f:
@@ -224,18 +230,23 @@ def _ddp_training(rank, world, ref, ref_losses):
     from torch.nn.parallel import DistributedDataParallel as DDP
     torch.manual_seed(0)
     model = DDP(TinyLM())
+    _data_parallel_steps(model, rank, world, len(ref_losses))
+    _assert_same_model(model.module, ref, "DDP")
+
+
+def _data_parallel_steps(model, rank, world, steps):
+    """SGD steps with the global batch's rows split across the ranks; the loss scaled so that
+    the gradients' average over ranks (DDP's, FSDP2's) is the global mean's."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(len(ref_losses)):
+    for step in range(steps):
         tokens, targets, pad = _data(step)
         count = (~pad).sum()
         rows = slice(rank * tokens.shape[0] // world, (rank + 1) * tokens.shape[0] // world)
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        # DDP averages gradients over ranks: scale so that the average is the global mean.
         loss = _loss_sum(model, tokens[rows], targets[rows], positions[rows], pad[rows]) * world / count
         opt.zero_grad()
         loss.backward()
         opt.step()
-    _assert_same_model(model.module, ref, "DDP")
 
 
 def _fsdp2_training_and_checkpoint(rank, world, ref, ref_losses, ckpt_dir):
@@ -248,16 +259,7 @@ def _fsdp2_training_and_checkpoint(rank, world, ref, ref_losses, ckpt_dir):
     for attn in model.attn:
         fully_shard(attn, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(len(ref_losses)):
-        tokens, targets, pad = _data(step)
-        count = (~pad).sum()
-        rows = slice(rank * tokens.shape[0] // world, (rank + 1) * tokens.shape[0] // world)
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        loss = _loss_sum(model, tokens[rows], targets[rows], positions[rows], pad[rows]) * world / count
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _data_parallel_steps(model, rank, world, len(ref_losses))
     _assert_same_model(model, ref, "FSDP2")
     # torch.distributed.checkpoint: save the sharded state, load it into a fresh sharded model.
     dcp.save({"model": model.state_dict()}, checkpoint_id=ckpt_dir)
@@ -273,20 +275,4 @@ def _fsdp2_training_and_checkpoint(rank, world, ref, ref_losses, ckpt_dir):
 
 
 def test_models_train_context_parallel_ddp_and_fsdp2_like_one_process():
-    world = 2
-    with tempfile.TemporaryDirectory() as d:
-        errfile = os.path.join(d, "errors.txt")
-        ctx = mp.start_processes(_train_worker, args=(world, _free_port(), errfile, os.path.join(d, "ckpt")),
-                                 nprocs=world, join=False, start_method="spawn")
-        deadline = time.time() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=5):
-                if time.time() > deadline:
-                    pytest.fail(f"training with {world} ranks did not finish in {TIMEOUT_S} s")
-        except mp.ProcessRaisedException as e:
-            detail = open(errfile).read() if os.path.exists(errfile) else str(e)
-            pytest.fail(detail)
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+    _spawn(_train_worker, 2, None)  # None: a fresh temporary folder (the checkpoint's)
