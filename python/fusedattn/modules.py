@@ -202,13 +202,13 @@ class MultiheadAttention(torch.nn.Module):
         v = self._split(torch.nn.functional.linear(x, wv, bv))
         return KVCache.from_tensors(k, v, key_padding_mask=key_padding_mask)
 
-    def _check_cacheable(self):
+    def _check_cacheable(self, what="a KV cache"):
         if self.bias_k is not None or self.add_zero_attn:
-            raise ValueError("MultiheadAttention: a KV cache does not take add_bias_kv or "
+            raise ValueError(f"MultiheadAttention: {what} does not take add_bias_kv or "
                              "add_zero_attn")
         if (self.window is not None or self.alibi_slopes is not None or self.softcap is not None
                 or self.rel_bias is not None):
-            raise ValueError("MultiheadAttention: a KV cache does not take the variants (window, "
+            raise ValueError(f"MultiheadAttention: {what} does not take the variants (window, "
                              "alibi, max_relative_distance, softcap) yet")
 
     def _batch_first_view(self, x):
@@ -221,6 +221,24 @@ class MultiheadAttention(torch.nn.Module):
         """(N, T, H * D) -> (N, H, T, D), a view."""
         n, t, f = x.shape
         return x.view(n, t, self.num_heads, f // self.num_heads).transpose(1, 2)
+
+    def _project(self, query, key, value):
+        """q (N, H, T, D) and, when key and value are given, k and v (N, H, S, D), as views of
+        the projections of (N, T, F)-layout inputs (self._batch_first_view's). Self-attention
+        with the packed in_proj_weight (query, key, value one tensor) takes one GEMM."""
+        linear = torch.nn.functional.linear
+        w_in, b_in = self.in_proj_weight, self.in_proj_bias
+        if key is not None and w_in is not None and query is key and key is value:
+            n, t = query.shape[0], query.shape[1]
+            qkv = linear(query, w_in, b_in).view(n, t, 3, self.num_heads, -1)
+            return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+        rows = self.num_heads * self.head_dim
+        w = w_in if w_in is not None else self.q_proj_weight
+        q = self._split(linear(query, w[:rows], None if b_in is None else b_in[:rows]))
+        if key is None:
+            return q, None, None
+        wk, wv, bk, bv = self._kv_projection()
+        return q, self._split(linear(key, wk, bk)), self._split(linear(value, wv, bv))
 
     def _kv_projection(self):
         if self.in_proj_weight is not None:
@@ -259,33 +277,23 @@ class MultiheadAttention(torch.nn.Module):
         if (key is None) != (value is None):
             raise ValueError("MultiheadAttention: with a cache, key and value are both the new "
                              "tokens (self-attention) or both None (attend to the cache only)")
-        x = query.unsqueeze(0) if dims == 2 else (query if self.batch_first else query.transpose(0, 1))
-        linear = torch.nn.functional.linear
-        w_in, b_in = self.in_proj_weight, self.in_proj_bias
-        heads = self.num_heads
+        if key is not None and (key.dim() != dims or value.dim() != dims):
+            raise ValueError("MultiheadAttention: key and value must have query's dims")
+        x = self._batch_first_view(query)
         n, t = x.shape[0], x.shape[1]
-        k = v = None
-        if key is not None and w_in is not None and query is key and key is value:
-            # Self-attention, packed: one GEMM, q | k | v split as views (N, H, T, D).
-            qkv = linear(x, w_in, b_in).view(n, t, 3, heads, -1)
-            q, k, v = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        if key is None:
+            q, k, v = self._project(x, None, None)
+        elif query is key and key is value:
+            q, k, v = self._project(x, x, x)
         else:
-            rows = heads * self.head_dim
-            w = w_in if w_in is not None else self.q_proj_weight
-            q = self._split(linear(x, w[:rows], None if b_in is None else b_in[:rows]))
-            if key is not None:
-                if key.dim() != dims or value.dim() != dims:
-                    raise ValueError("MultiheadAttention: key and value must have query's dims")
-                wk, wv, bk, bv = self._kv_projection()
-                k = self._split(linear(self._batch_first_view(key), wk, bk))
-                v = self._split(linear(self._batch_first_view(value), wv, bv))
+            q, k, v = self._project(x, self._batch_first_view(key), self._batch_first_view(value))
         if key_padding_mask is not None and dims == 2:
             key_padding_mask = key_padding_mask.unsqueeze(0)
         out, _, weights = cache.attend(q, k, v, is_causal=is_causal,
                                        key_padding_mask=key_padding_mask,
                                        return_weights=need_weights)
-        result = linear(out.transpose(1, 2).reshape(n, t, -1), self.out_proj.weight,
-                        self.out_proj.bias)
+        result = torch.nn.functional.linear(out.transpose(1, 2).reshape(n, t, -1),
+                                            self.out_proj.weight, self.out_proj.bias)
         if dims == 2:
             result = result.squeeze(0)
         elif not self.batch_first:
@@ -303,7 +311,7 @@ class MultiheadAttention(torch.nn.Module):
         """Under ``fusedattn.distributed.context_parallel``: the inputs are this rank's
         sequence shards; projections on them, ring attention between them."""
         group, layout = _distributed.current_context()
-        self._check_cacheable()
+        self._check_cacheable("context_parallel")
         if need_weights or attn_mask is not None:
             raise ValueError("MultiheadAttention: under context_parallel pass need_weights=False "
                              "and no attn_mask (use is_causal and key_padding_mask)")
@@ -313,22 +321,18 @@ class MultiheadAttention(torch.nn.Module):
         if query.dim() != 3:
             raise ValueError("MultiheadAttention: under context_parallel the inputs must be 3-D")
         x = self._batch_first_view(query)
-        linear = torch.nn.functional.linear
-        rows = self.num_heads * self.head_dim
-        w = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
-        b = self.in_proj_bias
-        q = self._split(linear(x, w[:rows], None if b is None else b[:rows]))
-        wk, wv, bk, bv = self._kv_projection()
-        k = self._split(linear(self._batch_first_view(key), wk, bk))
-        v = self._split(linear(self._batch_first_view(value), wv, bv))
+        if query is key and key is value:
+            q, k, v = self._project(x, x, x)
+        else:
+            q, k, v = self._project(x, self._batch_first_view(key), self._batch_first_view(value))
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             raise ValueError("MultiheadAttention: under context_parallel key_padding_mask must "
                              "be bool")
         out = _distributed.ring_attention(q, k, v, group=group, layout=layout,
                                           is_causal=is_causal, key_padding_mask=key_padding_mask)
         n, h, t, dv = out.shape
-        result = linear(out.transpose(1, 2).reshape(n, t, h * dv), self.out_proj.weight,
-                        self.out_proj.bias)
+        result = torch.nn.functional.linear(out.transpose(1, 2).reshape(n, t, h * dv),
+                                            self.out_proj.weight, self.out_proj.bias)
         return (result if self.batch_first else result.transpose(0, 1)), None
 
     @torch.jit.unused
