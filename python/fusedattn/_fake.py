@@ -141,3 +141,40 @@ def _kv_cache_attention_fake(query, key, value, key_cache, value_cache, lengths,
     lse = query.new_empty((b, h, t) if return_lse else (0,), dtype=acc)
     weights = query.new_empty((b, h, t, key_cache.shape[2]) if return_weights else (0,))
     return out, lse, weights
+
+
+def _check_varlen_shapes(query, key, value, cu_seqlens_q, cu_seqlens_k):
+    # Shapes only: the offsets' values are checked by the real kernels.
+    torch._check(query.dim() == 3 and key.dim() == 3 and value.dim() == 3,
+                 lambda: "attention_varlen: query, key and value must be 3-D")
+    torch._check(cu_seqlens_q.dim() == 1 and cu_seqlens_k.dim() == 1,
+                 lambda: "attention_varlen: cu_seqlens_q and cu_seqlens_k must be 1-D")
+    torch._check(cu_seqlens_q.shape[0] == cu_seqlens_k.shape[0],
+                 lambda: "attention_varlen: cu_seqlens_q and cu_seqlens_k must hold the same "
+                         "number of sequences")
+
+
+@torch.library.register_fake("fusedattn::_attention_varlen_forward")
+def _attention_varlen_forward_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, dropout_seed, dropout_p, is_causal, bottom_right,
+                                   scale, enable_gqa, window, alibi_slopes, softcap, rel_bias):
+    _check_devices(query, key=key, value=value, alibi_slopes=alibi_slopes, rel_bias=rel_bias)
+    _check_varlen_shapes(query, key, value, cu_seqlens_q, cu_seqlens_k)
+    total_q, heads, _ = query.shape
+    out = query.new_empty((total_q, heads, value.shape[2]))
+    lse = query.new_empty((heads, total_q), dtype=_accumulate_dtype(query.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("fusedattn::_attention_varlen_backward")
+def _attention_varlen_backward_fake(grad_out, grad_lse, query, key, value, out, lse, cu_seqlens_q,
+                                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_seed,
+                                    dropout_p, is_causal, bottom_right, scale, enable_gqa, window,
+                                    alibi_slopes, softcap, rel_bias):
+    _check_devices(query, grad_out=grad_out, key=key, value=value, out=out, lse=lse,
+                   alibi_slopes=alibi_slopes, rel_bias=rel_bias)
+    _check_varlen_shapes(query, key, value, cu_seqlens_q, cu_seqlens_k)
+    d_rel = (query.new_empty((0,)) if rel_bias is None
+             else rel_bias.new_empty(rel_bias.shape, dtype=_accumulate_dtype(query.dtype)))
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            d_rel)

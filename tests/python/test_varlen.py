@@ -118,3 +118,161 @@ def test_bad_offsets_are_named(cu_q, max_q, match):
     cu_k = torch.tensor([0, 4, 9], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=re.escape(match)):
         fusedattn.attention_varlen(q, q, q, cu_q, cu_k, max_q, 9)
+
+
+# The fused CPU path (the sequences as tasks of one call) against the formula per sequence:
+# lengths that cross the 64-query and 512/256-key blocks, empty sequences on either side, a
+# length-1 sequence, every dtype, GQA, the variants, both alignments.
+MIXED_Q = [70, 0, 1, 600, 33, 129, 5]
+MIXED_K = [70, 3, 0, 600, 40, 129, 517]
+
+
+def reference_per_sequence(q, k, v, lq, lk, grad, **kw):
+    """fp64 formula per sequence -> (out, lse, dq, dk, dv, d_table)."""
+    table = kw.pop("rel_bias", None)
+    slopes = kw.pop("alibi", None)
+    table64 = table.detach().double().requires_grad_() if table is not None else None
+    outs, lses, dqs, dks, dvs = [], [], [], [], []
+    cq = [0] + torch.tensor(lq).cumsum(0).tolist()
+    ck = [0] + torch.tensor(lk).cumsum(0).tolist()
+    for b in range(len(lq)):
+        sq, sk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        qb, kb, vb = (t.detach()[s].transpose(0, 1).double().requires_grad_() for t, s in ((q, sq), (k, sk), (v, sk)))
+        a = None if slopes is None else (slopes[b] if slopes.dim() == 2 else slopes)
+        if table64 is not None:
+            from test_variants import formula_rel
+            ref, ref_lse = formula_rel(qb, kb, vb, table64, alibi=a, **kw)
+        else:
+            ref, ref_lse = formula(qb, kb, vb, alibi=a, **kw)
+        ref.backward(grad[sq].transpose(0, 1).double())
+        outs.append(ref.transpose(0, 1)), lses.append(ref_lse)
+        dqs.append(qb.grad.transpose(0, 1)), dks.append(kb.grad.transpose(0, 1)), dvs.append(vb.grad.transpose(0, 1))
+    return (torch.cat(outs), torch.cat(lses, 1), torch.cat(dqs), torch.cat(dks), torch.cat(dvs),
+            None if table64 is None else table64.grad)
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kw", [dict(is_causal=True), dict(), dict(is_causal=True, bottom_right=True)],
+                         ids=["causal", "full", "causal-bottom-right"])
+def test_fused_mixed_lengths_against_the_formula(dtype, kw):
+    H, Hk, E, Ev = 4, 2, 24, 13
+    q, cu_q = pack(MIXED_Q, H, E, dtype=dtype, seed=11)
+    k, cu_k = pack(MIXED_K, Hk, E, dtype=dtype, seed=12)
+    v, _ = pack(MIXED_K, Hk, Ev, dtype=dtype, seed=13)
+    align = "bottom_right" if kw.get("bottom_right") else "top_left"
+    out, lse = fusedattn.attention_varlen(q, k, v, cu_q, cu_k, max(MIXED_Q), max(MIXED_K), enable_gqa=True,
+                                          is_causal=kw.get("is_causal", False), causal_alignment=align,
+                                          return_lse=True)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    out.backward(g)
+    ro, rl, rdq, rdk, rdv, _ = reference_per_sequence(q, k, v, MIXED_Q, MIXED_K, g, gqa=True, **kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ro, atol=tol, rtol=tol)
+    finite = torch.isfinite(rl)
+    torch.testing.assert_close(lse.double()[finite], rl[finite], atol=tol, rtol=tol)
+    assert torch.isneginf(lse[~finite]).all()
+    gtol = tol * (4 if dtype in (torch.bfloat16, torch.float16) else 10)
+    for got, ref in ((q.grad, rdq), (k.grad, rdk), (v.grad, rdv)):
+        torch.testing.assert_close(got.double(), ref, atol=gtol, rtol=gtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_variants_and_lse_gradient(dtype):
+    H, E = 3, 16
+    lq = [300, 7, 1, 90]
+    q, cu = pack(lq, H, E, dtype=dtype, seed=14)
+    k, _ = pack(lq, H, E, dtype=dtype, seed=15)
+    v, _ = pack(lq, H, E, dtype=dtype, seed=16)
+    slopes = torch.rand(len(lq), H)
+    table = torch.randn(H, 2 * 5 + 1, dtype=dtype, requires_grad=True)
+    kw = dict(window=(40, 2), softcap=5.0)
+    out, lse = fusedattn.attention_varlen(q, k, v, cu, cu, 300, 300, alibi_slopes=slopes, rel_bias=table,
+                                          return_lse=True, **kw)
+    g = torch.randn_like(out)
+    gl = torch.randn_like(lse)
+    (out * g).sum().backward(retain_graph=True)
+    ro, rl, rdq, rdk, rdv, rdt = reference_per_sequence(q, k, v, lq, lq, g, alibi=slopes, rel_bias=table, **kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ro, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), rl, atol=tol, rtol=tol)
+    for got, ref in ((q.grad, rdq), (k.grad, rdk), (v.grad, rdv), (table.grad, rdt)):
+        torch.testing.assert_close(got.double(), ref, atol=10 * tol, rtol=10 * tol)
+    # lse's own gradient: the fused backward against the per-sequence calls' autograd.
+    for t in (q, k, v, table):
+        t.grad = None
+    (lse * gl).sum().backward()
+    fused = [t.grad.clone() for t in (q, k, v, table)]
+    for t in (q, k, v, table):
+        t.grad = None
+    total = 0
+    for b in range(len(lq)):
+        s = slice(cu[b], cu[b + 1])
+        _, _, lb = torch.ops.fusedattn.attention(*(t[s].transpose(0, 1) for t in (q, k, v)), alibi_slopes=slopes[b],
+                                                 rel_bias=table, return_lse=True, **kw)
+        total = total + (lb * gl[:, s]).sum()
+    total.backward()
+    for got, t in zip(fused, (q, k, v, table)):
+        torch.testing.assert_close(got, t.grad, atol=10 * tol, rtol=10 * tol)
+
+
+def test_fused_equals_the_reference_loop_with_dropout(monkeypatch):
+    """The fused call and the per-sequence loop (FUSEDATTN_CPU_KERNEL=reference) draw the same
+    dropout mask from one seed: each sequence its own range of the stream."""
+    lq = [40, 3, 600, 17]
+    q, cu = pack(lq, 2, 16, dtype=torch.float64, seed=17)
+
+    def run():
+        torch.manual_seed(7)
+        out = fusedattn.attention_varlen(q, q, q, cu, cu, 600, 600, dropout_p=0.25, is_causal=True)
+        (grad,) = torch.autograd.grad(out, q, torch.ones_like(out))
+        return out, grad
+    fused = run()
+    monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "reference")
+    loop = run()
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b)
+    # Not one mask repeated: two sequences of equal length draw differently.
+    q2, cu2 = pack([30, 30], 1, 8, dtype=torch.float64, seed=18)
+    v2 = torch.ones(60, 1, 8, dtype=torch.float64)
+    o = fusedattn.attention_varlen(q2, q2, v2, cu2, cu2, 30, 30, dropout_p=0.5)
+    assert not torch.equal(o[:30], o[30:])
+
+
+def test_one_thread_and_two_agree():
+    q, cu = pack(MIXED_Q, 2, 8, dtype=torch.float32, seed=19)
+    k, cu_k = pack(MIXED_K, 2, 8, dtype=torch.float32, seed=20)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(threads, 2)):
+            torch.set_num_threads(n)
+            out = fusedattn.attention_varlen(q, k, k, cu, cu_k, 600, 600, is_causal=True)
+            (gq,) = torch.autograd.grad(out.sum(), q)
+            outs.append((out, gq))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_gradcheck_opcheck_and_compile():
+    lq = [5, 0, 9, 1]
+    q, cu = pack(lq, 2, 4, seed=21)
+    k, _ = pack(lq, 2, 4, seed=22)
+    v, _ = pack(lq, 2, 3, seed=23)
+    table = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    f = lambda q, k, v, t: fusedattn.attention_varlen(q, k, v, cu, cu, 9, 9, is_causal=True, rel_bias=t,
+                                                      window=(3, -1))
+    assert torch.autograd.gradcheck(f, (q, k, v, table))
+    args = (q.detach(), k.detach(), v.detach(), cu, cu, 9, 9, None, 0.0, True, False, None, False, [3, -1],
+            None, None, table.detach())
+    torch.library.opcheck(torch.ops.fusedattn._attention_varlen_forward, args)
+    compiled = torch.compile(lambda q, k, v: fusedattn.attention_varlen(q, k, v, cu, cu, 9, 9, is_causal=True),
+                             fullgraph=True)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = compiled(qf, kf, vf)
+    torch.testing.assert_close(out, fusedattn.attention_varlen(qf, kf, vf, cu, cu, 9, 9, is_causal=True))
+    out.sum().backward()
+    assert qf.grad is not None and torch.isfinite(qf.grad).all()

@@ -26,13 +26,13 @@
 #endif
 
 #include "fusedattn/cpu/gemm_hooks.h"
+#include "fusedattn/cpu/launch.h"
 #include "fusedattn/kernels/cpu/plan.h"
 #include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/reference.h"
 
 namespace fusedattn::cpu {
-namespace {
 
 using kernels::FlashParams;
 
@@ -46,16 +46,7 @@ bool packing_disabled() {
   return v != nullptr && std::strcmp(v, "unpacked") == 0;
 }
 
-// The tier in use, as an op's error where FUSEDATTN_CPU_CAPABILITY asks for one this CPU
-// cannot run (or names none).
-template <typename Planner>
-kernels::cpu::Plan plan_or_error(Planner planner, const FlashParams& p) {
-  try {
-    return planner(p);
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, e.what());
-  }
-}
+namespace {
 
 // oneDNN (behind cpublas::brgemm) reads ONEDNN_MAX_CPU_ISA once, at its first kernel: a
 // FUSEDATTN_CPU_CAPABILITY cap is handed to it at load time unless the caller set one.
@@ -80,12 +71,7 @@ at::Tensor as_4d(const at::Tensor& t, int64_t batch) {
   return (inner_ok && rows_ok) ? r : r.contiguous();
 }
 
-// Everything but the outputs: sizes, strides and masks of one call. The returned tensors
-// keep the views the pointers point into alive.
-struct Launch {
-  FlashParams p;
-  at::Tensor q, k, v, mask, kpm;
-};
+}  // namespace
 
 Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Tensor& key,
                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
@@ -109,6 +95,8 @@ Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Te
   }
   return l;
 }
+
+namespace {
 
 // The returned weights are the one L x S output, written once by the forward. Fresh 4 KiB
 // pages cost a fault each on that first write: 512 MiB of weights (B=4, H=8, L=S=2048, fp32)
@@ -136,6 +124,8 @@ void advise_huge_pages(const at::Tensor& t) {
 // to AVX2 (16 MiB of fp32 K and V), a causal forward took 44-51 ms instead of 28-29 whenever
 // the allocator handed back fresh pages (Xeon). Contents are not kept: each call packs anew.
 constexpr size_t kCachedWorkspaceBytes = size_t(64) << 20;
+}  // namespace
+
 void* packed_workspace(int64_t elems, const at::TensorOptions& options, at::Tensor& holder) {
   const size_t bytes = size_t(elems) * options.dtype().itemsize();
   thread_local at::Tensor cached;
@@ -151,6 +141,8 @@ void* packed_workspace(int64_t elems, const at::TensorOptions& options, at::Tens
   }
   return cached.data_ptr();
 }
+
+namespace {
 
 // Outputs and gradients (O(L E) each) are plain at::empty. With the hint on them (THP and its
 // defrag both in "madvise" mode), every other fp32 fwd+bwd at B=4, H=8, L=512 took 70 ms

@@ -25,6 +25,7 @@ FUSEDATTN_HOST_DEVICE uint64_t mix64(uint64_t x) {
 }
 
 struct DropoutParams {
+  static constexpr uint64_t kStep = 0x9e3779b97f4a7c15ULL;  // the golden ratio in 64 bits
   uint64_t seed = 0;        // drawn from torch's generator once per forward call
   uint32_t threshold = 0;   // drop when the 32-bit draw is below this: round(p * 2^32)
   bool drop_all = false;    // p == 1
@@ -42,10 +43,18 @@ struct DropoutParams {
     return d;
   }
 
+  // The same stream from element `offset` on: keep(i) of the result is keep(offset + i) of
+  // this one. Packed sequences draw each sequence's L x S block from its own range so.
+  FUSEDATTN_HOST_DEVICE DropoutParams shifted(uint64_t offset) const {
+    DropoutParams d = *this;
+    d.seed = seed + offset * kStep;
+    return d;
+  }
+
   // index: the element's position in the row-major (batch*heads, L, S) probability tensor.
   FUSEDATTN_HOST_DEVICE bool keep(uint64_t index) const {
     if (drop_all) return false;
-    const uint32_t draw = static_cast<uint32_t>(mix64(seed + index * 0x9e3779b97f4a7c15ULL) >> 32);
+    const uint32_t draw = static_cast<uint32_t>(mix64(seed + index * kStep) >> 32);
     return draw >= threshold;
   }
 };

@@ -1,4 +1,5 @@
-// Autograd for `_attention_forward` and `_attention_projected_forward` (the modules' path),
+// Autograd for `_attention_forward`, `_attention_projected_forward` (the modules' path) and
+// `_attention_varlen_forward`,
 // in C++ so C++ apps differentiate through the same code
 // as Python. Forward and backward each call the dispatcher below the autograd key, so the
 // backend kernels (CPU, CUDA) and torch.compile's fake kernels are reached the same way.
@@ -6,6 +7,7 @@
 #include <torch/library.h>
 
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/varlen.h"
 
 namespace fusedattn {
 namespace {
@@ -183,6 +185,81 @@ class ProjectedAttentionFunction : public torch::autograd::Function<ProjectedAtt
   }
 };
 
+// Packed sequences: gradients for query, key, value and rel_bias; lse is differentiable too.
+class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                               int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed,
+                               double dropout_p, bool is_causal, bool bottom_right,
+                               std::optional<double> scale, bool enable_gqa,
+                               at::OptionalIntArrayRef window,
+                               const std::optional<at::Tensor>& alibi_slopes,
+                               std::optional<double> softcap,
+                               const std::optional<at::Tensor>& rel_bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = ops::attention_varlen_forward(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_seed,
+        dropout_p, is_causal, bottom_right, scale, enable_gqa, window, alibi_slopes, softcap,
+        rel_bias);
+    ctx->save_for_backward({query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k,
+                            dropout_seed.value_or(at::Tensor()),
+                            alibi_slopes ? alibi_slopes->detach() : at::Tensor(),
+                            rel_bias ? rel_bias->detach() : at::Tensor()});
+    ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
+    ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["enable_gqa"] = enable_gqa;
+    ctx->saved_data["window"] = window ? c10::IValue(window->vec()) : c10::IValue();
+    ctx->saved_data["softcap"] = softcap;
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fusedattn.attention_varlen: double backward (create_graph=True) is not supported");
+    const auto saved = ctx->get_saved_variables();
+    const auto &query = saved[0], &key = saved[1], &value = saved[2], &out = saved[3],
+               &lse = saved[4], &cu_q = saved[5], &cu_k = saved[6], &seed = saved[7],
+               &alibi = saved[8], &rel_bias = saved[9];
+    const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const auto& window_iv = ctx->saved_data["window"];
+    const auto window = window_iv.isNone() ? std::vector<int64_t>() : window_iv.toIntVector();
+    auto [dq, dk, dv, d_rel] = ops::attention_varlen_backward(
+        grad_out, defined_or_none(grads[1]), query, key, value, out, lse, cu_q, cu_k,
+        ctx->saved_data["max_seqlen_q"].toInt(), ctx->saved_data["max_seqlen_k"].toInt(),
+        defined_or_none(seed), ctx->saved_data["dropout_p"].toDouble(),
+        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),
+        ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(),
+        window_iv.isNone() ? at::OptionalIntArrayRef() : at::OptionalIntArrayRef(window),
+        defined_or_none(alibi), ctx->saved_data["softcap"].toOptional<double>(),
+        defined_or_none(rel_bias));
+    variable_list r(17);
+    r[0] = dq, r[1] = dk, r[2] = dv;
+    if (rel_bias.defined()) r[16] = d_rel.to(rel_bias.scalar_type());
+    return r;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+    bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+  auto outs = VarlenAttentionFunction::apply(query, key, value, cu_seqlens_q, cu_seqlens_k,
+                                             max_seqlen_q, max_seqlen_k, dropout_seed, dropout_p,
+                                             is_causal, bottom_right, scale, enable_gqa, window,
+                                             alibi_slopes, softcap, rel_bias);
+  return {outs[0], outs[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward_autograd(
     const at::Tensor& query, const std::optional<at::Tensor>& key,
     const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
@@ -215,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
 TORCH_LIBRARY_IMPL(fusedattn, Autograd, m) {
   m.impl("_attention_forward", &attention_forward_autograd);
   m.impl("_attention_projected_forward", &attention_projected_forward_autograd);
+  m.impl("_attention_varlen_forward", &attention_varlen_forward_autograd);
 }
 
 }  // namespace fusedattn

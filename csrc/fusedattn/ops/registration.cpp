@@ -6,6 +6,7 @@
 #include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/layers.h"
 #include "fusedattn/ops/multihead_attention.h"
+#include "fusedattn/ops/varlen.h"
 
 namespace fusedattn::detail {
 int64_t link_anchor() { return 1; }
@@ -40,6 +41,26 @@ TORCH_LIBRARY(fusedattn, m) {
       "float? softcap=None, Tensor? rel_bias=None, bool return_lse=False) -> (Tensor, Tensor)");
   m.impl("attention_varlen", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::attention_varlen_composite));
+  // Internal, pure given dropout_seed: its forward and backward. lse (H, total_q) in the
+  // accumulate type. The CPU's kernels are cpu/varlen_cpu.cpp; every other device loops over
+  // the sequences through `_attention_forward` / `_attention_backward` (ops/varlen.cpp).
+  m.def(
+      "_attention_varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? dropout_seed, "
+      "float dropout_p, bool is_causal, bool bottom_right, float? scale, bool enable_gqa, "
+      "int[]? window, Tensor? alibi_slopes, float? softcap, Tensor? rel_bias) -> (Tensor, Tensor)");
+  // -> (grad_query, grad_key, grad_value, grad_rel_bias (accumulate type; empty without it))
+  m.def(
+      "_attention_varlen_backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, "
+      "Tensor value, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, Tensor? dropout_seed, float dropout_p, "
+      "bool is_causal, bool bottom_right, float? scale, bool enable_gqa, int[]? window, "
+      "Tensor? alibi_slopes, float? softcap, Tensor? rel_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.impl("_attention_varlen_forward", c10::DispatchKey::CompositeExplicitAutograd,
+         TORCH_FN(fusedattn::detail::attention_varlen_forward_per_sequence));
+  m.impl("_attention_varlen_backward", c10::DispatchKey::CompositeExplicitAutograd,
+         TORCH_FN(fusedattn::detail::attention_varlen_backward_per_sequence));
 
   // Internal, pure given dropout_seed: what the backends implement. -> (out, lse, weights)
   m.def(

@@ -1,13 +1,17 @@
-// attention_varlen: packed variable-length sequences (FlashAttention's varlen layout) as one
-// call of the attention op per sequence on views of the packed tensors: no padding is formed
-// or computed, the cost is the sum over sequences of L_b x S_b, and autograd differentiates
-// through the per-sequence calls (gradients land in the packed tensors by the views).
+// attention_varlen: packed variable-length sequences (FlashAttention's varlen layout). The
+// public op draws the dropout seed and calls `_attention_varlen_forward` (autograd in
+// ops/autograd.cpp); the CPU runs the sequences as tasks of one fused call
+// (cpu/varlen_cpu.cpp); other devices take the per-sequence loop here. No padding is formed
+// or computed either way: the cost is the sum over sequences of L_b x S_b.
+#include "fusedattn/ops/varlen.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include <vector>
-
+#include "fusedattn/kernels/dropout.h"
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/reference.h"
 
 namespace fusedattn {
 namespace {
@@ -32,64 +36,149 @@ std::vector<int64_t> offsets(const at::Tensor& cu, const char* name, int64_t tot
   return o;
 }
 
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The per-sequence loop's inputs: each tensor's sequences as (H, len, D) views, by one split
+// per tensor (its backward, where autograd sees it, is one concatenation; a narrow per
+// sequence would add a zero-filled full-size gradient each).
+std::vector<at::Tensor> sequences(const at::Tensor& x, const std::vector<int64_t>& o) {
+  std::vector<int64_t> len(o.size() - 1);
+  for (size_t b = 0; b + 1 < o.size(); ++b) len[b] = o[b + 1] - o[b];
+  auto parts = x.split_with_sizes(len, 0);
+  for (auto& t : parts) t = t.transpose(0, 1);
+  return parts;
+}
+
+// Per sequence: its dropout seed (its range of the packed call's stream) and its ALiBi row.
+struct SequenceArgs {
+  std::vector<std::optional<at::Tensor>> seeds, slopes;
+};
+SequenceArgs sequence_args(const detail::VarlenOffsets& o, int64_t heads,
+                           const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+                           const std::optional<at::Tensor>& alibi_slopes) {
+  SequenceArgs a;
+  uint64_t drop = 0;
+  for (int64_t b = 0; b < o.batch; ++b) {
+    a.seeds.push_back(dropout_p > 0 && dropout_seed
+                          ? std::optional<at::Tensor>(detail::shifted_dropout_seed(*dropout_seed, drop))
+                          : std::nullopt);
+    drop += uint64_t(heads) * uint64_t(o.q[b + 1] - o.q[b]) * uint64_t(o.k[b + 1] - o.k[b]);
+    a.slopes.push_back(alibi_slopes && alibi_slopes->dim() == 2
+                           ? std::optional<at::Tensor>(alibi_slopes->select(0, b))
+                           : alibi_slopes);
+  }
+  return a;
+}
+
 }  // namespace
 
 namespace detail {
 
-std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double dropout_p, bool is_causal, c10::string_view causal_alignment,
-    std::optional<double> scale, bool enable_gqa, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias, bool return_lse) {
+VarlenOffsets check_varlen(const at::Tensor& query, const at::Tensor& key,
+                           const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                           const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                           int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
               "attention_varlen: query, key and value must be 3-D (total_q, H, E), (total_k, Hk, E), "
               "(total_k, Hk, Ev), got ", query.sizes(), ", ", key.sizes(), ", ", value.sizes());
   TORCH_CHECK(value.size(0) == key.size(0), "attention_varlen: key and value must have the same "
               "packed length, got ", key.size(0), " and ", value.size(0));
-  const auto oq = offsets(cu_seqlens_q, "cu_seqlens_q", query.size(0), max_seqlen_q);
-  const auto ok = offsets(cu_seqlens_k, "cu_seqlens_k", key.size(0), max_seqlen_k);
-  TORCH_CHECK(oq.size() == ok.size(), "attention_varlen: cu_seqlens_q and cu_seqlens_k must hold "
-              "the same number of sequences, got ", oq.size() - 1, " and ", ok.size() - 1);
-  const int64_t batch = static_cast<int64_t>(oq.size()) - 1, heads = query.size(1);
-  if (alibi_slopes && alibi_slopes->dim() == 2) {
-    TORCH_CHECK(alibi_slopes->size(0) == batch, "attention_varlen: alibi_slopes must have shape "
-                "(H,) or (B, H) with B = ", batch, ", got ", alibi_slopes->sizes());
+  VarlenOffsets o;
+  o.q = offsets(cu_seqlens_q, "cu_seqlens_q", query.size(0), max_seqlen_q);
+  o.k = offsets(cu_seqlens_k, "cu_seqlens_k", key.size(0), max_seqlen_k);
+  TORCH_CHECK(o.q.size() == o.k.size(), "attention_varlen: cu_seqlens_q and cu_seqlens_k must hold "
+              "the same number of sequences, got ", o.q.size() - 1, " and ", o.k.size() - 1);
+  o.batch = static_cast<int64_t>(o.q.size()) - 1;
+  if (alibi_slopes) {
+    const auto& a = *alibi_slopes;
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "attention_varlen: alibi_slopes must be float32, got ",
+                a.scalar_type());
+    TORCH_CHECK(a.device() == query.device(), "attention_varlen: alibi_slopes must be on query's "
+                "device (", query.device(), "), got ", a.device());
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == query.size(1)) ||
+                    (a.dim() == 2 && a.size(0) == o.batch && a.size(1) == query.size(1)),
+                "attention_varlen: alibi_slopes must have shape (H,) or (B, H) with B = ", o.batch,
+                " and H = ", query.size(1), ", got ", a.sizes());
   }
-  // The sequences as views, by one split per tensor: its backward is one concatenation of
-  // the per-sequence gradients (a narrow per sequence would add a zero-filled full-size
-  // gradient each: fwd+bwd of 16 sequences was 0.44-0.62x the padded call that way).
-  std::vector<int64_t> len_q(batch), len_k(batch);
-  for (int64_t b = 0; b < batch; ++b) len_q[b] = oq[b + 1] - oq[b], len_k[b] = ok[b + 1] - ok[b];
-  const auto qs = query.split_with_sizes(len_q, 0);
-  const auto ks = key.split_with_sizes(len_k, 0);
-  const auto vs = value.split_with_sizes(len_k, 0);
+  return o;
+}
+
+at::Tensor shifted_dropout_seed(const at::Tensor& seed, uint64_t offset) {
+  const uint64_t s = reference::dropout_seed_value(seed) + offset * kernels::DropoutParams::kStep;
+  return at::full({1}, static_cast<int64_t>(s), seed.options().dtype(at::kLong));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_per_sequence(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+    bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+  const auto o = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, alibi_slopes);
+  const int64_t heads = query.size(1);
+  const auto acc = accumulate_type(query.scalar_type());
+  if (o.batch == 0) {
+    return {at::empty({0, heads, value.size(2)}, query.options()),
+            at::empty({heads, 0}, query.options().dtype(acc))};
+  }
+  const auto args = sequence_args(o, heads, dropout_seed, dropout_p, alibi_slopes);
+  const auto qs = sequences(query, o.q), ks = sequences(key, o.k), vs = sequences(value, o.k);
   std::vector<at::Tensor> outs, lses;
-  for (int64_t b = 0; b < batch; ++b) {
-    // (len, H, E) -> (H, len, E) views of sequence b.
-    auto q = qs[b].transpose(0, 1), k = ks[b].transpose(0, 1), v = vs[b].transpose(0, 1);
-    std::optional<at::Tensor> slopes = alibi_slopes;
-    if (alibi_slopes && alibi_slopes->dim() == 2) slopes = alibi_slopes->select(0, b);
-    auto [out, weights, lse] =
-        ops::attention(q, k, v, std::nullopt, dropout_p, is_causal, scale, enable_gqa,
-                       std::nullopt, causal_alignment, false, true, false, window, slopes,
-                       softcap, rel_bias);
+  for (int64_t b = 0; b < o.batch; ++b) {
+    auto [out, lse, weights] = ops::attention_forward(
+        qs[b], ks[b], vs[b], std::nullopt, std::nullopt, args.seeds[b], dropout_p, is_causal,
+        bottom_right, scale, enable_gqa, false, false, window, args.slopes[b], softcap, rel_bias);
     outs.push_back(out.transpose(0, 1));  // (len, H, Ev)
     lses.push_back(lse);                  // (H, len)
   }
-  if (batch == 0) {
-    return {at::empty({0, heads, value.size(2)}, query.options()),
-            at::empty({heads, 0}, query.options().dtype(query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat))};
+  return {at::cat(outs, 0), at::cat(lses, 1)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_per_sequence(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+  const auto o = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, alibi_slopes);
+  const int64_t heads = query.size(1);
+  auto dq = at::zeros(query.sizes(), query.options());
+  auto dk = at::zeros(key.sizes(), key.options());
+  auto dv = at::zeros(value.sizes(), value.options());
+  at::Tensor d_rel = rel_bias ? at::zeros(rel_bias->sizes(), rel_bias->options().dtype(
+                                                                 accumulate_type(query.scalar_type())))
+                              : at::empty({0}, query.options());
+  const auto args = sequence_args(o, heads, dropout_seed, dropout_p, alibi_slopes);
+  const auto qs = sequences(query, o.q), ks = sequences(key, o.k), vs = sequences(value, o.k);
+  const auto os = sequences(out, o.q), gs = sequences(grad_out, o.q);
+  const auto dqs = sequences(dq, o.q), dks = sequences(dk, o.k), dvs = sequences(dv, o.k);
+  const bool has_dlse = grad_lse && grad_lse->numel() > 0;
+  for (int64_t b = 0; b < o.batch; ++b) {
+    const int64_t q0 = o.q[b], len = o.q[b + 1] - q0;
+    std::optional<at::Tensor> dlse;
+    if (has_dlse) dlse = grad_lse->narrow(1, q0, len);
+    auto [gq, gk, gv, gm, gp, gr] = ops::attention_backward(
+        gs[b], std::nullopt, dlse, qs[b], ks[b], vs[b], os[b], lse.narrow(1, q0, len).contiguous(),
+        std::nullopt, std::nullopt, args.seeds[b], dropout_p, is_causal, bottom_right, scale,
+        enable_gqa, false, false, window, args.slopes[b], softcap, rel_bias);
+    dqs[b].copy_(gq), dks[b].copy_(gk), dvs[b].copy_(gv);
+    if (rel_bias && gr.numel() > 0) d_rel.add_(gr);
   }
-  auto out = at::cat(outs, 0);
-  auto lse = return_lse ? at::cat(lses, 1) : at::empty({0}, lses[0].options());
-  return {out, lse};
+  return {dq, dk, dv, d_rel};
 }
 
 }  // namespace detail
 
 namespace ops {
+
 std::tuple<at::Tensor, at::Tensor> attention_varlen(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
@@ -104,7 +193,67 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen(
                  dropout_p, is_causal, causal_alignment, scale, enable_gqa, window, alibi_slopes,
                  softcap, rel_bias, return_lse);
 }
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
+    bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedattn::_attention_varlen_forward", "")
+                       .typed<decltype(attention_varlen_forward)>();
+  return op.call(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                 dropout_seed, dropout_p, is_causal, bottom_right, scale, enable_gqa, window,
+                 alibi_slopes, softcap, rel_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, bool enable_gqa,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedattn::_attention_varlen_backward", "")
+                       .typed<decltype(attention_varlen_backward)>();
+  return op.call(grad_out, grad_lse, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k, dropout_seed, dropout_p, is_causal, bottom_right,
+                 scale, enable_gqa, window, alibi_slopes, softcap, rel_bias);
+}
+
 }  // namespace ops
+
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double dropout_p, bool is_causal, c10::string_view causal_alignment,
+    std::optional<double> scale, bool enable_gqa, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias, bool return_lse) {
+  TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
+              "attention_varlen: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
+              std::string(causal_alignment), "\"");
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
+              "attention_varlen: query, key and value must be 3-D (total_q, H, E), (total_k, Hk, E), "
+              "(total_k, Hk, Ev), got ", query.sym_sizes(), ", ", key.sym_sizes(), ", ",
+              value.sym_sizes());
+  auto seed = draw_dropout_seed(dropout_p, query.device());
+  auto [out, lse] = ops::attention_varlen_forward(
+      query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+      dropout_p, is_causal, causal_alignment == "bottom_right", scale, enable_gqa, window,
+      alibi_slopes, softcap, rel_bias);
+  if (!return_lse) lse = at::empty({0}, lse.options());
+  return {out, lse};
+}
+
+}  // namespace detail
 
 AttentionResult attention_varlen(const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, const at::Tensor& cu_seqlens_q,
@@ -115,7 +264,6 @@ AttentionResult attention_varlen(const at::Tensor& query, const at::Tensor& key,
               "of the packed layout (the offsets are the padding)");
   at::OptionalIntArrayRef window;
   if (!o.window().empty()) window = o.window();
-  auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
   auto [out, lse] = ops::attention_varlen(
       query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o.dropout_p(),
       o.is_causal(), o.causal_alignment(), o.scale(), o.enable_gqa(), window, opt(o.alibi_slopes()),

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "fusedattn/kernels/cpu/scratch.h"
+
 #include "fusedattn/kernels/cpu/problem.h"
 
 FUSEDATTN_TIER_NS_BEGIN
@@ -17,16 +19,16 @@ struct Backward : Problem<T> {
   explicit Backward(const FlashParams& params) : Problem<T>(params) {}
 
   struct Work {
-    std::vector<A> s, dp, dq, dk, dv, d, bias, lse;
-    std::vector<A> cap;  // softcap: its derivative per score of the block
+    Scratch<A> s, dp, dq, dk, dv, d, bias, lse;
+    Scratch<A> cap;  // softcap: its derivative per score of the block
     // Per query: it sees exactly one key (Masks::sees_one_key); keys-as-rows: as lane masks,
     // bit l of one_key_lanes[v] for query 16 v + l.
-    std::vector<uint8_t> one_key;
-    std::vector<uint16_t> one_key_lanes;
-    std::vector<A> d_one;  // keys-as-rows: -dlse, D's part for a query with one key and p = 1
-    std::vector<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
+    Scratch<uint8_t> one_key;
+    Scratch<uint16_t> one_key_lanes;
+    Scratch<A> d_one;  // keys-as-rows: -dlse, D's part for a query with one key and p = 1
+    Scratch<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     // half_on_f32: K and V of the task, Q and dO of the head, in fp32 (contiguous rows).
-    std::vector<float> kf, vf, qf, dof;
+    Scratch<float> kf, vf, qf, dof;
     Work(const FlashParams& p, bool kr)
         : s((kr ? layout::kKrQ : layout::kBwdBlockQ) * layout::kBwdBlockK), dp(s.size()),
           dq((kr ? layout::ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev),

@@ -13,6 +13,7 @@
 
 #include "fusedattn/kernels/cpu/forward.h"  // FUSEDATTN_FOR_EACH_TYPE
 #include "fusedattn/kernels/cpu/decode.h"
+#include "fusedattn/kernels/cpu/scratch.h"
 
 FUSEDATTN_TIER_NS_BEGIN
 
@@ -40,11 +41,11 @@ void Decode<T>::run(int64_t begin, int64_t end) const {
   const bool wide = kIsHalf<T> && d.half_on_f32;
   const bool narrow = kIsHalf<T> && !wide;
   // Rows r = gi * T + t: query head hk * g + gi, new token t.
-  std::vector<T> q(rows * d.E), pn(narrow ? rows * kDecodeBlockK : 0);
-  std::vector<float> qf(wide ? rows * d.E : 0), kf(wide ? kDecodeBlockK * d.E : 0),
+  Scratch<T> q(rows * d.E), pn(narrow ? rows * kDecodeBlockK : 0);
+  Scratch<float> qf(wide ? rows * d.E : 0), kf(wide ? kDecodeBlockK * d.E : 0),
       vf(wide ? kDecodeBlockK * d.Ev : 0);
-  std::vector<A> s(rows * kDecodeBlockK), acc(rows * d.Ev), m(rows), l(rows), bias(kDecodeBlockK);
-  std::vector<int32_t> pad(kDecodeBlockK);
+  Scratch<A> s(rows * kDecodeBlockK), acc(rows * d.Ev), m(rows), l(rows), bias(kDecodeBlockK);
+  Scratch<int32_t> pad(kDecodeBlockK);
   const A mul = this->mul;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bhk = task / d.splits, c = task % d.splits;
@@ -136,7 +137,7 @@ void Decode<T>::run(int64_t begin, int64_t end) const {
 template <typename T>
 void Decode<T>::merge(int64_t begin, int64_t end) const {
   constexpr A kNegInf = Masks<T>::kNegInf;
-  std::vector<A> acc(d.Ev);
+  Scratch<A> acc(d.Ev);
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / d.H, h = bh % d.H;
     for (int64_t t = 0; t < d.L; ++t) {

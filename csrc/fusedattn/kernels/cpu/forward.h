@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "fusedattn/kernels/cpu/scratch.h"
+
 #include "fusedattn/kernels/cpu/problem.h"
 
 FUSEDATTN_TIER_NS_BEGIN
@@ -23,14 +25,14 @@ struct Forward : Problem<T> {
   bool wide() const { return kIsHalf<T> && p.half_on_f32; }
 
   struct Work {
-    std::vector<A> s, acc, m, l, bias;  // bias: a block's key bias, then softcap's scratch
+    Scratch<A> s, acc, m, l, bias;  // bias: a block's key bias, then softcap's scratch
     // Scores against all keys (weights): half types', or every type's when averaging.
-    std::vector<A> rows;
-    std::vector<A> avg;                    // averaging, half types: the heads' weights summed
-    std::vector<T> head;                   // averaging, half types: one head's rounded weights
-    std::vector<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
-    std::vector<uint16_t> keep;            // its lane masks per key
-    std::vector<float> qf;                 // wide(): the task's queries in fp32 (bq x E)
+    Scratch<A> rows;
+    Scratch<A> avg;                    // averaging, half types: the heads' weights summed
+    Scratch<T> head;                   // averaging, half types: one head's rounded weights
+    Scratch<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
+    Scratch<uint16_t> keep;            // its lane masks per key
+    Scratch<float> qf;                 // wide(): the task's queries in fp32 (bq x E)
     explicit Work(const FlashParams& p)
         : s(layout::kFwdBlockQ * layout::kFwdBlockK), acc(layout::kFwdBlockQ * p.Ev),
           m(layout::kFwdBlockQ), l(layout::kFwdBlockQ), bias(2 * layout::kFwdBlockK),

@@ -29,6 +29,9 @@ enum class BackwardPath : uint8_t {
 struct FlashParams : ProblemParams {  // out: written by the forward, read by the backward
   double scale = 1.0;
   void* lse = nullptr;      // (B, H, L) contiguous, float (double for Double)
+  // lse's (and dlse's) stride between heads, in elements; 0: L. Packed sequences set it to
+  // the packed length: their lse is (H, total_q) and each sequence's rows a column range.
+  int64_t lse_sh = 0;
 
   // (B, H, L, S) contiguous, query's dtype, or null: set, the forward also writes the
   // weights (the probabilities before dropout), in the same pass. average_weights: weights is

@@ -1,6 +1,8 @@
 // Planning a CPU call (see plan.h): every path choice and threshold of the CPU kernels.
 #include "fusedattn/kernels/cpu/plan.h"
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "fusedattn/kernels/cpu/layout.h"
@@ -187,6 +189,150 @@ DecodePlan plan_decode(const DecodeParams& in, int64_t max_len) {
   r.merge_tasks = splits > 1 ? p.B * p.H : 0;
   r.partial_elems = splits > 1 ? p.B * p.H * p.L * splits * (2 + p.Ev) : 0;
   return r;
+}
+
+// Packed sequences: each one a B = 1 view of the packed call (plan.h).
+namespace {
+
+int64_t element_bytes(DType t) { return t == DType::Double ? 8 : t == DType::Float ? 4 : 2; }
+int64_t accumulate_bytes(DType t) { return t == DType::Double ? 8 : 4; }
+
+template <typename P>
+P* advance(P* ptr, int64_t bytes) {
+  using Byte = std::conditional_t<std::is_const_v<P>, const char, char>;
+  return ptr == nullptr ? nullptr : reinterpret_cast<P*>(reinterpret_cast<Byte*>(ptr) + bytes);
+}
+
+// Sequence s of the packed call: rows offset, lengths its own, the diagonal of its
+// alignment, its ALiBi row, its rel_bias gradient row, its dropout range (from element
+// drop_offset of the packed probabilities, so no two sequences share a draw).
+FlashParams sequence_view(const FlashParams& pk, const VarlenParams& v, int64_t s,
+                          uint64_t drop_offset) {
+  FlashParams p = pk;
+  const int64_t q0 = v.cu_q[s], k0 = v.cu_k[s];
+  const int64_t es = element_bytes(pk.dtype), as = accumulate_bytes(pk.dtype);
+  p.B = 1;
+  p.L = v.cu_q[s + 1] - q0;
+  p.S = v.cu_k[s + 1] - k0;
+  p.q = advance(pk.q, q0 * pk.q_sr * es);
+  p.out = advance(pk.out, q0 * pk.o_sr * es);
+  p.dout = advance(pk.dout, q0 * pk.do_sr * es);
+  p.dq = advance(pk.dq, q0 * pk.dq_sr * es);
+  p.k = advance(pk.k, k0 * pk.k_sr * es);
+  p.v = advance(pk.v, k0 * pk.v_sr * es);
+  p.dk = advance(pk.dk, k0 * pk.dk_sr * es);
+  p.dv = advance(pk.dv, k0 * pk.dv_sr * es);
+  p.lse_sh = pk.lse_sh ? pk.lse_sh : pk.L;
+  p.lse = advance(pk.lse, q0 * as);
+  p.dlse = advance(pk.dlse, q0 * as);
+  p.causal_offset = p.pos_offset = v.bottom_right ? p.S - p.L : 0;
+  if (pk.alibi) p.alibi = pk.alibi + s * pk.al_sb;
+  p.d_rel_bias = advance(pk.d_rel_bias, s * pk.H * (2 * pk.rel_max + 1) * as);
+  if (pk.dropout) p.drop = pk.drop.shifted(drop_offset);
+  return p;
+}
+
+// About the scores a block of queries [i0, i0 + bq) computes: bq times the key range the
+// causal frontier and the window leave it (the loops' block granularity aside), plus a
+// row's fixed cost.
+int64_t block_cost(const FlashParams& p, int64_t i0, int64_t bq) {
+  const int64_t last = i0 + bq - 1;
+  int64_t begin = 0, end = p.S;
+  if (p.causal) end = std::clamp<int64_t>(last + p.causal_offset + 1, 0, p.S);
+  if (p.window_right >= 0)
+    end = std::min(end, std::clamp<int64_t>(last + p.pos_offset + p.window_right + 1, 0, p.S));
+  if (p.window_left >= 0) begin = std::clamp<int64_t>(i0 + p.pos_offset - p.window_left, 0, p.S);
+  return bq * (std::max<int64_t>(end - begin, 0) + 1);
+}
+
+// All query blocks of one head of a sequence view.
+int64_t head_cost(const FlashParams& p) {
+  int64_t c = 0;
+  for (int64_t i0 = 0; i0 < p.L; i0 += layout::kFwdBlockQ)
+    c += block_cost(p, i0, std::min(layout::kFwdBlockQ, p.L - i0));
+  return c;
+}
+
+// The views and their drop offsets (H L_s S_s elements each), planned by `planner`.
+template <typename Planner>
+VarlenPlan plan_sequences(const FlashParams& pk, const VarlenParams& v, Planner planner) {
+  VarlenPlan r;
+  r.seqs.reserve(v.batch);
+  uint64_t drop = 0;
+  for (int64_t s = 0; s < v.batch; ++s) {
+    const FlashParams view = sequence_view(pk, v, s, drop);
+    drop += uint64_t(view.H) * uint64_t(view.L) * uint64_t(view.S);
+    r.seqs.push_back(planner(view));
+  }
+  return r;
+}
+
+// Largest first (a stable order for equal costs).
+void sort_items(std::vector<VarlenItem>& items) {
+  std::stable_sort(items.begin(), items.end(),
+                   [](const VarlenItem& a, const VarlenItem& b) { return a.cost > b.cost; });
+}
+
+}  // namespace
+
+VarlenPlan plan_varlen_forward(const FlashParams& pk, const VarlenParams& v, int64_t threads) {
+  VarlenPlan r = plan_sequences(pk, v, plan_forward);
+  // Workspace slices 64-element aligned (the packed GEMMs' operands start on cache lines).
+  for (int64_t s = 0; s < v.batch; ++s) {
+    const Plan& pl = r.seqs[s];
+    r.packed_offset.push_back(r.packed_elems);
+    r.packed_elems += (pl.packed_elems + 63) / 64 * 64;
+    for (int64_t t = 0; t < pl.pack_tasks && pl.packed_elems > 0; t += 8)
+      r.pack_items.push_back({s, t, std::min(t + 8, pl.pack_tasks), 8});
+  }
+  // A task is (h, block of 64 queries) (Forward::q_task with B = 1). Consecutive tasks of a
+  // sequence merge into one item up to `cap`, so that short sequences do not pay a task's
+  // buffers per 32 x 32 block, while no item outgrows an eighth of a thread's share.
+  int64_t total = 0;
+  for (const Plan& pl : r.seqs) total += pl.p.H * head_cost(pl.p);
+  const int64_t cap = std::max<int64_t>(total / (8 * std::max<int64_t>(threads, 1)),
+                                        layout::kFwdBlockQ * layout::kFwdBlockK);
+  for (int64_t s = 0; s < v.batch; ++s) {
+    const FlashParams& p = r.seqs[s].p;
+    const int64_t nqb = layout::q_blocks(p);
+    VarlenItem cur{s, 0, 0, 0};
+    for (int64_t t = 0; t < r.seqs[s].tasks; ++t) {
+      const int64_t i0 = (t % nqb) * layout::kFwdBlockQ;
+      const int64_t c = block_cost(p, i0, std::min(layout::kFwdBlockQ, p.L - i0));
+      if (cur.end > cur.begin && cur.cost + c > cap) {
+        r.items.push_back(cur);
+        cur = {s, t, t, 0};
+      }
+      cur.end = t + 1;
+      cur.cost += c;
+    }
+    if (cur.end > cur.begin) r.items.push_back(cur);
+  }
+  sort_items(r.pack_items);
+  sort_items(r.items);
+  return r;
+}
+
+VarlenPlan plan_varlen_backward(const FlashParams& pk, const VarlenParams& v, int64_t threads) {
+  (void)threads;  // a task per (sequence, key/value head): they cannot be split
+  VarlenPlan r = plan_sequences(pk, v, plan_backward);
+  for (int64_t s = 0; s < v.batch; ++s) {
+    const Plan& pl = r.seqs[s];
+    const int64_t c = (pl.p.H / std::max<int64_t>(pl.p.Hk, 1)) * head_cost(pl.p) + pl.p.S;
+    for (int64_t t = 0; t < pl.tasks; ++t) r.items.push_back({s, t, t + 1, c});
+  }
+  r.packed_offset.assign(v.batch, 0);
+  sort_items(r.items);
+  return r;
+}
+
+void set_varlen_workspace(VarlenPlan& plan, void* ws) {
+  for (size_t s = 0; s < plan.seqs.size(); ++s) {
+    FlashParams& p = plan.seqs[s].p;
+    p.packed_ws = plan.seqs[s].packed_elems > 0
+                      ? advance(ws, plan.packed_offset[s] * element_bytes(p.dtype))
+                      : nullptr;
+  }
 }
 
 }  // namespace fusedattn::kernels::cpu

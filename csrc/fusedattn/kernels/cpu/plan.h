@@ -4,6 +4,7 @@
 // the workspace and the task counts, and hands out that tier's entry points. Every threshold
 // and eligibility rule of the CPU kernels is in plan.cpp.
 #include <cstdint>
+#include <vector>
 
 #include "fusedattn/kernels/cpu/capability.h"
 #include "fusedattn/kernels/cpu/params.h"
@@ -44,5 +45,35 @@ struct DecodePlan {
 };
 // max_len: the longest lengths[b] of the call (what the split divides).
 DecodePlan plan_decode(const DecodeParams& p, int64_t max_len);
+
+// Packed variable-length sequences (FlashAttention's varlen layout) in one call: sequence s
+// is rows [cu_q[s], cu_q[s + 1]) of the packed q, out, dout, dq and [cu_k[s], cu_k[s + 1])
+// of k, v, dk, dv. The packed call's FlashParams describe the whole packed tensors as B = 1
+// (rows = the packed lengths, lse (H, total_q) with lse_sh = total_q, alibi's al_sb stepping
+// per sequence, d_rel_bias (batch, H, 2 D + 1)); each sequence runs as its own B = 1 call on
+// views of them, planned on its own (its path, its GEMM offers, its share of the workspace),
+// and its tasks are work items of one parallel run.
+struct VarlenParams {
+  const int64_t* cu_q = nullptr;  // (batch + 1,) offsets, checked by the caller
+  const int64_t* cu_k = nullptr;
+  int64_t batch = 0;
+  bool bottom_right = false;  // the causal / window diagonal per sequence: S_s - L_s
+};
+
+// A contiguous range of one sequence's tasks.
+struct VarlenItem { int64_t seq, begin, end, cost; };  // cost: scores computed, about
+
+struct VarlenPlan {
+  std::vector<Plan> seqs;  // per sequence: its view of the packed call, planned
+  std::vector<int64_t> packed_offset;  // per sequence: its workspace's first element
+  int64_t packed_elems = 0;            // the whole workspace, elements of the input type
+  // Pack items run first (forward), then items: largest first, for whichever thread is free
+  // (sequences of 32 to 1024 keys differ 1000x in cost; static halves would leave a thread idle).
+  std::vector<VarlenItem> pack_items, items;
+};
+VarlenPlan plan_varlen_forward(const FlashParams& packed, const VarlenParams& v, int64_t threads);
+VarlenPlan plan_varlen_backward(const FlashParams& packed, const VarlenParams& v, int64_t threads);
+// The sequences' workspaces inside ws (packed_elems elements of the input type).
+void set_varlen_workspace(VarlenPlan& plan, void* ws);
 
 }  // namespace fusedattn::kernels::cpu

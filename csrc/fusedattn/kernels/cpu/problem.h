@@ -69,9 +69,10 @@ struct Problem : Masks<T> {
   }
   // The gradients' rows of one (b, head): row i at + i * d*_sr.
   T* dq_rows(int64_t b, int64_t h) const { return static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh; }
-  A* lse_row(int64_t b, int64_t h) const { return static_cast<A*>(p.lse) + (b * p.H + h) * p.L; }
+  int64_t lse_offset(int64_t b, int64_t h) const { return (b * p.H + h) * (p.lse_sh ? p.lse_sh : p.L); }
+  A* lse_row(int64_t b, int64_t h) const { return static_cast<A*>(p.lse) + lse_offset(b, h); }
   const A* dlse_row(int64_t b, int64_t h) const {
-    return p.dlse ? static_cast<const A*>(p.dlse) + (b * p.H + h) * p.L : nullptr;
+    return p.dlse ? static_cast<const A*>(p.dlse) + lse_offset(b, h) : nullptr;
   }
 
   void drop_row(A* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t bk) const {

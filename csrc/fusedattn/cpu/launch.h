@@ -1,0 +1,46 @@
+#pragma once
+// What the CPU ops' glue shares (cpu/attention_cpu.cpp defines it): the environment's kernel
+// switches, the launch parameters of one call, the forward's packed workspace.
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <stdexcept>
+
+#include "fusedattn/kernels/cpu/plan.h"
+#include "fusedattn/ops/checks.h"
+
+namespace fusedattn::cpu {
+
+// FUSEDATTN_CPU_KERNEL=reference: every call on the ATen reference; =unpacked: no packed
+// (AMX brgemm) or JIT GEMMs.
+bool reference_requested();
+bool packing_disabled();
+
+// A planner's result, or the op's error where FUSEDATTN_CPU_CAPABILITY asks for a tier this
+// CPU cannot run (or names none).
+template <typename Planner, typename... Args>
+auto plan_or_error(Planner planner, const Args&... args) {
+  try {
+    return planner(args...);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+// Everything but the outputs: sizes, strides and masks of one call. The tensors keep the
+// views the pointers point into alive.
+struct Launch {
+  kernels::FlashParams p;
+  at::Tensor q, k, v, mask, kpm;
+};
+Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Tensor& key,
+               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+               const std::optional<at::Tensor>& key_padding_mask,
+               const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
+               bool bottom_right, const ScoreMods& mods);
+
+// The forward's packed workspace of `elems` elements of options' dtype: one kept per calling
+// thread up to a size, larger ones held by `holder` for the call.
+void* packed_workspace(int64_t elems, const at::TensorOptions& options, at::Tensor& holder);
+
+}  // namespace fusedattn::cpu
