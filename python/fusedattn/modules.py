@@ -36,8 +36,16 @@ class MultiheadAttention(torch.nn.Module):
     stays the attention that runs: it carries a forward pre-hook that does nothing, and torch's
     layers skip their own inference fast path for any submodule with hooks (that fast path
     would read the weights and run torch's fused kernel instead). ``TransformerEncoder`` may
-    still pack a padded batch into a nested tensor for its layers; nested (jagged or strided)
-    inputs with ``batch_first=True`` run here as a padded batch with a key padding mask.
+    still pack a padded batch into a nested tensor for its layers; nested inputs with
+    ``batch_first=True`` run here: jagged ones with ``need_weights=False`` as packed sequences
+    (their values and offsets, no padding formed), others as a padded batch with a key
+    padding mask.
+
+    Packed variable-length sequences (``fusedattn.attention_varlen``'s layout): ``forward(x,
+    x, x, cu_seqlens=cu, need_weights=False)`` with ``x (total, E)`` the sequences' rows one
+    after another and ``cu (B + 1,)`` int32 offsets (``cu_seqlens_k`` for keys packed
+    otherwise; ``max_seqlen``/``max_seqlen_k`` read off the offsets when not given): each
+    sequence attends within itself, the cost the sum of ``L_b * S_b``. Returns ``(total, E)``.
 
     ``torch.jit.script`` compiles ``forward`` (nested inputs are eager-only there).
 
@@ -126,7 +134,13 @@ class MultiheadAttention(torch.nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False, cache: Any = None) -> Tuple[Tensor, Optional[Tensor]]:
+                is_causal: bool = False, cache: Any = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None, cu_seqlens_k: Optional[Tensor] = None,
+                max_seqlen_k: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        if cu_seqlens is not None:
+            return self._forward_packed(query, key, value, cu_seqlens, max_seqlen, cu_seqlens_k,
+                                        max_seqlen_k, need_weights, key_padding_mask, attn_mask,
+                                        is_causal), None
         if not torch.jit.is_scripting():
             if cache is not None:
                 return self._forward_cached(query, key, value, cache, key_padding_mask,
@@ -335,6 +349,35 @@ class MultiheadAttention(torch.nn.Module):
                                             self.out_proj.weight, self.out_proj.bias)
         return (result if self.batch_first else result.transpose(0, 1)), None
 
+    def _forward_packed(self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor,
+                        max_seqlen: Optional[int], cu_seqlens_k: Optional[Tensor],
+                        max_seqlen_k: Optional[int], need_weights: bool,
+                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+                        is_causal: bool) -> Tensor:
+        """Packed variable-length sequences: query (total_q, E), key and value (total_k,
+        kdim|vdim), sequence b at rows cu_seqlens[b] .. cu_seqlens[b + 1] (cu_seqlens_k for key
+        and value when they are packed otherwise); each attends within itself only."""
+        if need_weights:
+            raise ValueError("MultiheadAttention: packed sequences (cu_seqlens) return no "
+                             "weights: pass need_weights=False")
+        if key_padding_mask is not None or attn_mask is not None:
+            raise ValueError("MultiheadAttention: with cu_seqlens the offsets are the padding; "
+                             "key_padding_mask and attn_mask must be None")
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("MultiheadAttention: packed sequences (cu_seqlens) do not take "
+                             "add_bias_kv or add_zero_attn")
+        cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        if max_seqlen is None:
+            max_seqlen = _longest(cu_seqlens)
+        if max_seqlen_k is None:
+            max_seqlen_k = max_seqlen if cu_seqlens_k is None else _longest(cu_k)
+        return torch.ops.fusedattn.multihead_attention_varlen(
+            query, key, value, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.q_proj_weight, self.k_proj_weight, self.v_proj_weight,
+            self.dropout if self.training else 0.0, self.out_proj.weight, self.out_proj.bias,
+            cu_seqlens, cu_k, max_seqlen, max_seqlen_k, is_causal, self.window,
+            self.alibi_slopes, self.softcap, self.rel_bias)
+
     @torch.jit.unused
     def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                         average_attn_weights, is_causal):
@@ -354,6 +397,18 @@ class MultiheadAttention(torch.nn.Module):
         if key_padding_mask is not None or attn_mask is not None:
             raise ValueError("MultiheadAttention: with nested inputs the lengths are the "
                              "padding; key_padding_mask and attn_mask must be None")
+        jagged = all(t.layout == torch.jagged for t in (query, key, value))
+        if jagged and not need_weights and self.bias_k is None and not self.add_zero_attn:
+            # Jagged inputs are the packed layout already (values and offsets): no padding.
+            q = query.values()
+            k = q if key is query else key.values()
+            v = k if value is key else value.values()
+            if not torch.equal(key.offsets(), value.offsets()):
+                raise ValueError("MultiheadAttention: nested key and value must have the same "
+                                 "sequence lengths")
+            out = self._forward_packed(q, k, v, query.offsets(), None, key.offsets(), None,
+                                       False, None, None, is_causal)
+            return torch.nested.nested_tensor_from_jagged(out, query.offsets()), None
         q_len, k_len = _nested_lengths(query), _nested_lengths(key)
         if not torch.equal(k_len, _nested_lengths(value)):
             raise ValueError("MultiheadAttention: nested key and value must have the same "
@@ -388,6 +443,11 @@ def _keep_module_in_transformer_layers(
         args: Tuple[Tensor, Tensor, Tensor, Optional[Tensor], bool, Optional[Tensor], bool, bool],
 ) -> None:
     return None
+
+
+def _longest(cu_seqlens: Tensor) -> int:
+    """The longest sequence of (B + 1,) offsets (a host read)."""
+    return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
 
 
 def _nested_lengths(t):

@@ -271,3 +271,28 @@ TEST_CASE("MultiheadAttention: decoding through a KVCache equals the full causal
   auto q2 = torch::randn({2, 1, 24});
   REQUIRE_THROWS_WITH(m->forward_cached(q2, q2, q2, cache), Catch::Contains("query's batch"));
 }
+
+TEST_CASE("MultiheadAttention: packed sequences (forward_packed) equal each sequence alone", "[mha][varlen]") {
+  torch::manual_seed(3);
+  fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(12, 3).window({4, 0}));
+  m->to(torch::kDouble);
+  const std::vector<int32_t> lengths{5, 0, 13, 1};
+  std::vector<int32_t> o{0};
+  for (auto n : lengths) o.push_back(o.back() + n);
+  const auto cu = torch::tensor(o, torch::kInt);
+  auto x = torch::randn({o.back(), 12}, torch::kDouble).requires_grad_();
+  auto out = m->forward_packed(x, x, x, cu, -1, {}, -1, /*is_causal=*/true);
+  REQUIRE(out.sizes() == torch::IntArrayRef({o.back(), 12}));
+  out.sum().backward();
+  auto xr = x.detach().clone().requires_grad_();
+  for (size_t b = 0; b < lengths.size(); ++b) {
+    if (lengths[b] == 0) continue;
+    auto xb = xr.narrow(0, o[b], lengths[b]).unsqueeze(1);  // (L, 1, E): sequence first
+    auto [ob, wb] = m->forward(xb, xb, xb, {}, false, {}, true, /*is_causal=*/true);
+    require_close(out.narrow(0, o[b], lengths[b]), ob.squeeze(1), 1e-12);
+    ob.sum().backward();
+  }
+  require_close(x.grad(), xr.grad(), 1e-12);
+  REQUIRE_THROWS_WITH(m->forward_packed(x.unsqueeze(0), x.unsqueeze(0), x.unsqueeze(0), cu),
+                      Catch::Contains("2-D query"));
+}

@@ -276,3 +276,118 @@ def test_gradcheck_opcheck_and_compile():
     torch.testing.assert_close(out, fusedattn.attention_varlen(qf, kf, vf, cu, cu, 9, 9, is_causal=True))
     out.sum().backward()
     assert qf.grad is not None and torch.isfinite(qf.grad).all()
+
+
+# MultiheadAttention on packed sequences: forward(..., cu_seqlens=...) and jagged inputs.
+def _torch_twin(m, **kw):
+    ref = torch.nn.MultiheadAttention(m.embed_dim, m.num_heads, batch_first=True, **kw).double()
+    ref.load_state_dict(m.state_dict())
+    return ref
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_module_packed_self_attention_equals_each_sequence_through_torch(is_causal):
+    lengths = [7, 1, 0, 70, 12]
+    E, H = 16, 4
+    m = fusedattn.MultiheadAttention(E, H).double()
+    ref = _torch_twin(m)
+    x, cu = pack(lengths, 1, E, seed=24)
+    x = x.detach().squeeze(1).requires_grad_()
+    out, w = m(x, x, x, cu_seqlens=cu, need_weights=False, is_causal=is_causal)
+    assert w is None and out.shape == (sum(lengths), E)
+    g = torch.randn_like(out)
+    out.backward(g)
+    xr = x.detach().clone().requires_grad_()
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        s = slice(cu[b], cu[b + 1])
+        xb = xr[s].unsqueeze(0)
+        mask = torch.ones(n, n, dtype=torch.bool).triu(1) if is_causal else None
+        o, _ = ref(xb, xb, xb, attn_mask=mask, need_weights=False)
+        torch.testing.assert_close(out[s], o[0])
+        o[0].backward(g[s])
+    torch.testing.assert_close(x.grad, xr.grad)
+    for (name, p), (_, pr) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, pr.grad, msg=name)
+
+
+def test_module_packed_cross_attention_with_kdim_vdim():
+    E, H, kdim, vdim = 12, 3, 5, 7
+    m = fusedattn.MultiheadAttention(E, H, kdim=kdim, vdim=vdim).double()
+    ref = _torch_twin(m, kdim=kdim, vdim=vdim)
+    lq, lk = [4, 9, 2], [6, 0, 11]
+    q, cu_q = pack(lq, 1, E, seed=25)
+    k, cu_k = pack(lk, 1, kdim, seed=26)
+    v, _ = pack(lk, 1, vdim, seed=27)
+    q, k, v = (t.detach().squeeze(1) for t in (q, k, v))
+    out, _ = m(q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k, need_weights=False)
+    for b in range(3):
+        sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if lk[b] == 0:  # no keys: 0 attention, the output projection's bias
+            torch.testing.assert_close(out[sq], m.out_proj.bias.expand(lq[b], E))
+            continue
+        o, _ = ref(q[sq][None], k[sk][None], v[sk][None], need_weights=False)
+        torch.testing.assert_close(out[sq], o[0])
+
+
+def test_module_packed_variants_equal_each_sequence():
+    E, H = 16, 4
+    m = fusedattn.MultiheadAttention(E, H, window=(5, 0), alibi=True, max_relative_distance=3,
+                                     softcap=20.0).double()
+    with torch.no_grad():
+        m.rel_bias.normal_()
+    lengths = [20, 3, 33]
+    x, cu = pack(lengths, 1, E, seed=28)
+    x = x.detach().squeeze(1)
+    out, _ = m(x, x, x, cu_seqlens=cu, max_seqlen=33, need_weights=False)
+    for b in range(3):
+        s = slice(cu[b], cu[b + 1])
+        xb = x[s][:, None]  # (L, 1, E): sequence first
+        o, _ = m(xb, xb, xb, need_weights=False)
+        torch.testing.assert_close(out[s], o[:, 0])
+
+
+def test_module_jagged_inputs_run_packed():
+    E, H = 16, 4
+    m = fusedattn.MultiheadAttention(E, H, batch_first=True).double()
+    seqs = [torch.randn(n, E, dtype=torch.float64) for n in (3, 9, 1)]
+    nt = torch.nested.nested_tensor(seqs, layout=torch.jagged)
+    out, w = m(nt, nt, nt, need_weights=False, is_causal=True)
+    assert w is None and out.is_nested and out.layout == torch.jagged
+    for got, x in zip(out.unbind(), seqs):
+        o, _ = m(x[None], x[None], x[None], need_weights=False, is_causal=True)
+        torch.testing.assert_close(got, o[0])
+
+
+def test_module_packed_compiles_and_scripts():
+    E, H = 16, 4
+    m = fusedattn.MultiheadAttention(E, H)
+    x, cu = pack([5, 11, 2], 1, E, dtype=torch.float32, seed=29)
+    x = x.detach().squeeze(1)
+    ref, _ = m(x, x, x, cu_seqlens=cu, max_seqlen=11, need_weights=False, is_causal=True)
+    f = torch.compile(lambda x: m(x, x, x, cu_seqlens=cu, max_seqlen=11, need_weights=False,
+                                  is_causal=True)[0], fullgraph=True)
+    torch.testing.assert_close(f(x), ref)
+    scripted = torch.jit.script(m)
+    torch.testing.assert_close(scripted(x, x, x, cu_seqlens=cu, max_seqlen=11, need_weights=False,
+                                        is_causal=True)[0], ref)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(), "pass need_weights=False"),
+    (dict(need_weights=False, key_padding_mask=torch.zeros(1, 4, dtype=torch.bool)), "the offsets are the padding"),
+    (dict(need_weights=False, attn_mask=torch.zeros(4, 4)), "the offsets are the padding"),
+])
+def test_module_packed_misuse_is_named(kw, match):
+    m = fusedattn.MultiheadAttention(8, 2)
+    x = torch.randn(4, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        m(x, x, x, cu_seqlens=cu, **kw)
+    with pytest.raises(ValueError, match="add_bias_kv or add_zero_attn"):
+        fusedattn.MultiheadAttention(8, 2, add_bias_kv=True)(x, x, x, cu_seqlens=cu, need_weights=False)
+    with pytest.raises(RuntimeError, match=re.escape("must start at 0 and end at the packed length 4")):
+        m(x, x, x, cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), need_weights=False)
+    with pytest.raises(RuntimeError, match="2-D query"):
+        m(x[None], x[None], x[None], cu_seqlens=cu, need_weights=False)

@@ -128,6 +128,32 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward(
   return {out, need_weights ? weights : at::Tensor()};
 }
 
+at::Tensor MultiheadAttentionImpl::forward_packed(const at::Tensor& query, const at::Tensor& key,
+                                                  const at::Tensor& value,
+                                                  const at::Tensor& cu_seqlens,
+                                                  int64_t max_seqlen,
+                                                  const at::Tensor& cu_seqlens_k,
+                                                  int64_t max_seqlen_k, bool is_causal) {
+  TORCH_CHECK(!bias_k.defined() && !options.add_zero_attn(),
+              "MultiheadAttention: packed sequences (cu_seqlens) do not take add_bias_kv or "
+              "add_zero_attn");
+  const bool own_k = cu_seqlens_k.defined();
+  const auto& cu_k = own_k ? cu_seqlens_k : cu_seqlens;
+  // A negative max_seqlen: read off the offsets.
+  auto longest = [](const at::Tensor& cu, int64_t given) -> int64_t {
+    if (given >= 0) return given;
+    return cu.numel() > 1 ? cu.diff().max().item<int64_t>() : 0;
+  };
+  return ops::multihead_attention_varlen(
+      query, key, value, options.num_heads(), opt(in_proj_weight), opt(in_proj_bias),
+      opt(q_proj_weight), opt(k_proj_weight), opt(v_proj_weight),
+      is_training() ? options.dropout() : 0.0, out_proj->weight, opt(out_proj->bias), cu_seqlens,
+      cu_k, longest(cu_seqlens, max_seqlen),
+      longest(cu_k, max_seqlen_k >= 0 || own_k ? max_seqlen_k : max_seqlen), is_causal,
+      options.window().empty() ? at::OptionalIntArrayRef() : at::OptionalIntArrayRef(options.window()),
+      opt(alibi_slopes), options.softcap(), opt(rel_bias));
+}
+
 namespace {
 // (A, B, F) in the module's layout, or (T, F) unbatched -> (N, T, F), a view.
 at::Tensor batch_first_view(const at::Tensor& x, bool batch_first) {

@@ -69,6 +69,18 @@ class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<Multihe
                                              bool average_attn_weights = true,
                                              bool is_causal = false);
 
+  // Packed variable-length sequences (Python: forward(..., cu_seqlens=...), or jagged nested
+  // inputs): query (total_q, E), key and value (total_k, kdim|vdim), every sequence's rows
+  // one after another; cu_seqlens (B + 1,) int32 offsets into query's rows, cu_seqlens_k
+  // into key's (undefined: cu_seqlens); a max_seqlen < 0 is read off the offsets (a host
+  // read). Each sequence
+  // attends within itself only (causal top-left with is_causal); no padding is formed or
+  // computed. -> (total_q, E). No weights, masks, add_bias_kv or add_zero_attn.
+  at::Tensor forward_packed(const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const at::Tensor& cu_seqlens,
+                            int64_t max_seqlen = -1, const at::Tensor& cu_seqlens_k = {},
+                            int64_t max_seqlen_k = -1, bool is_causal = false);
+
   // Incremental decoding (Python: forward(..., cache=cache)). query: the new tokens, in
   // forward's layout (T in place of L). key and value: the same new tokens for
   // self-attention (projected and appended to the cache after each sequence's length), or

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/varlen.h"
 
 namespace fusedattn {
 namespace {
@@ -41,6 +42,13 @@ void check_float_or_bool(const at::Tensor& m, const char* name, const at::Tensor
               query.device(), "), got ", m.device());
 }
 
+// torch accepts biases in another float dtype than their weights (its fused path casts
+// them); so do we, cast to the weight's dtype rather than failing inside a GEMM.
+std::optional<at::Tensor> bias_like(const std::optional<at::Tensor>& b, const at::Tensor& w) {
+  if (!b || b->scalar_type() == w.scalar_type()) return b;
+  return b->to(w.scalar_type());
+}
+
 std::optional<at::Tensor> chunk_or_none(const std::optional<at::Tensor>& t, int64_t i) {
   if (!t) return std::nullopt;
   return t->chunk(3, 0)[i];
@@ -69,9 +77,99 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention(
                  attn_mask, average_attn_weights, is_causal, window, alibi_slopes, softcap,
                  rel_bias);
 }
+at::Tensor multihead_attention_varlen(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, double dropout_p,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool is_causal, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedattn::multihead_attention_varlen", "")
+                       .typed<decltype(multihead_attention_varlen)>();
+  return op.call(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
+                 k_proj_weight, v_proj_weight, dropout_p, out_proj_weight, out_proj_bias,
+                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, window,
+                 alibi_slopes, softcap, rel_bias);
+}
 }  // namespace ops
 
 namespace detail {
+
+at::Tensor multihead_attention_varlen_composite(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, double dropout_p,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool is_causal, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
+    const std::optional<at::Tensor>& rel_bias) {
+  TORCH_CHECK(num_heads > 0, kFn, ": num_heads must be positive, got ", num_heads);
+  TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && value.dim() == 2, kFn,
+              ": packed sequences (cu_seqlens) take 2-D query (total_q, E), key (total_k, kdim) "
+              "and value (total_k, vdim), got ", query.sym_sizes(), ", ", key.sym_sizes(), ", ",
+              value.sym_sizes());
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
+              kFn, ": query, key and value must have the same dtype, got ", query.scalar_type(), ", ",
+              key.scalar_type(), ", ", value.scalar_type());
+  TORCH_CHECK(at::autocast::is_autocast_enabled(query.device().type()) ||
+                  query.scalar_type() == out_proj_weight.scalar_type(),
+              kFn, ": query, key and value must have the module's parameter dtype (",
+              out_proj_weight.scalar_type(), "), got ", query.scalar_type(),
+              "; convert the inputs, or the module with .to(dtype)");
+  const SymInt E = out_proj_weight.sym_size(0);
+  TORCH_SYM_CHECK(query.sym_size(1).sym_eq(E), kFn, ": query must have embed_dim = ", E,
+                  " features, got shape ", query.sym_sizes());
+  TORCH_SYM_CHECK(value.sym_size(0).sym_eq(key.sym_size(0)), kFn,
+                  ": key and value must have the same packed length, got key ", key.sym_sizes(),
+                  " and value ", value.sym_sizes());
+  const auto in_bias =
+      bias_like(in_proj_bias, in_proj_weight ? *in_proj_weight
+                                         : q_proj_weight ? *q_proj_weight : out_proj_weight);
+  at::Tensor q, k, v;  // (total, H * D) each
+  if (in_proj_weight) {
+    TORCH_SYM_CHECK(key.sym_size(1).sym_eq(E) & value.sym_size(1).sym_eq(E), kFn,
+                    ": with a packed in_proj_weight, key and value must have embed_dim = ", E,
+                    " features, got key ", key.sym_sizes(), " and value ", value.sym_sizes());
+    if (query.is_same(key) && key.is_same(value)) {  // self-attention: one GEMM
+      auto qkv = at::linear(query, *in_proj_weight, in_bias).chunk(3, -1);
+      q = qkv[0], k = qkv[1], v = qkv[2];
+    } else {
+      const auto w = in_proj_weight->chunk(3, 0);
+      q = at::linear(query, w[0], chunk_or_none(in_bias, 0));
+      k = at::linear(key, w[1], chunk_or_none(in_bias, 1));
+      v = at::linear(value, w[2], chunk_or_none(in_bias, 2));
+    }
+  } else {
+    TORCH_CHECK(q_proj_weight && k_proj_weight && v_proj_weight, kFn,
+                ": needs in_proj_weight, or all of q_proj_weight, k_proj_weight, v_proj_weight");
+    TORCH_SYM_CHECK(key.sym_size(1).sym_eq(k_proj_weight->sym_size(1)) &
+                        value.sym_size(1).sym_eq(v_proj_weight->sym_size(1)),
+                    kFn, ": key and value must have kdim = ", k_proj_weight->sym_size(1),
+                    " and vdim = ", v_proj_weight->sym_size(1), " features, got key ",
+                    key.sym_sizes(), " and value ", value.sym_sizes());
+    q = at::linear(query, *q_proj_weight, chunk_or_none(in_bias, 0));
+    k = at::linear(key, *k_proj_weight, chunk_or_none(in_bias, 1));
+    v = at::linear(value, *v_proj_weight, chunk_or_none(in_bias, 2));
+  }
+  TORCH_SYM_CHECK((q.sym_size(1) % num_heads).sym_eq(0), kFn, ": the projected size ",
+                  q.sym_size(1), " must be divisible by num_heads = ", num_heads);
+  auto heads = [&](const at::Tensor& x) {  // (total, H * D) -> (total, H, D), a view
+    return x.view_symint({x.sym_size(0), c10::SymInt(num_heads), x.sym_size(1) / num_heads});
+  };
+  std::optional<at::Tensor> slopes;
+  if (alibi_slopes) slopes = alibi_slopes->to(at::kFloat);
+  auto [out, lse] = ops::attention_varlen(heads(q), heads(k), heads(v), cu_seqlens_q, cu_seqlens_k,
+                                          max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+                                          "top_left", std::nullopt, false, window, slopes, softcap,
+                                          rel_bias, false);
+  return at::linear(out.flatten(1), out_proj_weight, bias_like(out_proj_bias, out_proj_weight));
+}
 
 std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
@@ -128,13 +226,6 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
   // On the CPU without extra key columns they go to the projected op as they are (q, k, v
   // read in place, the output written heads-merged, the gradients written whole); elsewhere
   // they are split into heads for the attention op.
-  // torch accepts biases in another float dtype than their weights (its fused path casts
-  // them); so do we, cast to the weight's dtype here rather than failing inside a GEMM.
-  auto bias_like = [](const std::optional<at::Tensor>& b,
-                      const at::Tensor& w) -> std::optional<at::Tensor> {
-    if (!b || b->scalar_type() == w.scalar_type()) return b;
-    return b->to(w.scalar_type());
-  };
   const auto in_bias =
       bias_like(in_proj_bias, in_proj_weight ? *in_proj_weight
                                          : q_proj_weight ? *q_proj_weight : out_proj_weight);

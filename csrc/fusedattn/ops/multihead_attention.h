@@ -27,6 +27,21 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> multihead_attention(
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
     std::optional<double> softcap = std::nullopt,
     const std::optional<at::Tensor>& rel_bias = std::nullopt);
+// Packed variable-length sequences (attention_varlen's layout): query (total_q, E), key and
+// value (total_k, kdim|vdim), cu_seqlens_q / cu_seqlens_k (B + 1,) offsets; causal top-left
+// per sequence. No weights, masks, bias_k/bias_v or add_zero_attn (the offsets are the
+// padding). -> (total_q, E)
+FUSEDATTN_API at::Tensor multihead_attention_varlen(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, double dropout_p,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool is_causal, at::OptionalIntArrayRef window = std::nullopt,
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+    std::optional<double> softcap = std::nullopt,
+    const std::optional<at::Tensor>& rel_bias = std::nullopt);
 }  // namespace ops
 
 namespace detail {
@@ -42,6 +57,19 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
     const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal,
     at::OptionalIntArrayRef window = std::nullopt,
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+    std::optional<double> softcap = std::nullopt,
+    const std::optional<at::Tensor>& rel_bias = std::nullopt);
+// Its CompositeImplicitAutograd kernel: the projections, attention_varlen, the output
+// projection.
+at::Tensor multihead_attention_varlen_composite(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, double dropout_p,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool is_causal, at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
     std::optional<double> softcap = std::nullopt,
     const std::optional<at::Tensor>& rel_bias = std::nullopt);

@@ -116,6 +116,17 @@ TORCH_LIBRARY(fusedattn, m) {
       "Tensor? rel_bias=None) -> (Tensor, Tensor)");
   m.impl("multihead_attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::multihead_attention_composite));
+  // Its packed form (both modules' forward with cu_seqlens): query (total_q, E), key and
+  // value (total_k, kdim|vdim) -> (total_q, E), attention_varlen between the projections.
+  m.def(
+      "multihead_attention_varlen(Tensor query, Tensor key, Tensor value, int num_heads, "
+      "Tensor? in_proj_weight, Tensor? in_proj_bias, Tensor? q_proj_weight, "
+      "Tensor? k_proj_weight, Tensor? v_proj_weight, float dropout_p, Tensor out_proj_weight, "
+      "Tensor? out_proj_bias, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, bool is_causal=False, int[]? window=None, Tensor? alibi_slopes=None, "
+      "float? softcap=None, Tensor? rel_bias=None) -> Tensor");
+  m.impl("multihead_attention_varlen", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::multihead_attention_varlen_composite));
 
   // Incremental decoding (ops/kv_cache.h): query (B, H, T, E) against a preallocated cache
   // (Bc >= B, Hk, max_len, E|Ev); key and value (B, Hk, T, E|Ev), when given, are written
