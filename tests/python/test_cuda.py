@@ -231,6 +231,60 @@ def test_dropout_under_cuda_graph_draws_per_replay():
     assert not first.isnan().any()
 
 
+VARIANTS = [
+    dict(window=(37, 0)), dict(window=(100, 20), is_causal=True), dict(window=(-1, 3)),
+    dict(alibi=True), dict(alibi=True, is_causal=True), dict(softcap=5.0),
+    dict(rel_bias=6), dict(rel_bias=200, window=(64, 64), softcap=2.0, alibi=True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(VARIANTS)))
+@pytest.mark.parametrize("bottom_right", [False, True])
+def test_variants_against_fp64(dtype, case, bottom_right):
+    """window, ALiBi, softcap and rel_bias in the fused kernel (values, weights, lse) against
+    the same call in fp64 on the CPU (whose kernels the variants tests check against the
+    formulas); a window that skips whole key tiles, and one wider than a tile."""
+    B, H, Hk, L, S = 2, 4, 2, 129, 300
+    kw = dict(VARIANTS[case])
+    g = torch.Generator().manual_seed(case)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(B, H, generator=g)
+    if "rel_bias" in kw:
+        kw["rel_bias"] = torch.randn(H, 2 * kw["rel_bias"] + 1, generator=g)
+    q, k, v = inputs(B, H, Hk, L, S, 64, dtype=dtype)
+    align = "bottom_right" if bottom_right else "top_left"
+    dev = {n: (t.cuda() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    out, w, lse = fusedattn.attention(q, k, v, enable_gqa=True, causal_alignment=align,
+                                      return_weights=True, return_lse=True, **dev)
+    torch.cuda.synchronize()
+    ref, ref_w, ref_lse = fusedattn.attention(
+        q.cpu().double(), k.cpu().double(), v.cpu().double(), enable_gqa=True,
+        causal_alignment=align, return_weights=True, return_lse=True,
+        **{n: (t.double() if torch.is_tensor(t) and n == "rel_bias" else t) for n, t in kw.items()})
+    assert not out.isnan().any() and not w.isnan().any(), "unwritten (NaN-poisoned) elements"
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(w.double().cpu(), ref_w, atol=tol, rtol=tol)
+    assert torch.equal(lse.isneginf().cpu(), ref_lse.isneginf())
+    seen = ~ref_lse.isneginf()
+    torch.testing.assert_close(lse.cpu().double()[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
+
+
+def test_varlen_on_cuda_equals_each_sequence():
+    lengths = [5, 0, 130, 1, 77]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    out = fusedattn.attention_varlen(q, q, q, cu, cu, 130, 130, is_causal=True, window=(20, 0))
+    out.float().sum().backward()
+    for b, n in enumerate(lengths):
+        s = slice(int(cu[b]), int(cu[b + 1]))
+        x = q.detach()[s].transpose(0, 1)
+        one = fusedattn.attention(x, x, x, is_causal=True, window=(20, 0))
+        torch.testing.assert_close(out[s].transpose(0, 1), one)
+    assert q.grad is not None and not q.grad.isnan().any()
+
+
 def test_module_and_backward_through_reference():
     mha = fusedattn.MultiheadAttention(128, 8, batch_first=True).cuda().half()
     ref = torch.nn.MultiheadAttention(128, 8, batch_first=True).cuda().half()

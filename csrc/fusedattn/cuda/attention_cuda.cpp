@@ -1,7 +1,8 @@
 // CUDA implementations of `_attention_forward` and `_attention_backward`.
 //
 // Forward: the fused kernel (kernels/flash_cuda.h) for fp16/bf16 on sm_80+ at head dims up to
-// 256, every mask kind, causal in both alignments, GQA, dropout, lse and returned weights;
+// 256, every mask kind, causal in both alignments, GQA, dropout, lse, returned weights and the
+// variants (window, ALiBi, softcap, rel_bias);
 // the ATen reference for fp32/fp64 and whatever the kernel does not cover. The backward is
 // the reference (a fused CUDA backward is not written yet).
 //
@@ -63,7 +64,7 @@ at::Tensor kernel_view(const at::Tensor& t, int64_t batch, int64_t cols) {
 // The compiled head-dim tile the fused kernel runs this call at, or 0 where the call goes to
 // the reference: not requested, fp32/fp64, head dim > 256, below sm_80, too little shared
 // memory, lengths or grid past int32.
-int fused_head_dim(const AttentionProblem& pb, const at::Tensor& query) {
+int fused_head_dim(const AttentionProblem& pb, const at::Tensor& query, const ScoreMods& mods) {
   if (!env_is("FUSEDATTN_CUDA_KERNEL", "fused")) return 0;
   const auto t = query.scalar_type();
   if (t != at::kHalf && t != at::kBFloat16) return 0;
@@ -79,6 +80,8 @@ int fused_head_dim(const AttentionProblem& pb, const at::Tensor& query) {
       (pb.q_len + 63) / 64 * pb.batch_size * pb.heads >= kMaxInt) {
     return 0;
   }
+  // The kernel takes the window's sides and rel_bias's D as int.
+  if (mods.window_left >= kMaxInt || mods.window_right >= kMaxInt || mods.rel_max >= kMaxInt) return 0;
   return head_dim;
 }
 
@@ -87,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, bool return_weights, int head_dim) {
+    bool bottom_right, bool return_weights, int head_dim, const ScoreMods& mods) {
   const c10::cuda::CUDAGuard guard(query.device());
   FlashCudaParams p;
   p.dtype = query.scalar_type() == at::kHalf ? kernels::DType::Half : kernels::DType::BFloat16;
@@ -120,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
   p.out = out_padded.data_ptr(), p.o_sh = p.L * p.Ev, p.o_sb = p.H * p.o_sh, p.o_sr = p.Ev;
   p.lse = lse.data_ptr<float>();
   const auto mask_views =
-      fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p);
+      fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p, mods);
   at::Tensor seed;
   if (dropout_p > 0.0) {
     // Read on the device (drawn there by the op unless a caller passed a CPU seed).
@@ -153,11 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
                                          softcap, rel_bias);
   const auto mods = make_score_mods(pb, window, alibi_slopes, softcap, rel_bias);
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
-  // The variants are not in the CUDA kernel yet: the reference runs them.
-  if (const int head_dim = mods.any() ? 0 : fused_head_dim(pb, query)) {
+  if (const int head_dim = fused_head_dim(pb, query, mods)) {
     auto [out, lse, weights] =
         fused_forward(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                      dropout_p, is_causal, bottom_right, return_weights, head_dim);
+                      dropout_p, is_causal, bottom_right, return_weights, head_dim, mods);
     // Averaged weights: the per-head ones, then their mean (fp32 sum; no fused kernel yet).
     if (return_weights && average_weights) weights = weights.mean(-3, false, at::kFloat).to(query.scalar_type());
     return {out, lse, weights};

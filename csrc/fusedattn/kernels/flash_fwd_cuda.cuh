@@ -198,14 +198,31 @@ __device__ __forceinline__ void stage_bias(const FlashCudaParams& p, const MaskB
   }
 }
 
+// The variants of one call as a block reads them (MaskParams' window, ALiBi, softcap,
+// rel_bias): uniform per block, so a tile's loop branches on them without divergence.
+struct Variants {
+  bool any = false;         // any of the four: the per-element path for every tile
+  float slope_log2 = 0.f;   // ALiBi: this (b, h)'s slope in base 2 (0: none)
+  const float* table = nullptr;  // rel_bias: this head's 2 D + 1 entries (natural log units)
+};
+
+__device__ __forceinline__ Variants block_variants(const FlashCudaParams& p, int64_t b, int64_t h) {
+  Variants v;
+  v.any = p.window_left >= 0 || p.window_right >= 0 || p.alibi != nullptr || p.softcap > 0 ||
+          p.rel_bias != nullptr;
+  if (p.alibi) v.slope_log2 = p.alibi[b * p.al_sb + h * p.al_sh] * kLog2e;
+  if (p.rel_bias) v.table = static_cast<const float*>(p.rel_bias) + h * (2 * p.rel_max + 1);
+  return v;
+}
+
 // The scores of one kBlockN-key tile for this thread's rows, scaled to base 2 and masked:
 // s[mt][nt][e] is row row0 + warp_row + 16 mt + g + 8 (e / 2), key col0 + 8 nt + 2 t + (e % 2).
 // Masked entries, keys past S and rows past L are -inf. sB: stage_bias's tile, read only when
 // there is a mask. Row and column indices are int: the launcher keeps L and S below 2^31.
 template <typename T, int kD>
 __device__ __forceinline__ void scores_tile(
-    const FlashCudaParams& p, const T* sQ, const T* sK, const float* sB, int warp_row,
-    int lane, int row0, int col0,
+    const FlashCudaParams& p, const Variants& var, const T* sQ, const T* sK, const float* sB,
+    int warp_row, int lane, int row0, int col0,
     float (&s)[Tiles<kD>::kMTiles][Tiles<kD>::kBlockN / 8][4]) {
   using Tl = Tiles<kD>;
   constexpr int kN8 = Tl::kBlockN / 8;
@@ -237,7 +254,11 @@ __device__ __forceinline__ void scores_tile(
   const bool diagonal = p.causal && col0 + Tl::kBlockN - 1 > row0 + causal_offset;
   const int g = lane / 4, t = lane % 4;
   const bool masked = p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None;
-  if (!ragged && !diagonal && !masked) {
+  // The variants' constants as int / float (the launcher keeps positions below 2^31).
+  const int pos_offset = static_cast<int>(p.pos_offset), rel_max = static_cast<int>(p.rel_max);
+  const int window_left = static_cast<int>(p.window_left), window_right = static_cast<int>(p.window_right);
+  const float softcap = static_cast<float>(p.softcap);
+  if (!ragged && !diagonal && !masked && !var.any) {
 #pragma unroll
     for (int mt = 0; mt < Tl::kMTiles; ++mt)
 #pragma unroll
@@ -255,8 +276,18 @@ __device__ __forceinline__ void scores_tile(
         const int row = row0 + warp_row + mt * 16 + g + 8 * (e / 2);
         const int col = col0 + nt * 8 + 2 * t + (e % 2);
         float x = s[mt][nt][e] * p.scale_log2;
+        bool visible = row < L && col < S && (!p.causal || col <= row + causal_offset);
+        if (var.any) {
+          // In the reference's order: soft-cap the scaled score, then ALiBi and rel_bias by
+          // the key's offset d = j - (i + o) from the query's diagonal; the window removes.
+          const int d = col - (row + pos_offset);
+          if (p.softcap > 0) x = softcap * tanhf(x * kLn2 / softcap) * kLog2e;
+          x -= var.slope_log2 * fabsf(static_cast<float>(d));
+          if (var.table) x += var.table[(d < -rel_max ? -rel_max : d > rel_max ? rel_max : d) + rel_max] * kLog2e;
+          visible = visible && (p.window_left < 0 || d >= -window_left) &&
+                    (p.window_right < 0 || d <= window_right);
+        }
         if (masked) x += sB[(row - row0) * Tl::kBiasStride + (col - col0)];
-        const bool visible = row < L && col < S && (!p.causal || col <= row + causal_offset);
         s[mt][nt][e] = visible ? x : -INFINITY;
       }
     }
@@ -272,6 +303,7 @@ struct Block {
   int row0, valid_q, warp_row, lane;
   bool masked;
   MaskBase mb;
+  Variants var;
   const T* q;  // at (b, h, row0, 0)
   const T* k;  // at (b, hk, 0, 0)
 
@@ -287,17 +319,30 @@ struct Block {
     warp_row = (threadIdx.x / 32) * 16 * Tl::kMTiles;
     masked = p.mask_kind != MaskKind::None || p.kpm_kind != MaskKind::None;
     mb = mask_base<T>(p, b, h);
+    var = block_variants(p, b, h);
     q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + row0 * p.q_sr;
     k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   }
 };
 
-// Keys [0, n_end) can be visible to some query of the block starting at row0.
+// Keys [0, n_end) can be visible to some query of the block starting at row0: causal and
+// the window's right edge.
 __device__ __forceinline__ int64_t visible_keys(const FlashCudaParams& p, int64_t row0,
                                                 int block_m) {
-  if (!p.causal) return p.S;
-  const int64_t last = row0 + block_m - 1 + p.causal_offset;  // last key the last row sees
-  return last < 0 ? 0 : (last + 1 < p.S ? last + 1 : p.S);
+  auto clamp_keys = [&](int64_t end) { return end < 0 ? 0 : (end < p.S ? end : p.S); };
+  int64_t end = p.S;
+  if (p.causal) end = clamp_keys(row0 + block_m - 1 + p.causal_offset + 1);
+  if (p.window_right >= 0) {
+    const int64_t w = clamp_keys(row0 + block_m - 1 + p.pos_offset + p.window_right + 1);
+    end = w < end ? w : end;
+  }
+  return end;
+}
+// The first key any query of the block sees: the window's left edge (else 0).
+__device__ __forceinline__ int64_t first_visible_key(const FlashCudaParams& p, int64_t row0) {
+  if (p.window_left < 0) return 0;
+  const int64_t first = row0 + p.pos_offset - p.window_left;
+  return first < 0 ? 0 : (first < p.S ? first : p.S);
 }
 
 template <typename T, int kD>
@@ -323,6 +368,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const FlashCudaParams
   const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
   const int64_t n_end = visible_keys(p, row0, Tl::kBlockM);
   const int n_blocks = static_cast<int>((n_end + Tl::kBlockN - 1) / Tl::kBlockN);
+  // A sliding window's tiles before its left edge are skipped.
+  const int nb_first = static_cast<int>(first_visible_key(p, row0) / Tl::kBlockN);
   auto rows_at = [&](int nb) {
     const int64_t left = p.S - static_cast<int64_t>(nb) * Tl::kBlockN;
     return static_cast<int>(left < Tl::kBlockN ? left : Tl::kBlockN);
@@ -341,20 +388,21 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const FlashCudaParams
     for (int i = 0; i < 2; ++i) row_max[mt][i] = -INFINITY, row_sum[mt][i] = 0.f;
 
   // cp.async groups in flight: [Q, K0], [V0], then per iteration [K next], [V next].
-  if (n_blocks > 0) {
+  if (n_blocks > nb_first) {
+    const int64_t first = static_cast<int64_t>(nb_first) * Tl::kBlockN;
     load_tile<Tl::kBlockM, kD>(sQ, q, p.q_sr, valid_q, static_cast<int>(p.E));
-    load_tile<Tl::kBlockN, kD>(sK, k, p.k_sr, rows_at(0), static_cast<int>(p.E));
+    load_tile<Tl::kBlockN, kD>(sK, k + first * p.k_sr, p.k_sr, rows_at(nb_first), static_cast<int>(p.E));
     cp_async_commit();
-    load_tile<Tl::kBlockN, kD>(sV, v, p.v_sr, rows_at(0), static_cast<int>(p.Ev));
+    load_tile<Tl::kBlockN, kD>(sV, v + first * p.v_sr, p.v_sr, rows_at(nb_first), static_cast<int>(p.Ev));
     cp_async_commit();
   }
-  for (int nb = 0; nb < n_blocks; ++nb) {
+  for (int nb = nb_first; nb < n_blocks; ++nb) {
     const int col0 = nb * Tl::kBlockN;
     if (masked) stage_bias<T, kD>(p, mb, sB, row0, col0);
     cp_async_wait<1>();  // Q and this K
     __syncthreads();
     float s[Tl::kMTiles][kN8][4];
-    scores_tile<T, kD>(p, sQ, sK, sB, warp_row, lane, row0, col0, s);
+    scores_tile<T, kD>(p, blk.var, sQ, sK, sB, warp_row, lane, row0, col0, s);
     __syncthreads();  // every warp is done with sK
     if (nb + 1 < n_blocks) {
       load_tile<Tl::kBlockN, kD>(sK, k + (col0 + Tl::kBlockN) * p.k_sr, p.k_sr, rows_at(nb + 1),
@@ -503,7 +551,7 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const FlashCudaParams
     cp_async_wait<0>();
     __syncthreads();
     float s[Tl::kMTiles][kN8][4];
-    scores_tile<T, kD>(p, sQ, sK, sB, warp_row, lane, row0, col0, s);
+    scores_tile<T, kD>(p, blk.var, sQ, sK, sB, warp_row, lane, row0, col0, s);
 #pragma unroll
     for (int mt = 0; mt < Tl::kMTiles; ++mt)
 #pragma unroll
