@@ -449,3 +449,51 @@ def test_module_rel_bias_and_softcap_learn_and_script():
 def test_module_bad_variant_options(kw, match):
     with pytest.raises((RuntimeError, TypeError), match=re.escape(match)):
         fusedattn.MultiheadAttention(8, 2, **kw)
+
+
+# fp32 backward with keys as the GEMMs' rows (AVX-512 tiers, >= 128 queries per key/value
+# head): the variants in its own vector pass, lanes cut by the window, rel_bias's gradient
+# summed per lane. Against the formula and against the query-rows path (unpacked).
+KR_CASES = [dict(window=(20, 5)), dict(window=(0, -1), is_causal=True), dict(window=(-1, 3)),
+            dict(alibi=True), dict(softcap=2.0), dict(rel_bias=4), dict(rel_bias=40), dict(rel_bias=300),
+            dict(rel_bias=7, alibi=True, softcap=5.0, window=(40, 40), is_causal=True)]
+
+
+@pytest.mark.parametrize("kw", KR_CASES, ids=lambda kw: "-".join(kw))
+@pytest.mark.parametrize("L,S,bottom_right", [(150, 170, False), (170, 150, True), (300, 77, False)])
+def test_keys_as_rows_backward_with_variants(kw, L, S, bottom_right, monkeypatch):
+    torch.manual_seed(21)
+    kw = dict(kw)
+    H, Hk = 4, 2
+    q = rand(2, H, L, 16, dtype=torch.float32)
+    k, v = rand(2, Hk, S, 16, dtype=torch.float32), rand(2, Hk, S, 24, dtype=torch.float32)
+    alibi = torch.rand(2, H) if kw.pop("alibi", False) else None
+    table = None
+    if "rel_bias" in kw:
+        table = torch.randn(H, 2 * kw.pop("rel_bias") + 1, requires_grad=True)
+    align = "bottom_right" if bottom_right else "top_left"
+    g = torch.randn(2, H, L, 24)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        t = None if table is None else table.detach().clone().requires_grad_()
+        out = fusedattn.attention(*leaves, enable_gqa=True, causal_alignment=align, alibi_slopes=alibi,
+                                  rel_bias=t, **kw)
+        out.backward(g)
+        return [out] + [x.grad for x in leaves] + ([] if t is None else [t.grad])
+    fused = grads()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    if table is not None:
+        t64 = table.detach().double().requires_grad_()
+        ref, _ = formula_rel(*leaves, t64, bottom_right=bottom_right, alibi=alibi, gqa=True, **kw)
+    else:
+        ref, _ = formula(*leaves, bottom_right=bottom_right, alibi=alibi, gqa=True, **kw)
+    ref.backward(g.double())
+    want = [ref] + [x.grad for x in leaves] + ([] if table is None else [t64.grad])
+    monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "unpacked")  # the query-rows backward
+    rows = grads()
+    # Within twice the query-rows path's own fp32 error (sums over 300 queries round).
+    for name, got, other, w in zip(["out", "dq", "dk", "dv", "d_rel"], fused, rows, want):
+        err = (got.double() - w).abs().max().item()
+        other_err = (other.double() - w).abs().max().item()
+        assert err <= 2 * other_err + 1e-5 * max(1.0, w.abs().max().item()), (name, err, other_err)
