@@ -35,9 +35,11 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
   const A mul = this->mul;
   float* qf = w.qf.data();
   if (wide) widen_rows(q, p.q_sr, bq, p.E, qf);
-  // A sliding window's left edge: key blocks before it are skipped (block-aligned: the
-  // packed operands are per block of kFwdBlockK keys).
-  const int64_t j_begin = this->visible_begin(i0) / kFwdBlockK * kFwdBlockK;
+  // A sliding window's left edge: keys before it are skipped, from its exact start where
+  // the products read K and V in place, from its block where they read the packed operands
+  // (per block of kFwdBlockK keys).
+  const int64_t first = this->visible_begin(i0);
+  const int64_t j_begin = packed || fk || wide ? first / kFwdBlockK * kFwdBlockK : first;
   for (int64_t j0 = j_begin; j0 < kv_end; j0 += kFwdBlockK) {
     // Packed: the block's columns up to kv_end rounded up to whole 64-column panels of the
     // packed layout (the causal mask hides the extra ones); a prefix of a packed V block is

@@ -117,10 +117,23 @@ Plan start(const FlashParams& in, bool backward) {
 
 }  // namespace
 
+// The keys a block of kFwdBlockQ queries sees under a sliding window (its left side plus the
+// block plus its right side, or none right of the diagonal with causal), or -1: unbounded.
+int64_t window_span(const FlashParams& p) {
+  if (p.window_left < 0) return -1;
+  const int64_t right = p.window_right >= 0 ? p.window_right : (p.causal ? 0 : -1);
+  return right < 0 ? -1 : p.window_left + layout::kFwdBlockQ + right;
+}
+
 Plan plan_forward(const FlashParams& in) {
   Plan r = start(in, /*backward=*/false);
   FlashParams& p = r.p;
-  if (p.dtype != DType::Float || p.S == 0 || queries_per_kv_head(p) < kFloatGemmForwardMinQueries)
+  // A window narrower than a key block: the in-place products start at its exact left edge;
+  // the JIT GEMM's K^T blocks would start at the block's (about 2x the window's work).
+  const int64_t span = window_span(p);
+  const bool narrow_window = span >= 0 && span <= layout::kFwdBlockK;
+  if (p.dtype != DType::Float || p.S == 0 || queries_per_kv_head(p) < kFloatGemmForwardMinQueries ||
+      narrow_window)
     p.fgemm = nullptr;
   if (p.weights) {
     p.forward_path = p.average_weights ? ForwardPath::AveragedWeights : ForwardPath::Weights;
