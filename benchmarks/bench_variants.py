@@ -100,7 +100,7 @@ def main():
     wanted = set(args.cases.split(","))
     repeats = 3 if args.quick else args.repeats
     plan = [("window", d, L) for d in (torch.float32, torch.bfloat16) for L in ((2048,) if args.quick else (2048, 4096))]
-    plan += [(v, torch.float32, L) for v in ("alibi", "softcap", "rel_bias")
+    plan += [(v, d, L) for v in ("alibi", "softcap", "rel_bias") for d in (torch.float32, torch.bfloat16)
              for L in ((1024,) if args.quick else (1024, 2048))]
     plan = [c for c in plan if c[0] in wanted]
     rows = []

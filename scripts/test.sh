@@ -31,5 +31,15 @@ for tier in $tiers; do
     python/test_multihead_attention.py python/test_capability.py python/test_variants.py python/test_varlen.py \
     python/test_kv_cache.py -q -ra
 done
+# The AMX paths' own code (keys as rows, the packed forward) on the portable implementation of
+# the packed layout (FUSEDATTN_PACKED_GEMM=reference), where the CPU runs avx512_bf16 but has
+# no AMX; on an AMX CPU the suite below runs that code on oneDNN's kernels.
+case " $tiers " in
+  *" amx "*) ;;
+  *" avx512_bf16 "*)
+    echo "== CPU kernel tests on the portable packed GEMM (no AMX here)"
+    FUSEDATTN_PACKED_GEMM=reference $PY -m pytest python/test_cpu_kernels.py python/test_attention.py \
+      python/test_variants.py python/test_varlen.py -q -ra ;;
+esac
 echo "== all tests at tier $top"
 $PY -m pytest python -q -ra "$@"

@@ -4,6 +4,8 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 extern "C" {
@@ -150,6 +152,53 @@ kernels::PackedGemm cpublas_packed_gemm() {
   return g;
 }
 
+// The same layout in plain C++, fp32 sums of exact products (a different order than oneDNN's,
+// nothing else): lets the paths written for AMX run, and be tested, on a CPU without it.
+// Element (r, j) of panel c (w = min(64, n - c) columns) lies at k * c + (r / 2) * 2 * round16(w)
+// + 2 j + r % 2; the columns w .. round16(w) of a panel are zero.
+template <typename T>
+kernels::PackedGemm reference_packed_gemm() {
+  kernels::PackedGemm g;
+  g.pack = [](int64_t k, int64_t n, int64_t ld_in, const void* in, void* out) {
+    const T* x = static_cast<const T*>(in);
+    T* y = static_cast<T*>(out);
+    for (int64_t c = 0; c < n; c += 64) {
+      const int64_t w = std::min<int64_t>(64, n - c), ldb = round16(w);
+      T* panel = y + k * c;
+      for (int64_t r = 0; r < k; ++r)
+        for (int64_t j = 0; j < ldb; ++j)
+          panel[(r / 2) * 2 * ldb + 2 * j + r % 2] = j < w ? x[r * ld_in + c + j] : T(0);
+    }
+  };
+  g.gemm = [](int64_t m, int64_t n, int64_t k, int64_t kb, int64_t lda, int64_t ldc,
+              bool add_c, const void* a, const void* b, float* c) {
+    const T* x = static_cast<const T*>(a);
+    std::vector<float> row(64);
+    for (int64_t p = 0; p < n; p += 64) {
+      const int64_t w = std::min<int64_t>(64, n - p), ldb = round16(w);
+      const T* panel = static_cast<const T*>(b) + kb * p;
+      for (int64_t i = 0; i < m; ++i) {
+        std::fill(row.begin(), row.end(), 0.f);
+        for (int64_t r = 0; r < k; r += 2) {
+          const float a0 = float(x[i * lda + r]), a1 = r + 1 < k ? float(x[i * lda + r + 1]) : 0.f;
+          const T* pair = panel + (r / 2) * 2 * ldb;
+          for (int64_t j = 0; j < w; ++j) row[j] += a0 * float(pair[2 * j]) + a1 * float(pair[2 * j + 1]);
+        }
+        float* ci = c + i * ldc + p;
+        for (int64_t j = 0; j < w; ++j) ci[j] = add_c ? ci[j] + row[j] : row[j];
+      }
+    }
+  };
+  g.release = [] {};
+  g.portable = true;
+  return g;
+}
+
+bool reference_packing_requested() {
+  const char* v = std::getenv("FUSEDATTN_PACKED_GEMM");
+  return v != nullptr && std::strcmp(v, "reference") == 0;
+}
+
 }  // namespace
 
 const kernels::Gemms& torch_gemms() {
@@ -159,6 +208,11 @@ const kernels::Gemms& torch_gemms() {
 
 const kernels::PackedGemm* packed_gemm_offer(at::ScalarType t, bool unpacked) {
   if (unpacked) return nullptr;
+  if (reference_packing_requested()) {
+    static const kernels::PackedGemm bf16 = reference_packed_gemm<at::BFloat16>();
+    static const kernels::PackedGemm fp16 = reference_packed_gemm<at::Half>();
+    return t == at::kBFloat16 ? &bf16 : t == at::kHalf ? &fp16 : nullptr;
+  }
   static const bool bf16_ok = at::native::cpublas::could_pack(at::kBFloat16);
   static const bool fp16_ok = at::native::cpublas::could_pack(at::kHalf);
   static const kernels::PackedGemm bf16 = cpublas_packed_gemm<at::BFloat16>();

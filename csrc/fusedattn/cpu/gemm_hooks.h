@@ -13,6 +13,9 @@ const kernels::Gemms& torch_gemms();
 // The offers the plan may take (null: none): bf16/fp16 products on packed operands
 // (cpublas::pack + brgemm, where could_pack says oneDNN can), fp32 products on cpublas::brgemm.
 // unpacked: FUSEDATTN_CPU_KERNEL=unpacked, which keeps every product on torch_gemms().
+// FUSEDATTN_PACKED_GEMM=reference offers a plain C++ implementation of the packed layout
+// instead of oneDNN's (PackedGemm::portable): the AMX paths' own code (keys as rows, the
+// packed forward) then runs, slowly, on any CPU with AVX512-BF16, so that tests cover it there.
 const kernels::PackedGemm* packed_gemm_offer(at::ScalarType t, bool unpacked);
 kernels::FloatGemm float_gemm_offer(bool unpacked);
 // Which serves torch_gemms()'s fp32 products: "blas" or "torch.mm".

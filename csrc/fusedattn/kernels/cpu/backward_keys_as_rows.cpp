@@ -1,6 +1,7 @@
 // The backwards with keys as the GEMMs' rows: bf16 on packed (AMX) GEMMs (avx512_bf16 tier)
 // and fp32 on the JIT GEMM (avx512 tiers); the plan chooses them without attn_mask or
-// dropout (bf16 also without the variants). Other types and tiers run the query-rows backward.
+// dropout. Other types and tiers run the query-rows backward. Both apply the variants
+// (window, ALiBi, softcap, rel_bias) in their one vector pass (Masks' ScoreModsZmm).
 #include "fusedattn/kernels/cpu/backward.h"
 #include "fusedattn/kernels/cpu/forward.h"  // FUSEDATTN_FOR_EACH_TYPE
 
@@ -45,7 +46,7 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
   // the dQ^T product's depth (bkp) never reaches a K^T column that is not zero or padding.
   const int64_t ke_visible = this->key_end(b), ke = std::min(p.S, ke_visible + (ke_visible & 1));
   const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
-  const __m512 zero = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
   const __m512i inter = _mm512_load_si512(kInterleave);
   const int64_t causal_shift = this->causal_shift();
 
@@ -86,14 +87,16 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
     }
     float* dqt = w.dq.data();  // E x Lp
     std::fill(dqt, dqt + p.E * Lp, 0.f);
+    const ScoreModsZmm mods(p, b, h);
+    float* d_table = p.rel_bias ? static_cast<float*>(p.d_rel_bias) + (b * p.H + h) * (2 * p.rel_max + 1) : nullptr;
 
     for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
       const int64_t bk = std::min(kBwdBlockK, ke - j0), bkp = bk + (bk & 1);
       float* bias = w.bias.data();
       this->key_bias(b, j0, bk, bias);
-      // Queries that see any key of this block: i >= j0 - causal_offset.
-      const int64_t i_first = p.causal ? std::max<int64_t>(j0 - p.causal_offset, 0) : 0;
-      for (int64_t i0 = i_first / 64 * 64; i0 < p.L; i0 += kKrQ) {
+      // Queries that see any key of this block (causal and the window).
+      const auto [i_first, i_end] = this->seeing_queries(j0, j0 + bk);
+      for (int64_t i0 = i_first / 64 * 64; i0 < i_end; i0 += kKrQ) {
         const int64_t nq = std::min(kKrQ, Lp - i0), nv = nq / 16;  // columns; query vectors
         float* st = w.s.data();   // S^T, bk x nq
         float* dpt = w.dp.data(); // dP^T, bk x nq
@@ -122,15 +125,26 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
                 const int64_t cut = std::clamp<int64_t>(j0 + jj - causal_shift - i0 - 16 * c, 0, 16);
                 keep &= __mmask16(0xffffu << cut);
               }
-              const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(st + jj * nq + 16 * c), scale,
-                                               _mm512_sub_ps(_mm512_set1_ps(bias[jj]),
-                                                             _mm512_loadu_ps(lse + 16 * c)));
+              const __m512 bias_lse = _mm512_sub_ps(_mm512_set1_ps(bias[jj]), _mm512_loadu_ps(lse + 16 * c));
+              __m512 x, cap_d = one;
+              int64_t base = 0;
+              if (!mods.any) {
+                x = _mm512_fmadd_ps(_mm512_loadu_ps(st + jj * nq + 16 * c), scale, bias_lse);
+              } else {  // key j0 + jj is at base - l from lane l's diagonal
+                base = mods.base(j0 + jj, i0 + 16 * c);
+                x = _mm512_add_ps(mods.apply(_mm512_mul_ps(_mm512_loadu_ps(st + jj * nq + 16 * c), scale),
+                                             base, &cap_d),
+                                  bias_lse);
+                keep &= mods.window(base);
+              }
               const __m512 pr = exp2_zmm<true>(_mm512_mul_ps(x, l2e), keep);
               const __m512 dp = _mm512_loadu_ps(dpt + jj * nq + 16 * c);
               const __m512 dv = _mm512_loadu_ps(dd + 16 * c);
               const __mmask16 exact = one_key[c] & whole_softmax_lanes(pr, kExactOneTolShort);
               const __m512 d = _mm512_mask_add_ps(dv, exact, _mm512_loadu_ps(d1 + 16 * c), dp);
-              const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pr, _mm512_sub_ps(dp, d)), scale);
+              const __m512 g = _mm512_mul_ps(pr, _mm512_sub_ps(dp, d));  // d loss / d score
+              if (d_table) mods.add_rel_grad(d_table, g, base);
+              const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(g, cap_d), scale);
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + jj * nq + 16 * c), to_bf16_zmm(pr));
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + jj * nq + 16 * c), to_bf16_zmm(ds));
               ds2[u] = ds;
@@ -180,14 +194,8 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
   const int64_t ldq = layout::ld_qt(p);
   const int64_t ke = this->key_end(b);  // keys past it are padding: skipped
   const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
+  const __m512 one = _mm512_set1_ps(1.f);
   const int64_t causal_shift = this->causal_shift();
-  const bool mods = p.score_mods();
-  const bool capped = p.softcap > 0;
-  const __m512 cap = _mm512_set1_ps(float(p.softcap)), neg2_cap_l2e = _mm512_set1_ps(-2.f * kLog2e / float(p.softcap));
-  const __m512 one = _mm512_set1_ps(1.f), lanes_f = _mm512_cvtepi32_ps(lane_index());
-  const __m512i lanes = lane_index();
-  const __m512i reverse = _mm512_sub_epi32(_mm512_set1_epi32(15), lanes);
-  const int64_t D = p.rel_max;
   float* kt = w.kt.data();  // K^T, E x S (row stride ldkt)
   transpose(this->k_rows(b, hk, 0), p.k_sr, p.S, p.E, kt, ldkt);
   std::fill(w.dk.begin(), w.dk.end(), 0.f);
@@ -203,9 +211,8 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
     for (int64_t e = 0; e < p.Ev; ++e) std::fill(dot + e * ldq + p.L, dot + e * ldq + Lp, 0.f);
     float* dqt = w.dq.data();  // E x Lp, row stride ldq
     std::fill(dqt, dqt + p.E * ldq, 0.f);
-    const __m512 slope = _mm512_set1_ps(p.alibi ? p.alibi[b * p.al_sb + h * p.al_sh] : 0.f);
-    const float* table = p.rel_bias ? this->rel_table(h) : nullptr;
-    float* d_table = p.rel_bias ? static_cast<float*>(p.d_rel_bias) + (b * p.H + h) * (2 * D + 1) : nullptr;
+    const ScoreModsZmm mods(p, b, h);
+    float* d_table = p.rel_bias ? static_cast<float*>(p.d_rel_bias) + (b * p.H + h) * (2 * p.rel_max + 1) : nullptr;
 
     for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
       const int64_t bk = std::min(kBwdBlockK, ke - j0);
@@ -236,46 +243,14 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
             float* sp = st + j * nq + 16 * c;
             float* dp = dpt + j * nq + 16 * c;
             __m512 x, cap_d = one;
-            // d of lane 0 (query i0 + 16 c) for key j0 + j, clamped where it only picks a side.
-            const int64_t base = std::clamp<int64_t>(j0 + j - p.pos_offset - i0 - 16 * c, -(int64_t(1) << 30), int64_t(1) << 30);
-            if (!mods) {
+            int64_t base = 0;
+            if (!mods.any) {
               x = _mm512_fmadd_ps(_mm512_loadu_ps(sp), scale,
                                   _mm512_sub_ps(bj, _mm512_loadu_ps(lse + 16 * c)));
-            } else {
-              // The order on scaled scores: soft-cap, + ALiBi + rel_bias + key
-              // padding; the window removes lanes outside [base - right, base + left].
-              __m512 xs = _mm512_mul_ps(_mm512_loadu_ps(sp), scale);
-              if (capped) {  // cap tanh(xs / cap) from e = exp(-2 |xs| / cap); d = 1 - tanh^2
-                const __m512 e = exp2_zmm<false>(_mm512_mul_ps(_mm512_abs_ps(xs), neg2_cap_l2e));
-                const __m512 th = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-                const __m512 sign = _mm512_and_ps(xs, _mm512_set1_ps(-0.f));
-                xs = _mm512_or_ps(_mm512_mul_ps(cap, th), sign);
-                cap_d = _mm512_fnmadd_ps(th, th, one);
-              }
-              const __m512 dist = _mm512_sub_ps(_mm512_set1_ps(float(base)), lanes_f);
-              if (p.alibi) xs = _mm512_fnmadd_ps(slope, _mm512_abs_ps(dist), xs);
-              if (table) {  // entry clamp(base - l, -D, D) + D of lane l
-                __m512 tb;
-                if (base - 15 >= D) {
-                  tb = _mm512_set1_ps(table[2 * D]);
-                } else if (base <= -D) {
-                  tb = _mm512_set1_ps(table[0]);
-                } else if (base - 15 >= -D && base <= D) {  // 16 entries, lanes reversed
-                  tb = _mm512_permutexvar_ps(reverse, _mm512_loadu_ps(table + base - 15 + D));
-                } else {
-                  const __m512i idx = _mm512_add_epi32(
-                      _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(_mm512_set1_epi32(int32_t(base)), lanes),
-                                                        _mm512_set1_epi32(int32_t(-D))),
-                                       _mm512_set1_epi32(int32_t(D))),
-                      _mm512_set1_epi32(int32_t(D)));
-                  tb = _mm512_i32gather_ps(idx, table, 4);
-                }
-                xs = _mm512_add_ps(xs, tb);
-              }
-              if (p.window_right >= 0)  // lanes l >= base - right
-                keep &= __mmask16(0xffffu << std::clamp<int64_t>(base - p.window_right, 0, 16));
-              if (p.window_left >= 0)   // lanes l <= base + left
-                keep &= __mmask16(0xffffu >> (16 - std::clamp<int64_t>(base + p.window_left + 1, 0, 16)));
+            } else {  // key j0 + j is at base - l from lane l's diagonal
+              base = mods.base(j0 + j, i0 + 16 * c);
+              const __m512 xs = mods.apply(_mm512_mul_ps(_mm512_loadu_ps(sp), scale), base, &cap_d);
+              keep &= mods.window(base);
               x = _mm512_add_ps(xs, _mm512_sub_ps(bj, _mm512_loadu_ps(lse + 16 * c)));
             }
             const __m512 pr = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
@@ -283,20 +258,7 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
             const __mmask16 exact = one_key[c] & whole_softmax_lanes(pr, kExactOneTol);
             const __m512 d = _mm512_mask_add_ps(dv, exact, _mm512_loadu_ps(d1 + 16 * c), dpv);
             const __m512 g = _mm512_mul_ps(pr, _mm512_sub_ps(dpv, d));  // d loss / d score
-            if (table) {  // rel_bias's entries: one for a whole clamped side, else per lane
-              if (base - 15 >= D) {
-                d_table[2 * D] += _mm512_reduce_add_ps(g);
-              } else if (base <= -D) {
-                d_table[0] += _mm512_reduce_add_ps(g);
-              } else if (base - 15 >= -D && base <= D) {  // 16 consecutive entries
-                float* e = d_table + base - 15 + D;
-                _mm512_storeu_ps(e, _mm512_add_ps(_mm512_loadu_ps(e), _mm512_permutexvar_ps(reverse, g)));
-              } else {
-                alignas(64) float gl[16];
-                _mm512_store_ps(gl, g);
-                for (int l = 0; l < 16; ++l) d_table[std::clamp<int64_t>(base - l, -D, D) + D] += gl[l];
-              }
-            }
+            if (d_table) mods.add_rel_grad(d_table, g, base);
             const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(g, cap_d), scale);
             _mm512_storeu_ps(sp, pr);
             _mm512_storeu_ps(dp, ds);

@@ -9,8 +9,10 @@
 // brgemm calls per block where the query-rows path makes nine (S in 64-column panels, then
 // P V), and no packing of K. Everything is in log2 units (scale and the key bias
 // pre-multiplied by log2(e)), so that the exponent needs no multiply. Masks: key padding as a
-// per-key bias (-inf: the key is skipped), causal as lane masks. The scores enter as
-// fma(s, scale, bias - max), so a large |s * scale| costs no extra rounding.
+// per-key bias (-inf: the key is skipped), causal and the window as lane masks. The scores
+// enter as fma(s, scale, bias - max), so a large |s * scale| costs no extra rounding. The
+// other variants (softcap, ALiBi, rel_bias) are applied by the max pass, which writes the
+// final scores back for the exp pass.
 #include "fusedattn/kernels/cpu/forward.h"
 
 #ifdef FUSEDATTN_AVX512_BF16
@@ -62,10 +64,17 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
   }
   float* ot = w.acc.data();
   std::fill(ot, ot + p.Ev * kLd, 0.f);
+  const ScoreModsZmm mods(p, b, h);
+  const __m512 l2e = _mm512_set1_ps(kLog2e), scale_nat = _mm512_set1_ps(float(p.scale));
 
+  // Keys [kv_begin, kv_end) in ranges that end at V^T's block edges (its slots are per block
+  // of kFwdBlockK); a window's left edge, rounded down to a key pair (P^T's packed pairs),
+  // starts the first range inside its block.
   const int64_t kv_end = this->kv_end(b, i0 + bq - 1);
-  for (int64_t j0 = 0; j0 < kv_end; j0 += kFwdBlockK) {
-    const int64_t bk = std::min(kFwdBlockK, kv_end - j0), bkp = bk + (bk & 1);
+  const int64_t kv_begin = std::min(this->visible_begin(i0) / 2 * 2, kv_end);
+  for (int64_t j0 = kv_begin, next; j0 < kv_end; j0 = next) {
+    next = std::min((j0 / kFwdBlockK + 1) * kFwdBlockK, kv_end);
+    const int64_t bk = next - j0, bkp = bk + (bk & 1);
     float* st = w.s.data();
     p.packed->gemm(bk, bq, p.E, p.E, p.k_sr, kLd, false, this->k_rows(b, hk, j0), w.qt_packed.data(), st);
     float* bias = w.bias.data();
@@ -92,13 +101,42 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
         _mm512_mask_cvtepi32_storeu_epi16(keep + c * kFwdBlockK + j, in, _mm512_maskz_mov_epi32(alive, k));
       }
     }
+    if (p.windowed()) {
+      for (int c = 0; c < nc; ++c)
+        for (int64_t j = 0; j < bk; ++j) keep[c * kFwdBlockK + j] &= mods.window(mods.base(j0 + j, i0 + 16 * c));
+    }
     T* pt = w.narrow.data();
     // One vector of queries at a time, so that its max and sum stay in registers.
     for (int c = 0; c < nc; ++c, keep += kFwdBlockK) {
       const float* col = st + 16 * c;
       __m512 mb0 = ninf, mb1 = ninf;  // two chains: vmaxps' latency, not its throughput
       int64_t j = 0;
-      if (has_bias) {
+      if (mods.scores) {
+        // The variants: each score in log2 units, (mods(s * scale) + bias_j) * log2(e),
+        // written back over S^T for the exp pass, which then takes it as it is.
+        float* colw = st + 16 * c;
+        __m512 cap_d;
+        for (; j + 1 < bk; j += 2) {
+          const __m512 v0 = _mm512_fmadd_ps(mods.apply(_mm512_mul_ps(_mm512_loadu_ps(colw + j * kLd), scale_nat),
+                                                       mods.base(j0 + j, i0 + 16 * c), &cap_d),
+                                            l2e, _mm512_set1_ps(bias[j]));
+          const __m512 v1 = _mm512_fmadd_ps(mods.apply(_mm512_mul_ps(_mm512_loadu_ps(colw + (j + 1) * kLd), scale_nat),
+                                                       mods.base(j0 + j + 1, i0 + 16 * c), &cap_d),
+                                            l2e, _mm512_set1_ps(bias[j + 1]));
+          _mm512_storeu_ps(colw + j * kLd, v0);
+          _mm512_storeu_ps(colw + (j + 1) * kLd, v1);
+          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, v0);
+          mb1 = _mm512_mask_max_ps(mb1, keep[j + 1], mb1, v1);
+        }
+        if (j < bk) {
+          const __m512 v0 = _mm512_fmadd_ps(mods.apply(_mm512_mul_ps(_mm512_loadu_ps(colw + j * kLd), scale_nat),
+                                                       mods.base(j0 + j, i0 + 16 * c), &cap_d),
+                                            l2e, _mm512_set1_ps(bias[j]));
+          _mm512_storeu_ps(colw + j * kLd, v0);
+          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, v0);
+          ++j;
+        }
+      } else if (has_bias) {
         for (; j + 1 < bk; j += 2) {
           const __m512 v0 = _mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale, _mm512_set1_ps(bias[j]));
           const __m512 v1 = _mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale,
@@ -132,21 +170,23 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
       __m512 sum = _mm512_mul_ps(l[c], alpha);
       T* pc = pt + 32 * c;
       const __m512 neg_ms = _mm512_sub_ps(zero, ms);
+      // (The variants' scores are final: multiplier 1, no bias.)
+      const __m512 mul = mods.scores ? _mm512_set1_ps(1.f) : scale;
       const auto exps = [&](auto biased) {
         for (int64_t j = 0; j < bk; j += 2) {
           const __m512 b0 = biased ? _mm512_add_ps(_mm512_set1_ps(bias[j]), neg_ms) : neg_ms;
-          const __m512 e0 = exp2_zmm<true>(_mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), scale, b0), keep[j]);
+          const __m512 e0 = exp2_zmm<true>(_mm512_fmadd_ps(_mm512_loadu_ps(col + j * kLd), mul, b0), keep[j]);
           __m512 e1 = zero;  // the zero key that pads an odd block
           if (j + 1 < bk) {
             const __m512 b1 = biased ? _mm512_add_ps(_mm512_set1_ps(bias[j + 1]), neg_ms) : neg_ms;
-            e1 = exp2_zmm<true>(_mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), scale, b1), keep[j + 1]);
+            e1 = exp2_zmm<true>(_mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), mul, b1), keep[j + 1]);
           }
           sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
           const __m512i pair = _mm512_permutexvar_epi16(inter, __m512i(_mm512_cvtne2ps_pbh(e1, e0)));
           _mm512_storeu_si512(pc + (j / 2) * 2 * ldb, pair);
         }
       };
-      if (has_bias) {
+      if (has_bias && !mods.scores) {
         exps(std::true_type{});
       } else {
         exps(std::false_type{});
@@ -154,7 +194,7 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
       l[c] = sum;
     }
     p.packed->gemm(p.Ev, bq, bkp, bkp, layout::slot_ld_vt(p), kLd, true,
-                   packed_vt(b, hk, j0 / kFwdBlockK), pt, ot);
+                   packed_vt(b, hk, j0 / kFwdBlockK) + j0 % kFwdBlockK, pt, ot);
   }
   alignas(64) float mf[64], lf[64];
   for (int c = 0; c < nc; ++c) _mm512_store_ps(mf + 16 * c, m[c]), _mm512_store_ps(lf + 16 * c, l[c]);

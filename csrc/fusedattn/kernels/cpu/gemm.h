@@ -33,6 +33,9 @@ struct PackedGemm {
   void (*gemm)(int64_t m, int64_t n, int64_t k, int64_t kb, int64_t lda, int64_t ldc,
                bool add_c, const void* a, const void* b, float* c) = nullptr;
   void (*release)() = nullptr;  // end of a thread's run of gemm calls (AMX tile state)
+  // A portable implementation (no matrix unit): the plan keeps it at every tier whose kernels
+  // use packed products, not only where the CPU has AMX. For tests; slow.
+  bool portable = false;
 };
 
 // fp32 block products on a JIT GEMM (LibTorch's cpublas::brgemm: oneDNN's AVX-512 kernels,

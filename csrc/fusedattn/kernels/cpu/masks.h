@@ -221,4 +221,93 @@ struct Masks {
   }
 };
 
+#ifdef FUSEDATTN_AVX512
+// The variants on 16 queries of one key at a time, for the keys-as-rows loops (fp32 and
+// bf16), whose vectors run down a column of S^T: lane l is query q0 + l, and the key's offset
+// from lane l's diagonal (key - query - pos_offset) is base - l with base that of lane 0.
+// Masks applies the same formulas row by row; the tests hold the two to each other.
+struct ScoreModsZmm {
+  const MaskParams& p;
+  bool any, capped, scores;  // any variant; soft-capping; a variant that changes scores
+  __m512 cap, neg2_cap_l2e, slope, lanes_f;
+  __m512i lanes, reverse;
+  const float* table;  // this head's rel_bias row (2 D + 1 entries), or null
+  int64_t D;
+
+  ScoreModsZmm(const MaskParams& params, int64_t b, int64_t h)
+      : p(params), any(params.score_mods()), capped(params.softcap > 0),
+        table(params.rel_bias ? static_cast<const float*>(params.rel_bias) + h * (2 * params.rel_max + 1)
+                              : nullptr),
+        D(params.rel_max) {
+    scores = capped || p.alibi != nullptr || table != nullptr;
+    cap = _mm512_set1_ps(float(p.softcap));
+    neg2_cap_l2e = _mm512_set1_ps(capped ? -2.f * kLog2e / float(p.softcap) : 0.f);
+    slope = _mm512_set1_ps(p.alibi ? p.alibi[b * p.al_sb + h * p.al_sh] : 0.f);
+    lanes = lane_index();
+    lanes_f = _mm512_cvtepi32_ps(lanes);
+    reverse = _mm512_sub_epi32(_mm512_set1_epi32(15), lanes);
+  }
+
+  // base of lane 0 (query q0) for key j, clamped where it only picks a side (int32 lanes).
+  int64_t base(int64_t j, int64_t q0) const {
+    constexpr int64_t kFar = int64_t(1) << 29;
+    return std::clamp<int64_t>(j - p.pos_offset - q0, -kFar, kFar);
+  }
+  // The lanes the window leaves: base - right <= l <= base + left.
+  __mmask16 window(int64_t base) const {
+    uint32_t keep = 0xffffu;
+    if (p.window_right >= 0) keep &= 0xffffu << std::clamp<int64_t>(base - p.window_right, 0, 16);
+    if (p.window_left >= 0) keep &= 0xffffu >> (16 - std::clamp<int64_t>(base + p.window_left + 1, 0, 16));
+    return __mmask16(keep);
+  }
+  // rel_bias's entry clamp(base - l, -D, D) + D of lane l: one entry for a whole clamped side,
+  // 16 consecutive ones (lanes reversed), else a gather.
+  __m512 rel_entries(int64_t base) const {
+    if (base - 15 >= D) return _mm512_set1_ps(table[2 * D]);
+    if (base <= -D) return _mm512_set1_ps(table[0]);
+    if (base - 15 >= -D && base <= D) return _mm512_permutexvar_ps(reverse, _mm512_loadu_ps(table + base - 15 + D));
+    const __m512i idx = _mm512_add_epi32(
+        _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(_mm512_set1_epi32(int32_t(base)), lanes),
+                                          _mm512_set1_epi32(int32_t(-D))),
+                         _mm512_set1_epi32(int32_t(D))),
+        _mm512_set1_epi32(int32_t(D)));
+    return _mm512_i32gather_ps(idx, table, 4);
+  }
+  // Scaled scores xs -> soft-capped, + ALiBi + rel_bias (the order of the op's definition);
+  // *cap_d: soft-capping's derivative 1 - tanh^2 (1 without it), what dS is multiplied by.
+  __m512 apply(__m512 xs, int64_t base, __m512* cap_d) const {
+    const __m512 one = _mm512_set1_ps(1.f);
+    *cap_d = one;
+    if (capped) {  // cap tanh(xs / cap) from e = exp(-2 |xs| / cap): no overflow
+      const __m512 e = exp2_zmm<false>(_mm512_mul_ps(_mm512_abs_ps(xs), neg2_cap_l2e));
+      const __m512 th = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+      const __m512 sign = _mm512_and_ps(xs, _mm512_set1_ps(-0.f));
+      xs = _mm512_or_ps(_mm512_mul_ps(cap, th), sign);
+      *cap_d = _mm512_fnmadd_ps(th, th, one);
+    }
+    if (p.alibi) {
+      const __m512 dist = _mm512_sub_ps(_mm512_set1_ps(float(base)), lanes_f);
+      xs = _mm512_fnmadd_ps(slope, _mm512_abs_ps(dist), xs);
+    }
+    if (table) xs = _mm512_add_ps(xs, rel_entries(base));
+    return xs;
+  }
+  // rel_bias's gradient: g (d loss / d score of each lane) into the lanes' entries of d_table.
+  void add_rel_grad(float* d_table, __m512 g, int64_t base) const {
+    if (base - 15 >= D) {
+      d_table[2 * D] += _mm512_reduce_add_ps(g);
+    } else if (base <= -D) {
+      d_table[0] += _mm512_reduce_add_ps(g);
+    } else if (base - 15 >= -D && base <= D) {
+      float* e = d_table + base - 15 + D;
+      _mm512_storeu_ps(e, _mm512_add_ps(_mm512_loadu_ps(e), _mm512_permutexvar_ps(reverse, g)));
+    } else {
+      alignas(64) float gl[16];
+      _mm512_store_ps(gl, g);
+      for (int l = 0; l < 16; ++l) d_table[std::clamp<int64_t>(base - l, -D, D) + D] += gl[l];
+    }
+  }
+};
+#endif  // FUSEDATTN_AVX512
+
 FUSEDATTN_TIER_NS_END

@@ -88,18 +88,21 @@ bool half_on_f32(const FlashParams& p, Capability tier) {
   return p.dtype == DType::Half || (p.dtype == DType::BFloat16 && tier < kBf16GemmTier);
 }
 
-// Packed (AMX) GEMMs for a half-type call: on the amx tier, even head dims, enough queries.
+// Packed (AMX) GEMMs for a half-type call: on the amx tier (a portable offer from
+// avx512_bf16 up, where the keys-as-rows kernels are compiled), even head dims, enough queries.
 bool keep_packed(const FlashParams& p, Capability tier, bool backward) {
-  return p.packed != nullptr && is_half(p) && tier == Capability::Amx && p.S > 0 &&
+  const bool tier_ok = tier == Capability::Amx || (p.packed != nullptr && p.packed->portable &&
+                                                   tier >= Capability::Avx512Bf16);
+  return p.packed != nullptr && is_half(p) && tier_ok && p.S > 0 &&
          p.E % 2 == 0 && (!backward || p.Ev % 2 == 0) &&
          queries_per_kv_head(p) >= kPackedMinQueries;
 }
-// What the keys-as-rows bf16 paths need beyond packed GEMMs: no attn_mask, dropout, window,
-// ALiBi or softcap (those keep the query-rows paths, whose one masking pass, Masks::apply_masks,
-// applies them row by row), the VNNI layout.
+// What the keys-as-rows bf16 paths need beyond packed GEMMs: no attn_mask or dropout (those
+// keep the query-rows paths), the VNNI layout. The variants (window, ALiBi, softcap, rel_bias)
+// run on them, 16 queries to a vector (Masks' ScoreModsZmm).
 bool keys_as_rows_bf16(const FlashParams& p) {
   if (p.dtype != DType::BFloat16 || p.packed == nullptr || p.mask_kind != MaskKind::None ||
-      p.dropout || p.score_mods())
+      p.dropout)
     return false;
   static const bool vnni = packed_layout_is_vnni(*p.packed);  // the bf16 hooks: one object
   return vnni;
@@ -156,7 +159,7 @@ Plan plan_backward(const FlashParams& in) {
   FlashParams& p = r.p;
   // fp32 keys-as-rows applies the variants in its own pass: ALiBi, softcap and rel_bias
   // fwd+bwd at L = 1024-2048 went from 1.5-1.7x the plain causal call's time (query-rows
-  // backward) to 1.02-1.07x (AMD EPYC, 2 threads). bf16's keys-as-rows path does not have them.
+  // backward) to 1.02-1.07x (AMD EPYC, 2 threads). bf16's keys-as-rows path has them too.
   const bool plain = p.mask_kind == MaskKind::None && !p.dropout;
   const bool f32_kr = p.dtype == DType::Float && p.fgemm != nullptr && plain && p.S > 0 &&
                       r.tier >= Capability::Avx512 &&

@@ -12,12 +12,12 @@
 
 FUSEDATTN_TIER_NS_BEGIN
 
-// 2^t as vexp2 in vec.h (same polynomials, same special values: t < -126 -> 0, NaN -> NaN,
+// 2^t as vexp2 in vec.h (same polynomials, same special values: t < kExpCut -> 0, NaN -> NaN,
 // t clamped at 127). vmaxps/vminps return their second operand when either is NaN: with t
 // second, a NaN passes the clamp and the polynomial, and no blend is needed to restore it.
 template <bool kShort = false>
 FUSEDATTN_VINLINE __m256 exp2_ymm(__m256 t) {
-  const __m256 lo = _mm256_set1_ps(-126.f);
+  const __m256 lo = _mm256_set1_ps(kExpCut);
   const __m256 tc = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(lo, t));
   const __m256 n = _mm256_round_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(tc, n);

@@ -27,14 +27,14 @@ FUSEDATTN_VINLINE __m512i lane_index() {
 // rounding, exact) and 2^n applied by vscalefps, which takes floor(n) of any n. The short
 // (degree-3) form rounds down: f in [0, 1), scalef takes t itself, and p is vexp2's degree-3
 // fit re-expanded around 1/2 (same relative error, 7.5e-5); the long (degree-5) form rounds
-// to nearest and forms n = t - f (exact), keeping vexp2's polynomial. Lanes with t < -126
+// to nearest and forms n = t - f (exact), keeping vexp2's polynomial. Lanes with t < kExpCut
 // (-inf included) or outside `keep` are zeroed by the scalef's mask, NaN stays NaN (the
 // mask's compare is unordered-true), t > 128 gives inf. Measured (perf, bf16 forward,
 // L=1024): the portable loop was 25 instructions per 16 elements and 26% of the forward;
 // vreduceps (one uop where vrndscaleps is two) 1.75 vs 2.1 ns per 16 in a loop of exp alone.
 template <bool kShort>
 FUSEDATTN_VINLINE __m512 exp2_zmm(__m512 t, __mmask16 keep = 0xffff) {
-  const __mmask16 live = _mm512_mask_cmp_ps_mask(keep, t, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
+  const __mmask16 live = _mm512_mask_cmp_ps_mask(keep, t, _mm512_set1_ps(kExpCut), _CMP_NLT_UQ);
   if constexpr (kShort) {
     const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(7.8024521470e-2f), f, _mm512_set1_ps(2.2606718540e-1f));
