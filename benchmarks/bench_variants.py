@@ -4,8 +4,9 @@ a learned relative position bias.
 For each case: fusedattn with the variant, fusedattn's plain call of the same size (the
 variant's own cost), SDPA given the equivalent mask (a materialised bool window or ALiBi's
 float bias; softcap has no SDPA form, so the same math written out in ATen), and FlexAttention
-in eager mode (forward; on the CPU it has no backward). Medians of interleaved calls; writes
-benchmarks/results/variants.json.
+in eager mode and compiled (forward; on the CPU it has no backward; compiled it gets the causal
+or window structure as a block mask, so that it skips blocks too). Medians of interleaved
+calls; writes benchmarks/results/variants.json.
 
   python benchmarks/bench_variants.py [--quick]
 """
@@ -25,9 +26,14 @@ import fusedattn  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    # One compiled flex_attention serves every case: each (score_mod, dtype, L) is a recompile.
+    for _limit in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, _limit):
+            setattr(torch._dynamo.config, _limit, 64)
+    flex_compiled = torch.compile(flex_attention)
 except ImportError:  # older torch
-    flex_attention = None
+    flex_attention = flex_compiled = None
 
 
 def rel_positions(L):
@@ -41,16 +47,21 @@ def case(variant, dtype, L, B=4, H=8, E=64):
     rel = rel_positions(L)
     slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)])
     fns = {"fusedattn plain": lambda q, k, v: fusedattn.attention(q, k, v, is_causal=True)}
+    # Compiled FlexAttention: the visible keys as a block mask, the rest as a score_mod.
+    mask_mod = lambda b, h, i, j: j <= i
+    score_mod = None
     if variant == "window":  # left 256, right 0 (causal)
         allowed = (rel <= 0) & (rel >= -256)
         fns["fusedattn"] = lambda q, k, v: fusedattn.attention(q, k, v, window=(256, 0))
         fns["sdpa bool mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         mod = lambda score, b, h, i, j: torch.where((j <= i) & (j >= i - 256), score, -math.inf)
+        mask_mod = lambda b, h, i, j: (j <= i) & (j >= i - 256)
     elif variant == "alibi":
         bias = (-slopes[:, None, None] * rel.abs()).masked_fill(rel > 0, -math.inf).to(dtype)
         fns["fusedattn"] = lambda q, k, v: fusedattn.attention(q, k, v, is_causal=True, alibi_slopes=slopes)
         fns["sdpa float mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         mod = lambda score, b, h, i, j: torch.where(j <= i, score - slopes[h] * (i - j).abs(), -math.inf)
+        score_mod = lambda score, b, h, i, j: score - slopes[h] * (i - j).abs()
     elif variant == "softcap":
         cap = 30.0
 
@@ -62,6 +73,7 @@ def case(variant, dtype, L, B=4, H=8, E=64):
         fns["math (ATen)"] = math_softcap
         cap_t = torch.tensor(cap)  # a tensor: flex_attention's tracing refuses a captured float
         mod = lambda score, b, h, i, j: torch.where(j <= i, cap_t * torch.tanh(score / cap_t), -math.inf)
+        score_mod = lambda score, b, h, i, j: cap_t * torch.tanh(score / cap_t)
     elif variant == "rel_bias":  # a learnable (H, 2D+1) table, D = 128; its gradient on both sides
         D = 128
         table = torch.randn(H, 2 * D + 1, requires_grad=True)
@@ -73,6 +85,8 @@ def case(variant, dtype, L, B=4, H=8, E=64):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         fns["sdpa float mask"] = sdpa_rel
         mod = lambda score, b, h, i, j: torch.where(j <= i, score + table[h, (j - i).clamp(-D, D) + D], -math.inf)
+        table_nograd = table.detach()
+        score_mod = lambda score, b, h, i, j: score + table_nograd[h, (j - i).clamp(-D, D) + D]
     else:
         raise ValueError(variant)
     flex = None
@@ -83,7 +97,17 @@ def case(variant, dtype, L, B=4, H=8, E=64):
             flex = lambda q, k, v: flex_attention(q, k, v, score_mod=mod)
         except Exception as e:  # noqa: BLE001 - reported, the rest still runs
             print(f"flex_attention unavailable for {variant}: {type(e).__name__}", file=sys.stderr)
-    return (q, k, v), fns, flex
+    compiled = None
+    if flex_compiled is not None:
+        try:
+            block_mask = create_block_mask(mask_mod, None, None, L, L, device="cpu")
+            with torch.no_grad():
+                flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)  # compiles
+            compiled = lambda q, k, v: flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        except Exception as e:  # noqa: BLE001 - reported, the rest still runs
+            print(f"compiled flex_attention unavailable for {variant} {dtype}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+    return (q, k, v), fns, flex, compiled
 
 
 def main():
@@ -105,7 +129,7 @@ def main():
     plan = [c for c in plan if c[0] in wanted]
     rows = []
     for variant, dtype, L in plan:
-        inputs, fns, flex = case(variant, dtype, L)
+        inputs, fns, flex, compiled = case(variant, dtype, L)
         for mode in ("fwd", "fwd+bwd"):
             names = list(fns)
             if mode == "fwd":
@@ -116,6 +140,9 @@ def main():
                 if flex is not None:
                     names.append("flex eager")
                     runs.append(lambda: flex(*inputs))
+                if compiled is not None:
+                    names.append("flex compiled")
+                    runs.append(lambda: compiled(*inputs))
                 with torch.no_grad():
                     times = time_pair(runs, repeats, 20.0)
                     peaks = [peak_mb(r) for r in runs]

@@ -176,8 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
   p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
   p.fgemm = float_gemm_offer(packing_disabled());
   const auto plan = plan_or_error(kernels::cpu::plan_varlen_backward, p,
-                                  varlen_params(pl.offsets, bottom_right),
-                                  int64_t(at::get_num_threads()));
+                                  varlen_params(pl.offsets, bottom_right));
   run_items(plan, plan.items, [](const auto& k) { return k.backward; });
   return {dq, dk, dv, d_rel.defined() ? d_rel.sum(0) : none};
 }

@@ -150,9 +150,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_back
   const auto o = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, alibi_slopes);
   const int64_t heads = query.size(1);
-  auto dq = at::zeros(query.sizes(), query.options());
-  auto dk = at::zeros(key.sizes(), key.options());
-  auto dv = at::zeros(value.sizes(), value.options());
+  // Every packed row belongs to one sequence (the offsets end at the packed lengths), whose
+  // gradient is copied in whole: no fill needed.
+  auto dq = at::empty(query.sizes(), query.options());
+  auto dk = at::empty(key.sizes(), key.options());
+  auto dv = at::empty(value.sizes(), value.options());
   at::Tensor d_rel = rel_bias ? at::zeros(rel_bias->sizes(), rel_bias->options().dtype(
                                                                  accumulate_type(query.scalar_type())))
                               : at::empty({0}, query.options());

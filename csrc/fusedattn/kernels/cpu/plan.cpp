@@ -332,8 +332,8 @@ VarlenPlan plan_varlen_forward(const FlashParams& pk, const VarlenParams& v, int
   return r;
 }
 
-VarlenPlan plan_varlen_backward(const FlashParams& pk, const VarlenParams& v, int64_t threads) {
-  (void)threads;  // a task per (sequence, key/value head): they cannot be split
+VarlenPlan plan_varlen_backward(const FlashParams& pk, const VarlenParams& v) {
+  // A task per (sequence, key/value head), as in the plain backward: not split further.
   VarlenPlan r = plan_sequences(pk, v, plan_backward);
   for (int64_t s = 0; s < v.batch; ++s) {
     const Plan& pl = r.seqs[s];

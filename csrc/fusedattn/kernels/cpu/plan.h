@@ -72,7 +72,7 @@ struct VarlenPlan {
   std::vector<VarlenItem> pack_items, items;
 };
 VarlenPlan plan_varlen_forward(const FlashParams& packed, const VarlenParams& v, int64_t threads);
-VarlenPlan plan_varlen_backward(const FlashParams& packed, const VarlenParams& v, int64_t threads);
+VarlenPlan plan_varlen_backward(const FlashParams& packed, const VarlenParams& v);
 // The sequences' workspaces inside ws (packed_elems elements of the input type).
 void set_varlen_workspace(VarlenPlan& plan, void* ws);
 
