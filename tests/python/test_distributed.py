@@ -40,6 +40,14 @@ def _cases(world):
                E=32, Ev=32, kpm=None)
 
 
+def _leave(dist):
+    """Every rank done before any tears gloo down (a rank aborted once, SIGABRT from
+    std::terminate, in a full run on 2 loaded cores: a peer leaving with work in flight is the
+    likely cause; not reproduced in isolation)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _worker(rank, world, port, errfile):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -47,7 +55,7 @@ def _worker(rank, world, port, errfile):
         dist.init_process_group("gloo", rank=rank, world_size=world)
         for case in _cases(world):
             _run_case(rank, world, **case)
-        dist.destroy_process_group()
+        _leave(dist)
     except Exception:  # noqa: BLE001 - reported to the parent through the file
         with open(errfile, "a") as f:
             f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
@@ -188,7 +196,7 @@ def _train_worker(rank, world, port, errfile, ckpt_dir):
         _context_parallel_training(rank, world, ref, ref_losses)
         _ddp_training(rank, world, ref, ref_losses)
         _fsdp2_training_and_checkpoint(rank, world, ref, ref_losses, os.path.join(ckpt_dir, "ckpt"))
-        dist.destroy_process_group()
+        _leave(dist)
     except Exception:  # noqa: BLE001
         with open(errfile, "a") as f:
             f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
