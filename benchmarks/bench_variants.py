@@ -105,7 +105,8 @@ def case(variant, dtype, L, B=4, H=8, E=64):
                 flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)  # compiles
             compiled = lambda q, k, v: flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
         except Exception as e:  # noqa: BLE001 - reported, the rest still runs
-            print(f"compiled flex_attention unavailable for {variant} {dtype}: {type(e).__name__}: {e}",
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"compiled flex_attention unavailable for {variant} {dtype}: {type(e).__name__}: {first}",
                   file=sys.stderr)
     return (q, k, v), fns, flex, compiled
 
