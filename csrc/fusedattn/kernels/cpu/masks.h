@@ -133,9 +133,10 @@ struct Masks {
 
   // softcap * tanh(row * scale / softcap), in place, from exp of -2|x| (the tier's vector
   // exp, no overflow); d (or null): the derivative 1 - tanh^2, what the backward multiplies dS
-  // by; scratch: n values where d is null. NaN stays NaN; +-inf becomes +-softcap. AVX-512:
-  // one pass (soft_cap_zmm); it was four (scale, |x|, exp, tanh), 1.10-1.20x the plain fp32
-  // forward's time, Xeon.
+  // by; scratch: n values where d is null. NaN stays NaN; +-inf becomes +-softcap. AVX-512: one
+  // pass of soft_cap_zmm, the keys-as-rows paths' arithmetic. Its cost is that arithmetic (an
+  // exp and a reciprocal per score: the fp32 forward 1.10-1.22x the plain call's time, Xeon),
+  // not the passes: four of them over the row in L1 cost the same.
   void soft_cap_row(A* row, int64_t n, A scale, A* d, A* scratch) const {
     const A cap = A(p.softcap), inv = A(1) / cap;
 #ifdef FUSEDATTN_AVX512
