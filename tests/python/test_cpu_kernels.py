@@ -622,3 +622,35 @@ def test_one_key_rows_with_an_outside_lse_take_the_general_formula(dtype, L):
     want_dq = ds.unsqueeze(-1) * scale * k.double()[..., 3:4, :]
     tol = 1e-9 if dtype == torch.float64 else (2e-5 if dtype == torch.float32 else 5e-2)
     torch.testing.assert_close(dq.double(), want_dq, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("extra", ["plain", "attn_mask", "causal_br", "window"])
+@pytest.mark.parametrize("S", [301, 600])
+def test_trailing_padding_is_never_read(monkeypatch, dtype, extra, S):
+    # NaN in the keys and values past a batch's last unpadded key (an odd position, inside a
+    # packed panel and a key pair) changes nothing: the packed paths (AMX, or the portable
+    # packed GEMM where the CPU has AVX512-BF16 only) once multiplied the first of them by a
+    # zero probability, and 0 * NaN reached O, dQ and dK. Against the same call with zeros there.
+    monkeypatch.setenv("FUSEDATTN_PACKED_GEMM", "reference")
+    gen = torch.Generator().manual_seed(S)
+    L, ke = (600 if dtype == torch.float32 else 200), 251
+    q, k, v = (torch.randn(2, 2, n, 64, generator=gen).to(dtype) for n in (L, S, S))
+    g = torch.randn(2, 2, L, 64, generator=gen).to(dtype)
+    kpm = torch.zeros(2, S, dtype=torch.bool)
+    kpm[:, ke:] = True
+    kw = {"attn_mask": dict(attn_mask=torch.rand(L, S, generator=gen) > 0.2),
+          "causal_br": dict(is_causal=True, causal_alignment="bottom_right"),
+          "window": dict(window=(100, 20)), "plain": {}}[extra]
+
+    def run(fill):
+        kk, vv = k.clone(), v.clone()
+        kk[:, :, ke:], vv[:, :, ke:] = fill, fill
+        leaves = [t.requires_grad_() for t in (q.clone(), kk, vv)]
+        out = fusedattn.attention(*leaves, key_padding_mask=kpm, **kw)
+        out.backward(g)
+        return [out] + [t.grad[:, :, :ke] if i else t.grad for i, t in enumerate(leaves)]
+
+    for got, want in zip(run(float("nan")), run(0.0)):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -42,9 +42,10 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
   using layout::kBwdBlockK;
   using layout::kKrQ;
   const int64_t b = t / p.Hk, hk = t % p.Hk, Lp = layout::l_pad(p), ldkt = layout::ld_kt(p);
-  // Keys past key_end are skipped; an odd end inside S is rounded up to a padded key, so that
-  // the dQ^T product's depth (bkp) never reaches a K^T column that is not zero or padding.
-  const int64_t ke_visible = this->key_end(b), ke = std::min(p.S, ke_visible + (ke_visible & 1));
+  // Keys past key_end (trailing padding) are never read. An odd last block's dQ^T product
+  // still runs one key deeper (bkp, the packed pairs): that column of K^T is zeroed below, as
+  // its dS is, since the padded key's K may hold anything (0 * NaN would reach dQ).
+  const int64_t ke = this->key_end(b);
   const __m512 scale = _mm512_set1_ps(float(p.scale)), l2e = _mm512_set1_ps(kLog2e);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
   const __m512i inter = _mm512_load_si512(kInterleave);
@@ -53,7 +54,7 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
   // K^T (E x S, row stride ldkt; column S zero, so that an odd last block has an even depth).
   T* kt = w.kt.data();
   transpose(this->k_rows(b, hk, 0), p.k_sr, p.S, p.E, kt, ldkt);
-  for (int64_t e = 0; e < p.E; ++e) std::fill(kt + e * ldkt + p.S, kt + (e + 1) * ldkt, T{});
+  for (int64_t e = 0; e < p.E; ++e) std::fill(kt + e * ldkt + std::min(ke, p.S), kt + (e + 1) * ldkt, T{});
   std::fill(w.dk.begin(), w.dk.end(), 0.f);
   std::fill(w.dv.begin(), w.dv.end(), 0.f);
   T* tmp = w.tmp.data();

@@ -63,6 +63,12 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
       this->mm(false, true, bq, bk, p.E, A(1), q, p.q_sr, this->k_rows(b, hk, j0), p.k_sr, A(0), s, bk);
     }
     this->apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data());
+    // Packed: columns past kv_end (whole panels' rest) are keys no query here sees, whose K
+    // and V may hold anything (trailing padding): their scores go, and P V stops at kv_end
+    // (an odd end's last key by a rank-1 update, its pair partner being one of them).
+    const int64_t kd = packed ? std::min(bk, kv_end - j0) : bk;
+    if (kd < bk)
+      for (int64_t r = 0; r < bq; ++r) std::fill(s + r * bk + kd, s + (r + 1) * bk, kNegInf);
     // P for the P V product: s itself, or (half types) rounded into w.narrow row by row
     // while the row is still in L1.
     T* pn = narrow ? w.narrow.data() : nullptr;
@@ -101,8 +107,21 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
       w.m[r] = m_new;
     }
     if (packed) {
-      p.packed->gemm(bq, p.Ev, bkp, v_depth(j0), bkp, p.Ev, true, pn,
-                     packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
+      int64_t depth = kd < bk ? kd : bkp;
+      if constexpr (kIsHalf<T>) {
+        if (depth & 1) {  // kd odd: its last key by a rank-1 update
+          --depth;
+          const T* vrow = this->v_rows(b, hk, j0 + depth);
+          for (int64_t r = 0; r < bq; ++r) {
+            const A pr = to_acc(pn[r * bkp + depth]);
+            A* acc = w.acc.data() + r * p.Ev;
+            for (int64_t e = 0; e < p.Ev; ++e) acc[e] += pr * to_acc(vrow[e]);
+          }
+        }
+      }
+      if (depth > 0)
+        p.packed->gemm(bq, p.Ev, depth, v_depth(j0), bkp, p.Ev, true, pn,
+                       packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
     } else if (fk) {
       this->fgemm(bq, p.Ev, bk, bk, p.v_sr, p.Ev, true, s, this->v_rows(b, hk, j0), w.acc.data());
     } else if (wide) {

@@ -75,6 +75,12 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
   for (int64_t j0 = kv_begin, next; j0 < kv_end; j0 = next) {
     next = std::min((j0 / kFwdBlockK + 1) * kFwdBlockK, kv_end);
     const int64_t bk = next - j0, bkp = bk + (bk & 1);
+    // An odd range that ends before S: the pair partner of its last key is a real key past
+    // kv_end (padding, or past the causal frontier) whose V may hold anything, and 0 * NaN
+    // would reach O. Its last key then joins O^T by a rank-1 update and the product stops a
+    // key short. (Ending at S, the partner is the slot's zero column.)
+    const bool odd_tail = (bk & 1) && next < p.S;
+    alignas(64) float p_last[64];
     float* st = w.s.data();
     p.packed->gemm(bk, bq, p.E, p.E, p.k_sr, kLd, false, this->k_rows(b, hk, j0), w.qt_packed.data(), st);
     float* bias = w.bias.data();
@@ -180,6 +186,9 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
           if (j + 1 < bk) {
             const __m512 b1 = biased ? _mm512_add_ps(_mm512_set1_ps(bias[j + 1]), neg_ms) : neg_ms;
             e1 = exp2_zmm<true>(_mm512_fmadd_ps(_mm512_loadu_ps(col + (j + 1) * kLd), mul, b1), keep[j + 1]);
+          } else if (odd_tail) {  // rounded as the product would round it
+            _mm512_store_ps(p_last + 16 * c, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                                 _mm512_cvtepu16_epi32(to_bf16_zmm(e0)), 16)));
           }
           sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
           const __m512i pair = _mm512_permutexvar_epi16(inter, __m512i(_mm512_cvtne2ps_pbh(e1, e0)));
@@ -193,8 +202,19 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
       }
       l[c] = sum;
     }
-    p.packed->gemm(p.Ev, bq, bkp, bkp, layout::slot_ld_vt(p), kLd, true,
-                   packed_vt(b, hk, j0 / kFwdBlockK) + j0 % kFwdBlockK, pt, ot);
+    const T* vt = packed_vt(b, hk, j0 / kFwdBlockK) + j0 % kFwdBlockK;  // V^T, Ev x bkp
+    const int64_t ld_vt = layout::slot_ld_vt(p);
+    if (odd_tail) {
+      for (int64_t r = 0; r < p.Ev; ++r) {
+        const __m512 vr = _mm512_set1_ps(to_acc(vt[r * ld_vt + bk - 1]));
+        for (int c = 0; c < nc; ++c) {
+          float* o = ot + r * kLd + 16 * c;
+          _mm512_storeu_ps(o, _mm512_fmadd_ps(vr, _mm512_load_ps(p_last + 16 * c), _mm512_loadu_ps(o)));
+        }
+      }
+    }
+    const int64_t depth = odd_tail ? bk - 1 : bkp;
+    if (depth > 0) p.packed->gemm(p.Ev, bq, depth, bkp, ld_vt, kLd, true, vt, pt, ot);
   }
   alignas(64) float mf[64], lf[64];
   for (int c = 0; c < nc; ++c) _mm512_store_ps(mf + 16 * c, m[c]), _mm512_store_ps(lf + 16 * c, l[c]);
