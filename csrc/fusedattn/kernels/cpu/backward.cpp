@@ -109,7 +109,7 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
         }
         // rel_bias: dS (of the scores the bias is added to) into its table entries.
         if (p.rel_bias) {
-          A* grad = static_cast<A*>(p.d_rel_bias) + (b * p.H + h) * (2 * p.rel_max + 1);
+          A* grad = this->rel_grad_row(b, h);
           for (int64_t r = 0; r < bq; ++r) this->rel_bias_grad_row(dp + r * bk, bk, i0 + r, j0, grad);
         }
         // Soft-capping: the scores' gradient times tanh's derivative (dS of the raw scores).

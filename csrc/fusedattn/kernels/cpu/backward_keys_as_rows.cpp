@@ -89,7 +89,7 @@ void Backward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
     float* dqt = w.dq.data();  // E x Lp
     std::fill(dqt, dqt + p.E * Lp, 0.f);
     const ScoreModsZmm mods(p, b, h);
-    float* d_table = p.rel_bias ? static_cast<float*>(p.d_rel_bias) + (b * p.H + h) * (2 * p.rel_max + 1) : nullptr;
+    float* d_table = this->rel_grad_row(b, h);
 
     for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
       const int64_t bk = std::min(kBwdBlockK, ke - j0), bkp = bk + (bk & 1);
@@ -213,7 +213,7 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
     float* dqt = w.dq.data();  // E x Lp, row stride ldq
     std::fill(dqt, dqt + p.E * ldq, 0.f);
     const ScoreModsZmm mods(p, b, h);
-    float* d_table = p.rel_bias ? static_cast<float*>(p.d_rel_bias) + (b * p.H + h) * (2 * p.rel_max + 1) : nullptr;
+    float* d_table = this->rel_grad_row(b, h);
 
     for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
       const int64_t bk = std::min(kBwdBlockK, ke - j0);

@@ -121,25 +121,20 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
         // The variants: each score in log2 units, (mods(s * scale) + bias_j) * log2(e),
         // written back over S^T for the exp pass, which then takes it as it is.
         float* colw = st + 16 * c;
-        __m512 cap_d;
+        const auto score = [&](int64_t jj) {
+          __m512 cap_d;
+          const __m512 xs = mods.apply(_mm512_mul_ps(_mm512_loadu_ps(colw + jj * kLd), scale_nat),
+                                       mods.base(j0 + jj, i0 + 16 * c), &cap_d);
+          const __m512 v = _mm512_fmadd_ps(xs, l2e, _mm512_set1_ps(bias[jj]));
+          _mm512_storeu_ps(colw + jj * kLd, v);
+          return v;
+        };
         for (; j + 1 < bk; j += 2) {
-          const __m512 v0 = _mm512_fmadd_ps(mods.apply(_mm512_mul_ps(_mm512_loadu_ps(colw + j * kLd), scale_nat),
-                                                       mods.base(j0 + j, i0 + 16 * c), &cap_d),
-                                            l2e, _mm512_set1_ps(bias[j]));
-          const __m512 v1 = _mm512_fmadd_ps(mods.apply(_mm512_mul_ps(_mm512_loadu_ps(colw + (j + 1) * kLd), scale_nat),
-                                                       mods.base(j0 + j + 1, i0 + 16 * c), &cap_d),
-                                            l2e, _mm512_set1_ps(bias[j + 1]));
-          _mm512_storeu_ps(colw + j * kLd, v0);
-          _mm512_storeu_ps(colw + (j + 1) * kLd, v1);
-          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, v0);
-          mb1 = _mm512_mask_max_ps(mb1, keep[j + 1], mb1, v1);
+          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, score(j));
+          mb1 = _mm512_mask_max_ps(mb1, keep[j + 1], mb1, score(j + 1));
         }
         if (j < bk) {
-          const __m512 v0 = _mm512_fmadd_ps(mods.apply(_mm512_mul_ps(_mm512_loadu_ps(colw + j * kLd), scale_nat),
-                                                       mods.base(j0 + j, i0 + 16 * c), &cap_d),
-                                            l2e, _mm512_set1_ps(bias[j]));
-          _mm512_storeu_ps(colw + j * kLd, v0);
-          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, v0);
+          mb0 = _mm512_mask_max_ps(mb0, keep[j], mb0, score(j));
           ++j;
         }
       } else if (has_bias) {

@@ -189,6 +189,11 @@ struct Masks {
   const A* rel_table(int64_t h) const {
     return static_cast<const A*>(p.rel_bias) + h * (2 * p.rel_max + 1);
   }
+  // Head h's row of batch b in rel_bias's gradient buffer (FlashParams::d_rel_bias), or null
+  // without rel_bias.
+  A* rel_grad_row(int64_t b, int64_t h) const {
+    return p.rel_bias ? static_cast<A*>(p.d_rel_bias) + (b * p.H + h) * (2 * p.rel_max + 1) : nullptr;
+  }
   // rel_bias's entries for keys j0 .. j0 + n - 1, in the row's units (as ALiBi).
   void add_rel_bias_row(A* row, int64_t n, int64_t h, int64_t i, int64_t j0) const {
     const A* t = rel_table(h);
