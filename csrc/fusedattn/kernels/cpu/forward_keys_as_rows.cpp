@@ -121,10 +121,11 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
         // The variants: each score in log2 units, (mods(s * scale) + bias_j) * log2(e),
         // written back over S^T for the exp pass, which then takes it as it is.
         float* colw = st + 16 * c;
+        const int64_t q0 = i0 + 16 * c;  // (a lambda may not capture a structured binding)
         const auto score = [&](int64_t jj) {
           __m512 cap_d;
           const __m512 xs = mods.apply(_mm512_mul_ps(_mm512_loadu_ps(colw + jj * kLd), scale_nat),
-                                       mods.base(j0 + jj, i0 + 16 * c), &cap_d);
+                                       mods.base(j0 + jj, q0), &cap_d);
           const __m512 v = _mm512_fmadd_ps(xs, l2e, _mm512_set1_ps(bias[jj]));
           _mm512_storeu_ps(colw + jj * kLd, v);
           return v;
