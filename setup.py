@@ -57,5 +57,8 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
     install_requires=["torch>=2.11"],
+    # fusedattn.transformers: the Hugging Face attention backend (import fusedattn never
+    # imports transformers).
+    extras_require={"transformers": ["transformers>=5.0,<6"]},
     zip_safe=False,
 )

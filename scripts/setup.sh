@@ -24,6 +24,10 @@ fi
 # matplotlib: the Nadaraya-Watson example's plot and the benchmark's PNG.
 $PY -c "import pytest, numpy, matplotlib" 2>/dev/null || $PY -m pip install -q pytest numpy matplotlib
 $PY -c "import setuptools, wheel" 2>/dev/null || $PY -m pip install -q setuptools wheel
+# transformers: the optional Hugging Face backend (fusedattn.transformers), tested in CI; the
+# range is the one its tests ran against. tqdm: the examples' and benchmarks' progress bars.
+$PY -c "import transformers, tqdm, sys; v = tuple(map(int, transformers.__version__.split('.')[:1])); sys.exit(v != (5,))" 2>/dev/null \
+  || $PY -m pip install -q "transformers>=5.0,<6" tqdm
 
 # Builds libfusedattn, fusedattn._C and the Catch2 tests in ./build, installs the package.
 $PY -m pip install -q --no-build-isolation --no-deps .

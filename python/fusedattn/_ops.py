@@ -6,7 +6,7 @@ import torch
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False, *, key_padding_mask=None, causal_alignment="top_left",
               return_weights=False, return_lse=False, average_weights=False, window=None,
-              alibi_slopes=None, softcap=None, rel_bias=None):
+              alibi_slopes=None, softcap=None, rel_bias=None, sinks=None):
     """Scaled dot-product attention (``torch.ops.fusedattn.attention``).
 
     Same arguments as ``torch.nn.functional.scaled_dot_product_attention``, plus
@@ -30,13 +30,17 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     - ``rel_bias``: a learnable table ``(H, 2 D + 1)`` (any float dtype): adds
       ``rel_bias[h, clamp(j - (i + o), -D, D) + D]``; its gradient is computed on the fused
       path (no ``L x S`` buffer).
+    - ``sinks``: ``(H,)`` learnable attention sinks (gpt-oss's ``s_aux``): head ``h``'s logit
+      ``sinks[h]`` joins the softmax's denominator and carries no value (softmax over
+      ``[scores, sinks[h]]``, the sink's column dropped); ``out``, the weights and ``lse`` are
+      the sink-inclusive ones, and ``sinks`` gets a gradient.
     """
     out, weights, lse = torch.ops.fusedattn.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         key_padding_mask=key_padding_mask, causal_alignment=causal_alignment,
         return_weights=return_weights, return_lse=return_lse, average_weights=average_weights,
         window=None if window is None else list(window), alibi_slopes=alibi_slopes,
-        softcap=softcap, rel_bias=rel_bias)
+        softcap=softcap, rel_bias=rel_bias, sinks=sinks)
     if not (return_weights or return_lse):
         return out
     return out, (weights if return_weights else None), (lse if return_lse else None)
@@ -72,14 +76,14 @@ def t5_rel_bias(bucket_bias, max_distance=128, bidirectional=True):
 def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      dropout_p=0.0, is_causal=False, causal_alignment="top_left", scale=None,
                      enable_gqa=False, window=None, alibi_slopes=None, softcap=None,
-                     rel_bias=None, return_lse=False):
+                     rel_bias=None, sinks=None, return_lse=False):
     """Attention over packed variable-length sequences (``torch.ops.fusedattn.attention_varlen``;
     FlashAttention's ``flash_attn_varlen_func`` layout).
 
     ``query (total_q, H, E)``, ``key (total_k, Hk, E)``, ``value (total_k, Hk, Ev)``,
     ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 ``(B + 1,)`` offsets of each sequence; the
     options are ``attention``'s (alignment per sequence; ``alibi_slopes`` ``(H,)`` or
-    ``(B, H)``). Returns ``out (total_q, H, Ev)``, or ``(out, lse (H, total_q))`` with
+    ``(B, H)``; ``sinks`` ``(H,)``). Returns ``out (total_q, H, Ev)``, or ``(out, lse (H, total_q))`` with
     ``return_lse``. No padding is formed or computed: one fused call per sequence on views, the
     cost the sum over sequences of ``L_b * S_b``; gradients for query, key, value, rel_bias.
     The offsets are read on the host, so ``torch.compile`` breaks the graph here.
@@ -88,5 +92,6 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         dropout_p=dropout_p, is_causal=is_causal, causal_alignment=causal_alignment, scale=scale,
         enable_gqa=enable_gqa, window=None if window is None else list(window),
-        alibi_slopes=alibi_slopes, softcap=softcap, rel_bias=rel_bias, return_lse=return_lse)
+        alibi_slopes=alibi_slopes, softcap=softcap, rel_bias=rel_bias, return_lse=return_lse,
+        sinks=sinks)
     return (out, lse) if return_lse else out

@@ -43,11 +43,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+    const std::optional<at::Tensor>& rel_bias, const std::optional<at::Tensor>& sinks) {
   static auto op = op_handle<decltype(attention)>("fusedattn::attention");
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  key_padding_mask, causal_alignment, return_weights, return_lse, average_weights,
-                 window, alibi_slopes, softcap, rel_bias);
+                 window, alibi_slopes, softcap, rel_bias, sinks);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
@@ -118,7 +118,7 @@ AttentionResult attention(const at::Tensor& query, const at::Tensor& key, const 
       ops::attention(query, key, value, opt(o.attn_mask()), o.dropout_p(), o.is_causal(),
                      o.scale(), o.enable_gqa(), opt(o.key_padding_mask()), o.causal_alignment(),
                      o.return_weights(), o.return_lse(), o.average_weights(), window,
-                     opt(o.alibi_slopes()), o.softcap(), opt(o.rel_bias()));
+                     opt(o.alibi_slopes()), o.softcap(), opt(o.rel_bias()), opt(o.sinks()));
   AttentionResult r;
   r.out = std::move(out);
   if (o.return_weights()) r.weights = std::move(weights);
@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+    const std::optional<at::Tensor>& rel_bias, const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(!average_weights || return_weights,
               "attention: average_weights=True averages the returned weights: it needs "
               "return_weights=True");
@@ -199,12 +199,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   // device, so a CUDA call draws from torch's CUDA generator and the kernel reads the seed
   // from device memory: a captured CUDA graph draws a fresh one on every replay.
   auto seed = draw_dropout_seed(dropout_p, query.device());
+  // With sinks the weights are averaged after each head's own scaling.
+  const bool average_in_kernel = average_weights && !sinks;
   auto [out, lse, weights] =
       ops::attention_forward(query, key, value, attn_mask, key_padding_mask, seed, dropout_p,
                              is_causal, causal_alignment == "bottom_right", scale, enable_gqa,
-                             return_weights, average_weights, window, alibi_slopes, softcap, rel_bias);
+                             return_weights, average_in_kernel, window, alibi_slopes, softcap,
+                             rel_bias);
   (void)return_lse;  // lse is always computed (the backward needs it); the caller picks.
-  return {out, weights, lse};
+  if (!sinks) return {out, weights, lse};
+  auto [factor, lse_sinks] = sink_factor("attention", lse, *sinks, query.sym_size(-3), query);
+  auto row_factor = factor.unsqueeze(-1);
+  out = (out * row_factor).to(out.scalar_type());
+  if (return_weights) {
+    weights = (weights * row_factor).to(weights.scalar_type());
+    if (average_weights) weights = weights.mean(-3);
+  }
+  return {out, weights, lse_sinks};
+}
+
+std::pair<at::Tensor, at::Tensor> sink_factor(const char* op, const at::Tensor& lse,
+                                              const at::Tensor& sinks, const c10::SymInt& heads,
+                                              const at::Tensor& query) {
+  TORCH_CHECK(sinks.dim() == 1, op, ": sinks must be 1-D (H,) with H = query's heads = ", heads,
+              ", got shape ", sinks.sym_sizes());
+  TORCH_SYM_CHECK(sinks.sym_size(0).sym_eq(heads), op, ": sinks must have shape (H,) = (", heads,
+                  ",), query's heads, got ", sinks.sym_sizes());
+  TORCH_CHECK(at::isFloatingType(sinks.scalar_type()), op,
+              ": sinks must be a floating-point tensor, got ", sinks.scalar_type());
+  TORCH_CHECK(sinks.device() == query.device(), op, ": sinks must be on query's device (",
+              query.device(), "), got ", sinks.device());
+  // (H, 1) against lse's (..., H, L); in the lse's accumulate type.
+  auto sink = sinks.to(lse.scalar_type()).unsqueeze(-1);
+  auto lse_sinks = at::logaddexp(lse, sink);
+  // A row whose keys are all masked has lse = -inf: factor 0 (out stays 0), lse the sink's.
+  return {at::exp(lse - lse_sinks), lse_sinks};
 }
 
 }  // namespace detail

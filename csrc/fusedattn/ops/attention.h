@@ -47,6 +47,9 @@ struct FUSEDATTN_API AttentionOptions {
   // Learned relative position bias (H, 2 D + 1), any float dtype, differentiable: adds
   // rel_bias[h, clamp(j - (i + o), -D, D) + D] to the scores.
   TORCH_ARG(at::Tensor, rel_bias);
+  // Attention sinks (H,), any float dtype, learnable: head h's logit sinks[h] joins the
+  // softmax's denominator and carries no value, so each row's weights sum to less than 1.
+  TORCH_ARG(at::Tensor, sinks);
 };
 
 struct AttentionResult {
@@ -107,7 +110,8 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> attention_varlen(
     int64_t max_seqlen_k, double dropout_p, bool is_causal, c10::string_view causal_alignment,
     std::optional<double> scale, bool enable_gqa, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias, bool return_lse);
+    const std::optional<at::Tensor>& rel_bias, bool return_lse,
+    const std::optional<at::Tensor>& sinks = std::nullopt);
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
@@ -116,7 +120,8 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     bool average_weights = false, at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
     std::optional<double> softcap = std::nullopt,
-    const std::optional<at::Tensor>& rel_bias = std::nullopt);
+    const std::optional<at::Tensor>& rel_bias = std::nullopt,
+    const std::optional<at::Tensor>& sinks = std::nullopt);
 
 // -> (out, lse, weights); weights is empty unless return_weights, (..., L, S) if averaged.
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
@@ -188,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias);
+    const std::optional<at::Tensor>& rel_bias, const std::optional<at::Tensor>& sinks);
 // The CompositeImplicitAutograd kernel of `attention_varlen` (ops/varlen.cpp).
 std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -196,7 +201,19 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
     int64_t max_seqlen_k, double dropout_p, bool is_causal, c10::string_view causal_alignment,
     std::optional<double> scale, bool enable_gqa, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias, bool return_lse);
+    const std::optional<at::Tensor>& rel_bias, bool return_lse,
+    const std::optional<at::Tensor>& sinks);
+
+// Attention sinks on a call's results, every backend alike: the softmax over [scores, sink_h]
+// is the kernels' softmax times exp(lse - logaddexp(lse, sink_h)), so out and the weights
+// scale by that factor (<= 1) and the lse becomes logaddexp(lse, sink_h); exact, O(L) per
+// row, no L x S buffer. Differentiable through the lse: the kernels' backward, given
+// grad_lse, yields query/key/value's gradients and autograd the sinks'. lse (..., H, L) in
+// the accumulate type; sinks (H,). Checks sinks against `heads` (named errors) and returns
+// (factor, lse with the sinks), both lse's shape.
+std::pair<at::Tensor, at::Tensor> sink_factor(const char* op, const at::Tensor& lse,
+                                              const at::Tensor& sinks, const c10::SymInt& heads,
+                                              const at::Tensor& query);
 }  // namespace detail
 
 }  // namespace fusedattn

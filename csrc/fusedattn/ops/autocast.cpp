@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autocast(
     c10::string_view causal_alignment, bool return_weights, bool return_lse,
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+    const std::optional<at::Tensor>& rel_bias, const std::optional<at::Tensor>& sinks) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
   const auto dtype = at::autocast::get_autocast_dtype(Device);
   auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, Device); };
@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autocast(
   return ops::attention(cast(query), cast(key), cast(value), cast_mask(attn_mask), dropout_p,
                         is_causal, scale, enable_gqa, cast_mask(key_padding_mask),
                         causal_alignment, return_weights, return_lse, average_weights, window,
-                        alibi_slopes, softcap, rel_bias);  // ALiBi's slopes stay fp32
+                        alibi_slopes, softcap, rel_bias, sinks);  // ALiBi's slopes, sinks as given
 }
 
 }  // namespace

@@ -20,13 +20,16 @@ TORCH_LIBRARY(fusedattn, m) {
   // (H, 2 D + 1), learnable: entry clamp(j - i - o, -D, D) + D added to the scores. Returns
   // (out, weights, lse); weights is empty unless return_weights (the Python wrapper turns
   // what was not asked into None), and (..., L, S), the mean over heads, with average_weights.
+  // sinks (H,): each head's learned logit joins the softmax's denominator with no value (the
+  // attention sinks of gpt-oss); out, weights and lse are then the sink-inclusive ones, and
+  // the sinks get a gradient.
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
       "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, *, "
       "Tensor? key_padding_mask=None, str causal_alignment=\"top_left\", "
       "bool return_weights=False, bool return_lse=False, bool average_weights=False, "
       "int[]? window=None, Tensor? alibi_slopes=None, float? softcap=None, "
-      "Tensor? rel_bias=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? rel_bias=None, Tensor? sinks=None) -> (Tensor, Tensor, Tensor)");
   m.impl("attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::attention_composite));
 
@@ -38,7 +41,8 @@ TORCH_LIBRARY(fusedattn, m) {
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, *, float dropout_p=0.0, "
       "bool is_causal=False, str causal_alignment=\"top_left\", float? scale=None, "
       "bool enable_gqa=False, int[]? window=None, Tensor? alibi_slopes=None, "
-      "float? softcap=None, Tensor? rel_bias=None, bool return_lse=False) -> (Tensor, Tensor)");
+      "float? softcap=None, Tensor? rel_bias=None, bool return_lse=False, Tensor? sinks=None) "
+      "-> (Tensor, Tensor)");
   m.impl("attention_varlen", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::attention_varlen_composite));
   // Internal, pure given dropout_seed: its forward and backward. lse (H, total_q) in the

@@ -187,13 +187,14 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen(
     int64_t max_seqlen_k, double dropout_p, bool is_causal, c10::string_view causal_alignment,
     std::optional<double> scale, bool enable_gqa, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias, bool return_lse) {
+    const std::optional<at::Tensor>& rel_bias, bool return_lse,
+    const std::optional<at::Tensor>& sinks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedattn::attention_varlen", "")
                        .typed<decltype(attention_varlen)>();
   return op.call(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  dropout_p, is_causal, causal_alignment, scale, enable_gqa, window, alibi_slopes,
-                 softcap, rel_bias, return_lse);
+                 softcap, rel_bias, return_lse, sinks);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
@@ -238,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
     int64_t max_seqlen_k, double dropout_p, bool is_causal, c10::string_view causal_alignment,
     std::optional<double> scale, bool enable_gqa, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias, bool return_lse) {
+    const std::optional<at::Tensor>& rel_bias, bool return_lse,
+    const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
               "attention_varlen: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
               std::string(causal_alignment), "\"");
@@ -251,6 +253,13 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
       query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
       dropout_p, is_causal, causal_alignment == "bottom_right", scale, enable_gqa, window,
       alibi_slopes, softcap, rel_bias);
+  if (sinks) {
+    // lse (H, total_q), out (total_q, H, Ev).
+    auto [factor, lse_sinks] =
+        sink_factor("attention_varlen", lse, *sinks, query.sym_size(1), query);
+    out = (out * factor.t().unsqueeze(-1)).to(out.scalar_type());
+    lse = lse_sinks;
+  }
   if (!return_lse) lse = at::empty({0}, lse.options());
   return {out, lse};
 }
@@ -269,7 +278,7 @@ AttentionResult attention_varlen(const at::Tensor& query, const at::Tensor& key,
   auto [out, lse] = ops::attention_varlen(
       query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o.dropout_p(),
       o.is_causal(), o.causal_alignment(), o.scale(), o.enable_gqa(), window, opt(o.alibi_slopes()),
-      o.softcap(), opt(o.rel_bias()), o.return_lse());
+      o.softcap(), opt(o.rel_bias()), o.return_lse(), opt(o.sinks()));
   AttentionResult r;
   r.out = std::move(out);
   if (o.return_lse()) r.lse = std::move(lse);
