@@ -52,7 +52,9 @@ class MultiheadAttention(torch.nn.Module):
     Beyond torch, keyword-only: ``window=(left, right)``, ``alibi=True`` (the ALiBi paper's
     slopes for ``num_heads``, buffer ``alibi_slopes``) or a ``(H,)`` tensor of slopes,
     ``max_relative_distance=D`` (a learnable ``rel_bias`` parameter ``(H, 2D+1)``, zeros) and
-    ``softcap``: ``fusedattn.attention``'s variants, positions top-left aligned.
+    ``softcap``: ``fusedattn.attention``'s variants, positions top-left aligned. ``sinks=True``:
+    a learnable attention-sink logit per head (parameter ``sinks`` ``(H,)``, zeros) that joins
+    each softmax's denominator with no value.
 
     Differences from torch: ``is_causal=True`` applies a causal mask by itself (torch needs
     ``attn_mask`` too, as a hint it may ignore); with both, the causal mask and ``attn_mask``
@@ -67,7 +69,7 @@ class MultiheadAttention(torch.nn.Module):
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None, head_dim=None, *, window=None, alibi=False,
-                 max_relative_distance=None, softcap=None):
+                 max_relative_distance=None, softcap=None, sinks=False):
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kdim", kdim),
                             ("vdim", vdim), ("head_dim", head_dim),
@@ -82,7 +84,7 @@ class MultiheadAttention(torch.nn.Module):
                                         add_zero_attn, kdim, vdim, batch_first, head_dim,
                                         None if window is None else list(window),
                                         given_slopes is None and bool(alibi),
-                                        max_relative_distance, softcap)
+                                        max_relative_distance, softcap, bool(sinks))
         params = dict(cpp.named_parameters(True))
 
         def adopt(name):
@@ -127,6 +129,7 @@ class MultiheadAttention(torch.nn.Module):
         else:
             self.alibi_slopes = None
         self.rel_bias = adopt("rel_bias")
+        self.sinks = adopt("sinks")
         # torch's TransformerEncoderLayer takes its fused inference path (which bypasses this
         # module) only when no submodule has hooks; this one keeps it calling forward.
         self.register_forward_pre_hook(_keep_module_in_transformer_layers)
@@ -158,7 +161,7 @@ class MultiheadAttention(torch.nn.Module):
             self.add_zero_attn, self.dropout if self.training else 0.0, self.out_proj.weight,
             self.out_proj.bias, self.batch_first, key_padding_mask, need_weights, attn_mask,
             average_attn_weights, is_causal, self.window, self.alibi_slopes, self.softcap,
-            self.rel_bias)
+            self.rel_bias, self.sinks)
         return out, (weights if need_weights else None)
 
     def __prepare_scriptable__(self):
@@ -221,9 +224,9 @@ class MultiheadAttention(torch.nn.Module):
             raise ValueError(f"MultiheadAttention: {what} does not take add_bias_kv or "
                              "add_zero_attn")
         if (self.window is not None or self.alibi_slopes is not None or self.softcap is not None
-                or self.rel_bias is not None):
+                or self.rel_bias is not None or self.sinks is not None):
             raise ValueError(f"MultiheadAttention: {what} does not take the variants (window, "
-                             "alibi, max_relative_distance, softcap) yet")
+                             "alibi, max_relative_distance, softcap) or sinks")
 
     def _batch_first_view(self, x):
         """(A, B, F) in the module's layout or (T, F) unbatched -> (N, T, F), a view."""
@@ -376,7 +379,7 @@ class MultiheadAttention(torch.nn.Module):
             self.q_proj_weight, self.k_proj_weight, self.v_proj_weight,
             self.dropout if self.training else 0.0, self.out_proj.weight, self.out_proj.bias,
             cu_seqlens, cu_k, max_seqlen, max_seqlen_k, is_causal, self.window,
-            self.alibi_slopes, self.softcap, self.rel_bias)
+            self.alibi_slopes, self.softcap, self.rel_bias, self.sinks)
 
     @torch.jit.unused
     def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask,
@@ -434,7 +437,8 @@ class MultiheadAttention(torch.nn.Module):
                 + (", alibi=True" if self.alibi_slopes is not None else "")
                 + (f", max_relative_distance={self.max_relative_distance}"
                    if self.rel_bias is not None else "")
-                + (f", softcap={self.softcap}" if self.softcap is not None else ""))
+                + (f", softcap={self.softcap}" if self.softcap is not None else "")
+                + (", sinks=True" if self.sinks is not None else ""))
 
 
 # TorchScript compiles hooks too: the input tuple is typed as forward's arguments.

@@ -126,6 +126,22 @@ def _varlen(query, key, value, offsets, max_q, max_k, offsets_k=None, max_k_give
     return out.view(b, -1, h, value.shape[-1])
 
 
+def _decode_step(query, key, value, key_padding_mask, scaling, window):
+    """One new token per sequence, no gradient: the decode kernel, which reads each block of
+    keys once for all the query heads of a key/value head (GQA as one row block). The new
+    token sees every key (or the window's last ones: a view of them)."""
+    if window is not None:
+        first = max(key.shape[2] - 1 - window[0], 0)
+        key, value = key[:, :, first:], value[:, :, first:]
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[:, first:]
+    lengths = torch.full((query.shape[0],), key.shape[2], dtype=torch.long, device=query.device)
+    out, _, _ = torch.ops.fusedattn.kv_cache_attention(
+        query, None, None, key, value, lengths, scale=scaling,
+        key_padding_mask=key_padding_mask, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       is_causal=None, sliding_window=None, softcap=None, s_aux=None,
                       position_bias=None, output_attentions=False, position_ids=None,
@@ -181,6 +197,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         if attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(query.dtype)
         causal = False
+    if (length == 1 and attn_mask is None and position_bias is None and softcap is None
+            and sinks is None and not output_attentions and not dropout
+            and not (torch.is_grad_enabled()
+                     and (query.requires_grad or key.requires_grad or value.requires_grad))):
+        return _decode_step(query, key, value, key_padding_mask, scaling, window), None
     if position_bias is not None:
         # T5: a learnable (1 or B, H, L, S) bias added to the scores; the op reads it through
         # its strides and returns its gradient.

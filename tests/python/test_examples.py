@@ -119,3 +119,12 @@ def test_context_parallel_training_equals_one_process(examples):
     for a, b in zip(r["losses"], r["cp_losses"]):
         assert abs(a - b) < 1e-5, (r["losses"], r["cp_losses"])
     assert r["max_param_diff"] < 1e-5
+
+
+def test_hf_llama_learns_from_packed_batches(examples):
+    pytest.importorskip("transformers")
+    hf = examples("hf_llama")
+    model = hf.build_model()
+    hf.train(model, 200, quiet=True)
+    acc, _ = hf.continuation_accuracy(model)
+    assert acc > 0.6

@@ -440,6 +440,41 @@ def test_module_rel_bias_and_softcap_learn_and_script():
     torch.testing.assert_close(m2(x, x, x)[0], m(x, x, x)[0])
 
 
+def test_module_sinks_learn_pack_script_and_refuse_a_cache():
+    torch.manual_seed(19)
+    m = fusedattn.MultiheadAttention(16, 4, batch_first=True, sinks=True)
+    assert m.sinks.shape == (4,) and (m.sinks == 0).all() and "sinks" in dict(m.named_parameters())
+    with torch.no_grad():
+        m.sinks.copy_(torch.randn(4))
+    x = torch.randn(3, 11, 16)
+    out, w = m(x, x, x, is_causal=True, average_attn_weights=False)
+    out.sum().backward()
+    assert m.sinks.grad.abs().sum() > 0
+    assert (w.sum(-1) < 1).all()  # each row's sink takes part of the weight
+    q, k, v = torch.nn.functional.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, -1)
+    heads = lambda t: t.view(3, 11, 4, 4).transpose(1, 2)
+    o, ref_w, _ = fusedattn.attention(heads(q), heads(k), heads(v), is_causal=True,
+                                      sinks=m.sinks, return_weights=True)
+    ref = torch.nn.functional.linear(o.transpose(1, 2).reshape(3, 11, 16), m.out_proj.weight,
+                                     m.out_proj.bias)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+    # Averaged weights: each head scaled by its own sink before the mean.
+    _, avg = m(x, x, x, is_causal=True)
+    torch.testing.assert_close(avg, ref_w.mean(1), atol=1e-6, rtol=1e-5)
+    # Packed sequences: each sequence as its own batch.
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    flat = x[0]
+    packed, _ = m(flat, flat, flat, cu_seqlens=cu, need_weights=False, is_causal=True)
+    for a, z in ((0, 4), (4, 11)):
+        one, _ = m(flat[a:z][None], flat[a:z][None], flat[a:z][None], need_weights=False,
+                   is_causal=True)
+        torch.testing.assert_close(packed[a:z], one[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.jit.script(m.eval())(x, x, x)[0], m(x, x, x)[0])
+    with pytest.raises(ValueError, match="does not take the variants .* or sinks"):
+        m(x, x, x, cache=m.kv_cache(3, 16), is_causal=True, need_weights=False)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(window=(1,)), "window must be {left, right}"),
     (dict(softcap=-1.0), "softcap must be positive"),

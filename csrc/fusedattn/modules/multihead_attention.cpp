@@ -76,6 +76,7 @@ void MultiheadAttentionImpl::reset() {
     rel_bias = register_parameter(
         "rel_bias", torch::zeros({o.num_heads(), 2 * *o.max_relative_distance() + 1}));
   }
+  if (o.sinks()) sinks = register_parameter("sinks", torch::zeros({o.num_heads()}));
   reset_parameters();
 }
 
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward(
       opt(out_proj->bias), options.batch_first(), opt(key_padding_mask), need_weights,
       opt(attn_mask), average_attn_weights, is_causal,
       options.window().empty() ? at::OptionalIntArrayRef() : at::OptionalIntArrayRef(options.window()),
-      opt(alibi_slopes), options.softcap(), opt(rel_bias));
+      opt(alibi_slopes), options.softcap(), opt(rel_bias), opt(sinks));
   return {out, need_weights ? weights : at::Tensor()};
 }
 
@@ -151,7 +152,7 @@ at::Tensor MultiheadAttentionImpl::forward_packed(const at::Tensor& query, const
       cu_k, longest(cu_seqlens, max_seqlen),
       longest(cu_k, max_seqlen_k >= 0 || own_k ? max_seqlen_k : max_seqlen), is_causal,
       options.window().empty() ? at::OptionalIntArrayRef() : at::OptionalIntArrayRef(options.window()),
-      opt(alibi_slopes), options.softcap(), opt(rel_bias));
+      opt(alibi_slopes), options.softcap(), opt(rel_bias), opt(sinks));
 }
 
 namespace {
@@ -170,9 +171,9 @@ void MultiheadAttentionImpl::check_cacheable() const {
   TORCH_CHECK(!bias_k.defined() && !options.add_zero_attn(),
               "MultiheadAttention: a KV cache does not take add_bias_kv or add_zero_attn");
   TORCH_CHECK(options.window().empty() && !alibi_slopes.defined() && !options.softcap() &&
-                  !rel_bias.defined(),
+                  !rel_bias.defined() && !sinks.defined(),
               "MultiheadAttention: a KV cache does not take the variants (window, alibi, "
-              "max_relative_distance, softcap) yet");
+              "max_relative_distance, softcap) or sinks");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> MultiheadAttentionImpl::kv_projection()

@@ -43,6 +43,9 @@ struct FUSEDATTN_API MultiheadAttentionOptions {
   TORCH_ARG(bool, alibi) = false;
   TORCH_ARG(std::optional<int64_t>, max_relative_distance) = std::nullopt;
   TORCH_ARG(std::optional<double>, softcap) = std::nullopt;
+  // Attention sinks: a learnable logit per head (parameter sinks, (H,), zeros) that joins each
+  // softmax's denominator with no value (fusedattn::attention's sinks).
+  TORCH_ARG(bool, sinks) = false;
 };
 
 // ALiBi's slopes for n heads (the paper's geometric sequence; for n not a power of two, those
@@ -115,6 +118,7 @@ class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<Multihe
   at::Tensor k_proj_weight;    // (H * head_dim, kdim)
   at::Tensor alibi_slopes;     // (H,) buffer, with options.alibi()
   at::Tensor rel_bias;         // (H, 2 D + 1) parameter, with options.max_relative_distance()
+  at::Tensor sinks;            // (H,) parameter, with options.sinks()
   at::Tensor v_proj_weight;    // (H * head_dim, vdim)
   at::Tensor in_proj_bias;     // (3 * H * head_dim) with bias
   at::Tensor bias_k, bias_v;   // (1, 1, H * head_dim) with add_bias_kv

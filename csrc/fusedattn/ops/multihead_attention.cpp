@@ -67,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention(
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
     const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
-    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias,
+    const std::optional<at::Tensor>& sinks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedattn::multihead_attention", "")
                        .typed<decltype(multihead_attention)>();
@@ -75,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention(
                  k_proj_weight, v_proj_weight, bias_k, bias_v, add_zero_attn, dropout_p,
                  out_proj_weight, out_proj_bias, batch_first, key_padding_mask, need_weights,
                  attn_mask, average_attn_weights, is_causal, window, alibi_slopes, softcap,
-                 rel_bias);
+                 rel_bias, sinks);
 }
 at::Tensor multihead_attention_varlen(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
@@ -86,14 +87,14 @@ at::Tensor multihead_attention_varlen(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool is_causal, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+    const std::optional<at::Tensor>& rel_bias, const std::optional<at::Tensor>& sinks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedattn::multihead_attention_varlen", "")
                        .typed<decltype(multihead_attention_varlen)>();
   return op.call(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
                  k_proj_weight, v_proj_weight, dropout_p, out_proj_weight, out_proj_bias,
                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, window,
-                 alibi_slopes, softcap, rel_bias);
+                 alibi_slopes, softcap, rel_bias, sinks);
 }
 }  // namespace ops
 
@@ -108,7 +109,7 @@ at::Tensor multihead_attention_varlen_composite(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool is_causal, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+    const std::optional<at::Tensor>& rel_bias, const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(num_heads > 0, kFn, ": num_heads must be positive, got ", num_heads);
   TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && value.dim() == 2, kFn,
               ": packed sequences (cu_seqlens) take 2-D query (total_q, E), key (total_k, kdim) "
@@ -167,7 +168,7 @@ at::Tensor multihead_attention_varlen_composite(
   auto [out, lse] = ops::attention_varlen(heads(q), heads(k), heads(v), cu_seqlens_q, cu_seqlens_k,
                                           max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                                           "top_left", std::nullopt, false, window, slopes, softcap,
-                                          rel_bias, false);
+                                          rel_bias, false, sinks);
   return at::linear(out.flatten(1), out_proj_weight, bias_like(out_proj_bias, out_proj_weight));
 }
 
@@ -181,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
     const std::optional<at::Tensor>& attn_mask, bool average_attn_weights, bool is_causal,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
-    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias,
+    const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(num_heads > 0, kFn, ": num_heads must be positive, got ", num_heads);
   TORCH_CHECK(query.dim() == 3 || query.dim() == 2, kFn,
               ": query must be 3-D (L, N, E), (N, L, E) with batch_first, or 2-D (L, E) "
@@ -231,9 +233,9 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
                                          : q_proj_weight ? *q_proj_weight : out_proj_weight);
   const auto out_bias = bias_like(out_proj_bias, out_proj_weight);
 
-  // The variants (window, ALiBi, softcap, rel_bias) run on the attention op's kernels, on
-  // split heads.
-  const bool variants = window || alibi_slopes || softcap || rel_bias;
+  // The variants (window, ALiBi, softcap, rel_bias) and sinks run on the attention op's
+  // kernels, on split heads.
+  const bool variants = window || alibi_slopes || softcap || rel_bias || sinks;
   // The op takes fp32 slopes; a module's buffer follows the module's .to(dtype).
   std::optional<at::Tensor> slopes;
   if (alibi_slopes) slopes = alibi_slopes->to(at::kFloat);
@@ -397,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     std::tie(out, weights, std::ignore) =
         ops::attention(q, k, v, mask, dropout_p, op_causal, std::nullopt, false, kpm, "top_left",
                        need_weights, false, need_weights && average_attn_weights, window,
-                       slopes, softcap, rel_bias);
+                       slopes, softcap, rel_bias, sinks);
     // (N, H, L, Dv) -> the caller's layout, heads concatenated.
     const SymInt hd = out.sym_size(1) * out.sym_size(3);
     merged = seq_first ? out.permute({2, 0, 1, 3}).reshape_symint({L, N, hd})

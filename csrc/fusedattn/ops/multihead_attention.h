@@ -26,7 +26,8 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> multihead_attention(
     at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
     std::optional<double> softcap = std::nullopt,
-    const std::optional<at::Tensor>& rel_bias = std::nullopt);
+    const std::optional<at::Tensor>& rel_bias = std::nullopt,
+    const std::optional<at::Tensor>& sinks = std::nullopt);
 // Packed variable-length sequences (attention_varlen's layout): query (total_q, E), key and
 // value (total_k, kdim|vdim), cu_seqlens_q / cu_seqlens_k (B + 1,) offsets; causal top-left
 // per sequence. No weights, masks, bias_k/bias_v or add_zero_attn (the offsets are the
@@ -41,7 +42,8 @@ FUSEDATTN_API at::Tensor multihead_attention_varlen(
     int64_t max_seqlen_k, bool is_causal, at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
     std::optional<double> softcap = std::nullopt,
-    const std::optional<at::Tensor>& rel_bias = std::nullopt);
+    const std::optional<at::Tensor>& rel_bias = std::nullopt,
+    const std::optional<at::Tensor>& sinks = std::nullopt);
 }  // namespace ops
 
 namespace detail {
@@ -59,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
     at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
     std::optional<double> softcap = std::nullopt,
-    const std::optional<at::Tensor>& rel_bias = std::nullopt);
+    const std::optional<at::Tensor>& rel_bias = std::nullopt,
+    const std::optional<at::Tensor>& sinks = std::nullopt);
 // Its CompositeImplicitAutograd kernel: the projections, attention_varlen, the output
 // projection.
 at::Tensor multihead_attention_varlen_composite(
@@ -72,6 +75,7 @@ at::Tensor multihead_attention_varlen_composite(
     int64_t max_seqlen_k, bool is_causal, at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
     std::optional<double> softcap = std::nullopt,
-    const std::optional<at::Tensor>& rel_bias = std::nullopt);
+    const std::optional<at::Tensor>& rel_bias = std::nullopt,
+    const std::optional<at::Tensor>& sinks = std::nullopt);
 }  // namespace detail
 }  // namespace fusedattn

@@ -117,7 +117,7 @@ TORCH_LIBRARY(fusedattn, m) {
       "bool batch_first=False, Tensor? key_padding_mask=None, bool need_weights=True, "
       "Tensor? attn_mask=None, bool average_attn_weights=True, bool is_causal=False, "
       "int[]? window=None, Tensor? alibi_slopes=None, float? softcap=None, "
-      "Tensor? rel_bias=None) -> (Tensor, Tensor)");
+      "Tensor? rel_bias=None, Tensor? sinks=None) -> (Tensor, Tensor)");
   m.impl("multihead_attention", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::multihead_attention_composite));
   // Its packed form (both modules' forward with cu_seqlens): query (total_q, E), key and
@@ -128,7 +128,7 @@ TORCH_LIBRARY(fusedattn, m) {
       "Tensor? k_proj_weight, Tensor? v_proj_weight, float dropout_p, Tensor out_proj_weight, "
       "Tensor? out_proj_bias, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, bool is_causal=False, int[]? window=None, Tensor? alibi_slopes=None, "
-      "float? softcap=None, Tensor? rel_bias=None) -> Tensor");
+      "float? softcap=None, Tensor? rel_bias=None, Tensor? sinks=None) -> Tensor");
   m.impl("multihead_attention_varlen", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::multihead_attention_varlen_composite));
 

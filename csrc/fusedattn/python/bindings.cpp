@@ -52,7 +52,7 @@ PYBIND11_MODULE(_C, m) {
                        std::optional<int64_t> head_dim,
                        std::optional<std::vector<int64_t>> window, bool alibi,
                        std::optional<int64_t> max_relative_distance,
-                       std::optional<double> softcap) {
+                       std::optional<double> softcap, bool sinks) {
              auto o = fusedattn::MultiheadAttentionOptions(embed_dim, num_heads)
                           .dropout(dropout)
                           .bias(bias)
@@ -65,7 +65,8 @@ PYBIND11_MODULE(_C, m) {
                           .window(window.value_or(std::vector<int64_t>{}))
                           .alibi(alibi)
                           .max_relative_distance(max_relative_distance)
-                          .softcap(softcap);
+                          .softcap(softcap)
+                          .sinks(sinks);
              return std::make_shared<fusedattn::MultiheadAttentionImpl>(o);
            }),
            py::arg("embed_dim"), py::arg("num_heads"), py::arg("dropout") = 0.0,
@@ -73,7 +74,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("kdim") = py::none(), py::arg("vdim") = py::none(),
            py::arg("batch_first") = false, py::arg("head_dim") = py::none(),
            py::arg("window") = py::none(), py::arg("alibi") = false,
-           py::arg("max_relative_distance") = py::none(), py::arg("softcap") = py::none())
+           py::arg("max_relative_distance") = py::none(), py::arg("softcap") = py::none(),
+           py::arg("sinks") = false)
       .def(
           "forward",
           [](fusedattn::MultiheadAttentionImpl& self, const at::Tensor& query,

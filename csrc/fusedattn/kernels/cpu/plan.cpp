@@ -59,9 +59,12 @@ constexpr int64_t kFloatGemmBackwardMinQueries = 128;
 // capped to AVX2, forward L=1024 bf16 55-62 -> 53-54 ms (causal 34 -> 29-31), fp16 59-66 ->
 // 52-57; fwd+bwd L=512 with a bool mask bf16 68-78 -> 63-64 ms, fp16 63-69 -> 50-53. On AMX
 // fp16 forward 46-51 -> 36-40 ms, fwd+bwd 53-58 -> 36-40; but bf16 fwd+bwd 18 -> 28 ms (MKL's
-// bf16 GEMM runs on AMX), so bf16 keeps its half GEMMs from avx512_bf16 up. The fp32 products
-// also keep P and dS unrounded, as PyTorch's CPU kernel does.
-constexpr Capability kBf16GemmTier = Capability::Avx512Bf16;
+// bf16 GEMM runs on AMX), so bf16 keeps its half GEMMs on amx. Below it, AVX512-BF16 without
+// AMX (AMD EPYC, 2026-12-07), MKL's bf16 GEMM is its slow generic code: one decoding step
+// (B=4, 12 heads over 3 kv heads, 1 query, 1024 keys) 2300 -> 280 us, the causal forward at
+// L=1024 (B=4, H=16, Hk=4) 63 -> 59 ms on fp32 products. The fp32 products also keep P and dS
+// unrounded, as PyTorch's CPU kernel does.
+constexpr Capability kBf16GemmTier = Capability::Amx;
 
 int64_t queries_per_kv_head(const FlashParams& p) { return p.Hk > 0 ? p.L * (p.H / p.Hk) : 0; }
 bool is_half(const FlashParams& p) { return p.dtype == DType::BFloat16 || p.dtype == DType::Half; }

@@ -1,0 +1,241 @@
+"""Hugging Face transformers models on "fusedattn", "sdpa" and "eager" attention, in one run
+(CPU), the same weights for all: prefill (fp32, bf16; with and without left padding), a
+training step (forward + backward, left padding), greedy generation tokens/s, for a
+Llama-shaped and a Gemma-2-shaped decoder (softcap and sliding windows, which "sdpa" refuses:
+compared with "eager") and a BERT-shaped encoder with right padding.
+
+Attention's own share: each case also runs with a no-op attention (returns its query), the
+floor of everything else; "attention alone" is (time - floor). Medians of interleaved rounds
+(the machine's load drifts; single runs of one pair moved 0.7x-1.9x here).
+
+Writes benchmarks/results/transformers.json and .png.
+
+  python benchmarks/bench_transformers.py [--quick] [--rounds N]
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cpu_model  # noqa: E402
+
+import fusedattn  # noqa: E402
+import fusedattn.transformers as fa_hf  # noqa: E402
+import transformers  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def noop_attention(module, query, key, value, attention_mask, **kwargs):
+    return query.transpose(1, 2), None
+
+
+def register_all():
+    fa_hf.register("fusedattn")
+    transformers.AttentionInterface.register("noop", noop_attention)
+    transformers.masking_utils.AttentionMaskInterface.register("noop", fa_hf.attention_mask)
+
+
+def llama(quick):
+    d, layers = (256, 2) if quick else (768, 8)
+    cfg = transformers.LlamaConfig(vocab_size=8192, hidden_size=d, intermediate_size=int(2.75 * d),
+                                   num_hidden_layers=layers, num_attention_heads=d // 64,
+                                   num_key_value_heads=max(d // 256, 1), max_position_embeddings=4096,
+                                   pad_token_id=0)
+    return transformers.LlamaForCausalLM, cfg
+
+
+def gemma2(quick):
+    d, layers = (256, 2) if quick else (768, 8)
+    cfg = transformers.Gemma2Config(vocab_size=8192, hidden_size=d, intermediate_size=int(2.75 * d),
+                                    num_hidden_layers=layers, num_attention_heads=d // 64,
+                                    num_key_value_heads=max(d // 256, 1), head_dim=64,
+                                    sliding_window=256, attn_logit_softcapping=50.0,
+                                    final_logit_softcapping=30.0, query_pre_attn_scalar=64,
+                                    max_position_embeddings=4096, pad_token_id=0)
+    return transformers.Gemma2ForCausalLM, cfg
+
+
+def bert(quick):
+    d, layers = (256, 2) if quick else (768, 8)
+    cfg = transformers.BertConfig(vocab_size=8192, hidden_size=d, num_hidden_layers=layers,
+                                  num_attention_heads=d // 64, intermediate_size=4 * d,
+                                  max_position_embeddings=1024)
+    return transformers.BertModel, cfg
+
+
+def models(kind, quick, dtype, impls):
+    cls, cfg = kind(quick)
+    torch.manual_seed(0)
+    cfg._attn_implementation = "eager"
+    base = cls(cfg).to(dtype).eval()
+    out = {}
+    for impl in impls:
+        m = copy.deepcopy(base)
+        m.set_attn_implementation(impl)
+        out[impl] = m
+    return out
+
+
+def batch(b, length, padding, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 8192, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    if padding == "left":
+        for i in range(b):
+            mask[i, : (i * length) // (2 * b)] = 0
+    elif padding == "right":
+        for i in range(b):
+            mask[i, length - (i * length) // (2 * b):] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def interleaved(fns, rounds):
+    """Median seconds of each fn over `rounds` interleaved rounds (after one warm-up each)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def case_prefill(kind, dtype, padding, b, length, rounds, quick, baseline):
+    impls = ["fusedattn", baseline, "noop"]
+    ms = models(kind, quick, dtype, impls)
+    ids, mask = batch(b, length, padding)
+    kwargs = dict(input_ids=ids) if padding == "none" else dict(input_ids=ids, attention_mask=mask)
+
+    def run(m):
+        def f():
+            with torch.no_grad():
+                m(**kwargs)
+        return f
+    return interleaved({k: run(m) for k, m in ms.items()}, rounds)
+
+
+def case_train(kind, dtype, b, length, rounds, quick, baseline):
+    impls = ["fusedattn", baseline, "noop"]
+    ms = models(kind, quick, dtype, impls)
+    ids, mask = batch(b, length, "left")
+
+    def run(m):
+        m.train()
+
+        def f():
+            m.zero_grad(set_to_none=True)
+            out = m(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+            out.loss.backward()
+        return f
+    return interleaved({k: run(m) for k, m in ms.items()}, rounds)
+
+
+def case_generate(kind, dtype, b, prompt, new, rounds, quick, baseline):
+    impls = ["fusedattn", baseline]
+    ms = models(kind, quick, dtype, impls)
+    ids, mask = batch(b, prompt, "left")
+    outs = {}
+
+    def run(k, m):
+        def f():
+            with torch.no_grad():
+                outs[k] = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                     min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return f
+    t = interleaved({k: run(k, m) for k, m in ms.items()}, rounds)
+    same = torch.equal(outs["fusedattn"], outs[baseline])
+    return {k: b * new / v for k, v in t.items()}, same
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small models and sequences")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "transformers.json"))
+    args = ap.parse_args()
+    register_all()
+    q = args.quick
+    b, length = (2, 256) if q else (4, 1024)
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for padding in ("left", "none"):
+            cases.append(("prefill", "llama", llama, dtype, padding, "sdpa"))
+    cases += [("train", "llama", llama, torch.float32, "left", "sdpa"),
+              ("prefill", "gemma2", gemma2, torch.float32, "left", "eager"),
+              ("prefill", "bert", bert, torch.float32, "right", "sdpa"),
+              ("generate", "llama", llama, torch.float32, "left", "sdpa"),
+              ("generate", "llama", llama, torch.bfloat16, "left", "sdpa")]
+    rows = []
+    for what, name, kind, dtype, padding, baseline in tqdm(cases, desc="cases"):
+        dt = str(dtype).replace("torch.", "")
+        row = dict(case=what, model=name, dtype=dt, padding=padding, baseline=baseline)
+        if what == "prefill":
+            t = case_prefill(kind, dtype, padding, b, length, args.rounds, q, baseline)
+        elif what == "train":
+            t = case_train(kind, dtype, b, length // 2, args.rounds, q, baseline)
+        else:
+            tps, same = case_generate(kind, dtype, b, 64 if q else 128, 16 if q else 32,
+                                      max(args.rounds // 2, 2), q, baseline)
+            row.update(tokens_per_s={k: round(v, 1) for k, v in tps.items()},
+                       speedup=round(tps["fusedattn"] / tps[baseline], 3), same_tokens=same)
+            rows.append(row)
+            tqdm.write(f"{what:8} {name:6} {dt:8} {padding:5} tokens/s fusedattn "
+                       f"{tps['fusedattn']:.1f} {baseline} {tps[baseline]:.1f} "
+                       f"({row['speedup']:.2f}x, same tokens: {same})")
+            continue
+        floor = t["noop"]
+        ours, theirs = t["fusedattn"], t[baseline]
+        row.update(ms={k: round(v * 1e3, 1) for k, v in t.items()},
+                   speedup=round(theirs / ours, 3),
+                   attention_ms={"fusedattn": round((ours - floor) * 1e3, 1),
+                                 baseline: round((theirs - floor) * 1e3, 1)},
+                   attention_speedup=round((theirs - floor) / max(ours - floor, 1e-9), 3))
+        rows.append(row)
+        tqdm.write(f"{what:8} {name:6} {dt:8} {padding:5} fusedattn {ours * 1e3:8.1f} ms  "
+                   f"{baseline} {theirs * 1e3:8.1f} ms  ({row['speedup']:.2f}x)  attention "
+                   f"alone {row['attention_ms']['fusedattn']:.1f} vs "
+                   f"{row['attention_ms'][baseline]:.1f} ms ({row['attention_speedup']:.2f}x)")
+    meta = dict(cpu=cpu_model(), capability=fusedattn.cpu_capability(), torch=torch.__version__,
+                transformers=transformers.__version__, threads=torch.get_num_threads(),
+                batch=b, length=length, rounds=args.rounds, quick=q,
+                date=time.strftime("%Y-%m-%d"))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    plot(rows, meta, args.out[:-5] + ".png")
+    print(f"wrote {args.out}")
+
+
+def plot(rows, meta, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{r['case']} {r['model']}\n{r['dtype']} {r['padding']} vs {r['baseline']}"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["speedup"] for r in rows], 0.4, label="end to end")
+    ax.bar([i + 0.2 for i in x], [r.get("attention_speedup", 0) for r in rows], 0.4,
+           label="attention alone")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("speed-up of fusedattn (x)")
+    ax.set_title(f"transformers models, {meta['cpu']} ({meta['threads']} threads)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
