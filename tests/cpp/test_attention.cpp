@@ -1,4 +1,5 @@
 #include <catch2/catch.hpp>
+#include <limits>
 #include <torch/torch.h>
 
 #include <fusedattn/fusedattn.h>
@@ -28,6 +29,29 @@ TEST_CASE("attention matches the fp64 formula on odd sizes", "[attention]") {
     auto s = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(5.0);
     require_close(*r.lse, torch::logsumexp(s, -1), 1e-12);
   }
+}
+
+TEST_CASE("sinks join each head's softmax denominator and get a gradient", "[attention][sinks]") {
+  torch::manual_seed(5);
+  auto q = randn({2, 3, 7, 5}).requires_grad_(), k = randn({2, 3, 9, 5}), v = randn({2, 3, 9, 4});
+  auto sinks = randn({3}).requires_grad_();
+  auto r = fusedattn::attention(
+      q, k, v, AttentionOptions().sinks(sinks).is_causal(true).causal_alignment("bottom_right"));
+  // The definition: softmax over [scores, sink_h], the sink's column dropped.
+  auto s = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(5.0);
+  auto allowed = torch::ones({7, 9}, torch::kBool).tril(2);
+  s = s.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  auto with_sink = torch::cat({s, sinks.view({1, 3, 1, 1}).expand({2, 3, 7, 1})}, -1);
+  auto p = torch::softmax(with_sink, -1).narrow(-1, 0, 9);
+  auto ref = torch::matmul(p, v);
+  require_close(r.out, ref, 1e-12);
+  auto g = torch::randn_like(ref);
+  auto grads = torch::autograd::grad({r.out}, {q, sinks}, {g});
+  auto ref_grads = torch::autograd::grad({ref}, {q, sinks}, {g});
+  require_close(grads[0], ref_grads[0], 1e-10);
+  require_close(grads[1], ref_grads[1], 1e-10);
+  CHECK_THROWS_WITH(fusedattn::attention(q, k, v, AttentionOptions().sinks(randn({4}))),
+                    Catch::Contains("sinks must have shape (H,) = (3,)"));
 }
 
 TEST_CASE("average_weights returns the mean of the heads' weights", "[attention][weights]") {
