@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import fusedattn
 
@@ -62,21 +63,14 @@ def time_pair(fns, repeats, budget_s):
     return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
-class Progress:
-    def __init__(self, total):
-        self.total, self.done, self.start = total, 0, time.perf_counter()
+def progress_bar(total):
+    """A tqdm bar on stderr over `total` cases; each case calls advance(bar, label) when done."""
+    return tqdm(total=total, file=sys.stderr, dynamic_ncols=True)
 
-    def step(self, label):
-        self.done += 1
-        width = 30
-        fill = int(width * self.done / self.total)
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
-                         f"{elapsed:5.0f}s eta {eta:5.0f}s  {label:<48}")
-        sys.stderr.flush()
-        if self.done == self.total:
-            sys.stderr.write("\n")
+
+def advance(bar, label):
+    bar.set_postfix_str(label, refresh=False)
+    bar.update()
 
 
 # ---------------------------------------------------------------- cases
@@ -182,7 +176,7 @@ def main():
     # number of tokens, and a smaller model (E=256) at L=512.
     module_cases = [] if args.skip_modules else [("self", 32, 128, 512), ("cross", 32, 128, 512),
                                                  ("self", 4, 1024, 512), ("self", 8, 512, 256)]
-    progress = Progress(len(cases) * 2 + 3 * len(module_cases))
+    progress = progress_bar(len(cases) * 2 + 3 * len(module_cases))
     rows = []
     with torch.inference_mode(False):
         for variant, dtype, L, causal in cases:
@@ -203,7 +197,7 @@ def main():
                                  torch_path=path, fusedattn_ms=t_ours * 1e3,
                                  torch_ms=t_theirs * 1e3, speedup=t_theirs / t_ours,
                                  fusedattn_peak_mb=m_ours, torch_peak_mb=m_theirs))
-                progress.step(label)
+                advance(progress, label)
         # need_weights=True is nn.MultiheadAttention's default and its O(L^2) path (scores,
         # softmax and the head-averaged weights written out); False lets it call SDPA.
         # An encoder's size (N=32, L=128, E=512), and (self-attention) a long sequence with the same
@@ -226,7 +220,7 @@ def main():
                                  torch_ms=t_theirs * 1e3, speedup=t_theirs / t_ours,
                                  fusedattn_peak_mb=peak_mb(step(ours)),
                                  torch_peak_mb=peak_mb(step(theirs))))
-                progress.step(f"MultiheadAttention {kind} N={N} L={L} E={E} pad={with_pad} weights={weights}")
+                advance(progress, f"MultiheadAttention {kind} N={N} L={L} E={E} pad={with_pad} weights={weights}")
 
     meta = dict(torch=torch.__version__, fusedattn=fusedattn.__version__, threads=torch.get_num_threads(),
                 cpu=cpu_model(), fusedattn_tier=fusedattn.cpu_capability(),

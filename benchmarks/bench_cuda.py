@@ -25,7 +25,7 @@ import fusedattn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench import Progress  # noqa: E402
+from bench import advance, progress_bar  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -125,16 +125,16 @@ def main():
     cases = [(d, E, L, c, var) for var in ("plain", "key_padding", "float_mask") for d in dtypes
              for E in dims for L in lens for c in (False, True)
              if not (var == "float_mask" and L > 4096)]  # the (B, H, L, S) mask alone: 4 GiB at 8k
-    progress = Progress(len(cases) + 2 * len(dtypes))
+    progress = progress_bar(len(cases) + 2 * len(dtypes))
     rows = []
     for d, E, L, c, var in cases:
         rows.append(attention_case(d, E, L, c, var, args.repeats, with_math=L <= 2048))
-        progress.step(f"{var} {d} E={E} L={L} causal={c}")
+        advance(progress, f"{var} {d} E={E} L={L} causal={c}")
         torch.cuda.empty_cache()
     for d in dtypes:
         for kp in (False, True):
             rows.append(module_case(d, kp, args.repeats))
-            progress.step(f"module {d} key_padding={kp}")
+            advance(progress, f"module {d} key_padding={kp}")
     gpu = torch.cuda.get_device_name()
     print(f"\n{gpu}, torch {torch.__version__}; TFLOP/s (ratio = fastest PyTorch backend's time / fusedattn's)")
     head = f"{'variant':<12}{'dtype':<10}{'E':>4}{'L':>7}{'causal':>7}  {'fused':>7}" + "".join(

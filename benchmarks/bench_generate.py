@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import Progress, cpu_model, time_pair  # noqa: E402
+from bench import advance, cpu_model, progress_bar, time_pair  # noqa: E402
 
 import fusedattn  # noqa: E402
 
@@ -226,7 +226,7 @@ def main():
     if args.op_only:
         return
     cases = [(d, b, n) for d in args.dtypes.split(",") for b in batches for n in lengths]
-    progress = Progress(len(cases) + 1)
+    progress = progress_bar(len(cases) + 1)
     models = {}
     with torch.inference_mode():
         for dname, batch, n in cases:
@@ -241,14 +241,14 @@ def main():
                        sdpa_cache_tokens_s=batch / ts, speedup_vs_sdpa_cache=ts / tf,
                        speedup_vs_recompute=tr[0] / tf if tr else None, logits_max_diff=err)
             rows.append(row)
-            progress.step(f"{dname} batch {batch} cache {n}")
+            advance(progress, f"{dname} batch {batch} cache {n}")
         # Greedy generation from a 128-token prompt, fp32: the same tokens both ways.
         model = models.get("fp32") or Decoder().eval()
         prompt = torch.randint(0, 1000, (2, 128))
         a, _ = greedy(model, model.step_fused, model.fused_caches(2, 128 + 64), prompt, 64)
         b, _ = greedy(model, model.step_sdpa, model.sdpa_buffers(2, 128 + 64), prompt, 64)
         same = bool(torch.equal(a, b))
-        progress.step("greedy check")
+        advance(progress, "greedy check")
     print(f"\nCPU: {cpu_model()}, tier {fusedattn.cpu_capability()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; 6 layers, d_model 512, 8 heads")
     print(f"{'dtype':5} {'batch':>5} {'cache':>6} {'fusedattn':>10} {'sdpa cache':>11} {'recompute':>10} "

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusedattn
-from common import median, progress
+from common import median, steps_bar
 
 PAD, BOS, FIRST_DIGIT, DIGITS = 0, 1, 2, 10
 VOCAB = FIRST_DIGIT + DIGITS
@@ -206,7 +206,8 @@ def train(steps=1500, batch=128, max_len=12, lr=2e-3, seed=0, timing_every=10, q
         return loss.item(), time.perf_counter() - start
 
     model.train()
-    for step in range(1, steps + 1):
+    bar = steps_bar(steps, quiet)
+    for step in bar:
         data = make_batch(batch, max_len, gen)
         loss, dt = step_of(model, opt, data)
         sched.step()
@@ -218,7 +219,7 @@ def train(steps=1500, batch=128, max_len=12, lr=2e-3, seed=0, timing_every=10, q
                 step_of(twin, twin_opt, data)  # warm-up, not timed
             times["torch"].append(step_of(twin, twin_opt, data)[1])
         if not quiet and (step % 10 == 0 or step == steps):
-            progress(step, steps, f"loss {loss:.4f}")
+            bar.set_postfix_str(f"loss {loss:.4f}")
     return model, {"time_ms": {k: median(v) * 1e3 for k, v in times.items()}}
 
 

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import fusedattn
-from common import progress
+from common import steps_bar
 
 
 def f(x):
@@ -50,14 +50,15 @@ def run(steps=100, seed=0, quiet=False):
     layer = fusedattn.GaussianKernelAttention(bandwidth=1.0)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     q, k, v = leave_one_out(x_train, y_train)
-    for step in range(1, steps + 1):
+    bar = steps_bar(steps, quiet)
+    for step in bar:
         pred, _ = layer(q[..., None], k[..., None], v[..., None])
         loss = ((pred.squeeze(-1).squeeze(-1) - y_train) ** 2).mean() / 2
         opt.zero_grad()
         loss.backward()
         opt.step()
         if not quiet and (step % 10 == 0 or step == steps):
-            progress(step, steps, f"loss {loss.item():.3f} bandwidth {layer.bandwidth.item():.3f}")
+            bar.set_postfix_str(f"loss {loss.item():.3f} bandwidth {layer.bandwidth.item():.3f}")
     with torch.no_grad():
         learned, learned_w = layer(x_test, x_train, y_train, need_weights=True)
 

@@ -48,6 +48,7 @@ for name, args, frags in [
     ("dropout_nan", "q, k, v, dropout_p=float('nan')", ["dropout_p must be in [0, 1]", "nan"]),
     ("scale_nan", "q, k, v, scale=float('nan')", ["scale must be finite"]),
     ("scale_inf", "q, k, v, scale=float('inf')", ["scale must be finite"]),
+    ("scale_beyond_float32", "q, k, v, scale=1e300", ["scale must be finite in float32", "Float", "1e+300"]),
     ("bad_alignment", "q, k, v, is_causal=True, causal_alignment='bottom-right'", ["causal_alignment", "bottom-right"]),
     ("head_dim_zero_default_scale", "torch.randn(2, 3, 5, 0), torch.randn(2, 3, 7, 0), v", ["head dim E", "scale="]),
     ("mask_wrong_last_dim", "q, k, v, torch.ones(5, 6, dtype=torch.bool)", ["attn_mask must broadcast", "[5, 6]"]),

@@ -272,6 +272,23 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
   if (pb.heads == 0) return;  // no heads: the gradients are empty
   p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
   p.fgemm = float_gemm_offer(packing_disabled());
+  if (kernels::cpu::backward_widened(p)) {
+    const auto wide = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    const auto wide_grad = [](const at::Tensor& g) { return at::empty(g.sizes(), g.options().dtype(at::kFloat)); };
+    std::optional<at::Tensor> kpm;
+    if (key_padding_mask)
+      kpm = key_padding_mask->is_floating_point() ? wide(*key_padding_mask) : *key_padding_mask;
+    AttentionProblem pf = pb;
+    pf.dtype = at::kFloat;
+    const auto dqf = wide_grad(dq4), dkf = wide_grad(dk4), dvf = wide_grad(dv4);
+    backward_into(pf, wide(grad_out), grad_lse, wide(query), wide(key), wide(value), wide(out),
+                  lse, attn_mask, kpm, dropout_seed, dropout_p, is_causal, bottom_right, dqf, dkf,
+                  dvf, mods, d_rel_partial);
+    dq4.copy_(dqf);
+    dk4.copy_(dkf);
+    dv4.copy_(dvf);
+    return;
+  }
   const auto plan = plan_or_error(kernels::cpu::plan_backward, p);
   run_tasks(plan.tasks, plan.p, plan.kernels->backward);
 }

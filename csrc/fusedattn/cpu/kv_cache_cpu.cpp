@@ -76,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
   p.dtype = kernel_dtype(query.scalar_type());
   p.B = B, p.H = H, p.Hk = key_cache.size(1);
   p.L = T, p.S = capacity, p.E = E, p.Ev = value_cache.size(3);
+  check_scale(scale, query.scalar_type(), "kv_cache_attention");
   p.scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(E));
   p.gemm = &torch_gemms();
   auto q = query.stride(-1) == 1 || E <= 1 ? query : query.contiguous();

@@ -3,6 +3,7 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
+#include <limits>
 
 namespace fusedattn {
 namespace {
@@ -57,6 +58,16 @@ std::vector<int64_t> AttentionProblem::weights_shape() const {
   auto s = batch;
   s.insert(s.end(), {heads, q_len, kv_len});
   return s;
+}
+
+void check_scale(std::optional<double> scale, at::ScalarType dtype, const char* op) {
+  if (!scale) return;
+  TORCH_CHECK(std::isfinite(*scale), op, ": scale must be finite, got ", *scale);
+  // Every dtype but float64 computes in float32: a scale beyond its range would turn every
+  // score into +-inf and the softmax into NaN.
+  TORCH_CHECK(dtype == at::kDouble || std::abs(*scale) <= double(std::numeric_limits<float>::max()),
+              op, ": scale must be finite in float32 (the computation's precision for ", dtype,
+              " inputs), |scale| <= ", std::numeric_limits<float>::max(), ", got ", *scale);
 }
 
 void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -150,7 +161,7 @@ void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, cons
                     "attention: query's head dim E (its last dim) must be > 0 for the default "
                     "scale 1/sqrt(E), got query of shape ", qs, " (pass scale= to allow E = 0)");
   }
-  TORCH_CHECK(!scale || std::isfinite(*scale), "attention: scale must be finite, got ", *scale);
+  check_scale(scale, query.scalar_type(), "attention");
 
   if (window) {
     TORCH_CHECK(window->size() == 2 && (*window)[0] >= -1 && (*window)[1] >= -1,

@@ -42,6 +42,9 @@ struct ScoreMods {
   bool any() const { return windowed() || alibi.defined() || softcap > 0 || rel_bias.defined(); }
 };
 
+// A given scale: finite, and within float32's range unless the inputs are float64. `op` names
+// the op in the message.
+void check_scale(std::optional<double> scale, at::ScalarType dtype, const char* op);
 // The argument checks of the attention op, on sizes as SymInts (concrete or symbolic): the
 // real kernels and the fake ones run this one function.
 void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

@@ -1,6 +1,7 @@
 // kv_cache_attention: the dispatcher entry, its argument checks, the ATen implementation
 // (CUDA without the fused kernel, and the CPU reference) and its autograd kernel.
 #include "fusedattn/ops/kv_cache.h"
+#include "fusedattn/ops/checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -159,6 +160,7 @@ at::Tensor visible_scores(const at::Tensor& query, const at::Tensor& key_cache,
 }
 
 double scale_of(std::optional<double> scale, const at::Tensor& query) {
+  check_scale(scale, query.scalar_type(), "kv_cache_attention");
   return scale ? *scale : 1.0 / std::sqrt(static_cast<double>(query.size(3)));
 }
 

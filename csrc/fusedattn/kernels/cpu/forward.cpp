@@ -1,6 +1,7 @@
 // The forward on query rows: one task per (b, h, block of 64 queries), key blocks of 512 with
 // an online softmax; the products on packed operands (half types with p.packed), on the JIT
-// GEMM (fp32 with p.fgemm, K^T from the pack tasks) or on p.gemm reading q, k, v in place.
+// GEMM (fp32, or half types widened, with p.fgemm, K^T from the pack tasks), on p.gemm's fp32
+// products of widened rows, or on p.gemm reading q, k, v in place.
 #include "fusedattn/kernels/cpu/forward.h"
 
 FUSEDATTN_TIER_NS_BEGIN
@@ -56,6 +57,9 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
     } else if (fk) {
       this->fgemm(bq, bk, p.E, p.q_sr, layout::slot_ld_kt(p), bk, false, q,
                   packed_kt(b, hk, j0 / kFwdBlockK), s);
+    } else if (wide && p.fgemm) {
+      p.fgemm(bq, bk, p.E, p.E, layout::slot_ld_kt(p), bk, false, qf,
+              this->wide_k(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(s));
     } else if (wide) {
       p.gemm->f32(false, true, bq, bk, p.E, 1.f, qf, p.E, this->wide_k(b, hk, j0 / kFwdBlockK),
                   p.E, 0.f, reinterpret_cast<float*>(s), bk);
@@ -124,6 +128,9 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
                        packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
     } else if (fk) {
       this->fgemm(bq, p.Ev, bk, bk, p.v_sr, p.Ev, true, s, this->v_rows(b, hk, j0), w.acc.data());
+    } else if (wide && p.fgemm) {
+      p.fgemm(bq, p.Ev, bk, bk, p.Ev, p.Ev, true, reinterpret_cast<const float*>(s),
+              this->wide_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
     } else if (wide) {
       p.gemm->f32(false, false, bq, p.Ev, bk, 1.f, reinterpret_cast<const float*>(s), bk,
                   this->wide_v(b, hk, j0 / kFwdBlockK), p.Ev, 1.f,

@@ -61,12 +61,12 @@ struct Forward : Problem<T> {
            ((b * p.Hk + hk) * layout::key_blocks(p) + jb) * layout::packed_slot(p);
   }
   T* packed_vt(int64_t b, int64_t hk, int64_t jb) const { return packed_kt(b, hk, jb); }
-  // wide(): the slot's fp32 K rows (bk x E) and V rows (bk x Ev).
+  // wide(): the slot's fp32 K rows (bk x E; K^T on p.fgemm) and V rows (bk x Ev).
   float* wide_k(int64_t b, int64_t hk, int64_t jb) const {
     return reinterpret_cast<float*>(packed_kt(b, hk, jb));
   }
   float* wide_v(int64_t b, int64_t hk, int64_t jb) const {
-    return wide_k(b, hk, jb) + layout::slot_keys(p) * p.E;
+    return wide_k(b, hk, jb) + layout::wide_k_floats(p);
   }
   T* packed_v(int64_t b, int64_t hk, int64_t jb) const {
     return packed_kt(b, hk, jb) + layout::slot_keys(p) * p.E;

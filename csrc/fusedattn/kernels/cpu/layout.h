@@ -42,10 +42,14 @@ inline int64_t slot_ld_vt(const FlashParams& p) { return slot_keys(p) + 32; }
 // Query rows on packed half types: K^T packed (E x bk) first, then V packed (bkp x Ev, bkp =
 // bk rounded up to even, a zero row appended: the packed layout pairs rows along the
 // product's depth). A packed k x n matrix takes up to k * round_up(n, 64) elements.
-// Half types on fp32 products (p.half_on_f32): K's and V's rows widened to fp32 (bk x E, then
-// bk x Ev), counted in elements of the input type (two per float).
+// Half types on fp32 products (p.half_on_f32): K's rows widened to fp32 (bk x E; on p.fgemm
+// K^T, E x bk at row stride slot_ld_kt), then V's rows (bk x Ev), counted in elements of the
+// input type (two per float).
+inline int64_t wide_k_floats(const FlashParams& p) {
+  return p.fgemm ? p.E * slot_ld_kt(p) : slot_keys(p) * p.E;
+}
 inline int64_t packed_slot(const FlashParams& p) {
-  if (p.half_on_f32) return 2 * slot_keys(p) * (p.E + p.Ev);
+  if (p.half_on_f32) return 2 * (wide_k_floats(p) + slot_keys(p) * p.Ev);
   if (p.fgemm) return p.E * slot_ld_kt(p);
   if (p.forward_path == ForwardPath::KeysAsRows) return p.Ev * slot_ld_vt(p);
   return slot_keys(p) * (p.E + round64(p.Ev));

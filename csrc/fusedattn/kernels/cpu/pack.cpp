@@ -18,8 +18,15 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
       transpose(v, p.v_sr, bk, p.Ev, vt, ldvt);
       if (bk & 1)
         for (int64_t c = 0; c < p.Ev; ++c) vt[c * ldvt + bk] = T{};
-    } else if (wide()) {  // K's and V's rows in fp32
-      widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, wide_k(b, hk, jb));
+    } else if (wide()) {  // K's rows (K^T on fgemm) and V's rows in fp32
+      if (p.fgemm) {
+        thread_local std::vector<float> tmp;
+        tmp.resize(kFwdBlockK * p.E);
+        widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, tmp.data());
+        transpose(tmp.data(), p.E, bk, p.E, wide_k(b, hk, jb), layout::slot_ld_kt(p));
+      } else {
+        widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, wide_k(b, hk, jb));
+      }
       widen_rows(this->v_rows(b, hk, j0), p.v_sr, bk, p.Ev, wide_v(b, hk, jb));
     } else if constexpr (std::is_same_v<T, float>) {  // K^T for fgemm
       transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), layout::slot_ld_kt(p));

@@ -138,9 +138,6 @@ Plan plan_forward(const FlashParams& in) {
   // the JIT GEMM's K^T blocks would start at the block's (about 2x the window's work).
   const int64_t span = window_span(p);
   const bool narrow_window = span >= 0 && span <= layout::kFwdBlockK;
-  if (p.dtype != DType::Float || p.S == 0 || queries_per_kv_head(p) < kFloatGemmForwardMinQueries ||
-      narrow_window)
-    p.fgemm = nullptr;
   if (p.weights) {
     p.forward_path = p.average_weights ? ForwardPath::AveragedWeights : ForwardPath::Weights;
   } else {
@@ -148,6 +145,12 @@ Plan plan_forward(const FlashParams& in) {
   }
   p.half_on_f32 = p.forward_path == ForwardPath::QueryRows && p.packed == nullptr && p.S > 0 &&
                   half_on_f32(p, r.tier);
+  // The JIT GEMM takes fp32 products: fp32's, and the half types' widened ones (K^T widened by
+  // the pack tasks). bf16 without AMX (AMD EPYC, avx512_bf16, B=4, H=12 over 3 kv heads,
+  // L=1024, causal): 44 -> 27 ms on it, against MKL's sgemm on the widened rows.
+  if ((p.dtype != DType::Float && !p.half_on_f32) || p.S == 0 ||
+      queries_per_kv_head(p) < kFloatGemmForwardMinQueries || narrow_window)
+    p.fgemm = nullptr;
   if (p.packed || p.fgemm || p.half_on_f32) {
     r.pack_tasks = layout::pack_tasks(p);
     r.packed_elems = r.pack_tasks * layout::packed_slot(p);
@@ -157,16 +160,26 @@ Plan plan_forward(const FlashParams& in) {
   return r;
 }
 
+namespace {
+// The fp32 keys-as-rows backward (on p.fgemm, from avx512 up; no attn_mask or dropout). It
+// applies the variants in its own pass: ALiBi, softcap and rel_bias fwd+bwd at L = 1024-2048
+// went from 1.5-1.7x the plain causal call's time (query-rows backward) to 1.02-1.07x (AMD
+// EPYC, 2 threads). bf16's keys-as-rows path has them too.
+bool float_keys_as_rows(const FlashParams& p, Capability tier) {
+  return p.fgemm != nullptr && p.mask_kind == MaskKind::None && !p.dropout && p.S > 0 &&
+         tier >= Capability::Avx512 && queries_per_kv_head(p) >= kFloatGemmBackwardMinQueries;
+}
+}  // namespace
+
+bool backward_widened(const FlashParams& p) {
+  const Capability tier = capability();
+  return is_half(p) && half_on_f32(p, tier) && float_keys_as_rows(p, tier);
+}
+
 Plan plan_backward(const FlashParams& in) {
   Plan r = start(in, /*backward=*/true);
   FlashParams& p = r.p;
-  // fp32 keys-as-rows applies the variants in its own pass: ALiBi, softcap and rel_bias
-  // fwd+bwd at L = 1024-2048 went from 1.5-1.7x the plain causal call's time (query-rows
-  // backward) to 1.02-1.07x (AMD EPYC, 2 threads). bf16's keys-as-rows path has them too.
-  const bool plain = p.mask_kind == MaskKind::None && !p.dropout;
-  const bool f32_kr = p.dtype == DType::Float && p.fgemm != nullptr && plain && p.S > 0 &&
-                      r.tier >= Capability::Avx512 &&
-                      queries_per_kv_head(p) >= kFloatGemmBackwardMinQueries;
+  const bool f32_kr = p.dtype == DType::Float && float_keys_as_rows(p, r.tier);
   if (keys_as_rows_bf16(p) || f32_kr) {
     p.backward_path = BackwardPath::KeysAsRows;
   } else {
