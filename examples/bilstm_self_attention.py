@@ -1,4 +1,4 @@
-"""Seed 003's example: a text classifier, embedding -> BiLSTM -> fusedattn.SelfAttention ->
+"""A text classifier, embedding -> BiLSTM -> fusedattn.SelfAttention ->
 dense layers, on synthetic token data with padding (Keras's Masking becomes a key padding mask).
 
 Task: each sequence (length 8 to 64, padded to 64) is filler tokens with one keyword token
@@ -35,7 +35,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, embed, padding_idx=PAD)
         self.lstm = nn.LSTM(embed, hidden, batch_first=True, bidirectional=True)
-        # Seed 003: Self_Attention(output_dim=128) on the BiLSTM's 2*64 features.
+        # Single-head self-attention (output_dim=128) on the BiLSTM's 2*64 features.
         self.attn = fusedattn.SelfAttention(2 * hidden, d_k)
         self.dense = nn.Linear(d_k, 64)
         self.out = nn.Linear(64, NUM_CLASSES)

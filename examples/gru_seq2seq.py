@@ -1,7 +1,7 @@
-"""Seed 001's encoder-decoder attention: a GRU encoder and a GRU decoder joined by
+"""Encoder-decoder attention: a GRU encoder and a GRU decoder joined by
 cross-attention, where the decoder's outputs are the queries and the encoder's outputs the keys
-and values. `--attention multihead` uses fusedattn.MultiheadAttention(128, 8) (seed 001's
-multi-head cross-attention); `--attention dot` uses seed 001's plain, unscaled dot-product
+and values. `--attention multihead` uses fusedattn.MultiheadAttention(128, 8)
+(multi-head cross-attention); `--attention dot` uses plain, unscaled dot-product
 attention, fusedattn.attention(..., scale=1.0). Both take the source's key padding mask.
 
 Task: reverse sequences of digits (length 3 to 10, padded).
@@ -48,7 +48,7 @@ class Seq2Seq(nn.Module):
         """Decoder outputs (N, T, H) attend to encoder outputs (N, S, H)."""
         if self.attention == "multihead":
             return self.cross(dec, enc, enc, key_padding_mask=src_pad, need_weights=False)[0]
-        # Seed 001's Attention: softmax(dec enc^T) enc, no scaling; one head.
+        # Dot-product attention: softmax(dec enc^T) enc, no scaling; one head.
         return fusedattn.attention(dec[:, None], enc[:, None], enc[:, None], scale=1.0,
                                    key_padding_mask=src_pad)[:, 0]
 

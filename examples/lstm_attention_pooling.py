@@ -1,4 +1,4 @@
-"""Seed 002's example: sequence regression with LSTM(64, return_sequences) ->
+"""Sequence regression with LSTM(64, return_sequences) ->
 fusedattn.AttentionPooling(units=32) -> Dense(1), trained on the mean absolute error.
 
 Task: each step of a sequence (length 6 to 20, padded) has two features, a value and a marker;

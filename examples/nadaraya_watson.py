@@ -1,8 +1,8 @@
-"""Seed 002's Nadaraya-Watson kernel regression through fusedattn's Gaussian-kernel attention.
+"""Nadaraya-Watson kernel regression through fusedattn's Gaussian-kernel attention.
 
 Noisy samples of f(x) = 2 sin(x) + x^0.8 on [0, 5]; the prediction at a query x is the
 attention-weighted mean of the training targets, with weights softmax(-(x - x_i)^2 / (2 h^2)).
-First with the fixed bandwidth h = 1 (seed 002's softmax(-(q - k)^2 / 2)), then with h learned
+First with the fixed bandwidth h = 1 (softmax(-(q - k)^2 / 2)), then with h learned
 by GaussianKernelAttention (leave-one-out: each training point is predicted from the others).
 Writes a PNG with the two fits and the two attention-weight heat maps.
 

@@ -3,7 +3,7 @@
 //   fusedattn::attention(q, k, v, AttentionOptions)   the attention op (fused where it can be)
 //   fusedattn::MultiheadAttention                       drop-in for torch::nn::MultiheadAttention
 //   fusedattn::KVCache                                  incremental decoding (forward_cached)
-//   fusedattn::SelfAttention, AttentionPooling, GaussianKernelAttention   the seeds' layers
+//   fusedattn::SelfAttention, AttentionPooling, GaussianKernelAttention   single-head layers
 //   fusedattn::ops::*                                   one function per registered op schema
 #include "fusedattn/macros.h"
 #include "fusedattn/modules/layers.h"

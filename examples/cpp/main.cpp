@@ -6,7 +6,7 @@
 
 #include <iostream>
 
-// Seed 002/003's layers in one model: LSTM -> SelfAttention -> AttentionPooling -> Linear.
+// The single-head layers in one model: LSTM -> SelfAttention -> AttentionPooling -> Linear.
 struct MarkerRegressorImpl : torch::nn::Module {
   MarkerRegressorImpl()
       : lstm(register_module("lstm", torch::nn::LSTM(torch::nn::LSTMOptions(2, 32).batch_first(true)))),
@@ -59,7 +59,7 @@ int train_seed_layers() {
   auto [x, pad, y] = marker_batch(500, 12);
   const double mae = torch::l1_loss(model->forward(x, pad), y).item<double>();
   const double baseline = (y - y.mean()).abs().mean().item<double>();
-  std::cout << "seed layers: train MAE " << first << " -> " << last << ", test MAE " << mae
+  std::cout << "single-head layers: train MAE " << first << " -> " << last << ", test MAE " << mae
             << " (predicting the mean: " << baseline << ")\n";
 
   torch::save(model, "fusedattn_app_regressor.pt");

@@ -18,8 +18,7 @@ def _linear(params, name, in_features, out_features, bias):
 
 
 class SelfAttention(nn.Module):
-    """Single-head scaled dot-product self-attention with its own Q/K/V projections (seed
-    003's ``Self_Attention``, seed 004's ``SelfAttention``).
+    """Single-head scaled dot-product self-attention with its own Q/K/V projections.
 
     ``forward(x, key_padding_mask=None, is_causal=False, need_weights=True)`` with x
     ``(N, T, in_dim)`` or ``(T, in_dim)`` and key_padding_mask ``(N, T)`` (True = padding)
@@ -47,7 +46,7 @@ class SelfAttention(nn.Module):
 
 
 class AttentionPooling(nn.Module):
-    """Seed 002's many-to-one attention: the last time step queries every step.
+    """Many-to-one attention pooling: the last time step queries every step.
 
     score ``"luong"``: ``h_t . W h_s``; ``"bahdanau"``: ``v . tanh(W1 h_t + W2 h_s)``. The
     output is ``tanh(W_c [context; h_t])`` of size ``units``. ``forward(h, key_padding_mask=None)``
@@ -81,7 +80,7 @@ class AttentionPooling(nn.Module):
 
 
 def gaussian_kernel_attention(query, key, value, bandwidth=1.0, need_weights=False):
-    """Nadaraya-Watson kernel regression (seed 002): weights
+    """Nadaraya-Watson kernel regression (Gaussian-kernel attention): weights
     ``softmax_j(-|q_i - k_j|^2 / (2 bandwidth^2))``, output ``weights @ value``.
 
     query ``(..., L, D)``, key ``(..., S, D)``, value ``(..., S, Dv)``, or 1-D points

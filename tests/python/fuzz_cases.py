@@ -358,7 +358,7 @@ out, w = m(x, x, x)
 assert out.dtype == x.dtype and torch.isfinite(out).all()
 """)
 
-# ------------------------------------------------------------------ the seed layers
+# ------------------------------------------------------------------ the single-head layers
 for name, code, frags in [
     ("self_attention_in_dim", "m = fusedattn.SelfAttention(6, 4)\nm(torch.randn(2, 5, 7))", ["in_dim = 6"]),
     ("self_attention_kpm", "m = fusedattn.SelfAttention(6, 4)\nm(torch.randn(2, 5, 6), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))",

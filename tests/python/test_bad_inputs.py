@@ -64,7 +64,7 @@ def test_zero_heads_on_the_reference_path():
 
 @pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
 def test_a_mask_on_another_device_is_refused(which):
-    # It used to route the call to the fake kernels, which returned uninitialised memory.
+    # Such a call must not reach the fake kernels (uninitialised memory out).
     mask = ("torch.ones(5, 7, dtype=torch.bool, device='meta')" if which == "attn_mask"
             else "torch.zeros(2, 7, dtype=torch.bool, device='meta')")
     expect_error(f"""

@@ -28,4 +28,4 @@ def test_find_package_app_builds_and_runs(tmp_path):
     assert "found op fusedattn::attention" in run.stdout
     assert "\nsave/load round trip ok" in run.stdout
     assert "regressor save/load round trip ok" in run.stdout
-    assert "seed layers: train MAE" in run.stdout
+    assert "single-head layers: train MAE" in run.stdout

@@ -296,7 +296,7 @@ def test_module_and_backward_through_reference():
     ref_out, ref_w = ref(x, x, x, key_padding_mask=kpm)
     torch.testing.assert_close(out, ref_out, atol=5e-3, rtol=5e-3)
     torch.testing.assert_close(w, ref_w, atol=5e-3, rtol=5e-3)
-    out.float().sum().backward()  # the backward is the reference for now
+    out.float().sum().backward()  # the backward: the ATen reference
     assert x.grad is not None and not x.grad.isnan().any()
 
 

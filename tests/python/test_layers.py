@@ -1,4 +1,5 @@
-"""The seed layers against the seeds' formulas, written out here."""
+"""The single-head layers (self-attention, attention pooling, Gaussian-kernel attention)
+against their formulas, written out here."""
 import copy
 import math
 

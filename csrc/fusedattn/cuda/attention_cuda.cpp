@@ -4,9 +4,9 @@
 // 256, every mask kind, causal in both alignments, GQA, dropout, lse, returned weights and the
 // variants (window, ALiBi, softcap, rel_bias);
 // the ATen reference for fp32/fp64 and whatever the kernel does not cover. The backward is
-// the reference (a fused CUDA backward is not written yet).
+// the ATen reference.
 //
-// The kernel has not yet run on a GPU in this project's tests, so it is opt-in until it has:
+// The kernel is opt-in (no GPU run of this project's tests has validated it):
 // FUSEDATTN_CUDA_KERNEL=fused turns it on, =reference (the default) keeps every call on the
 // reference. FUSEDATTN_CUDA_POISON=1 fills outputs with NaN before the kernel runs, so tests
 // see any element it fails to write.

@@ -1,6 +1,6 @@
 // CUDA implementation of `kv_cache_attention`: the decode kernel (kernels/decode_cuda.h) for
 // fp32/fp16/bf16 at head dims up to 256, with FUSEDATTN_CUDA_KERNEL=fused (opt-in, as the
-// forward: not yet run on a GPU in this project's tests); otherwise, and for fp64, the ATen
+// forward: no GPU run of this project's tests has validated it); otherwise, and for fp64, the ATen
 // implementation. The lengths are read on the host once per call (a synchronisation) to
 // refuse a full cache and to size the split.
 //

@@ -1,7 +1,7 @@
 #pragma once
-// The attention layers of the seed documents, as LibTorch modules over the ops in
-// ops/layers.h: SelfAttention (seeds 003, 004), AttentionPooling (seed 002's many-to-one
-// Keras layer), GaussianKernelAttention (seed 002's Nadaraya-Watson weights).
+// The single-head attention layers, as LibTorch modules over the ops in
+// ops/layers.h: SelfAttention (single-head), AttentionPooling (many-to-one attention
+// pooling), GaussianKernelAttention (Nadaraya-Watson weights).
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/common.h>
 #include <torch/nn/modules/linear.h>

@@ -1,5 +1,5 @@
 #pragma once
-// The ops behind the seed layers (SelfAttention, AttentionPooling, Gaussian-kernel
+// The ops behind the single-head layers (SelfAttention, AttentionPooling, Gaussian-kernel
 // attention). Each is a CompositeImplicitAutograd kernel over fusedattn::attention (or ATen
 // where the score is not a dot product); the C++ modules and the Python modules both call
 // them through the dispatcher.
@@ -20,7 +20,7 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> self_attention(
     const std::optional<at::Tensor>& v_bias, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, bool need_weights);
 
-// h (N, T, D): the many-to-one attention of seed 002. The query is h's last step (with a
+// h (N, T, D): the many-to-one attention pooling. The query is h's last step (with a
 // key_padding_mask (N, T), the last step that is not padding). score "luong":
 // h_t . (W h_s) with score_weight W (D, D); "bahdanau": v . tanh(W1 h_t + W2 h_s) with
 // score_weight W2 (D, D), query_weight W1 (D, D), score_vector v (D). Output

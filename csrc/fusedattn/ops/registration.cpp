@@ -142,7 +142,7 @@ TORCH_LIBRARY(fusedattn, m) {
       "Tensor? key_padding_mask=None, bool enable_gqa=False, bool return_lse=False, "
       "bool return_weights=False) -> (Tensor, Tensor, Tensor)");
 
-  // The seed layers (ops/layers.h): SelfAttention, AttentionPooling, Gaussian-kernel attention.
+  // The single-head layers (ops/layers.h): SelfAttention, AttentionPooling, Gaussian-kernel attention.
   m.def(
       "self_attention(Tensor x, Tensor q_weight, Tensor? q_bias, Tensor k_weight, Tensor? k_bias, "
       "Tensor v_weight, Tensor? v_bias, Tensor? key_padding_mask=None, bool is_causal=False, "
