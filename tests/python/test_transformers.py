@@ -339,19 +339,23 @@ def _compare(eager, ours, loss_of, tol_out=1e-5, tol_grad=1e-4):
         _assert_close_rel(go[n], ge[n], tol_grad, f"grad {n}")
 
 
-def test_bert_with_right_padding():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=96,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    eager, ours = _pair(transformers.BertModel(cfg))
-    ids, mask = _right_padded()
+def _compare_encoder(model, ids, mask):
+    """An encoder's unpadded hidden states and their gradients, eager against ours."""
+    eager, ours = _pair(model)
     valid = mask.bool()
 
     def loss(m):
         h = m(input_ids=ids, attention_mask=mask).last_hidden_state[valid]
         return h, h.pow(2).mean()
     _compare(eager, ours, loss)
+
+
+def test_bert_with_right_padding():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=96,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    _compare_encoder(transformers.BertModel(cfg), *_right_padded())
 
 
 def test_modernbert_local_and_global_layers():
@@ -360,14 +364,7 @@ def test_modernbert_local_and_global_layers():
                                         num_hidden_layers=3, num_attention_heads=4,
                                         local_attention=6, global_attn_every_n_layers=3,
                                         pad_token_id=0, attention_dropout=0.0)
-    eager, ours = _pair(transformers.ModernBertModel(cfg))
-    ids, mask = _right_padded(length=23)
-    valid = mask.bool()
-
-    def loss(m):
-        h = m(input_ids=ids, attention_mask=mask).last_hidden_state[valid]
-        return h, h.pow(2).mean()
-    _compare(eager, ours, loss)
+    _compare_encoder(transformers.ModernBertModel(cfg), *_right_padded(length=23))
 
 
 def test_t5_position_bias_and_cross_attention():
