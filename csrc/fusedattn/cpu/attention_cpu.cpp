@@ -28,6 +28,7 @@
 #include "fusedattn/cpu/gemm_hooks.h"
 #include "fusedattn/cpu/launch.h"
 #include "fusedattn/kernels/cpu/plan.h"
+#include "fusedattn/kernels/cpu/scratch.h"
 #include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/reference.h"
@@ -129,7 +130,12 @@ constexpr size_t kCachedWorkspaceBytes = size_t(64) << 20;
 void* packed_workspace(int64_t elems, const at::TensorOptions& options, at::Tensor& holder) {
   const size_t bytes = size_t(elems) * options.dtype().itemsize();
   thread_local at::Tensor cached;
-  if (bytes > kCachedWorkspaceBytes) {
+#ifdef FUSEDATTN_EXACT_ALLOCATIONS
+  constexpr bool kCache = false;  // scratch.h: exact-size allocations under ASan
+#else
+  constexpr bool kCache = true;
+#endif
+  if (!kCache || bytes > kCachedWorkspaceBytes) {
     holder = at::empty({int64_t(bytes)}, options.dtype(at::kByte));
     advise_huge_pages(holder);
     return holder.data_ptr();

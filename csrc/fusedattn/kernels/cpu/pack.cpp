@@ -20,8 +20,7 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
         for (int64_t c = 0; c < p.Ev; ++c) vt[c * ldvt + bk] = T{};
     } else if (wide()) {  // K's rows (K^T on fgemm) and V's rows in fp32
       if (p.fgemm) {
-        thread_local std::vector<float> tmp;
-        tmp.resize(kFwdBlockK * p.E);
+        Scratch<float> tmp(bk * p.E);
         widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, tmp.data());
         transpose(tmp.data(), p.E, bk, p.E, wide_k(b, hk, jb), layout::slot_ld_kt(p));
       } else {
@@ -35,8 +34,7 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
       // stores (a column of K^T per row of K) do not all fall into the same few L1 sets; at a
       // power-of-two stride (1 KiB) they did, and the transpose was 10% of a bf16 forward.
       constexpr int64_t kLdT = kFwdBlockK + 64 / sizeof(T);
-      thread_local std::vector<T> tmp;
-      tmp.resize(kLdT * std::max(p.E, p.Ev));
+      Scratch<T> tmp(kLdT * std::max(p.E, p.Ev));
       const int64_t bkp = bk + (bk & 1);
       transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, tmp.data(), kLdT);
       p.packed->pack(p.E, bk, kLdT, tmp.data(), packed_kt(b, hk, jb));

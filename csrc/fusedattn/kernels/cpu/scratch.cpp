@@ -32,8 +32,14 @@ thread_local Pool pool;
 
 }  // namespace
 
+#ifdef FUSEDATTN_EXACT_ALLOCATIONS
+constexpr bool kRecycle = false;
+#else
+constexpr bool kRecycle = true;
+#endif
+
 void* scratch_allocate(size_t bytes) {
-  if (bytes < kMinRecycled) return ::operator new(bytes);
+  if (!kRecycle || bytes < kMinRecycled) return ::operator new(bytes);
   const size_t c = size_class(bytes);
   for (size_t i = pool.blocks.size(); i-- > 0;) {
     if (pool.blocks[i].second == c) {
@@ -51,7 +57,7 @@ void* scratch_allocate(size_t bytes) {
 
 void scratch_release(void* ptr, size_t bytes) {
   if (ptr == nullptr) return;
-  if (bytes < kMinRecycled) return ::operator delete(ptr);
+  if (!kRecycle || bytes < kMinRecycled) return ::operator delete(ptr);
   const size_t c = size_class(bytes);
   if (pool.kept + c > kMaxKeptBytes) return std::free(ptr);
   pool.blocks.emplace_back(ptr, c);

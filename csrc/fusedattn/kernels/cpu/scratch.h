@@ -9,6 +9,17 @@
 #include <cstddef>
 #include <vector>
 
+// Under AddressSanitizer (scripts/sanitize.sh) every work buffer and cached workspace is an
+// allocation of exactly its size, freed when done: recycled, rounded-up blocks would hide an
+// overflow into their slack from ASan.
+#if defined(__SANITIZE_ADDRESS__)
+#define FUSEDATTN_EXACT_ALLOCATIONS 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FUSEDATTN_EXACT_ALLOCATIONS 1
+#endif
+#endif
+
 namespace fusedattn::kernels::cpu {
 
 void* scratch_allocate(size_t bytes);
