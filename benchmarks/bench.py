@@ -221,6 +221,7 @@ def main():
                                  fusedattn_peak_mb=peak_mb(step(ours)),
                                  torch_peak_mb=peak_mb(step(theirs))))
                 advance(progress, f"MultiheadAttention {kind} N={N} L={L} E={E} pad={with_pad} weights={weights}")
+    progress.close()
 
     meta = dict(torch=torch.__version__, fusedattn=fusedattn.__version__, threads=torch.get_num_threads(),
                 cpu=cpu_model(), fusedattn_tier=fusedattn.cpu_capability(),

@@ -135,6 +135,7 @@ def main():
         for kp in (False, True):
             rows.append(module_case(d, kp, args.repeats))
             advance(progress, f"module {d} key_padding={kp}")
+    progress.close()
     gpu = torch.cuda.get_device_name()
     print(f"\n{gpu}, torch {torch.__version__}; TFLOP/s (ratio = fastest PyTorch backend's time / fusedattn's)")
     head = f"{'variant':<12}{'dtype':<10}{'E':>4}{'L':>7}{'causal':>7}  {'fused':>7}" + "".join(

@@ -249,6 +249,7 @@ def main():
         b, _ = greedy(model, model.step_sdpa, model.sdpa_buffers(2, 128 + 64), prompt, 64)
         same = bool(torch.equal(a, b))
         advance(progress, "greedy check")
+        progress.close()
     print(f"\nCPU: {cpu_model()}, tier {fusedattn.cpu_capability()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; 6 layers, d_model 512, 8 heads")
     print(f"{'dtype':5} {'batch':>5} {'cache':>6} {'fusedattn':>10} {'sdpa cache':>11} {'recompute':>10} "

@@ -280,7 +280,9 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
   p.fgemm = float_gemm_offer(packing_disabled());
   if (kernels::cpu::backward_widened(p)) {
     const auto wide = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    const auto wide_grad = [](const at::Tensor& g) { return at::empty(g.sizes(), g.options().dtype(at::kFloat)); };
+    const auto wide_grad = [](const at::Tensor& g) {
+      return at::empty(g.sizes(), g.options().dtype(at::kFloat));
+    };
     std::optional<at::Tensor> kpm;
     if (key_padding_mask)
       kpm = key_padding_mask->is_floating_point() ? wide(*key_padding_mask) : *key_padding_mask;

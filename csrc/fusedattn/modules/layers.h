@@ -1,7 +1,8 @@
 #pragma once
-// The single-head attention layers, as LibTorch modules over the ops in
-// ops/layers.h: SelfAttention (single-head), AttentionPooling (many-to-one attention
-// pooling), GaussianKernelAttention (Nadaraya-Watson weights).
+// The single-head attention layers, as LibTorch modules over the ops in ops/layers.h:
+// SelfAttention (scaled dot-product self-attention with its own projections),
+// AttentionPooling (many-to-one attention pooling), GaussianKernelAttention
+// (Nadaraya-Watson weights).
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/common.h>
 #include <torch/nn/modules/linear.h>

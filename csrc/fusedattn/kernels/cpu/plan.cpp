@@ -147,7 +147,8 @@ Plan plan_forward(const FlashParams& in) {
                   half_on_f32(p, r.tier);
   // The JIT GEMM takes fp32 products: fp32's, and the half types' widened ones (K^T widened by
   // the pack tasks). bf16 without AMX (AMD EPYC, avx512_bf16, B=4, H=12 over 3 kv heads,
-  // L=1024, causal): 44 -> 27 ms on it, against MKL's sgemm on the widened rows.
+  // L=1024, causal): 44 -> 25 ms on it, against MKL's sgemm on the widened rows (fp32: 23-30
+  // ms in the same runs). fp16 takes it on every tier (not timed on AMX).
   if ((p.dtype != DType::Float && !p.half_on_f32) || p.S == 0 ||
       queries_per_kv_head(p) < kFloatGemmForwardMinQueries || narrow_window)
     p.fgemm = nullptr;
