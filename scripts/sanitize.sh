@@ -8,6 +8,7 @@
 # non-zero on the first report. Extra arguments go to pytest (e.g. -k bf16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/tiers.sh
 PY=${PYTHON:-python3}
 BUILD=${FUSEDATTN_SANITIZE_BUILD:-build-sanitize}
 PKG="$PWD/$BUILD/package"
@@ -43,13 +44,7 @@ suite=(python/test_cpu_kernels.py python/test_attention.py python/test_variants.
 tiers=$($PY -c "import fusedattn; print(' '.join(fusedattn.cpu_capabilities_supported()))")
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'); tiers: $tiers"
 for tier in $tiers; do
-  case $tier in
-    scalar) onednn=SSE41 ;;
-    avx2) onednn=AVX2 ;;
-    avx512) onednn=AVX512_CORE ;;
-    avx512_bf16) onednn=AVX512_CORE_BF16 ;;
-    *) onednn=ALL ;;
-  esac
+  onednn=$(onednn_isa "$tier")
   echo "== sanitized kernel and op tests at tier $tier"
   FUSEDATTN_CPU_CAPABILITY=$tier ONEDNN_MAX_CPU_ISA=$onednn $PY -m pytest "${suite[@]}" -q -x "$@"
 done

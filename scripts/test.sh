@@ -5,6 +5,7 @@
 # AVX-512/AMX machine also tests the avx2 and scalar code. Exits non-zero if any test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/tiers.sh
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
 bash scripts/check_clang.sh
@@ -16,13 +17,7 @@ tiers=$($PY -c "import fusedattn; print(' '.join(fusedattn.cpu_capabilities_supp
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'); tiers: $tiers"
 for tier in $tiers; do
   [ "$tier" = "$top" ] && continue
-  case $tier in
-    scalar) onednn=SSE41 ;;
-    avx2) onednn=AVX2 ;;
-    avx512) onednn=AVX512_CORE ;;
-    avx512_bf16) onednn=AVX512_CORE_BF16 ;;
-    *) onednn=ALL ;;
-  esac
+  onednn=$(onednn_isa "$tier")
   # ATen keeps its own tier: the references are torch's, and torch.compile's generated code
   # does not build under ATEN_CPU_CAPABILITY=default with -march=native (torch 2.15).
   echo "== CPU kernel tests at tier $tier (ONEDNN_MAX_CPU_ISA=$onednn)"
