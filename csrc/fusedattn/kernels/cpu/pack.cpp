@@ -8,6 +8,16 @@ template <typename T>
 void Forward<T>::pack(int64_t begin, int64_t end) const {
   using layout::kFwdBlockK;
   const int64_t nb = layout::key_blocks(p);
+  // K^T's row stride in kt: one cache line more than the block, so that the transposing
+  // stores (a column of K^T per row of K) do not all fall into the same few L1 sets; at a
+  // power-of-two stride (1 KiB) they did, and the transpose was 10% of a bf16 forward.
+  constexpr int64_t kLdT = kFwdBlockK + 64 / sizeof(T);
+  // One block's staging, once per range of tasks: K widened before its transpose (half
+  // types on fgemm), or K^T (and an odd block's V) before packing (half types, packed).
+  const bool staged_wide = wide() && p.fgemm;
+  const bool staged_packed = kIsHalf<T> && packed() && !keys_as_rows();
+  Scratch<float> kf(staged_wide ? kFwdBlockK * p.E : 0);
+  Scratch<T> kt(staged_packed ? kLdT * std::max(p.E, p.Ev) : 0);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t jb = t % nb, b = t / nb / p.Hk, hk = t / nb % p.Hk;
     const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
@@ -20,9 +30,8 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
         for (int64_t c = 0; c < p.Ev; ++c) vt[c * ldvt + bk] = T{};
     } else if (wide()) {  // K's rows (K^T on fgemm) and V's rows in fp32
       if (p.fgemm) {
-        Scratch<float> tmp(bk * p.E);
-        widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, tmp.data());
-        transpose(tmp.data(), p.E, bk, p.E, wide_k(b, hk, jb), layout::slot_ld_kt(p));
+        widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, kf.data());
+        transpose(kf.data(), p.E, bk, p.E, wide_k(b, hk, jb), layout::slot_ld_kt(p));
       } else {
         widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, wide_k(b, hk, jb));
       }
@@ -30,21 +39,16 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
     } else if constexpr (std::is_same_v<T, float>) {  // K^T for fgemm
       transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), layout::slot_ld_kt(p));
     } else if constexpr (kIsHalf<T>) {
-      // K^T's row stride in tmp: one cache line more than the block, so that the transposing
-      // stores (a column of K^T per row of K) do not all fall into the same few L1 sets; at a
-      // power-of-two stride (1 KiB) they did, and the transpose was 10% of a bf16 forward.
-      constexpr int64_t kLdT = kFwdBlockK + 64 / sizeof(T);
-      Scratch<T> tmp(kLdT * std::max(p.E, p.Ev));
       const int64_t bkp = bk + (bk & 1);
-      transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, tmp.data(), kLdT);
-      p.packed->pack(p.E, bk, kLdT, tmp.data(), packed_kt(b, hk, jb));
+      transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, kt.data(), kLdT);
+      p.packed->pack(p.E, bk, kLdT, kt.data(), packed_kt(b, hk, jb));
       const T* v = this->v_rows(b, hk, j0);
       if (bkp == bk) {
         p.packed->pack(bk, p.Ev, p.v_sr, v, packed_v(b, hk, jb));
       } else {
-        for (int64_t r = 0; r < bk; ++r) std::copy(v + r * p.v_sr, v + r * p.v_sr + p.Ev, &tmp[r * p.Ev]);
-        std::fill(&tmp[bk * p.Ev], &tmp[bkp * p.Ev], T{});
-        p.packed->pack(bkp, p.Ev, p.Ev, tmp.data(), packed_v(b, hk, jb));
+        for (int64_t r = 0; r < bk; ++r) std::copy(v + r * p.v_sr, v + r * p.v_sr + p.Ev, &kt[r * p.Ev]);
+        std::fill(&kt[bk * p.Ev], &kt[bkp * p.Ev], T{});
+        p.packed->pack(bkp, p.Ev, p.Ev, kt.data(), packed_v(b, hk, jb));
       }
     }
   }

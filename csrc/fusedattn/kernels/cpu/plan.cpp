@@ -174,7 +174,7 @@ bool float_keys_as_rows(const FlashParams& p, Capability tier) {
 
 bool backward_widened(const FlashParams& p) {
   const Capability tier = capability();
-  return is_half(p) && half_on_f32(p, tier) && float_keys_as_rows(p, tier);
+  return half_on_f32(p, tier) && float_keys_as_rows(p, tier);
 }
 
 Plan plan_backward(const FlashParams& in) {
