@@ -12,6 +12,10 @@ from . import _C
 from . import distributed as _distributed
 from .kv_cache import KVCache
 
+# The overloads themselves: a decode step makes one call per layer and token.
+_cached_step = torch.ops.fusedattn.multihead_attention_cached.default
+_in_projection = torch.ops.fusedattn.multihead_attention_in_projection.default
+
 
 def _is_int(value):
     try:
@@ -205,18 +209,11 @@ class MultiheadAttention(torch.nn.Module):
         ``mha(y, None, None, cache=memory)`` then equals ``mha(y, memory, memory,
         key_padding_mask=key_padding_mask)``."""
         self._check_cacheable()
-        if memory.dim() not in (2, 3):
-            raise ValueError(f"MultiheadAttention.memory_cache: memory must be 3-D (S, N, E), "
-                             f"(N, S, E) with batch_first, or 2-D (S, E), got {tuple(memory.shape)}")
-        x = self._batch_first_view(memory)
-        wk, wv, bk, bv = self._kv_projection()
-        if wk.shape[1] != x.shape[-1] or wv.shape[1] != x.shape[-1]:
-            raise ValueError(f"MultiheadAttention.memory_cache: memory must have "
-                             f"{wk.shape[1]} features, got {tuple(memory.shape)}")
+        _, k, v = _in_projection(None, memory, memory, self.num_heads, self.in_proj_weight,
+                                 self.in_proj_bias, self.q_proj_weight, self.k_proj_weight,
+                                 self.v_proj_weight, self.batch_first)
         if key_padding_mask is not None and memory.dim() == 2:
             key_padding_mask = key_padding_mask.unsqueeze(0)
-        k = self._split(torch.nn.functional.linear(x, wk, bk))
-        v = self._split(torch.nn.functional.linear(x, wv, bv))
         return KVCache.from_tensors(k, v, key_padding_mask=key_padding_mask)
 
     def _check_cacheable(self, what="a KV cache"):
@@ -228,52 +225,12 @@ class MultiheadAttention(torch.nn.Module):
             raise ValueError(f"MultiheadAttention: {what} does not take the variants (window, "
                              "alibi, max_relative_distance, softcap) or sinks")
 
-    def _batch_first_view(self, x):
-        """(A, B, F) in the module's layout or (T, F) unbatched -> (N, T, F), a view."""
-        if x.dim() == 2:
-            return x.unsqueeze(0)
-        return x if self.batch_first else x.transpose(0, 1)
-
-    def _split(self, x):
-        """(N, T, H * D) -> (N, H, T, D), a view."""
-        n, t, f = x.shape
-        return x.view(n, t, self.num_heads, f // self.num_heads).transpose(1, 2)
-
-    def _project(self, query, key, value):
-        """q (N, H, T, D) and, when key and value are given, k and v (N, H, S, D), as views of
-        the projections of (N, T, F)-layout inputs (self._batch_first_view's). Self-attention
-        with the packed in_proj_weight (query, key, value one tensor) takes one GEMM."""
-        linear = torch.nn.functional.linear
-        w_in, b_in = self.in_proj_weight, self.in_proj_bias
-        if key is not None and w_in is not None and query is key and key is value:
-            n, t = query.shape[0], query.shape[1]
-            qkv = linear(query, w_in, b_in).view(n, t, 3, self.num_heads, -1)
-            return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
-        rows = self.num_heads * self.head_dim
-        w = w_in if w_in is not None else self.q_proj_weight
-        q = self._split(linear(query, w[:rows], None if b_in is None else b_in[:rows]))
-        if key is None:
-            return q, None, None
-        wk, wv, bk, bv = self._kv_projection()
-        return q, self._split(linear(key, wk, bk)), self._split(linear(value, wv, bv))
-
-    def _kv_projection(self):
-        if self.in_proj_weight is not None:
-            rows = self.in_proj_weight.shape[0] // 3
-            wk, wv = self.in_proj_weight[rows:2 * rows], self.in_proj_weight[2 * rows:]
-        else:
-            rows = self.q_proj_weight.shape[0]
-            wk, wv = self.k_proj_weight, self.v_proj_weight
-        b = self.in_proj_bias
-        bk, bv = (None, None) if b is None else (b[rows:2 * rows], b[2 * rows:])
-        return wk, wv, bk, bv
-
     @torch.jit.unused
     def _forward_cached(self, query, key, value, cache, key_padding_mask, need_weights,
                         attn_mask, average_attn_weights, is_causal):
         """Incremental decoding: the new tokens ``query`` (and, for self-attention, the same
-        tensor as key and value, appended to the cache) against every cached position.
-        Written for a short path per token (it runs once per layer and token)."""
+        tensor as key and value, appended to the cache) against every cached position: the
+        op ``multihead_attention_cached``, one call per layer and token."""
         if not isinstance(cache, KVCache):
             raise TypeError(f"MultiheadAttention: cache must be a fusedattn.KVCache, got "
                             f"{type(cache).__name__}")
@@ -284,43 +241,15 @@ class MultiheadAttention(torch.nn.Module):
         if self.training and self.dropout > 0:
             raise ValueError("MultiheadAttention: a KV cache decodes without dropout; call "
                              ".eval() (or build the module with dropout=0)")
-        dims = query.dim()
-        if dims != 3 and dims != 2:
-            raise ValueError(f"MultiheadAttention: query must be 3-D (T, N, E), (N, T, E) with "
-                             f"batch_first, or 2-D (T, E), got {tuple(query.shape)}")
-        if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"MultiheadAttention: query must have embed_dim = {self.embed_dim} "
-                             f"features, got {tuple(query.shape)}")
-        if (key is None) != (value is None):
-            raise ValueError("MultiheadAttention: with a cache, key and value are both the new "
-                             "tokens (self-attention) or both None (attend to the cache only)")
-        if key is not None and (key.dim() != dims or value.dim() != dims):
-            raise ValueError("MultiheadAttention: key and value must have query's dims")
-        x = self._batch_first_view(query)
-        n, t = x.shape[0], x.shape[1]
-        if key is None:
-            q, k, v = self._project(x, None, None)
-        elif query is key and key is value:
-            q, k, v = self._project(x, x, x)
-        else:
-            q, k, v = self._project(x, self._batch_first_view(key), self._batch_first_view(value))
-        if key_padding_mask is not None and dims == 2:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-        out, _, weights = cache.attend(q, k, v, is_causal=is_causal,
-                                       key_padding_mask=key_padding_mask,
-                                       return_weights=need_weights)
-        result = torch.nn.functional.linear(out.transpose(1, 2).reshape(n, t, -1),
-                                            self.out_proj.weight, self.out_proj.bias)
-        if dims == 2:
-            result = result.squeeze(0)
-        elif not self.batch_first:
-            result = result.transpose(0, 1)
-        if need_weights:
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if dims == 2:
-                weights = weights.squeeze(0)
-        return result, weights
+        result, weights = _cached_step(
+            query, key, value, cache.key_cache, cache.value_cache, cache.lengths, self.num_heads,
+            self.in_proj_weight, self.in_proj_bias, self.q_proj_weight, self.k_proj_weight,
+            self.v_proj_weight, self.out_proj.weight, self.out_proj.bias,
+            batch_first=self.batch_first, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, average_attn_weights=average_attn_weights,
+            is_causal=is_causal, read_only=cache.read_only,
+            cache_key_padding_mask=cache.key_padding_mask)
+        return result, (weights if need_weights else None)
 
     @torch.jit.unused
     def _forward_context_parallel(self, query, key, value, key_padding_mask, need_weights,
@@ -337,11 +266,9 @@ class MultiheadAttention(torch.nn.Module):
                              "supported; build the module with dropout=0 or call .eval()")
         if query.dim() != 3:
             raise ValueError("MultiheadAttention: under context_parallel the inputs must be 3-D")
-        x = self._batch_first_view(query)
-        if query is key and key is value:
-            q, k, v = self._project(x, x, x)
-        else:
-            q, k, v = self._project(x, self._batch_first_view(key), self._batch_first_view(value))
+        q, k, v = _in_projection(query, key, value, self.num_heads, self.in_proj_weight,
+                                 self.in_proj_bias, self.q_proj_weight, self.k_proj_weight,
+                                 self.v_proj_weight, self.batch_first)
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             raise ValueError("MultiheadAttention: under context_parallel key_padding_mask must "
                              "be bool")

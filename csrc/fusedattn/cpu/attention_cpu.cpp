@@ -157,11 +157,6 @@ namespace {
 // MultiheadAttention step (24 MiB of gradients) ran the same with the hint from 4 MiB, from
 // 16 MiB or not at all (in-process A/B, 111-124 ms each).
 
-template <typename Kernel>
-void run_tasks(int64_t tasks, const FlashParams& p, Kernel kernel) {
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
-}
-
 // The fused forward, its output written into out4, a (B, H, L, Ev) view with a contiguous
 // last dim (rows of different (b, h) apart). -> (lse, weights)
 std::tuple<at::Tensor, at::Tensor> forward_into(

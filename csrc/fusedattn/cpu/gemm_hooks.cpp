@@ -21,6 +21,9 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 void cblas_gemm_bf16bf16f32(int layout, int ta, int tb, int m, int n, int k, float alpha,
                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
                             float* c, int ldc) __attribute__((weak));
+// MKL's per-thread thread count, by value (0 clears it; mkl_set_num_threads_local is the
+// Fortran entry, by pointer); returns the previous per-thread setting.
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 void cblas_gemm_f16f16f32(int layout, int ta, int tb, int m, int n, int k, float alpha,
                           const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
                           float* c, int ldc) __attribute__((weak));
@@ -241,5 +244,12 @@ kernels::FloatGemm float_gemm_offer(bool unpacked) {
 }
 
 const char* gemm_backend() { return sgemm_ ? "blas" : "torch.mm"; }
+
+BlasOnThisThread::BlasOnThisThread() {
+  if (MKL_Set_Num_Threads_Local) previous_ = MKL_Set_Num_Threads_Local(1);
+}
+BlasOnThisThread::~BlasOnThisThread() {
+  if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+}
 
 }  // namespace fusedattn::cpu

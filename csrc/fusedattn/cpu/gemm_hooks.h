@@ -21,4 +21,20 @@ kernels::FloatGemm float_gemm_offer(bool unpacked);
 // Which serves torch_gemms()'s fp32 products: "blas" or "torch.mm".
 const char* gemm_backend();
 
+// While alive, MKL runs single-threaded on this thread. The kernels' products are small blocks
+// of one task; at::parallel_for runs a single task inline, outside an OpenMP region, where MKL
+// would fork its threads for each of them: the head-averaged weights of one 16-query block
+// (N=1, L=16, E=256, 8 heads) took 43-57 us instead of 23 (AMD EPYC), the other thread
+// spinning in libgomp. Without MKL it does nothing.
+class BlasOnThisThread {
+ public:
+  BlasOnThisThread();
+  ~BlasOnThisThread();
+  BlasOnThisThread(const BlasOnThisThread&) = delete;
+  BlasOnThisThread& operator=(const BlasOnThisThread&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 }  // namespace fusedattn::cpu

@@ -11,18 +11,13 @@
 #include <stdexcept>
 
 #include "fusedattn/cpu/gemm_hooks.h"
+#include "fusedattn/cpu/launch.h"
 #include "fusedattn/kernels/cpu/plan.h"
 #include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/kv_cache.h"
 
 namespace fusedattn::cpu {
 namespace {
-
-template <typename Kernel>
-void run_decode_tasks(int64_t tasks, const kernels::DecodeParams& p, Kernel kernel) {
-  if (tasks > 0)
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
-}
 
 // Rows of the (b, h, row) layout the kernels read: a contiguous last dim. The cache is
 // written in place, so it cannot be copied into one.
@@ -112,11 +107,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
   if (plan.append_tasks > 0 && B * plan.p.Hk * T * (E + plan.p.Ev) * query.element_size() < (1 << 20)) {
     plan.kernels->decode_append(plan.p, 0, plan.append_tasks);
   } else {
-    run_decode_tasks(plan.append_tasks, plan.p, plan.kernels->decode_append);
+    run_tasks(plan.append_tasks, plan.p, plan.kernels->decode_append);
   }
   if (H > 0) {
-    run_decode_tasks(plan.tasks, plan.p, plan.kernels->decode);
-    run_decode_tasks(plan.merge_tasks, plan.p, plan.kernels->decode_merge);
+    run_tasks(plan.tasks, plan.p, plan.kernels->decode);
+    run_tasks(plan.merge_tasks, plan.p, plan.kernels->decode_merge);
   }
   return finish();
 }

@@ -2,10 +2,12 @@
 // What the CPU ops' glue shares (cpu/attention_cpu.cpp defines it): the environment's kernel
 // switches, the launch parameters of one call, the forward's packed workspace.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <optional>
 #include <stdexcept>
 
+#include "fusedattn/cpu/gemm_hooks.h"
 #include "fusedattn/kernels/cpu/plan.h"
 #include "fusedattn/ops/checks.h"
 
@@ -25,6 +27,17 @@ auto plan_or_error(Planner planner, const Args&... args) {
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, e.what());
   }
+}
+
+// Tasks 0 .. tasks - 1 of a kernel, kernel(params, begin, end) over ranges of them on torch's
+// threads, each task's BLAS calls single-threaded.
+template <typename Params, typename Kernel>
+void run_tasks(int64_t tasks, const Params& p, Kernel kernel) {
+  if (tasks <= 0) return;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    BlasOnThisThread one_thread;
+    kernel(p, begin, end);
+  });
 }
 
 // Everything but the outputs: sizes, strides and masks of one call. The tensors keep the

@@ -26,6 +26,7 @@ void run_items(const VarlenPlan& plan, const std::vector<VarlenItem>& items, Sel
   std::atomic<size_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), int64_t(items.size()));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    BlasOnThisThread one_thread;
     for (size_t i = next.fetch_add(1); i < items.size(); i = next.fetch_add(1)) {
       const auto& plan_s = plan.seqs[items[i].seq];
       const KernelFn fn = select(*plan_s.kernels);

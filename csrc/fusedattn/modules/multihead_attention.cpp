@@ -155,18 +155,6 @@ at::Tensor MultiheadAttentionImpl::forward_packed(const at::Tensor& query, const
       opt(alibi_slopes), options.softcap(), opt(rel_bias), opt(sinks));
 }
 
-namespace {
-// (A, B, F) in the module's layout, or (T, F) unbatched -> (N, T, F), a view.
-at::Tensor batch_first_view(const at::Tensor& x, bool batch_first) {
-  if (x.dim() == 2) return x.unsqueeze(0);
-  return batch_first ? x : x.transpose(0, 1);
-}
-// (N, T, H * D) -> (N, H, T, D), a view.
-at::Tensor split_heads(const at::Tensor& x, int64_t heads) {
-  return x.view({x.size(0), x.size(1), heads, x.size(2) / heads}).transpose(1, 2);
-}
-}  // namespace
-
 void MultiheadAttentionImpl::check_cacheable() const {
   TORCH_CHECK(!bias_k.defined() && !options.add_zero_attn(),
               "MultiheadAttention: a KV cache does not take add_bias_kv or add_zero_attn");
@@ -174,16 +162,6 @@ void MultiheadAttentionImpl::check_cacheable() const {
                   !rel_bias.defined() && !sinks.defined(),
               "MultiheadAttention: a KV cache does not take the variants (window, alibi, "
               "max_relative_distance, softcap) or sinks");
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> MultiheadAttentionImpl::kv_projection()
-    const {
-  const int64_t rows = options.num_heads() * head_dim();
-  at::Tensor wk = in_proj_weight.defined() ? in_proj_weight.narrow(0, rows, rows) : k_proj_weight;
-  at::Tensor wv = in_proj_weight.defined() ? in_proj_weight.narrow(0, 2 * rows, rows) : v_proj_weight;
-  at::Tensor bk, bv;
-  if (in_proj_bias.defined()) bk = in_proj_bias.narrow(0, rows, rows), bv = in_proj_bias.narrow(0, 2 * rows, rows);
-  return {wk, wv, bk, bv};
 }
 
 KVCache MultiheadAttentionImpl::kv_cache(int64_t max_batch, int64_t max_len) {
@@ -194,19 +172,12 @@ KVCache MultiheadAttentionImpl::kv_cache(int64_t max_batch, int64_t max_len) {
 KVCache MultiheadAttentionImpl::memory_cache(const at::Tensor& memory,
                                             const at::Tensor& key_padding_mask) {
   check_cacheable();
-  TORCH_CHECK(memory.dim() == 2 || memory.dim() == 3,
-              "MultiheadAttention::memory_cache: memory must be 3-D (S, N, E), (N, S, E) with "
-              "batch_first, or 2-D (S, E), got ", memory.sizes());
-  const auto x = batch_first_view(memory, options.batch_first());
-  auto [wk, wv, bk, bv] = kv_projection();
-  TORCH_CHECK(x.size(-1) == wk.size(1) && x.size(-1) == wv.size(1),
-              "MultiheadAttention::memory_cache: memory must have ", wk.size(1),
-              " features, got ", memory.sizes());
+  auto [q, k, v] = ops::multihead_attention_in_projection(
+      std::nullopt, memory, memory, options.num_heads(), opt(in_proj_weight), opt(in_proj_bias),
+      opt(q_proj_weight), opt(k_proj_weight), opt(v_proj_weight), options.batch_first());
   const auto kpm = key_padding_mask.defined() && memory.dim() == 2 ? key_padding_mask.unsqueeze(0)
                                                                   : key_padding_mask;
-  return KVCache::from_tensors(split_heads(at::linear(x, wk, opt(bk)), options.num_heads()),
-                               split_heads(at::linear(x, wv, opt(bv)), options.num_heads()),
-                               at::Tensor(), kpm);
+  return KVCache::from_tensors(k, v, at::Tensor(), kpm);
 }
 
 std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward_cached(
@@ -217,53 +188,13 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward_cached(
   TORCH_CHECK(!(is_training() && options.dropout() > 0),
               "MultiheadAttention: a KV cache decodes without dropout; call eval() (or build "
               "the module with dropout 0)");
-  TORCH_CHECK(query.dim() == 2 || query.dim() == 3,
-              "MultiheadAttention: query must be 3-D (T, N, E), (N, T, E) with batch_first, or "
-              "2-D (T, E), got ", query.sizes());
-  TORCH_CHECK(key.defined() == value.defined(),
-              "MultiheadAttention: with a cache, key and value are both the new tokens "
-              "(self-attention) or both undefined (attend to the cache only)");
-  const bool batched = query.dim() == 3, bf = options.batch_first();
-  const auto x = batch_first_view(query, bf);
-  TORCH_CHECK(x.size(-1) == options.embed_dim(), "MultiheadAttention: query must have embed_dim = ",
-              options.embed_dim(), " features, got ", query.sizes());
-  const int64_t H = options.num_heads(), rows = H * head_dim();
-  const auto& wqkv = in_proj_weight.defined() ? in_proj_weight : q_proj_weight;
-  const auto bq = in_proj_bias.defined() ? opt(in_proj_bias.narrow(0, 0, rows)) : std::nullopt;
-  at::Tensor q, k, v;
-  if (!key.defined()) {
-    q = at::linear(x, wqkv.narrow(0, 0, rows), bq);
-  } else {
-    TORCH_CHECK(key.dim() == query.dim() && value.dim() == query.dim(),
-                "MultiheadAttention: key and value must have query's dims");
-    if (in_proj_weight.defined() && query.is_same(key) && key.is_same(value)) {
-      auto parts = at::linear(x, in_proj_weight, opt(in_proj_bias)).chunk(3, -1);
-      q = parts[0], k = parts[1], v = parts[2];
-    } else {
-      auto [wk, wv, bk, bv] = kv_projection();
-      q = at::linear(x, wqkv.narrow(0, 0, rows), bq);
-      k = at::linear(batch_first_view(key, bf), wk, opt(bk));
-      v = at::linear(batch_first_view(value, bf), wv, opt(bv));
-    }
-    k = split_heads(k, H), v = split_heads(v, H);
-  }
-  const auto kpm = key_padding_mask.defined() && !batched ? key_padding_mask.unsqueeze(0)
-                                                         : key_padding_mask;
-  auto [out, lse, weights] = cache.attend(split_heads(q, H), k, v, is_causal, kpm, std::nullopt,
-                                          false, false, need_weights);
-  const int64_t n = out.size(0), t = out.size(2);
-  auto merged = out.transpose(1, 2).reshape({n, t, H * out.size(3)});
-  auto result = at::linear(merged, out_proj->weight, opt(out_proj->bias));
-  if (!batched) {
-    result = result.squeeze(0);
-  } else if (!bf) {
-    result = result.transpose(0, 1);
-  }
-  if (need_weights) {
-    if (average_attn_weights) weights = weights.mean(1);
-    if (!batched) weights = weights.squeeze(0);
-  }
-  return {result, weights};
+  auto [out, weights] = ops::multihead_attention_cached(
+      query, opt(key), opt(value), cache.key_cache(), cache.value_cache(), cache.lengths(),
+      options.num_heads(), opt(in_proj_weight), opt(in_proj_bias), opt(q_proj_weight),
+      opt(k_proj_weight), opt(v_proj_weight), out_proj->weight, opt(out_proj->bias),
+      options.batch_first(), opt(key_padding_mask), need_weights, average_attn_weights,
+      is_causal, cache.read_only(), opt(cache.key_padding_mask()));
+  return {out, need_weights ? weights : at::Tensor()};
 }
 
 void MultiheadAttentionImpl::pretty_print(std::ostream& stream) const {

@@ -126,8 +126,6 @@ class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<Multihe
 
  protected:
   void check_cacheable() const;
-  // The key and value projections' weights and biases (bias undefined without bias).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kv_projection() const;
 
   FORWARD_HAS_DEFAULT_ARGS({3, torch::nn::AnyValue(at::Tensor())},
                            {4, torch::nn::AnyValue(true)},

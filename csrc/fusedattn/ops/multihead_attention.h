@@ -44,9 +44,55 @@ FUSEDATTN_API at::Tensor multihead_attention_varlen(
     std::optional<double> softcap = std::nullopt,
     const std::optional<at::Tensor>& rel_bias = std::nullopt,
     const std::optional<at::Tensor>& sinks = std::nullopt);
+
+// The modules' in-projection into heads: query (L, N, E) / key (S, N, kdim) / value (S, N,
+// vdim), (N, ...) first with batch_first, or 2-D unbatched; key and value both or neither,
+// query optional (none: a cross-attention memory's keys and values). Self-attention (one
+// tensor as all three, packed in_proj_weight) takes one GEMM. -> (q (N, H, L, D), k and v
+// (N, H, S, D)), views of the projections; the ones not asked for are empty.
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_attention_in_projection(
+    const std::optional<at::Tensor>& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, bool batch_first = false);
+// One decode step of the module against a KV cache (its tensors; ops/kv_cache.h): query the
+// new tokens in the module's layout, key and value the same tokens (self-attention: appended
+// to the cache) or none (attend to the cache only). read_only: the cache is a memory (no
+// append); cache_key_padding_mask: the memory's own (N, S) mask, exclusive with
+// key_padding_mask (N, K) over the cache's first K positions. -> (attn_output like query,
+// weights (N, T, max_len) averaged or (N, H, T, max_len), empty unless need_weights).
+FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> multihead_attention_cached(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, int64_t num_heads, const std::optional<at::Tensor>& in_proj_weight,
+    const std::optional<at::Tensor>& in_proj_bias, const std::optional<at::Tensor>& q_proj_weight,
+    const std::optional<at::Tensor>& k_proj_weight, const std::optional<at::Tensor>& v_proj_weight,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    bool batch_first = false, const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+    bool need_weights = false, bool average_attn_weights = true, bool is_causal = false,
+    bool read_only = false, const std::optional<at::Tensor>& cache_key_padding_mask = std::nullopt);
 }  // namespace ops
 
 namespace detail {
+// Their CompositeImplicitAutograd kernels (ops/multihead_attention_cached.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_attention_in_projection_composite(
+    const std::optional<at::Tensor>& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, bool batch_first);
+std::tuple<at::Tensor, at::Tensor> multihead_attention_cached_composite(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, int64_t num_heads, const std::optional<at::Tensor>& in_proj_weight,
+    const std::optional<at::Tensor>& in_proj_bias, const std::optional<at::Tensor>& q_proj_weight,
+    const std::optional<at::Tensor>& k_proj_weight, const std::optional<at::Tensor>& v_proj_weight,
+    const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
+    bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
+    bool average_attn_weights, bool is_causal, bool read_only,
+    const std::optional<at::Tensor>& cache_key_padding_mask);
+
 // Its CompositeImplicitAutograd kernel. Written with SymInt sizes so that torch.compile can
 // trace it with dynamic shapes.
 std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(

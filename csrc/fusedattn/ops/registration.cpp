@@ -132,6 +132,26 @@ TORCH_LIBRARY(fusedattn, m) {
   m.impl("multihead_attention_varlen", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::multihead_attention_varlen_composite));
 
+  // The modules' in-projection into heads and their decode step on a KV cache's tensors
+  // (ops/multihead_attention.h): one implementation for the C++ and the Python module.
+  m.def(
+      "multihead_attention_in_projection(Tensor? query, Tensor? key, Tensor? value, "
+      "int num_heads, Tensor? in_proj_weight, Tensor? in_proj_bias, Tensor? q_proj_weight, "
+      "Tensor? k_proj_weight, Tensor? v_proj_weight, bool batch_first=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.impl("multihead_attention_in_projection", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::multihead_attention_in_projection_composite));
+  m.def(
+      "multihead_attention_cached(Tensor query, Tensor? key, Tensor? value, "
+      "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor(c!) lengths, int num_heads, "
+      "Tensor? in_proj_weight, Tensor? in_proj_bias, Tensor? q_proj_weight, "
+      "Tensor? k_proj_weight, Tensor? v_proj_weight, Tensor out_proj_weight, "
+      "Tensor? out_proj_bias, *, bool batch_first=False, Tensor? key_padding_mask=None, "
+      "bool need_weights=False, bool average_attn_weights=True, bool is_causal=False, "
+      "bool read_only=False, Tensor? cache_key_padding_mask=None) -> (Tensor, Tensor)");
+  m.impl("multihead_attention_cached", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(fusedattn::detail::multihead_attention_cached_composite));
+
   // Incremental decoding (ops/kv_cache.h): query (B, H, T, E) against a preallocated cache
   // (Bc >= B, Hk, max_len, E|Ev); key and value (B, Hk, T, E|Ev), when given, are written
   // at each sequence's lengths[b] and lengths grows by T, in place. -> (out (B, H, T, Ev),
