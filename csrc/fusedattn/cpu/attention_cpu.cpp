@@ -1,66 +1,30 @@
-// CPU implementations of `_attention_forward` and `_attention_backward`: the fused kernels
-// (kernels/cpu/, planned by kernels/cpu/plan.cpp) for every call they cover, the ATen
-// reference for the rest.
+// CPU implementations of `_attention_forward`, `_attention_backward` and the modules'
+// `_attention_projected_*`: the fused kernels (kernels/cpu/, planned by kernels/cpu/plan.cpp)
+// for every call they cover, the ATen reference for the rest (and for every call under
+// FUSEDATTN_CPU_KERNEL=reference, cpu/config.h). Each entry turns its schema arguments into
+// AttentionParams once (ops/params.h); everything below takes the struct.
 //
 // The fused path covers fp64/fp32/bf16/fp16, every mask kind (read through strides, never
 // expanded), causal in both alignments, GQA, dropout, lse and returned weights. The
 // backward falls back to the reference when a gradient is asked of a float mask or of the
 // returned weights (both need the L x S gradient of the scores anyway).
-// FUSEDATTN_CPU_KERNEL=reference in the environment sends every call to the reference;
-// FUSEDATTN_CPU_KERNEL=unpacked keeps bf16/fp16 forwards and backwards off the packed (AMX
-// brgemm) GEMMs and fp32 off brgemm (MKL's sgemm for every product).
-// FUSEDATTN_CPU_CAPABILITY caps the instruction-set tier (kernels/cpu/capability.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <stdexcept>
 #include <tuple>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "fusedattn/cpu/config.h"
 #include "fusedattn/cpu/gemm_hooks.h"
 #include "fusedattn/cpu/launch.h"
 #include "fusedattn/kernels/cpu/plan.h"
-#include "fusedattn/kernels/cpu/scratch.h"
 #include "fusedattn/ops/attention.h"
-#include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/kernel_args.h"
 #include "fusedattn/ops/reference.h"
 
 namespace fusedattn::cpu {
 
-using kernels::FlashParams;
-
-bool reference_requested() {
-  const char* v = std::getenv("FUSEDATTN_CPU_KERNEL");
-  return v != nullptr && std::strcmp(v, "reference") == 0;
-}
-
-bool packing_disabled() {
-  const char* v = std::getenv("FUSEDATTN_CPU_KERNEL");
-  return v != nullptr && std::strcmp(v, "unpacked") == 0;
-}
-
 namespace {
-
-// oneDNN (behind cpublas::brgemm) reads ONEDNN_MAX_CPU_ISA once, at its first kernel: a
-// FUSEDATTN_CPU_CAPABILITY cap is handed to it at load time unless the caller set one.
-const bool onednn_capped = [] {
-  const char* cap = std::getenv("FUSEDATTN_CPU_CAPABILITY");
-  if (cap == nullptr || *cap == '\0' || std::getenv("ONEDNN_MAX_CPU_ISA") != nullptr) return false;
-  try {
-    setenv("ONEDNN_MAX_CPU_ISA", kernels::cpu::onednn_isa_name(kernels::cpu::capability()), 0);
-  } catch (const std::invalid_argument&) {  // reported by the first op call
-    return false;
-  }
-  return true;
-}();
 
 // (..., X, R, C) -> a (B, X, R, C) view (a copy only where the batch dims cannot merge),
 // with a contiguous last dim and rows that do not overlap, as the kernels and BLAS need (an
@@ -74,78 +38,24 @@ at::Tensor as_4d(const at::Tensor& t, int64_t batch) {
 
 }  // namespace
 
-Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Tensor& key,
-               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-               const std::optional<at::Tensor>& key_padding_mask,
-               const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-               bool bottom_right, const ScoreMods& mods) {
+Launch prepare(const AttentionParams& params) {
+  const AttentionProblem& pb = params.problem;
   Launch l;
   auto& p = l.p;
-  p.dtype = kernel_dtype(query.scalar_type());
+  p.dtype = kernel_dtype(pb.dtype);
   p.B = pb.batch_size, p.H = pb.heads, p.Hk = pb.kv_heads;
   p.L = pb.q_len, p.S = pb.kv_len, p.E = pb.head_dim, p.Ev = pb.v_head_dim;
   p.scale = pb.scale;
-  l.q = as_4d(query, p.B), l.k = as_4d(key, p.B), l.v = as_4d(value, p.B);
+  l.q = as_4d(params.query, p.B), l.k = as_4d(params.key, p.B), l.v = as_4d(params.value, p.B);
   p.gemm = &torch_gemms();
   fill_operands(l.q, l.k, l.v, p);
-  std::tie(l.mask, l.kpm) =
-      fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p, mods);
-  if (dropout_p > 0.0) {
+  std::tie(l.mask, l.kpm) = fill_mask_params(params, p);
+  if (params.dropout_p > 0.0) {
     p.dropout = true;
-    p.drop = kernels::DropoutParams::make(reference::dropout_seed_value(dropout_seed), dropout_p);
+    p.drop = kernels::DropoutParams::make(reference::dropout_seed_value(params.dropout_seed),
+                                          params.dropout_p);
   }
   return l;
-}
-
-namespace {
-
-// The returned weights are the one L x S output, written once by the forward. Fresh 4 KiB
-// pages cost a fault each on that first write: 512 MiB of weights (B=4, H=8, L=S=2048, fp32)
-// took 80 ms of faults, 2 MiB pages 9 ms (measured here, transparent huge pages in "madvise"
-// mode; bf16 weights at L=512, 16 MiB: 18.9 -> 13.2 ms a call with every block its own
-// mapping, as the benchmark runs). From 4 MiB on (whole 2 MiB pages inside). Advice that
-// outlives the tensor (memory the allocator keeps) only makes later pages there huge too.
-// A hint: where the kernel declines it, nothing changes. Also given to the forward's K/V
-// workspace, which is as large as K (and V) and as fresh.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (t.nbytes() < (size_t(4) << 20)) return;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
-// The forward's packed workspace (packed or widened K and V blocks), kept per calling thread
-// between calls up to kCachedWorkspaceBytes; larger ones are allocated per call. A fresh one
-// is first touched by the pack tasks, a page fault per page: bf16 at B=4, H=8, L=1024 capped
-// to AVX2 (16 MiB of fp32 K and V), a causal forward took 44-51 ms instead of 28-29 whenever
-// the allocator handed back fresh pages (Xeon). Contents are not kept: each call packs anew.
-constexpr size_t kCachedWorkspaceBytes = size_t(64) << 20;
-}  // namespace
-
-void* packed_workspace(int64_t elems, const at::TensorOptions& options, at::Tensor& holder) {
-  const size_t bytes = size_t(elems) * options.dtype().itemsize();
-  thread_local at::Tensor cached;
-#ifdef FUSEDATTN_EXACT_ALLOCATIONS
-  constexpr bool kCache = false;  // scratch.h: exact-size allocations under ASan
-#else
-  constexpr bool kCache = true;
-#endif
-  if (!kCache || bytes > kCachedWorkspaceBytes) {
-    holder = at::empty({int64_t(bytes)}, options.dtype(at::kByte));
-    advise_huge_pages(holder);
-    return holder.data_ptr();
-  }
-  if (!cached.defined() || cached.nbytes() < bytes) {
-    cached = at::Tensor();  // the old one goes first
-    cached = at::empty({int64_t(bytes)}, options.dtype(at::kByte));
-    advise_huge_pages(cached);
-  }
-  return cached.data_ptr();
 }
 
 namespace {
@@ -159,108 +69,82 @@ namespace {
 
 // The fused forward, its output written into out4, a (B, H, L, Ev) view with a contiguous
 // last dim (rows of different (b, h) apart). -> (lse, weights)
-std::tuple<at::Tensor, at::Tensor> forward_into(
-    const AttentionProblem& pb, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, bool return_weights, bool average_weights, const at::Tensor& out4,
-    const ScoreMods& mods = ScoreMods()) {
-  auto launch = prepare(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                        dropout_p, is_causal, bottom_right, mods);
+std::tuple<at::Tensor, at::Tensor> forward_into(const AttentionParams& params,
+                                                const at::Tensor& out4) {
+  const AttentionProblem& pb = params.problem;
+  const auto options = params.query.options();
+  auto launch = prepare(params);
   auto& p = launch.p;
-  auto lse = at::empty(pb.lse_shape(), query.options().dtype(accumulate_type(query.scalar_type())));
+  auto lse = at::empty(pb.lse_shape(), options.dtype(accumulate_type(pb.dtype)));
   p.out = out4.data_ptr(), p.o_sb = out4.stride(0), p.o_sh = out4.stride(1), p.o_sr = out4.stride(2);
   p.lse = lse.data_ptr();
-  at::Tensor weights = at::empty({0}, query.options());
-  if (return_weights) {
+  at::Tensor weights = at::empty({0}, options);
+  if (params.return_weights) {
     auto shape = pb.weights_shape();  // (..., H, L, S); averaged: (..., L, S)
-    if (average_weights) shape.erase(shape.end() - 3);
-    weights = at::empty(shape, query.options());
+    if (params.average_weights) shape.erase(shape.end() - 3);
+    weights = at::empty(shape, options);
     advise_huge_pages(weights);
     p.weights = weights.data_ptr();
-    p.average_weights = average_weights;
+    p.average_weights = params.average_weights;
   }
   if (pb.heads == 0) {
     // No heads: every output is empty but the head-averaged weights (N, L, S), which average
     // nothing and are 0, as in the reference path; the kernels' group H / Hk is undefined.
-    if (return_weights) weights.zero_();
+    if (params.return_weights) weights.zero_();
     return {lse, weights};
   }
-  p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
-  p.fgemm = float_gemm_offer(packing_disabled());
+  p.packed = packed_gemm_offer(pb.dtype, kernel_switches().unpacked);
+  p.fgemm = float_gemm_offer(kernel_switches().unpacked);
   auto plan = plan_or_error(kernels::cpu::plan_forward, p);
   at::Tensor packed_ws;  // holds a workspace too large to keep
   if (plan.packed_elems > 0) {
-    plan.p.packed_ws = packed_workspace(plan.packed_elems, query.options(), packed_ws);
+    plan.p.packed_ws = packed_workspace(plan.packed_elems, options, packed_ws);
     run_tasks(plan.pack_tasks, plan.p, plan.kernels->pack);
   }
   run_tasks(plan.tasks, plan.p, plan.kernels->forward);
   return {lse, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
-  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                         dropout_p, scale, enable_gqa, window, alibi_slopes,
-                                         softcap, rel_bias);
-  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap, rel_bias);
-  if (reference_requested()) {
-    return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
-                                        dropout_seed, dropout_p, is_causal, bottom_right,
-                                        return_weights, average_weights, mods);
-  }
-  auto out = at::empty(pb.out_shape(), query.options());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const AttentionParams& params) {
+  if (kernel_switches().reference) return reference::attention_forward(params);
+  const AttentionProblem& pb = params.problem;
+  auto out = at::empty(pb.out_shape(), params.query.options());
   auto [lse, weights] =
-      forward_into(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
-                   is_causal, bottom_right, return_weights, average_weights,
-                   out.view({pb.batch_size, pb.heads, pb.q_len, pb.v_head_dim}), mods);
+      forward_into(params, out.view({pb.batch_size, pb.heads, pb.q_len, pb.v_head_dim}));
   return {out, lse, weights};
 }
 
 // Whether a backward takes the reference: asked to, or asked for a float mask's or the
 // weights' gradient (each an L x S gradient of the scores anyway).
-bool reference_backward(const std::optional<at::Tensor>& grad_weights,
-                        const std::optional<at::Tensor>& attn_mask,
-                        const std::optional<at::Tensor>& key_padding_mask, bool attn_mask_grad,
-                        bool key_padding_mask_grad) {
-  return reference_requested() ||
-         (attn_mask_grad && attn_mask && attn_mask->is_floating_point()) ||
-         (key_padding_mask_grad && key_padding_mask && key_padding_mask->is_floating_point()) ||
-         (grad_weights && grad_weights->numel() > 0);
+bool reference_backward(const AttentionParams& params, const AttentionGrads& grads) {
+  const auto& mask = params.attn_mask;
+  const auto& kpm = params.key_padding_mask;
+  return kernel_switches().reference || (grads.attn_mask_grad && mask && mask->is_floating_point()) ||
+         (grads.key_padding_mask_grad && kpm && kpm->is_floating_point()) ||
+         (grads.grad_weights && grads.grad_weights->numel() > 0);
 }
 
 // The fused backward, the gradients written into dq4, dk4, dv4: (B, H|Hk, rows, cols) views
-// with a contiguous last dim whose (b, h) rows do not overlap.
-void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
-                   const std::optional<at::Tensor>& grad_lse, const at::Tensor& query,
-                   const at::Tensor& key, const at::Tensor& value, const at::Tensor& out,
-                   const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
-                   const std::optional<at::Tensor>& key_padding_mask,
-                   const std::optional<at::Tensor>& dropout_seed, double dropout_p,
-                   bool is_causal, bool bottom_right, const at::Tensor& dq4,
-                   const at::Tensor& dk4, const at::Tensor& dv4,
-                   const ScoreMods& mods = ScoreMods(), const at::Tensor& d_rel_partial = {}) {
+// with a contiguous last dim whose (b, h) rows do not overlap; rel_bias's per-batch rows into
+// d_rel_partial (B, H, 2 D + 1) where the call has one.
+void backward_into(const AttentionParams& params, const AttentionGrads& grads,
+                   const at::Tensor& dq4, const at::Tensor& dk4, const at::Tensor& dv4,
+                   const at::Tensor& d_rel_partial = {}) {
+  const AttentionProblem& pb = params.problem;
+  const auto &grad_out = grads.grad_out, &out = grads.out, &lse = grads.lse;
   TORCH_CHECK(grad_out.sizes().equals(pb.out_shape()) && out.sizes().equals(pb.out_shape()),
               "attention backward: grad_out and out must have shape ",
               c10::IntArrayRef(pb.out_shape()), ", got ", grad_out.sizes(), " and ", out.sizes());
-  const auto acc = accumulate_type(query.scalar_type());
+  const auto acc = accumulate_type(pb.dtype);
   TORCH_CHECK(lse.sizes().equals(pb.lse_shape()) && lse.scalar_type() == acc,
               "attention backward: lse must be ", acc, " of shape ",
               c10::IntArrayRef(pb.lse_shape()), ", got ", lse.scalar_type(), " ", lse.sizes());
-  auto launch = prepare(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                        dropout_p, is_causal, bottom_right, mods);
+  auto launch = prepare(params);
   auto& p = launch.p;
   auto out4 = as_4d(out, p.B), dout4 = as_4d(grad_out, p.B);
   auto lse_c = lse.contiguous();
   at::Tensor dlse;
-  if (grad_lse && grad_lse->numel() > 0) dlse = grad_lse->to(acc).contiguous();
+  if (grads.grad_lse && grads.grad_lse->numel() > 0) dlse = grads.grad_lse->to(acc).contiguous();
   p.out = out4.data_ptr(), p.o_sb = out4.stride(0), p.o_sh = out4.stride(1), p.o_sr = out4.stride(2);
   p.dout = dout4.data_ptr(), p.do_sb = dout4.stride(0), p.do_sh = dout4.stride(1),
   p.do_sr = dout4.stride(2);
@@ -271,22 +155,23 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
   p.dv = dv4.data_ptr(), p.dv_sb = dv4.stride(0), p.dv_sh = dv4.stride(1), p.dv_sr = dv4.stride(2);
   if (d_rel_partial.defined()) p.d_rel_bias = d_rel_partial.data_ptr();
   if (pb.heads == 0) return;  // no heads: the gradients are empty
-  p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
-  p.fgemm = float_gemm_offer(packing_disabled());
+  p.packed = packed_gemm_offer(pb.dtype, kernel_switches().unpacked);
+  p.fgemm = float_gemm_offer(kernel_switches().unpacked);
   if (kernels::cpu::backward_widened(p)) {
+    // The same call on fp32 copies (a float key padding mask widened with them).
     const auto wide = [](const at::Tensor& t) { return t.to(at::kFloat); };
     const auto wide_grad = [](const at::Tensor& g) {
       return at::empty(g.sizes(), g.options().dtype(at::kFloat));
     };
-    std::optional<at::Tensor> kpm;
-    if (key_padding_mask)
-      kpm = key_padding_mask->is_floating_point() ? wide(*key_padding_mask) : *key_padding_mask;
-    AttentionProblem pf = pb;
-    pf.dtype = at::kFloat;
+    AttentionParams pf = params;
+    pf.problem.dtype = at::kFloat;
+    pf.query = wide(params.query), pf.key = wide(params.key), pf.value = wide(params.value);
+    const auto& kpm = params.key_padding_mask;
+    if (kpm && kpm->is_floating_point()) pf.key_padding_mask = wide(*kpm);
+    AttentionGrads gf = grads;
+    gf.grad_out = wide(grad_out), gf.out = wide(out);
     const auto dqf = wide_grad(dq4), dkf = wide_grad(dk4), dvf = wide_grad(dv4);
-    backward_into(pf, wide(grad_out), grad_lse, wide(query), wide(key), wide(value), wide(out),
-                  lse, attn_mask, kpm, dropout_seed, dropout_p, is_causal, bottom_right, dqf, dkf,
-                  dvf, mods, d_rel_partial);
+    backward_into(pf, gf, dqf, dkf, dvf, d_rel_partial);
     dq4.copy_(dqf);
     dk4.copy_(dkf);
     dv4.copy_(dvf);
@@ -297,35 +182,18 @@ void backward_into(const AttentionProblem& pb, const at::Tensor& grad_out,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
-    bool key_padding_mask_grad, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
-  if (reference_backward(grad_weights, attn_mask, key_padding_mask, attn_mask_grad,
-                         key_padding_mask_grad)) {
-    return reference::attention_backward_op(
-        grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
-        key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale, enable_gqa,
-        attn_mask_grad, key_padding_mask_grad, window, alibi_slopes, softcap, rel_bias);
-  }
-  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                         dropout_p, scale, enable_gqa, window, alibi_slopes,
-                                         softcap, rel_bias);
-  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap, rel_bias);
+    const AttentionParams& params, const AttentionGrads& grads) {
+  if (reference_backward(params, grads)) return reference::attention_backward(params, grads);
+  const AttentionProblem& pb = params.problem;
+  const auto& rel = params.mods.rel_bias;
   at::Tensor d_rel;  // (B, H, 2 D + 1), written by the tasks
-  if (mods.rel_bias.defined())
-    d_rel = at::zeros({pb.batch_size, pb.heads, mods.rel_bias.size(1)}, mods.rel_bias.options());
+  if (rel.defined()) d_rel = at::zeros({pb.batch_size, pb.heads, rel.size(1)}, rel.options());
+  const auto &query = params.query, &key = params.key, &value = params.value;
   auto dq = at::empty(query.sizes(), query.options());
   auto dk = at::empty(key.sizes(), key.options());
   auto dv = at::empty(value.sizes(), value.options());
-  backward_into(pb, grad_out, grad_lse, query, key, value, out, lse, attn_mask, key_padding_mask,
-                dropout_seed, dropout_p, is_causal, bottom_right, as_4d(dq, pb.batch_size),
-                as_4d(dk, pb.batch_size), as_4d(dv, pb.batch_size), mods, d_rel);
+  backward_into(params, grads, as_4d(dq, pb.batch_size), as_4d(dk, pb.batch_size),
+                as_4d(dv, pb.batch_size), d_rel);
   auto none = at::empty({0}, query.options());
   // rel_bias: the tasks' per-batch rows, summed.
   return {dq, dk, dv, none, none, d_rel.defined() ? d_rel.sum(0) : none};
@@ -341,20 +209,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool return_weights, bool average_weights) {
   const auto [q, k, v] = detail::split_projected(query, key, value, num_heads, seq_first);
-  const auto pb = check_attention_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p,
-                                         std::nullopt, /*enable_gqa=*/false);
+  auto params = make_attention_params(q, k, v, attn_mask, key_padding_mask, dropout_seed,
+                                      dropout_p, is_causal, /*bottom_right=*/false, std::nullopt,
+                                      /*enable_gqa=*/false);
+  params.return_weights = return_weights, params.average_weights = average_weights;
+  const AttentionProblem& pb = params.problem;
   auto out = at::empty({query.size(0), query.size(1), pb.heads * pb.v_head_dim}, query.options());
   const auto out4 = detail::split_heads(out, num_heads, seq_first);  // (N, H, L, Dv) view
-  if (reference_requested()) {
-    auto [o, lse, weights] = reference::attention_forward(
-        pb, q, k, v, attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
-        /*bottom_right=*/false, return_weights, average_weights);
+  if (kernel_switches().reference) {
+    auto [o, lse, weights] = reference::attention_forward(params);
     out4.copy_(o);
     return {out, lse, weights};
   }
-  auto [lse, weights] = forward_into(pb, q, k, v, attn_mask, key_padding_mask, dropout_seed,
-                                     dropout_p, is_causal, /*bottom_right=*/false,
-                                     return_weights, average_weights, out4);
+  auto [lse, weights] = forward_into(params, out4);
   return {out, lse, weights};
 }
 
@@ -371,8 +238,15 @@ attention_projected_backward(
               "attention_projected backward: grad_out and out must have the same 3-D shape, got ",
               grad_out.sizes(), " and ", out.sizes());
   const auto [q, k, v] = detail::split_projected(query, key, value, num_heads, seq_first);
-  const auto out4 = detail::split_heads(out, num_heads, seq_first);
-  const auto dout4 = detail::split_heads(grad_out, num_heads, seq_first);
+  const auto params = make_attention_params(q, k, v, attn_mask, key_padding_mask, dropout_seed,
+                                            dropout_p, is_causal, /*bottom_right=*/false,
+                                            std::nullopt, /*enable_gqa=*/false);
+  AttentionGrads grads;
+  grads.grad_out = detail::split_heads(grad_out, num_heads, seq_first);
+  grads.out = detail::split_heads(out, num_heads, seq_first);
+  grads.lse = lse;
+  grads.grad_weights = grad_weights, grads.grad_lse = grad_lse;
+  grads.attn_mask_grad = attn_mask_grad, grads.key_padding_mask_grad = key_padding_mask_grad;
   auto empty = [&] { return at::empty({0}, query.options()); };
   auto d_query = at::empty(query.sizes(), query.options());
   auto d_key = key ? at::empty(key->sizes(), key->options()) : empty();
@@ -380,49 +254,23 @@ attention_projected_backward(
   const auto [dq4, dk4, dv4] = detail::split_projected(
       d_query, key ? std::optional<at::Tensor>(d_key) : std::nullopt,
       value ? std::optional<at::Tensor>(d_value) : std::nullopt, num_heads, seq_first);
-  if (reference_backward(grad_weights, attn_mask, key_padding_mask, attn_mask_grad,
-                         key_padding_mask_grad)) {
-    auto [dq, dk, dv, d_mask, d_kpm, d_rel] = reference::attention_backward_op(
-        dout4, grad_weights, grad_lse, q, k, v, out4, lse, attn_mask, key_padding_mask,
-        dropout_seed, dropout_p, is_causal, /*bottom_right=*/false, std::nullopt,
-        /*enable_gqa=*/false, attn_mask_grad, key_padding_mask_grad, std::nullopt, std::nullopt,
-        std::nullopt, std::nullopt);
+  if (reference_backward(params, grads)) {
+    auto [dq, dk, dv, d_mask, d_kpm, d_rel] = reference::attention_backward(params, grads);
     dq4.copy_(dq), dk4.copy_(dk), dv4.copy_(dv);
     return {d_query, d_key, d_value, d_mask, d_kpm};
   }
-  const auto pb = check_attention_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p,
-                                         std::nullopt, /*enable_gqa=*/false);
-  backward_into(pb, dout4, grad_lse, q, k, v, out4, lse, attn_mask, key_padding_mask,
-                dropout_seed, dropout_p, is_causal, /*bottom_right=*/false, dq4, dk4, dv4);
+  backward_into(params, grads, dq4, dk4, dv4);
   return {d_query, d_key, d_value, empty(), empty()};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
-  m.impl("_attention_forward", &attention_forward);
-  m.impl("_attention_backward", &attention_backward);
+  m.impl("_attention_forward", &attention_forward_entry<attention_forward>);
+  m.impl("_attention_backward", &attention_backward_entry<attention_backward>);
   m.impl("_attention_projected_forward", &attention_projected_forward);
   m.impl("_attention_projected_backward", &attention_projected_backward);
 }
 
 }  // namespace fusedattn::cpu
 
-namespace fusedattn {
-
-std::string cpu_capability() {
-  try {
-    return kernels::cpu::capability_name(kernels::cpu::capability());
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, e.what());
-  }
-}
-
-std::vector<std::string> cpu_capabilities_supported() {
-  std::vector<std::string> tiers;
-  for (int c = 0; c <= int(kernels::cpu::detected_capability()); ++c)
-    tiers.emplace_back(kernels::cpu::capability_name(kernels::cpu::Capability(c)));
-  return tiers;
-}
-
-}  // namespace fusedattn

@@ -1,6 +1,8 @@
 // The CPU kernels' GEMM hooks on LibTorch (see gemm_hooks.h).
 #include "fusedattn/cpu/gemm_hooks.h"
 
+#include "fusedattn/cpu/config.h"
+
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
@@ -197,11 +199,6 @@ kernels::PackedGemm reference_packed_gemm() {
   return g;
 }
 
-bool reference_packing_requested() {
-  const char* v = std::getenv("FUSEDATTN_PACKED_GEMM");
-  return v != nullptr && std::strcmp(v, "reference") == 0;
-}
-
 }  // namespace
 
 const kernels::Gemms& torch_gemms() {
@@ -211,7 +208,7 @@ const kernels::Gemms& torch_gemms() {
 
 const kernels::PackedGemm* packed_gemm_offer(at::ScalarType t, bool unpacked) {
   if (unpacked) return nullptr;
-  if (reference_packing_requested()) {
+  if (kernel_switches().portable_packed_gemm) {
     static const kernels::PackedGemm bf16 = reference_packed_gemm<at::BFloat16>();
     static const kernels::PackedGemm fp16 = reference_packed_gemm<at::Half>();
     return t == at::kBFloat16 ? &bf16 : t == at::kHalf ? &fp16 : nullptr;

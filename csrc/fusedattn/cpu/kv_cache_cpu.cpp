@@ -10,10 +10,12 @@
 #include <limits>
 #include <stdexcept>
 
+#include "fusedattn/cpu/config.h"
 #include "fusedattn/cpu/gemm_hooks.h"
 #include "fusedattn/cpu/launch.h"
 #include "fusedattn/kernels/cpu/plan.h"
 #include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/kernel_args.h"
 #include "fusedattn/ops/kv_cache.h"
 
 namespace fusedattn::cpu {
@@ -32,8 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
     bool return_weights) {
-  const char* mode = std::getenv("FUSEDATTN_CPU_KERNEL");
-  if (mode != nullptr && std::strcmp(mode, "reference") == 0) {
+  if (kernel_switches().reference) {
     return detail::kv_cache_attention_aten(query, key, value, key_cache, value_cache, lengths,
                                            scale, is_causal, key_padding_mask, enable_gqa,
                                            return_lse, return_weights);

@@ -1,6 +1,6 @@
 #pragma once
-// What the CPU ops' glue shares (cpu/attention_cpu.cpp defines it): the environment's kernel
-// switches, the launch parameters of one call, the forward's packed workspace.
+// What the CPU ops' glue shares: the launch parameters of one call (cpu/attention_cpu.cpp),
+// the task runner, the forward's packed workspace and huge-page advice (cpu/workspace.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -9,14 +9,9 @@
 
 #include "fusedattn/cpu/gemm_hooks.h"
 #include "fusedattn/kernels/cpu/plan.h"
-#include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/params.h"
 
 namespace fusedattn::cpu {
-
-// FUSEDATTN_CPU_KERNEL=reference: every call on the ATen reference; =unpacked: no packed
-// (AMX brgemm) or JIT GEMMs.
-bool reference_requested();
-bool packing_disabled();
 
 // A planner's result, or the op's error where FUSEDATTN_CPU_CAPABILITY asks for a tier this
 // CPU cannot run (or names none).
@@ -46,14 +41,12 @@ struct Launch {
   kernels::FlashParams p;
   at::Tensor q, k, v, mask, kpm;
 };
-Launch prepare(const AttentionProblem& pb, const at::Tensor& query, const at::Tensor& key,
-               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-               const std::optional<at::Tensor>& key_padding_mask,
-               const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-               bool bottom_right, const ScoreMods& mods);
+Launch prepare(const AttentionParams& params);
 
 // The forward's packed workspace of `elems` elements of options' dtype: one kept per calling
 // thread up to a size, larger ones held by `holder` for the call.
 void* packed_workspace(int64_t elems, const at::TensorOptions& options, at::Tensor& holder);
+// Transparent huge pages for a large fresh buffer (from 4 MiB): a hint, see workspace.cpp.
+void advise_huge_pages(const at::Tensor& t);
 
 }  // namespace fusedattn::cpu

@@ -8,6 +8,7 @@
 
 #include <atomic>
 
+#include "fusedattn/cpu/config.h"
 #include "fusedattn/cpu/gemm_hooks.h"
 #include "fusedattn/cpu/launch.h"
 #include "fusedattn/ops/varlen.h"
@@ -59,11 +60,12 @@ PackedLaunch prepare_packed(const at::Tensor& query, const at::Tensor& key,
                                    max_seqlen_k, alibi_slopes);
   const auto q4 = query.transpose(0, 1).unsqueeze(0), k4 = key.transpose(0, 1).unsqueeze(0),
              v4 = value.transpose(0, 1).unsqueeze(0);
-  r.pb = check_attention_inputs(q4, k4, v4, std::nullopt, std::nullopt, dropout_p, scale,
-                                enable_gqa, window, std::nullopt, softcap, rel_bias);
-  const auto mods = make_score_mods(r.pb, window, std::nullopt, softcap, rel_bias);
-  r.launch = prepare(r.pb, q4, k4, v4, std::nullopt, std::nullopt, dropout_seed, dropout_p,
-                     is_causal, bottom_right, mods);
+  const auto params = make_attention_params(q4, k4, v4, std::nullopt, std::nullopt,
+                                            dropout_seed, dropout_p, is_causal, bottom_right,
+                                            scale, enable_gqa, window, std::nullopt, softcap,
+                                            rel_bias);
+  r.pb = params.problem;
+  r.launch = prepare(params);
   auto& p = r.launch.p;
   if (alibi_slopes) {
     r.slopes = alibi_slopes->contiguous();
@@ -86,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward(
     bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
     std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
-  if (reference_requested()) {
+  if (kernel_switches().reference) {
     return detail::attention_varlen_forward_per_sequence(
         query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_seed,
         dropout_p, is_causal, bottom_right, scale, enable_gqa, window, alibi_slopes, softcap,
@@ -102,8 +104,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward(
   p.out = out.data_ptr(), p.o_sb = 0, p.o_sh = out.stride(1), p.o_sr = out.stride(0);
   p.lse = lse.data_ptr();
   if (heads == 0 || pl.offsets.batch == 0) return {out, lse};
-  p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
-  p.fgemm = float_gemm_offer(packing_disabled());
+  p.packed = packed_gemm_offer(query.scalar_type(), kernel_switches().unpacked);
+  p.fgemm = float_gemm_offer(kernel_switches().unpacked);
   auto plan = plan_or_error(kernels::cpu::plan_varlen_forward, p,
                             varlen_params(pl.offsets, bottom_right), int64_t(at::get_num_threads()));
   at::Tensor holder;
@@ -131,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
     bool bottom_right, std::optional<double> scale, bool enable_gqa,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
     std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
-  if (reference_requested()) {
+  if (kernel_switches().reference) {
     return detail::attention_varlen_backward_per_sequence(
         grad_out, grad_lse, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, dropout_seed, dropout_p, is_causal, bottom_right, scale,
@@ -174,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
     dq.zero_(), dk.zero_(), dv.zero_();
     return {dq, dk, dv, d_rel.defined() ? d_rel.sum(0) : none};
   }
-  p.packed = packed_gemm_offer(query.scalar_type(), packing_disabled());
-  p.fgemm = float_gemm_offer(packing_disabled());
+  p.packed = packed_gemm_offer(query.scalar_type(), kernel_switches().unpacked);
+  p.fgemm = float_gemm_offer(kernel_switches().unpacked);
   const auto plan = plan_or_error(kernels::cpu::plan_varlen_backward, p,
                                   varlen_params(pl.offsets, bottom_right));
   run_items(plan, plan.items, [](const auto& k) { return k.backward; });

@@ -22,7 +22,7 @@
 
 #include "fusedattn/kernels/dropout.h"
 #include "fusedattn/ops/attention.h"
-#include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/kernel_args.h"
 #include "fusedattn/ops/reference.h"
 
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
@@ -64,7 +64,10 @@ at::Tensor kernel_view(const at::Tensor& t, int64_t batch, int64_t cols) {
 // The compiled head-dim tile the fused kernel runs this call at, or 0 where the call goes to
 // the reference: not requested, fp32/fp64, head dim > 256, below sm_80, too little shared
 // memory, lengths or grid past int32.
-int fused_head_dim(const AttentionProblem& pb, const at::Tensor& query, const ScoreMods& mods) {
+int fused_head_dim(const AttentionParams& params) {
+  const AttentionProblem& pb = params.problem;
+  const auto& query = params.query;
+  const ScoreMods& mods = params.mods;
   if (!env_is("FUSEDATTN_CUDA_KERNEL", "fused")) return 0;
   const auto t = query.scalar_type();
   if (t != at::kHalf && t != at::kBFloat16) return 0;
@@ -85,12 +88,12 @@ int fused_head_dim(const AttentionProblem& pb, const at::Tensor& query, const Sc
   return head_dim;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
-    const AttentionProblem& pb, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, bool return_weights, int head_dim, const ScoreMods& mods) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(const AttentionParams& params,
+                                                             int head_dim) {
+  const AttentionProblem& pb = params.problem;
+  const auto &query = params.query, &key = params.key, &value = params.value;
+  const bool return_weights = params.return_weights;
+  const double dropout_p = params.dropout_p;
   const c10::cuda::CUDAGuard guard(query.device());
   FlashCudaParams p;
   p.dtype = query.scalar_type() == at::kHalf ? kernels::DType::Half : kernels::DType::BFloat16;
@@ -122,12 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
   fill_operands(q, k, v, p);
   p.out = out_padded.data_ptr(), p.o_sh = p.L * p.Ev, p.o_sb = p.H * p.o_sh, p.o_sr = p.Ev;
   p.lse = lse.data_ptr<float>();
-  const auto mask_views =
-      fill_mask_params(pb, attn_mask, key_padding_mask, is_causal, bottom_right, p, mods);
+  const auto mask_views = fill_mask_params(params, p);
   at::Tensor seed;
   if (dropout_p > 0.0) {
     // Read on the device (drawn there by the op unless a caller passed a CPU seed).
-    seed = reference::checked_dropout_seed(dropout_seed).to(query.device()).contiguous();
+    seed = reference::checked_dropout_seed(params.dropout_seed).to(query.device()).contiguous();
     p.dropout = true;
     p.drop = kernels::DropoutParams::make(0, dropout_p);
     p.dropout_seed = seed.data_ptr<int64_t>();
@@ -143,31 +145,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
 
 #endif  // FUSEDATTN_WITH_CUDA_KERNELS
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
-    bool average_weights, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
-  const auto pb = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                         dropout_p, scale, enable_gqa, window, alibi_slopes,
-                                         softcap, rel_bias);
-  const auto mods = make_score_mods(pb, window, alibi_slopes, softcap, rel_bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const AttentionParams& params) {
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
-  if (const int head_dim = fused_head_dim(pb, query, mods)) {
-    auto [out, lse, weights] =
-        fused_forward(pb, query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                      dropout_p, is_causal, bottom_right, return_weights, head_dim, mods);
-    // Averaged weights: the per-head ones, then their mean (fp32 sum; no fused kernel yet).
-    if (return_weights && average_weights) weights = weights.mean(-3, false, at::kFloat).to(query.scalar_type());
+  if (const int head_dim = fused_head_dim(params)) {
+    auto [out, lse, weights] = fused_forward(params, head_dim);
+    // Averaged weights: the per-head ones, then their mean (fp32 sum).
+    if (params.return_weights && params.average_weights)
+      weights = weights.mean(-3, false, at::kFloat).to(params.problem.dtype);
     return {out, lse, weights};
   }
 #endif
-  return reference::attention_forward(pb, query, key, value, attn_mask, key_padding_mask,
-                                      dropout_seed, dropout_p, is_causal, bottom_right,
-                                      return_weights, average_weights, mods);
+  return reference::attention_forward(params);
 }
 
 }  // namespace
@@ -186,8 +174,8 @@ bool cuda_kernels_built() {
 namespace fusedattn::cuda {
 
 TORCH_LIBRARY_IMPL(fusedattn, CUDA, m) {
-  m.impl("_attention_forward", &attention_forward);
-  m.impl("_attention_backward", &reference::attention_backward_op);
+  m.impl("_attention_forward", &attention_forward_entry<attention_forward>);
+  m.impl("_attention_backward", &attention_backward_entry<reference::attention_backward>);
 }
 
 }  // namespace fusedattn::cuda

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/kernel_args.h"
 #include "fusedattn/ops/kv_cache.h"
 
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS

@@ -22,18 +22,6 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
 
 }  // namespace
 
-void check_attention_arguments(const at::Tensor& query, const at::Tensor& key,
-                               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                               const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
-                               std::optional<double> scale, bool enable_gqa,
-                               at::OptionalIntArrayRef window,
-                               const std::optional<at::Tensor>& alibi_slopes,
-                               std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
-  check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa, window, alibi_slopes, softcap, rel_bias);
-}
-
 namespace ops {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
@@ -189,11 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
               "attention: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
               std::string(causal_alignment), "\"");
-  // Every check where the call enters, in C++ as from Python: a C++ app has no fake kernels,
-  // and a mask on another device (meta) would route the call to a Meta kernel that is not
-  // there. The backends run the same checks on what reaches them.
-  check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa, window, alibi_slopes, softcap, rel_bias);
+  // The devices here, so that the call reaches query's backend; that backend checks the rest
+  // once (make_attention_params).
+  check_attention_devices(query, key, value, attn_mask, key_padding_mask, alibi_slopes, rel_bias);
   // The seed is drawn with an ATen op (not by reading the generator directly) so that
   // torch.compile records the draw instead of baking one seed into the graph; on the query's
   // device, so a CUDA call draws from torch's CUDA generator and the kernel reads the seed

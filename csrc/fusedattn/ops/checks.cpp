@@ -1,9 +1,10 @@
 #include "fusedattn/ops/checks.h"
 
-#include <c10/util/irange.h>
-
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#include "fusedattn/ops/attention.h"
 
 namespace fusedattn {
 namespace {
@@ -22,44 +23,6 @@ void check_mask_dtype(const at::Tensor& mask, const char* name, const at::Tensor
 
 }  // namespace
 
-int64_t fill_cache_padding(const std::optional<at::Tensor>& key_padding_mask,
-                           kernels::MaskParams& p) {
-  if (!key_padding_mask || key_padding_mask->size(1) == 0) return 0;
-  const auto& m = *key_padding_mask;
-  p.kpm_kind = m.scalar_type() == at::kBool ? kernels::MaskKind::Bool : kernels::MaskKind::Additive;
-  p.kpm = m.data_ptr(), p.p_sb = m.stride(0), p.p_sc = m.stride(1);
-  return m.size(1);
-}
-
-kernels::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kernels::DType::Float;
-    case at::kDouble: return kernels::DType::Double;
-    case at::kBFloat16: return kernels::DType::BFloat16;
-    default: return kernels::DType::Half;  // the checks allow no other
-  }
-}
-
-at::ScalarType accumulate_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-std::vector<int64_t> AttentionProblem::out_shape() const {
-  auto s = batch;
-  s.insert(s.end(), {heads, q_len, v_head_dim});
-  return s;
-}
-std::vector<int64_t> AttentionProblem::lse_shape() const {
-  auto s = batch;
-  s.insert(s.end(), {heads, q_len});
-  return s;
-}
-std::vector<int64_t> AttentionProblem::weights_shape() const {
-  auto s = batch;
-  s.insert(s.end(), {heads, q_len, kv_len});
-  return s;
-}
-
 void check_scale(std::optional<double> scale, at::ScalarType dtype, const char* op) {
   if (!scale) return;
   TORCH_CHECK(std::isfinite(*scale), op, ": scale must be finite, got ", *scale);
@@ -70,7 +33,25 @@ void check_scale(std::optional<double> scale, at::ScalarType dtype, const char* 
               " inputs), |scale| <= ", std::numeric_limits<float>::max(), ", got ", *scale);
 }
 
-void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+void check_attention_devices(const at::Tensor& query, const at::Tensor& key,
+                             const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                             const std::optional<at::Tensor>& key_padding_mask,
+                             const std::optional<at::Tensor>& alibi_slopes,
+                             const std::optional<at::Tensor>& rel_bias) {
+  const auto dev = query.device();
+  TORCH_CHECK(key.device() == dev && value.device() == dev,
+              "attention: query, key and value must be on the same device, got query ", dev,
+              ", key ", key.device(), ", value ", value.device());
+  const std::pair<const char*, const std::optional<at::Tensor>*> others[] = {
+      {"attn_mask", &attn_mask}, {"key_padding_mask", &key_padding_mask},
+      {"alibi_slopes", &alibi_slopes}, {"rel_bias", &rel_bias}};
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK(!*t || (*t)->device() == dev, "attention: ", name, " must be on query's device (",
+                dev, "), got ", (*t)->device());
+  }
+}
+
+void check_attention_arguments(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& attn_mask,
                             const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
                             std::optional<double> scale, bool enable_gqa,
@@ -201,90 +182,6 @@ void check_attention_shapes(const at::Tensor& query, const at::Tensor& key, cons
                     "attention: rel_bias must have shape (H, 2 D + 1) with H = ", heads,
                     " and an odd number of entries, got ", t.sym_sizes());
   }
-}
-
-ScoreMods make_score_mods(const AttentionProblem& pb, at::OptionalIntArrayRef window,
-                          const std::optional<at::Tensor>& alibi_slopes,
-                          std::optional<double> softcap,
-                          const std::optional<at::Tensor>& rel_bias) {
-  ScoreMods m;
-  if (window) m.window_left = (*window)[0], m.window_right = (*window)[1];
-  if (alibi_slopes) {
-    auto a = *alibi_slopes;
-    if (a.dim() == 1) a = a.expand({pb.batch_size, pb.heads});
-    m.alibi = a.reshape({pb.batch_size, pb.heads});
-  }
-  if (softcap) m.softcap = *softcap;
-  if (rel_bias) {
-    m.rel_bias = rel_bias->detach().to(accumulate_type(pb.dtype)).contiguous();
-    m.rel_max = (rel_bias->size(1) - 1) / 2;
-  }
-  return m;
-}
-
-AttentionProblem check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
-                                        const at::Tensor& value,
-                                        const std::optional<at::Tensor>& attn_mask,
-                                        const std::optional<at::Tensor>& key_padding_mask,
-                                        double dropout_p, std::optional<double> scale,
-                                        bool enable_gqa, at::OptionalIntArrayRef window,
-                                        const std::optional<at::Tensor>& alibi_slopes,
-                                        std::optional<double> softcap,
-                                        const std::optional<at::Tensor>& rel_bias) {
-  check_attention_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale,
-                         enable_gqa, window, alibi_slopes, softcap, rel_bias);
-  AttentionProblem p;
-  p.batch.assign(query.sizes().begin(), query.sizes().end() - 3);
-  for (int64_t d : p.batch) p.batch_size *= d;
-  p.heads = query.size(-3);
-  p.q_len = query.size(-2);
-  p.head_dim = query.size(-1);
-  p.kv_heads = key.size(-3);
-  p.kv_len = key.size(-2);
-  p.v_head_dim = value.size(-1);
-  p.dtype = query.scalar_type();
-  p.scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim));
-  TORCH_CHECK(std::isfinite(p.scale), "attention: scale must be finite, got ", p.scale);
-  return p;
-}
-
-void fill_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   kernels::ProblemParams& p) {
-  p.q = q.data_ptr(), p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sr = q.stride(2);
-  p.k = k.data_ptr(), p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sr = k.stride(2);
-  p.v = v.data_ptr(), p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sr = v.stride(2);
-}
-
-std::pair<at::Tensor, at::Tensor> fill_mask_params(const AttentionProblem& pb,
-                                                   const std::optional<at::Tensor>& attn_mask,
-                                                   const std::optional<at::Tensor>& key_padding_mask,
-                                                   bool is_causal, bool bottom_right,
-                                                   kernels::MaskParams& p, const ScoreMods& mods) {
-  using kernels::MaskKind;
-  at::Tensor mask, kpm;
-  if (attn_mask) {
-    mask = attn_mask->expand(pb.weights_shape())
-               .reshape({pb.batch_size, pb.heads, pb.q_len, pb.kv_len});
-    p.mask_kind = mask.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.mask = mask.data_ptr();
-    p.m_sb = mask.stride(0), p.m_sh = mask.stride(1), p.m_sr = mask.stride(2),
-    p.m_sc = mask.stride(3);
-  }
-  if (key_padding_mask) {
-    kpm = key_padding_mask->reshape({pb.batch_size, pb.kv_len});
-    p.kpm_kind = kpm.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.kpm = kpm.data_ptr(), p.p_sb = kpm.stride(0), p.p_sc = kpm.stride(1);
-  }
-  p.causal = is_causal;
-  p.causal_offset = bottom_right ? pb.kv_len - pb.q_len : 0;
-  p.pos_offset = bottom_right ? pb.kv_len - pb.q_len : 0;
-  p.window_left = mods.window_left, p.window_right = mods.window_right;
-  if (mods.alibi.defined()) {
-    p.alibi = mods.alibi.data_ptr<float>(), p.al_sb = mods.alibi.stride(0), p.al_sh = mods.alibi.stride(1);
-  }
-  p.softcap = mods.softcap;
-  if (mods.rel_bias.defined()) p.rel_bias = mods.rel_bias.data_ptr(), p.rel_max = mods.rel_max;
-  return {mask, kpm};
 }
 
 }  // namespace fusedattn

@@ -142,12 +142,15 @@ at::Tensor dropout_multiplier(const AttentionProblem& p, const at::Tensor& dropo
   return mult.to(options);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
-    const AttentionProblem& p, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dropout_seed,
-    double dropout_p, bool is_causal, bool bottom_right, bool return_weights,
-    bool average_weights, const ScoreMods& mods) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const AttentionParams& params) {
+  const AttentionProblem& p = params.problem;
+  const auto &query = params.query, &key = params.key, &value = params.value;
+  const auto &attn_mask = params.attn_mask, &key_padding_mask = params.key_padding_mask;
+  const auto& dropout_seed = params.dropout_seed;
+  const double dropout_p = params.dropout_p;
+  const bool is_causal = params.is_causal, bottom_right = params.bottom_right;
+  const bool return_weights = params.return_weights, average_weights = params.average_weights;
+  const ScoreMods& mods = params.mods;
   const auto acc = accumulate_type(query.scalar_type());
   auto q = query.to(acc);
   auto k = expand_kv_heads(p, key.to(acc));
@@ -165,12 +168,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const AttentionProblem& p, const at::Tensor& grad_out,
-    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_lse,
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lse,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, bool attn_mask_grad, bool key_padding_mask_grad, const ScoreMods& mods) {
+    const AttentionParams& params, const AttentionGrads& grads) {
+  const AttentionProblem& p = params.problem;
+  const auto &query = params.query, &key = params.key, &value = params.value;
+  const auto &attn_mask = params.attn_mask, &key_padding_mask = params.key_padding_mask;
+  const auto& dropout_seed = params.dropout_seed;
+  const double dropout_p = params.dropout_p;
+  const bool is_causal = params.is_causal, bottom_right = params.bottom_right;
+  const ScoreMods& mods = params.mods;
+  const auto &grad_out = grads.grad_out, &lse = grads.lse;
+  const auto &grad_weights = grads.grad_weights, &grad_lse = grads.grad_lse;
+  const bool attn_mask_grad = grads.attn_mask_grad, key_padding_mask_grad = grads.key_padding_mask_grad;
   const auto acc = accumulate_type(query.scalar_type());
   auto q = query.to(acc);
   auto k = expand_kv_heads(p, key.to(acc));
@@ -218,28 +226,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dv.to(value.scalar_type()), d_mask,
           d_kpm, d_rel};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
-    const std::optional<at::Tensor>& grad_lse, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool bottom_right, std::optional<double> scale, bool enable_gqa, bool attn_mask_grad,
-    bool key_padding_mask_grad, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
-  const auto problem = check_attention_inputs(query, key, value, attn_mask, key_padding_mask,
-                                              dropout_p, scale, enable_gqa, window, alibi_slopes,
-                                              softcap, rel_bias);
-  TORCH_CHECK(grad_out.sizes().equals(problem.out_shape()),
-              "attention backward: grad_out must have shape ", c10::IntArrayRef(problem.out_shape()),
-              ", got ", grad_out.sizes());
-  return attention_backward(problem, grad_out, grad_weights, grad_lse, query, key, value, lse,
-                            attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
-                            bottom_right, attn_mask_grad, key_padding_mask_grad,
-                            make_score_mods(problem, window, alibi_slopes, softcap, rel_bias));
 }
 
 }  // namespace fusedattn::reference

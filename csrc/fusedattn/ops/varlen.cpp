@@ -10,7 +10,7 @@
 
 #include "fusedattn/kernels/dropout.h"
 #include "fusedattn/ops/attention.h"
-#include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/params.h"
 #include "fusedattn/ops/reference.h"
 
 namespace fusedattn {
