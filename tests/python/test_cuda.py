@@ -1,4 +1,4 @@
-"""The fused CUDA forward (kernels/flash_fwd_cuda.cuh) against an fp64 reference.
+"""The fused CUDA forward (kernels/cuda/flash_fwd_cuda.cuh) against an fp64 reference.
 
 Runs only where a CUDA GPU of compute capability 8.0 or later is present and the build holds
 the kernels; skipped with the reason otherwise. Every test turns the kernel on

@@ -77,7 +77,7 @@ FUSEDATTN_API AttentionResult attention_varlen(const at::Tensor& query, const at
                                                const AttentionOptions& options = {});
 
 // Whether this build holds the fused CUDA kernels (a CUDA toolkit was found at build time).
-// Without them, or with FUSEDATTN_CUDA_KERNEL unset (see cuda/attention_cuda.cpp), CUDA
+// Without them, or with FUSEDATTN_CUDA_KERNEL unset (see backends/cuda/attention_cuda.cpp), CUDA
 // tensors take the ATen reference.
 FUSEDATTN_API bool cuda_kernels_built();
 

@@ -1,12 +1,12 @@
 #pragma once
-// Checked tensors into the torch-free kernels' parameter structs (kernels/types.h): pointers,
+// Checked tensors into the torch-free kernels' parameter structs (kernels/common/types.h): pointers,
 // strides and kinds, read in place.
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <utility>
 
-#include "fusedattn/kernels/types.h"
+#include "fusedattn/kernels/common/types.h"
 #include "fusedattn/ops/params.h"
 
 namespace fusedattn {

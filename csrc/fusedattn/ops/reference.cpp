@@ -6,7 +6,7 @@
 
 #include <limits>
 
-#include "fusedattn/kernels/dropout.h"
+#include "fusedattn/kernels/common/dropout.h"
 
 namespace fusedattn::reference {
 namespace {

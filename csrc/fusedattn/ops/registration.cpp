@@ -1,6 +1,7 @@
 // The schemas of every fusedattn op, in one place (C++ apps get them without Python), with
-// the kernels that are not tied to a backend. Backend kernels register in cpu/ and cuda/,
-// autograd in ops/autograd.cpp, fake (meta) kernels for torch.compile in python/fusedattn.
+// the kernels that are not tied to a backend. Backend kernels register in backends/cpu/ and
+// backends/cuda/, autograd in ops/autograd.cpp, fake (meta) kernels for torch.compile in
+// python/fusedattn.
 #include <torch/library.h>
 
 #include "fusedattn/ops/attention.h"
@@ -46,7 +47,7 @@ TORCH_LIBRARY(fusedattn, m) {
   m.impl("attention_varlen", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::attention_varlen_composite));
   // Internal, pure given dropout_seed: its forward and backward. lse (H, total_q) in the
-  // accumulate type. The CPU's kernels are cpu/varlen_cpu.cpp; every other device loops over
+  // accumulate type. The CPU's kernels are backends/cpu/varlen_cpu.cpp; every other device loops over
   // the sequences through `_attention_forward` / `_attention_backward` (ops/varlen.cpp).
   m.def(
       "_attention_varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "

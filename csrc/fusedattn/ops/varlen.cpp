@@ -1,14 +1,14 @@
 // attention_varlen: packed variable-length sequences (FlashAttention's varlen layout). The
 // public op draws the dropout seed and calls `_attention_varlen_forward` (autograd in
 // ops/autograd.cpp); the CPU runs the sequences as tasks of one fused call
-// (cpu/varlen_cpu.cpp); other devices take the per-sequence loop here. No padding is formed
+// (backends/cpu/varlen_cpu.cpp); other devices take the per-sequence loop here. No padding is formed
 // or computed either way: the cost is the sum over sequences of L_b x S_b.
 #include "fusedattn/ops/varlen.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include "fusedattn/kernels/dropout.h"
+#include "fusedattn/kernels/common/dropout.h"
 #include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/params.h"
 #include "fusedattn/ops/reference.h"

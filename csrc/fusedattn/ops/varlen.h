@@ -1,7 +1,7 @@
 #pragma once
 // The internal ops behind attention_varlen (schemas in registration.cpp): the forward and
 // backward of packed variable-length sequences, one implementation per backend (CPU:
-// cpu/varlen_cpu.cpp, the sequences as tasks of one fused call) and, for every other device,
+// backends/cpu/varlen_cpu.cpp, the sequences as tasks of one fused call) and, for every other device,
 // a loop of the attention op's own kernels over the sequences (ops/varlen.cpp).
 #include <ATen/core/Tensor.h>
 

@@ -1,6 +1,6 @@
 #pragma once
 // Dropout on rows of probabilities, from the counter-based generator every backend shares
-// (kernels/dropout.h): element index ((b * H + h) * L + i) * S + j, as the reference, so the
+// (kernels/common/dropout.h): element index ((b * H + h) * L + i) * S + j, as the reference, so the
 // backward regenerates the forward's mask.
 #include <cstdint>
 

@@ -1,6 +1,6 @@
 #pragma once
 // The GEMM back-ends the CPU kernels multiply their blocks with, as hooks the caller fills
-// (cpu/gemm_hooks.cpp, from LibTorch: its BLAS and at::native::cpublas). The kernels hold no
+// (backends/cpu/gemm_hooks.cpp, from LibTorch: its BLAS and at::native::cpublas). The kernels hold no
 // GEMM of their own. All row-major.
 #include <cstdint>
 

@@ -1,5 +1,5 @@
 #pragma once
-// The CPU kernels' parameters (torch-free): cpu/attention_cpu.cpp fills FlashParams from
+// The CPU kernels' parameters (torch-free): backends/cpu/attention_cpu.cpp fills FlashParams from
 // tensors and the GEMM hooks it has, plan.cpp decides the path and the tier once per call
 // (FlashParams::path), and the tier's kernels run the tasks.
 //
@@ -10,7 +10,7 @@
 #include <cstdint>
 
 #include "fusedattn/kernels/cpu/gemm.h"
-#include "fusedattn/kernels/types.h"
+#include "fusedattn/kernels/common/types.h"
 
 namespace fusedattn::kernels {
 

@@ -1,7 +1,7 @@
 // The CPU kernels' GEMM hooks on LibTorch (see gemm_hooks.h).
-#include "fusedattn/cpu/gemm_hooks.h"
+#include "fusedattn/backends/cpu/gemm_hooks.h"
 
-#include "fusedattn/cpu/config.h"
+#include "fusedattn/backends/cpu/config.h"
 
 #include <ATen/native/CPUBlas.h>
 

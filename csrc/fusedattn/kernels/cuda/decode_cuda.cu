@@ -7,7 +7,7 @@
 
 #include <cmath>
 
-#include "fusedattn/kernels/decode_cuda.h"
+#include "fusedattn/kernels/cuda/decode_cuda.h"
 
 namespace fusedattn::kernels {
 namespace {

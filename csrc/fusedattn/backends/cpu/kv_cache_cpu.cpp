@@ -10,9 +10,9 @@
 #include <limits>
 #include <stdexcept>
 
-#include "fusedattn/cpu/config.h"
-#include "fusedattn/cpu/gemm_hooks.h"
-#include "fusedattn/cpu/launch.h"
+#include "fusedattn/backends/cpu/config.h"
+#include "fusedattn/backends/cpu/gemm_hooks.h"
+#include "fusedattn/backends/cpu/launch.h"
 #include "fusedattn/kernels/cpu/plan.h"
 #include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/kernel_args.h"

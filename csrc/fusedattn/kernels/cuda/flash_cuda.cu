@@ -3,8 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "fusedattn/kernels/flash_cuda.h"
-#include "fusedattn/kernels/flash_fwd_cuda.cuh"
+#include "fusedattn/kernels/cuda/flash_cuda.h"
+#include "fusedattn/kernels/cuda/flash_fwd_cuda.cuh"
 #include "fusedattn_cuda_config.h"
 
 // The instantiations live in the generated translation units; none is compiled here.

@@ -1,7 +1,7 @@
 #pragma once
 // Decoding over a KV cache on NVIDIA GPUs: a few queries per (b, h) against a long cache
 // read in place, its keys split across thread blocks (flash-decoding) and the partial results
-// merged by their log-sum-exp. Torch-free: cuda/kv_cache_cuda.cpp checks the tensors, appends
+// merged by their log-sum-exp. Torch-free: backends/cuda/kv_cache_cuda.cpp checks the tensors, appends
 // the new keys and values, fills the parameters and launches.
 //
 // Layout: q (B, H, T, E), the cache k (B, Hk, S, E) and v (B, Hk, S, Ev), out (B, H, T, Ev),
@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "fusedattn/kernels/types.h"
+#include "fusedattn/kernels/common/types.h"
 
 namespace fusedattn::kernels {
 

@@ -1,6 +1,6 @@
 // CUDA implementations of `_attention_forward` and `_attention_backward`.
 //
-// Forward: the fused kernel (kernels/flash_cuda.h) for fp16/bf16 on sm_80+ at head dims up to
+// Forward: the fused kernel (kernels/cuda/flash_cuda.h) for fp16/bf16 on sm_80+ at head dims up to
 // 256, every mask kind, causal in both alignments, GQA, dropout, lse, returned weights and the
 // variants (window, ALiBi, softcap, rel_bias);
 // the ATen reference for fp32/fp64 and whatever the kernel does not cover. The backward is
@@ -20,7 +20,7 @@
 #include <cstring>
 #include <limits>
 
-#include "fusedattn/kernels/dropout.h"
+#include "fusedattn/kernels/common/dropout.h"
 #include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/kernel_args.h"
 #include "fusedattn/ops/reference.h"
@@ -30,7 +30,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "fusedattn/kernels/flash_cuda.h"
+#include "fusedattn/kernels/cuda/flash_cuda.h"
 #endif
 
 namespace fusedattn::cuda {

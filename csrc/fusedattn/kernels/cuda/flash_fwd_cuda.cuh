@@ -21,8 +21,8 @@
 #include <cstring>
 #include <type_traits>
 
-#include "fusedattn/kernels/dropout.h"
-#include "fusedattn/kernels/flash_cuda.h"
+#include "fusedattn/kernels/common/dropout.h"
+#include "fusedattn/kernels/cuda/flash_cuda.h"
 
 namespace fusedattn::kernels::flash_cuda {
 

@@ -1,4 +1,4 @@
-#include "fusedattn/cpu/config.h"
+#include "fusedattn/backends/cpu/config.h"
 
 #include <c10/util/Exception.h>
 

@@ -1,7 +1,7 @@
 #pragma once
 // Fused attention forward on NVIDIA GPUs (sm_80 and later): the FlashAttention-2 algorithm on
 // the tensor cores (mma.sync m16n8k16, fp32 accumulation) for fp16 and bf16. Free of torch
-// types: cuda/attention_cuda.cpp checks the tensors, fills FlashCudaParams, takes the current
+// types: backends/cuda/attention_cuda.cpp checks the tensors, fills FlashCudaParams, takes the current
 // stream and device, and calls the launchers below.
 //
 // Layout: every tensor is seen as (B, H, rows, cols). q, k, v and out have a contiguous last
@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "fusedattn/kernels/types.h"
+#include "fusedattn/kernels/common/types.h"
 
 namespace fusedattn::kernels {
 

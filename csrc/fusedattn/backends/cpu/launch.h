@@ -1,13 +1,13 @@
 #pragma once
-// What the CPU ops' glue shares: the launch parameters of one call (cpu/attention_cpu.cpp),
-// the task runner, the forward's packed workspace and huge-page advice (cpu/workspace.cpp).
+// What the CPU ops' glue shares: the launch parameters of one call (backends/cpu/attention_cpu.cpp),
+// the task runner, the forward's packed workspace and huge-page advice (backends/cpu/workspace.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <optional>
 #include <stdexcept>
 
-#include "fusedattn/cpu/gemm_hooks.h"
+#include "fusedattn/backends/cpu/gemm_hooks.h"
 #include "fusedattn/kernels/cpu/plan.h"
 #include "fusedattn/ops/params.h"
 

@@ -1,4 +1,4 @@
-// CUDA implementation of `kv_cache_attention`: the decode kernel (kernels/decode_cuda.h) for
+// CUDA implementation of `kv_cache_attention`: the decode kernel (kernels/cuda/decode_cuda.h) for
 // fp32/fp16/bf16 at head dims up to 256, with FUSEDATTN_CUDA_KERNEL=fused (opt-in, as the
 // forward: no GPU run of this project's tests has validated it); otherwise, and for fp64, the ATen
 // implementation. The lengths are read on the host once per call (a synchronisation) to
@@ -23,7 +23,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "fusedattn/kernels/decode_cuda.h"
+#include "fusedattn/kernels/cuda/decode_cuda.h"
 #endif
 
 namespace fusedattn::cuda {

@@ -2,7 +2,7 @@
 // Element and mask kinds shared by the CPU and CUDA kernels' parameter structs (torch-free).
 #include <cstdint>
 
-#include "fusedattn/kernels/dropout.h"
+#include "fusedattn/kernels/common/dropout.h"
 
 namespace fusedattn::kernels {
 

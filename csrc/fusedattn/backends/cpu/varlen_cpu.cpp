@@ -8,9 +8,9 @@
 
 #include <atomic>
 
-#include "fusedattn/cpu/config.h"
-#include "fusedattn/cpu/gemm_hooks.h"
-#include "fusedattn/cpu/launch.h"
+#include "fusedattn/backends/cpu/config.h"
+#include "fusedattn/backends/cpu/gemm_hooks.h"
+#include "fusedattn/backends/cpu/launch.h"
 #include "fusedattn/ops/varlen.h"
 
 namespace fusedattn::cpu {

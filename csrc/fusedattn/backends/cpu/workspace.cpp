@@ -5,7 +5,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "fusedattn/cpu/launch.h"
+#include "fusedattn/backends/cpu/launch.h"
 #include "fusedattn/kernels/cpu/scratch.h"
 
 namespace fusedattn::cpu {

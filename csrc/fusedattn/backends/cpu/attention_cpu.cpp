@@ -1,7 +1,7 @@
 // CPU implementations of `_attention_forward`, `_attention_backward` and the modules'
 // `_attention_projected_*`: the fused kernels (kernels/cpu/, planned by kernels/cpu/plan.cpp)
 // for every call they cover, the ATen reference for the rest (and for every call under
-// FUSEDATTN_CPU_KERNEL=reference, cpu/config.h). Each entry turns its schema arguments into
+// FUSEDATTN_CPU_KERNEL=reference, backends/cpu/config.h). Each entry turns its schema arguments into
 // AttentionParams once (ops/params.h); everything below takes the struct.
 //
 // The fused path covers fp64/fp32/bf16/fp16, every mask kind (read through strides, never
@@ -14,9 +14,9 @@
 
 #include <tuple>
 
-#include "fusedattn/cpu/config.h"
-#include "fusedattn/cpu/gemm_hooks.h"
-#include "fusedattn/cpu/launch.h"
+#include "fusedattn/backends/cpu/config.h"
+#include "fusedattn/backends/cpu/gemm_hooks.h"
+#include "fusedattn/backends/cpu/launch.h"
 #include "fusedattn/kernels/cpu/plan.h"
 #include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/kernel_args.h"
