@@ -4,6 +4,7 @@
 #include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
 
+#include <array>
 #include <limits>
 
 #include "fusedattn/kernels/common/dropout.h"
@@ -55,11 +56,12 @@ at::Tensor rel_bias_scores(const ScoreMods& mods, const at::Tensor& rel) {
 // in the op's order: soft-capped scores, + ALiBi, + float masks; then bool masks, key
 // padding, causal and the window remove keys. cap_grad (optional): soft-capping's derivative
 // 1 - tanh^2 per score.
-at::Tensor masked_scores(const AttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
-                         const std::optional<at::Tensor>& attn_mask,
-                         const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
-                         bool bottom_right, const ScoreMods& mods = ScoreMods(),
+at::Tensor masked_scores(const AttentionParams& params, const at::Tensor& q, const at::Tensor& k,
                          at::Tensor* cap_grad = nullptr) {
+  const AttentionProblem& p = params.problem;
+  const ScoreMods& mods = params.mods;
+  const auto &attn_mask = params.attn_mask, &key_padding_mask = params.key_padding_mask;
+  const bool bottom_right = params.bottom_right;
   auto s = at::matmul(q, k.transpose(-2, -1)).mul_(p.scale);
   if (mods.softcap > 0) {
     auto t = at::tanh(s / mods.softcap);
@@ -93,7 +95,7 @@ at::Tensor masked_scores(const AttentionProblem& p, const at::Tensor& q, const a
       s.add_(kpm.to(s.scalar_type()));
     }
   }
-  if (is_causal) {
+  if (params.is_causal) {
     auto opts = at::TensorOptions().dtype(at::kLong).device(s.device());
     const int64_t offset = bottom_right ? p.kv_len - p.q_len : 0;
     auto row = at::arange(p.q_len, opts).unsqueeze(1);
@@ -142,28 +144,35 @@ at::Tensor dropout_multiplier(const AttentionProblem& p, const at::Tensor& dropo
   return mult.to(options);
 }
 
+namespace {
+
+// q, k, v in the accumulate type, k and v with their heads repeated to query's (GQA).
+std::array<at::Tensor, 3> accumulate_operands(const AttentionParams& params) {
+  const auto acc = accumulate_type(params.problem.dtype);
+  return {params.query.to(acc), expand_kv_heads(params.problem, params.key.to(acc)),
+          expand_kv_heads(params.problem, params.value.to(acc))};
+}
+
+// The dropout multiplier of the call's probabilities, undefined without dropout.
+at::Tensor dropout_of(const AttentionParams& params, const at::Tensor& probs) {
+  if (params.dropout_p <= 0.0) return {};
+  return dropout_multiplier(params.problem, *params.dropout_seed, params.dropout_p, probs.options());
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const AttentionParams& params) {
   const AttentionProblem& p = params.problem;
-  const auto &query = params.query, &key = params.key, &value = params.value;
-  const auto &attn_mask = params.attn_mask, &key_padding_mask = params.key_padding_mask;
-  const auto& dropout_seed = params.dropout_seed;
-  const double dropout_p = params.dropout_p;
-  const bool is_causal = params.is_causal, bottom_right = params.bottom_right;
-  const bool return_weights = params.return_weights, average_weights = params.average_weights;
-  const ScoreMods& mods = params.mods;
-  const auto acc = accumulate_type(query.scalar_type());
-  auto q = query.to(acc);
-  auto k = expand_kv_heads(p, key.to(acc));
-  auto v = expand_kv_heads(p, value.to(acc));
-  auto s = masked_scores(p, q, k, attn_mask, key_padding_mask, is_causal, bottom_right, mods);
+  const auto options = params.query.options();
+  const auto [q, k, v] = accumulate_operands(params);
+  auto s = masked_scores(params, q, k);
   auto lse = at::logsumexp(s, -1);
   auto probs = probabilities(s, lse);
-  auto dropped = dropout_p > 0.0 ? probs * dropout_multiplier(p, *dropout_seed, dropout_p, probs.options())
-                                 : probs;
-  auto out = at::matmul(dropped, v).to(query.scalar_type());
-  auto weights = !return_weights ? at::empty({0}, query.options())
-                 : average_weights ? (p.heads > 0 ? probs.mean(-3) : probs.sum(-3)).to(query.scalar_type())
-                                   : probs.to(query.scalar_type());
+  const auto mult = dropout_of(params, probs);
+  auto out = at::matmul(mult.defined() ? probs * mult : probs, v).to(p.dtype);
+  auto weights = !params.return_weights ? at::empty({0}, options)
+                 : params.average_weights ? (p.heads > 0 ? probs.mean(-3) : probs.sum(-3)).to(p.dtype)
+                                          : probs.to(p.dtype);
   return {out, lse, weights};
 }
 
@@ -172,25 +181,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const AttentionProblem& p = params.problem;
   const auto &query = params.query, &key = params.key, &value = params.value;
   const auto &attn_mask = params.attn_mask, &key_padding_mask = params.key_padding_mask;
-  const auto& dropout_seed = params.dropout_seed;
-  const double dropout_p = params.dropout_p;
-  const bool is_causal = params.is_causal, bottom_right = params.bottom_right;
   const ScoreMods& mods = params.mods;
   const auto &grad_out = grads.grad_out, &lse = grads.lse;
   const auto &grad_weights = grads.grad_weights, &grad_lse = grads.grad_lse;
-  const bool attn_mask_grad = grads.attn_mask_grad, key_padding_mask_grad = grads.key_padding_mask_grad;
-  const auto acc = accumulate_type(query.scalar_type());
-  auto q = query.to(acc);
-  auto k = expand_kv_heads(p, key.to(acc));
-  auto v = expand_kv_heads(p, value.to(acc));
+  const auto acc = accumulate_type(p.dtype);
+  const auto [q, k, v] = accumulate_operands(params);
   auto d_out = grad_out.to(acc);
   at::Tensor cap_grad;
-  auto s = masked_scores(p, q, k, attn_mask, key_padding_mask, is_causal, bottom_right, mods,
-                         &cap_grad);
+  auto s = masked_scores(params, q, k, &cap_grad);
   auto probs = probabilities(s, lse.to(acc));
-
-  at::Tensor mult;
-  if (dropout_p > 0.0) mult = dropout_multiplier(p, *dropout_seed, dropout_p, probs.options());
+  const auto mult = dropout_of(params, probs);
   auto dropped = mult.defined() ? probs * mult : probs;
 
   auto dv = at::matmul(dropped.transpose(-2, -1), d_out);  // (..., H, S, Ev)
@@ -209,17 +209,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   dv = reduce_kv_heads(p, dv);
 
   at::Tensor d_mask = at::empty({0}, query.options());
-  if (attn_mask_grad && attn_mask && attn_mask->is_floating_point()) {
+  if (grads.attn_mask_grad && attn_mask && attn_mask->is_floating_point()) {
     d_mask = at::sum_to(ds, attn_mask->sizes()).to(attn_mask->scalar_type());
   }
   at::Tensor d_kpm = at::empty({0}, query.options());
-  if (key_padding_mask_grad && key_padding_mask && key_padding_mask->is_floating_point()) {
+  if (grads.key_padding_mask_grad && key_padding_mask && key_padding_mask->is_floating_point()) {
     d_kpm = ds.sum({-3, -2}).to(key_padding_mask->scalar_type());
   }
   // rel_bias: ds summed over the batch, scattered into each head's table entries.
   at::Tensor d_rel = at::empty({0}, query.options());
   if (mods.rel_bias.defined()) {
-    const auto idx = rel_bias_index(mods, relative_positions(p, bottom_right, ds.device()));
+    const auto idx = rel_bias_index(mods, relative_positions(p, params.bottom_right, ds.device()));
     auto per_head = ds.reshape({p.batch_size, p.heads, p.q_len * p.kv_len}).sum(0);
     d_rel = at::zeros_like(mods.rel_bias)
                 .scatter_add_(1, idx.flatten().unsqueeze(0).expand({p.heads, -1}), per_head);
