@@ -1,20 +1,15 @@
 #include "fusedattn/ops/attention.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <limits>
 #include <vector>
 
 #include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/op_handle.h"
 
 namespace fusedattn {
 namespace {
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -32,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
     const std::optional<at::Tensor>& rel_bias, const std::optional<at::Tensor>& sinks) {
-  static auto op = op_handle<decltype(attention)>("fusedattn::attention");
+  static auto op = detail::op_handle<decltype(attention)>("fusedattn::attention");
   return op.call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  key_padding_mask, causal_alignment, return_weights, return_lse, average_weights,
                  window, alibi_slopes, softcap, rel_bias, sinks);
@@ -46,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
     const std::optional<at::Tensor>& rel_bias) {
-  static auto op = op_handle<decltype(attention_forward)>("fusedattn::_attention_forward");
+  static auto op = detail::op_handle<decltype(attention_forward)>("fusedattn::_attention_forward");
   return op.call(query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
                  is_causal, bottom_right, scale, enable_gqa, return_weights, average_weights,
                  window, alibi_slopes, softcap, rel_bias);
@@ -62,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool key_padding_mask_grad, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
     const std::optional<at::Tensor>& rel_bias) {
-  static auto op = op_handle<decltype(attention_backward)>("fusedattn::_attention_backward");
+  static auto op = detail::op_handle<decltype(attention_backward)>("fusedattn::_attention_backward");
   return op.call(grad_out, grad_weights, grad_lse, query, key, value, out, lse, attn_mask,
                  key_padding_mask, dropout_seed, dropout_p, is_causal, bottom_right, scale,
                  enable_gqa, attn_mask_grad, key_padding_mask_grad, window, alibi_slopes, softcap, rel_bias);
@@ -74,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool return_weights, bool average_weights) {
-  static auto op = op_handle<decltype(attention_projected_forward)>(
+  static auto op = detail::op_handle<decltype(attention_projected_forward)>(
       "fusedattn::_attention_projected_forward");
   return op.call(query, key, value, num_heads, seq_first, attn_mask, key_padding_mask,
                  dropout_seed, dropout_p, is_causal, return_weights, average_weights);
@@ -89,7 +84,7 @@ attention_projected_backward(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
     bool attn_mask_grad, bool key_padding_mask_grad) {
-  static auto op = op_handle<decltype(attention_projected_backward)>(
+  static auto op = detail::op_handle<decltype(attention_projected_backward)>(
       "fusedattn::_attention_projected_backward");
   return op.call(grad_out, grad_weights, grad_lse, query, key, value, out, lse, num_heads,
                  seq_first, attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,

@@ -2,20 +2,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <limits>
 
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/op_handle.h"
 
 namespace fusedattn {
 namespace {
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 void check_padding_mask(const std::optional<at::Tensor>& m, const at::Tensor& x, int64_t T,
                         const char* fn) {
@@ -36,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> self_attention(
     const at::Tensor& k_weight, const std::optional<at::Tensor>& k_bias, const at::Tensor& v_weight,
     const std::optional<at::Tensor>& v_bias, const std::optional<at::Tensor>& key_padding_mask,
     bool is_causal, bool need_weights) {
-  static auto op = op_handle<decltype(self_attention)>("fusedattn::self_attention");
+  static auto op = detail::op_handle<decltype(self_attention)>("fusedattn::self_attention");
   return op.call(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, key_padding_mask,
                  is_causal, need_weights);
 }
@@ -45,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling(
     const at::Tensor& h, c10::string_view score, const at::Tensor& score_weight,
     const std::optional<at::Tensor>& query_weight, const std::optional<at::Tensor>& score_vector,
     const at::Tensor& output_weight, const std::optional<at::Tensor>& key_padding_mask) {
-  static auto op = op_handle<decltype(attention_pooling)>("fusedattn::attention_pooling");
+  static auto op = detail::op_handle<decltype(attention_pooling)>("fusedattn::attention_pooling");
   return op.call(h, score, score_weight, query_weight, score_vector, output_weight,
                  key_padding_mask);
 }
@@ -54,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& bandwidth, bool need_weights) {
   static auto op =
-      op_handle<decltype(gaussian_kernel_attention)>("fusedattn::gaussian_kernel_attention");
+      detail::op_handle<decltype(gaussian_kernel_attention)>("fusedattn::gaussian_kernel_attention");
   return op.call(query, key, value, bandwidth, need_weights);
 }
 

@@ -42,12 +42,6 @@ void check_float_or_bool(const at::Tensor& m, const char* name, const at::Tensor
               query.device(), "), got ", m.device());
 }
 
-// torch accepts biases in another float dtype than their weights (its fused path casts
-// them); so do we, cast to the weight's dtype rather than failing inside a GEMM.
-std::optional<at::Tensor> bias_like(const std::optional<at::Tensor>& b, const at::Tensor& w) {
-  if (!b || b->scalar_type() == w.scalar_type()) return b;
-  return b->to(w.scalar_type());
-}
 
 std::optional<at::Tensor> chunk_or_none(const std::optional<at::Tensor>& t, int64_t i) {
   if (!t) return std::nullopt;
@@ -100,6 +94,11 @@ at::Tensor multihead_attention_varlen(
 
 namespace detail {
 
+std::optional<at::Tensor> bias_like(const std::optional<at::Tensor>& b, const at::Tensor& w) {
+  if (!b || b->scalar_type() == w.scalar_type()) return b;
+  return b->to(w.scalar_type());
+}
+
 at::Tensor multihead_attention_varlen_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
     const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
@@ -130,7 +129,7 @@ at::Tensor multihead_attention_varlen_composite(
                   ": key and value must have the same packed length, got key ", key.sym_sizes(),
                   " and value ", value.sym_sizes());
   const auto in_bias =
-      bias_like(in_proj_bias, in_proj_weight ? *in_proj_weight
+      detail::bias_like(in_proj_bias, in_proj_weight ? *in_proj_weight
                                          : q_proj_weight ? *q_proj_weight : out_proj_weight);
   at::Tensor q, k, v;  // (total, H * D) each
   if (in_proj_weight) {
@@ -169,7 +168,7 @@ at::Tensor multihead_attention_varlen_composite(
                                           max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                                           "top_left", std::nullopt, false, window, slopes, softcap,
                                           rel_bias, false, sinks);
-  return at::linear(out.flatten(1), out_proj_weight, bias_like(out_proj_bias, out_proj_weight));
+  return at::linear(out.flatten(1), out_proj_weight, detail::bias_like(out_proj_bias, out_proj_weight));
 }
 
 std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
@@ -229,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
   // read in place, the output written heads-merged, the gradients written whole); elsewhere
   // they are split into heads for the attention op.
   const auto in_bias =
-      bias_like(in_proj_bias, in_proj_weight ? *in_proj_weight
+      detail::bias_like(in_proj_bias, in_proj_weight ? *in_proj_weight
                                          : q_proj_weight ? *q_proj_weight : out_proj_weight);
-  const auto out_bias = bias_like(out_proj_bias, out_proj_weight);
+  const auto out_bias = detail::bias_like(out_proj_bias, out_proj_weight);
 
   // The variants (window, ALiBi, softcap, rel_bias) and sinks run on the attention op's
   // kernels, on split heads.

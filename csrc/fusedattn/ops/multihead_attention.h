@@ -75,6 +75,9 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> multihead_attention_cached(
 }  // namespace ops
 
 namespace detail {
+// torch accepts biases in another float dtype than their weights (its fused path casts
+// them); so do the modules' ops: b cast to w's dtype rather than failing inside a GEMM.
+std::optional<at::Tensor> bias_like(const std::optional<at::Tensor>& b, const at::Tensor& w);
 // Their CompositeImplicitAutograd kernels (ops/multihead_attention_cached.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_attention_in_projection_composite(
     const std::optional<at::Tensor>& query, const std::optional<at::Tensor>& key,

@@ -3,9 +3,12 @@
 // boundary and one implementation.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
+#include <tuple>
+
+#include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/kv_cache.h"
+#include "fusedattn/ops/op_handle.h"
 #include "fusedattn/ops/multihead_attention.h"
 
 namespace fusedattn {
@@ -14,11 +17,6 @@ namespace {
 constexpr const char* kFn = "MultiheadAttention";
 using c10::SymInt;
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 // (A, B, F) in the module's layout, or (T, F) unbatched -> (N, T, F), a view.
 at::Tensor batch_first_view(const at::Tensor& x, bool batch_first, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, kFn, ": ", name,
@@ -26,12 +24,6 @@ at::Tensor batch_first_view(const at::Tensor& x, bool batch_first, const char* n
               x.sym_sizes());
   if (x.dim() == 2) return x.unsqueeze(0);
   return batch_first ? x : x.transpose(0, 1);
-}
-
-// (N, T, H * D) -> (N, H, T, D), a view.
-at::Tensor heads_view(const at::Tensor& x, int64_t heads) {
-  return x.view_symint({x.sym_size(0), x.sym_size(1), SymInt(heads), x.sym_size(2) / heads})
-      .transpose(1, 2);
 }
 
 }  // namespace
@@ -43,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_attention_in_projection
     const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
     const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
     const std::optional<at::Tensor>& v_proj_weight, bool batch_first) {
-  static auto op = op_handle<decltype(multihead_attention_in_projection)>(
+  static auto op = detail::op_handle<decltype(multihead_attention_in_projection)>(
       "fusedattn::multihead_attention_in_projection");
   return op.call(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
                  k_proj_weight, v_proj_weight, batch_first);
@@ -59,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_cached(
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
     bool average_attn_weights, bool is_causal, bool read_only,
     const std::optional<at::Tensor>& cache_key_padding_mask) {
-  static auto op = op_handle<decltype(multihead_attention_cached)>(
+  static auto op = detail::op_handle<decltype(multihead_attention_cached)>(
       "fusedattn::multihead_attention_cached");
   return op.call(query, key, value, key_cache, value_cache, lengths, num_heads, in_proj_weight,
                  in_proj_bias, q_proj_weight, k_proj_weight, v_proj_weight, out_proj_weight,
@@ -87,9 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_attention_in_projection
   const SymInt rows = packed ? first.sym_size(0) / 3 : first.sym_size(0);  // H * D
   TORCH_SYM_CHECK((rows % num_heads).sym_eq(0), kFn, ": the projected size ", rows,
                   " must be divisible by num_heads = ", num_heads);
-  // torch's module casts a bias of another float dtype to its weight's; so does this.
-  std::optional<at::Tensor> bias = in_proj_bias;
-  if (bias && bias->scalar_type() != first.scalar_type()) bias = bias->to(first.scalar_type());
+  const std::optional<at::Tensor> bias = bias_like(in_proj_bias, first);
   const bool autocast = at::autocast::is_autocast_enabled(first.device().type());
   auto input = [&](const at::Tensor& x, const char* name) {
     // Outside autocast the inputs come in the parameters' dtype: said here, not as a GEMM's.
@@ -106,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_attention_in_projection
                     w.sym_size(1), " features in its last dim, got shape ", x.sym_sizes());
     std::optional<at::Tensor> b;
     if (bias) b = bias->narrow_symint(0, rows * i, rows);
-    return heads_view(at::linear(x, w, b), num_heads);
+    return split_heads(at::linear(x, w, b), num_heads, /*seq_first=*/false);
   };
   const auto none = [&] { return at::empty({0}, first.options()); };
   if (query && key && packed && query->is_same(*key) && key->is_same(*value)) {
@@ -162,18 +152,15 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_cached_composite(
   if (key_padding_mask && !batched) kpm = key_padding_mask->unsqueeze(0);
   std::optional<at::Tensor> k_new, v_new;
   if (key) k_new = k, v_new = v;
-  auto [out, lse, weights] =
+  at::Tensor out, weights;
+  std::tie(out, std::ignore, weights) =
       ops::kv_cache_attention(q, k_new, v_new, key_cache, value_cache, lengths, std::nullopt,
                               is_causal, kpm, /*enable_gqa=*/false, /*return_lse=*/false,
                               need_weights);
-  (void)lse;
   // (N, H, T, Dv) -> (N, T, H * Dv) -> the output projection, in the caller's layout.
   const SymInt n = out.sym_size(0), t = out.sym_size(2);
   auto merged = out.transpose(1, 2).reshape_symint({n, t, out.sym_size(1) * out.sym_size(3)});
-  std::optional<at::Tensor> out_bias = out_proj_bias;
-  if (out_bias && out_bias->scalar_type() != out_proj_weight.scalar_type())
-    out_bias = out_bias->to(out_proj_weight.scalar_type());
-  auto result = at::linear(merged, out_proj_weight, out_bias);
+  auto result = at::linear(merged, out_proj_weight, bias_like(out_proj_bias, out_proj_weight));
   if (!batched) {
     result = result.squeeze(0);
   } else if (!batch_first) {
