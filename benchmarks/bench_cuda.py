@@ -2,9 +2,12 @@
 
     python benchmarks/bench_cuda.py            # the full grid (a few minutes on an H100)
     python benchmarks/bench_cuda.py --quick    # L in {1k, 4k}, head dim 128, bf16
+    python benchmarks/bench_cuda.py --lengths 512 2048 8192 16384 --dtypes bf16 --repeats 5
 
-For each case: fusedattn's fused kernel and each SDPA backend that accepts the call (flash,
-cuDNN, memory-efficient; math where nothing else does), same inputs, timed with CUDA events,
+For each case: fusedattn on its default route (torch's SDPA for the calls it serves, see
+fusedattn.explain), fusedattn's own fused kernel (FUSEDATTN_CUDA_KERNEL=fused) and each SDPA
+backend that accepts the call (flash, cuDNN, memory-efficient; math where nothing else does),
+same inputs, timed with CUDA events,
 median over repeats after a warm-up, reported as TFLOP/s (4 B H L S E multiply-adds counted
 as 2 FLOPs each, halved under causality) and as the ratio to the fastest PyTorch backend.
 About 16k tokens per batch (B = 16384 / L), H = 2048 / E. Variants: plain, a key padding
@@ -13,6 +16,7 @@ PyTorch's flash kernel cannot go. Then MultiheadAttention at an encoder's size
 (N=32, L=128, E=512, H=8) against torch.nn.MultiheadAttention. Writes JSON beside it.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +33,20 @@ from bench import advance, progress_bar  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+@contextlib.contextmanager
+def kernel_setting(mode):
+    """FUSEDATTN_CUDA_KERNEL=mode inside (unset: the default route), restored after."""
+    old = os.environ.pop("FUSEDATTN_CUDA_KERNEL", None)
+    if mode is not None:
+        os.environ["FUSEDATTN_CUDA_KERNEL"] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop("FUSEDATTN_CUDA_KERNEL", None)
+        if old is not None:
+            os.environ["FUSEDATTN_CUDA_KERNEL"] = old
 
 
 def cuda_time(fn, repeats):
@@ -67,8 +85,11 @@ def attention_case(dtype, E, L, causal, variant, repeats, with_math):
     flops = 4 * B * H * L * L * E * (0.5 if causal else 1.0)
     row = dict(dtype=str(dtype).replace("torch.", ""), E=E, L=L, B=B, H=H, causal=causal,
                variant=variant)
-    row["fusedattn"] = cuda_time(lambda: fusedattn.attention(q, k, v, is_causal=causal, **ours_kw),
-                                 repeats)
+    for name, mode in (("fusedattn", None), ("fusedattn_fused", "fused")):
+        with kernel_setting(mode):
+            row[name] = cuda_time(
+                lambda: fusedattn.attention(q, k, v, is_causal=causal, **ours_kw), repeats)
+            row[name + "_route"] = fusedattn.explain(q, k, v, is_causal=causal, **ours_kw)
     for name, backend in BACKENDS.items():
         if name == "math" and not with_math:
             continue
@@ -82,9 +103,10 @@ def attention_case(dtype, E, L, causal, variant, repeats, with_math):
         row[name] = cuda_time(run, repeats)
     best = min((t for n, t in row.items() if n in BACKENDS and t is not None), default=None)
     row["best_torch"] = best
-    row["tflops"] = {n: flops / (row[n] * 1e9) for n in ["fusedattn", *BACKENDS]
+    row["tflops"] = {n: flops / (row[n] * 1e9) for n in ["fusedattn", "fusedattn_fused", *BACKENDS]
                      if row.get(n) is not None}
     row["ratio"] = best / row["fusedattn"] if best and row["fusedattn"] else None
+    row["ratio_fused"] = best / row["fusedattn_fused"] if best and row["fusedattn_fused"] else None
     del q, k, v, torch_mask
     return row
 
@@ -112,16 +134,20 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 512 to 16k)")
+    ap.add_argument("--dtypes", nargs="+", choices=["bf16", "fp16"], help="default both")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_cuda.py needs a CUDA GPU")
     if not fusedattn._C._cuda_kernels_built():
         sys.exit("this fusedattn build has no CUDA kernels (built without a CUDA toolkit)")
-    os.environ.setdefault("FUSEDATTN_CUDA_KERNEL", "fused")
     torch.backends.cuda.matmul.allow_tf32 = True
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
+    if args.dtypes:
+        dtypes = [dict(bf16=torch.bfloat16, fp16=torch.float16)[d] for d in args.dtypes]
     dims = [128] if args.quick else [64, 128]
     lens = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    lens = args.lengths or lens
     cases = [(d, E, L, c, var) for var in ("plain", "key_padding", "float_mask") for d in dtypes
              for E in dims for L in lens for c in (False, True)
              if not (var == "float_mask" and L > 4096)]  # the (B, H, L, S) mask alone: 4 GiB at 8k
@@ -137,9 +163,10 @@ def main():
             advance(progress, f"module {d} key_padding={kp}")
     progress.close()
     gpu = torch.cuda.get_device_name()
-    print(f"\n{gpu}, torch {torch.__version__}; TFLOP/s (ratio = fastest PyTorch backend's time / fusedattn's)")
-    head = f"{'variant':<12}{'dtype':<10}{'E':>4}{'L':>7}{'causal':>7}  {'fused':>7}" + "".join(
-        f"{n:>10}" for n in BACKENDS) + f"{'ratio':>8}"
+    print(f"\n{gpu}, torch {torch.__version__}; TFLOP/s (ratio = fastest PyTorch backend's time / "
+          "fusedattn's; default: fusedattn's default route, fused: its own kernel)")
+    head = f"{'variant':<12}{'dtype':<10}{'E':>4}{'L':>7}{'causal':>7}  {'default':>8}{'fused':>7}" + "".join(
+        f"{n:>10}" for n in BACKENDS) + f"{'ratio':>8}{'fused':>7}"
     print(head)
     for r in rows:
         if r.get("module"):
@@ -147,8 +174,10 @@ def main():
         tf = r["tflops"]
         cells = "".join(f"{tf[n]:10.1f}" if n in tf else f"{'-':>10}" for n in BACKENDS)
         ratio = f"{r['ratio']:8.2f}" if r["ratio"] else f"{'-':>8}"
+        ratio_fused = f"{r['ratio_fused']:7.2f}" if r["ratio_fused"] else f"{'-':>7}"
         print(f"{r['variant']:<12}{r['dtype']:<10}{r['E']:>4}{r['L']:>7}{str(r['causal']):>7}  "
-              f"{tf.get('fusedattn', float('nan')):7.1f}{cells}{ratio}")
+              f"{tf.get('fusedattn', float('nan')):8.1f}{tf.get('fusedattn_fused', float('nan')):7.1f}"
+              f"{cells}{ratio}{ratio_fused}")
     print("\nMultiheadAttention N=32 L=128 E=512 H=8, forward (ms; ratio = torch / fusedattn)")
     for r in rows:
         if r.get("module"):

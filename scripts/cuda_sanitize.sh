@@ -14,5 +14,5 @@ tools=("${@:-memcheck racecheck}")
 for tool in ${tools[@]}; do
   echo "== compute-sanitizer --tool $tool"
   compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-    python -m pytest -x -q -p no:cacheprovider python/test_cuda.py -k test_sanitizer_cases
+    "${PYTHON:-python3}" -m pytest -x -q -p no:cacheprovider python/test_cuda.py -k test_sanitizer_cases
 done

@@ -36,5 +36,10 @@ case " $tiers " in
     FUSEDATTN_PACKED_GEMM=reference $PY -m pytest python/test_cpu_kernels.py python/test_attention.py \
       python/test_variants.py python/test_varlen.py -q -ra ;;
 esac
+# torch's route (the default for CUDA tensors) on CPU tensors: the op, module, variant, packed
+# and decoding tests again with every call torch's SDPA serves sent to it.
+echo "== op, module and variant tests through torch's route (FUSEDATTN_ROUTE=torch)"
+FUSEDATTN_ROUTE=torch $PY -m pytest python/test_attention.py python/test_multihead_attention.py \
+  python/test_variants.py python/test_varlen.py python/test_kv_cache.py python/test_route.py -q -ra
 echo "== all tests at tier $top"
 $PY -m pytest python -q -ra "$@"

@@ -12,6 +12,7 @@
 #include "fusedattn/ops/kv_cache.h"
 #include "fusedattn/ops/layers.h"
 #include "fusedattn/ops/multihead_attention.h"
+#include "fusedattn/ops/route.h"
 
 namespace fusedattn::detail {
 // An app that reaches the ops only by name (torch::jit, the dispatcher) references no symbol

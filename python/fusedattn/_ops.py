@@ -2,6 +2,8 @@ import math
 
 import torch
 
+from . import _C
+
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False, *, key_padding_mask=None, causal_alignment="top_left",
@@ -44,6 +46,25 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if not (return_weights or return_lse):
         return out
     return out, (weights if return_weights else None), (lse if return_lse else None)
+
+
+def explain(query, key=None, value=None, attn_mask=None, dropout_p=0.0, is_causal=False,
+            scale=None, enable_gqa=False, *, key_padding_mask=None, causal_alignment="top_left",
+            return_weights=False, return_lse=False, average_weights=False, window=None,
+            alibi_slopes=None, softcap=None, rel_bias=None, sinks=None):
+    """The route :func:`attention` with these arguments takes, and why, as one line:
+    ``"torch: ..."`` (``torch.nn.functional.scaled_dot_product_attention``, which picks its
+    flash, cuDNN, memory-efficient or math kernel) or ``"fusedattn ...: <reason>"``.
+
+    CUDA calls go to torch unless they ask for what torch's op does not give (returned
+    weights, ``lse``, the variants, sinks, a mask's gradient) or ``FUSEDATTN_CUDA_KERNEL=fused``
+    opts into fusedattn's CUDA kernels; CPU calls run fusedattn's kernels. ``FUSEDATTN_ROUTE``
+    (``auto``, ``torch``, ``own``) overrides this for every device. The decision reads only
+    these flags, the device and whether a mask requires grad, never sizes or values.
+    """
+    variants = any(x is not None for x in (window, alibi_slopes, softcap, rel_bias))
+    return _C._explain_attention(query, attn_mask, key_padding_mask, return_weights, return_lse,
+                                 variants, sinks is not None)
 
 
 def t5_rel_bias(bucket_bias, max_distance=128, bidirectional=True):

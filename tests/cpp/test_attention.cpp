@@ -307,3 +307,47 @@ TEST_CASE("attention_varlen from C++: each packed sequence is its own attention"
   }
   REQUIRE_THROWS_WITH(fusedattn::attention_varlen(q, k, v, cu_k, cu_q, 9, 9), Catch::Contains("cu_seqlens_q must start at 0"));
 }
+
+TEST_CASE("the route: torch's SDPA for what it serves on CUDA, fusedattn's kernels otherwise",
+          "[attention][route]") {
+  using fusedattn::choose_route;
+  using fusedattn::RouteCall;
+  using fusedattn::RouteSetting;
+  RouteCall cuda;
+  cuda.device = c10::DeviceType::CUDA;
+  REQUIRE(choose_route(cuda, RouteSetting::Auto).torch);
+  REQUIRE_FALSE(choose_route(cuda, RouteSetting::Own).torch);
+  RouteCall cpu;  // the CPU runs fusedattn's kernels unless the setting says torch
+  REQUIRE_FALSE(choose_route(cpu, RouteSetting::Auto).torch);
+  REQUIRE(choose_route(cpu, RouteSetting::Torch).torch);
+  auto opted_in = cuda;
+  opted_in.own_cuda_kernels = true;
+  REQUIRE_FALSE(choose_route(opted_in, RouteSetting::Auto).torch);
+  REQUIRE(choose_route(opted_in, RouteSetting::Torch).torch);
+  // What torch's op cannot give keeps the call on fusedattn's kernels, with the reason.
+  const std::pair<bool RouteCall::*, const char*> kept[] = {
+      {&RouteCall::return_weights, "return_weights"}, {&RouteCall::return_lse, "return_lse"},
+      {&RouteCall::variants, "window"}, {&RouteCall::sinks, "sinks"},
+      {&RouteCall::mask_grad, "requires grad"}};
+  for (const auto& [flag, reason] : kept) {
+    auto call = cuda;
+    call.*flag = true;
+    const auto choice = choose_route(call, RouteSetting::Auto);
+    REQUIRE_FALSE(choice.torch);
+    REQUIRE(choice.reason.find(reason) != std::string::npos);
+  }
+}
+
+TEST_CASE("torch's route gives fusedattn's results on CPU tensors", "[attention][route]") {
+  torch::manual_seed(0);
+  auto q = randn({2, 4, 7, 6}), k = randn({2, 2, 9, 6}), v = randn({2, 2, 9, 3});
+  auto kpm = torch::rand({2, 9}) < 0.3;
+  kpm.index_put_({torch::indexing::Slice(), 0}, false);
+  auto mask = randn({7, 9});
+  auto opts = AttentionOptions().attn_mask(mask).key_padding_mask(kpm).is_causal(true)
+                  .causal_alignment("bottom_right").enable_gqa(true);
+  auto own = fusedattn::attention(q, k, v, opts).out;
+  auto routed = fusedattn::detail::attention_torch(q, k, v, mask, kpm, 0.0, true, true,
+                                                   std::nullopt, true);
+  require_close(routed, own, 1e-12);
+}

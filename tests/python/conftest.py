@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -41,7 +42,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "own_kernels: compares fusedattn's own kernels with each other; skipped when "
+        "FUSEDATTN_ROUTE=torch sends the op to torch's kernels")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FUSEDATTN_ROUTE") != "torch":
+        return
+    skip = pytest.mark.skip(reason="compares fusedattn's own kernels; FUSEDATTN_ROUTE=torch")
+    for item in items:
+        if "own_kernels" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_report_header(config):
     import fusedattn
+    route = os.environ.get("FUSEDATTN_ROUTE", "auto")
     return (f"fusedattn CPU tier: {fusedattn.cpu_capability()} "
-            f"(this CPU runs {' '.join(fusedattn.cpu_capabilities_supported())})")
+            f"(this CPU runs {' '.join(fusedattn.cpu_capabilities_supported())}); "
+            f"FUSEDATTN_ROUTE={route}")

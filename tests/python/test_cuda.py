@@ -365,3 +365,141 @@ def test_kv_cache_module_decoding_on_cuda():
         inc = torch.cat([m(x[:, t:t + 1], x[:, t:t + 1], x[:, t:t + 1], cache=cache,
                            is_causal=True, need_weights=False)[0] for t in range(9)], 1)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+
+
+# The default route on CUDA (no FUSEDATTN_CUDA_KERNEL): torch's SDPA for what it serves.
+
+@pytest.fixture
+def default_route(monkeypatch):
+    monkeypatch.delenv("FUSEDATTN_CUDA_KERNEL", raising=False)
+    monkeypatch.delenv("FUSEDATTN_CUDA_POISON", raising=False)
+    monkeypatch.delenv("FUSEDATTN_ROUTE", raising=False)
+
+
+def routed_check(q, k, v, grads=True, **kw):
+    """The default route against the fp64 formula (twice torch's same-dtype error allowed) and,
+    for the gradients, against fusedattn's reference on the same GPU."""
+    assert fusedattn.explain(q, k, v, **kw).startswith("torch:")
+    bottom_right = kw.get("causal_alignment") == "bottom_right"
+    args = dict(attn_mask=kw.get("attn_mask"), key_padding_mask=kw.get("key_padding_mask"),
+                is_causal=kw.get("is_causal", False), bottom_right=bottom_right, scale=kw.get("scale"))
+    x = [t.detach().requires_grad_(grads) for t in (q, k, v)]
+    out = fusedattn.attention(*x, **kw)
+    assert not out.isnan().any()
+    ref, _ = reference_attention(q.cpu(), k.cpu(), v.cpu(),
+                                 **{n: (t.cpu() if torch.is_tensor(t) else t) for n, t in args.items()})
+    pt, _ = same_dtype_torch(q, k, v, **args)
+    err = (out.double().cpu() - ref).abs().max().item() if ref.numel() else 0.0
+    pt_err = (pt.double().cpu() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= 2 * pt_err + 1e-4, f"out: error {err:.3g} vs torch's {pt_err:.3g}"
+    if not grads:
+        return out
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, x, g)
+    os.environ["FUSEDATTN_CUDA_KERNEL"] = "reference"
+    try:
+        y = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        dkw = {n: (t.double() if torch.is_tensor(t) and t.is_floating_point() else t) for n, t in kw.items()}
+        want = torch.autograd.grad(fusedattn.attention(*y, **dkw), y, g.double())
+    finally:
+        del os.environ["FUSEDATTN_CUDA_KERNEL"]
+    tol = 1e-4 if q.dtype == torch.float32 else 5e-2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mask", ["none", "bool", "float", "kpm_bool", "kpm_float", "float+kpm_bool"])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+@pytest.mark.parametrize("L,S", [(77, 130), (130, 77), (256, 256)])
+def test_default_route_values_and_gradients(default_route, dtype, mask, causal, L, S):
+    B, H, Hk, E = 2, 4, 2, 64
+    q, k, v = inputs(B, H, Hk, L, S, E, dtype=dtype)
+    kw = dict(enable_gqa=True, is_causal=causal is not None, causal_alignment=causal or "top_left")
+    if mask.split("+")[0] == "bool":
+        kw["attn_mask"] = torch.rand(L, S, device="cuda") > 0.3
+    elif mask.split("+")[0] == "float":
+        kw["attn_mask"] = torch.randn(B, 1, L, S, device="cuda", dtype=dtype)
+    if "kpm_bool" in mask:
+        kw["key_padding_mask"] = torch.rand(B, S, device="cuda") < 0.3
+    elif "kpm_float" in mask:
+        kw["key_padding_mask"] = torch.where(torch.rand(B, S, device="cuda") < 0.3, -math.inf, 0.5).to(dtype)
+    routed_check(q, k, v, **kw)
+
+
+def test_default_route_fully_masked_rows_give_zero(default_route):
+    """torch's kernels (cuDNN, efficient) on rows with no visible key: 0, never NaN."""
+    for dtype in DTYPES:
+        q, k, v = inputs(2, 2, 2, 70, 33, 64, dtype=dtype)
+        mask = torch.rand(70, 33, device="cuda") > 0.5
+        mask[5] = False
+        out = routed_check(q, k, v, attn_mask=mask)
+        assert (out[:, :, 5] == 0).all()
+        kpm = torch.zeros(2, 33, dtype=torch.bool, device="cuda")
+        kpm[1] = True
+        out = routed_check(q, k, v, key_padding_mask=kpm)
+        assert (out[1] == 0).all()
+        out = routed_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
+        assert (out[:, :, :37] == 0).all()
+
+
+def test_default_route_keeps_what_torch_cannot_give(default_route):
+    q, k, v = inputs(1, 2, 2, 9, 9, 64)
+    assert "return_weights" in fusedattn.explain(q, k, v, return_weights=True)
+    assert "window" in fusedattn.explain(q, k, v, window=(2, 0))
+    out, w, lse = fusedattn.attention(q, k, v, return_weights=True, return_lse=True)
+    assert w.shape == (1, 2, 9, 9) and lse.shape == (1, 2, 9)
+
+
+def test_default_route_long_sequence_with_key_padding(default_route):
+    """16k keys with key padding: no (B, H, L, S) tensor, so it fits where the reference would not."""
+    B, H, L, E = 1, 16, 16384, 128
+    q, k, v = inputs(B, H, H, L, L, E, dtype=torch.bfloat16)
+    kpm = torch.arange(L, device="cuda")[None] >= L - 100
+    torch.cuda.reset_peak_memory_stats()
+    out = fusedattn.attention(q, k, v, key_padding_mask=kpm, is_causal=True)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    assert torch.cuda.max_memory_allocated() < 4 * q.numel() * q.element_size() + (1 << 30)
+
+
+def test_default_route_dropout(default_route):
+    q, k, v = inputs(2, 4, 4, 128, 128, 64)
+    torch.manual_seed(3)
+    a = fusedattn.attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    b = fusedattn.attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b) and not a.isnan().any()
+
+
+def test_default_route_module_kv_cache_and_varlen(default_route):
+    mha = fusedattn.MultiheadAttention(128, 8, batch_first=True).cuda().half()
+    ref = torch.nn.MultiheadAttention(128, 8, batch_first=True).cuda().half()
+    ref.load_state_dict(mha.state_dict())
+    x = torch.randn(4, 37, 128, device="cuda", dtype=torch.float16, requires_grad=True)
+    kpm = torch.rand(4, 37, device="cuda") > 0.7
+    kpm[:, 0] = False
+    out, _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False)
+    ref_out, _ = ref(x, x, x, key_padding_mask=kpm, need_weights=False)
+    torch.testing.assert_close(out, ref_out, atol=5e-3, rtol=5e-3)
+    out.float().sum().backward()
+    assert x.grad is not None and not x.grad.isnan().any()
+    # Decoding through the route equals the full causal forward.
+    m = fusedattn.MultiheadAttention(64, 4, batch_first=True).cuda().eval()
+    y = torch.randn(2, 9, 64, device="cuda")
+    with torch.no_grad():
+        full = m(y, y, y, is_causal=True, need_weights=False)[0]
+        cache = m.kv_cache(2, 16)
+        inc = torch.cat([m(y[:, t:t + 1], y[:, t:t + 1], y[:, t:t + 1], cache=cache,
+                           is_causal=True, need_weights=False)[0] for t in range(9)], 1)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+    # Packed sequences: each one as its own call.
+    lengths = [5, 0, 130, 1, 77]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    z = torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.float16)
+    packed = fusedattn.attention_varlen(z, z, z, cu, cu, 130, 130, is_causal=True)
+    for b in range(len(lengths)):
+        s = slice(int(cu[b]), int(cu[b + 1]))
+        one = z[s].transpose(0, 1)
+        torch.testing.assert_close(packed[s].transpose(0, 1), fusedattn.attention(one, one, one, is_causal=True))

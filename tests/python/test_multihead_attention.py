@@ -204,6 +204,7 @@ def heads_of(x, h, seq_first):
 
 @pytest.mark.parametrize("seq_first", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.own_kernels
 @pytest.mark.parametrize("form", ["qkv", "q_kv", "apart"])
 def test_projected_op_equals_the_attention_op_on_views(seq_first, dtype, form):
     # Odd sizes; bf16 at 128+ queries per head takes the packed (AMX) backward.

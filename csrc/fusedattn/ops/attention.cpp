@@ -7,6 +7,8 @@
 
 #include "fusedattn/ops/checks.h"
 #include "fusedattn/ops/op_handle.h"
+#include "fusedattn/ops/params.h"
+#include "fusedattn/ops/route.h"
 
 namespace fusedattn {
 namespace {
@@ -175,6 +177,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   // The devices here, so that the call reaches query's backend; that backend checks the rest
   // once (make_attention_params).
   check_attention_devices(query, key, value, attn_mask, key_padding_mask, alibi_slopes, rel_bias);
+  const bool variants = window || alibi_slopes || softcap || rel_bias;
+  if (torch_route_possible(query.device()) &&
+      attention_route(query, attn_mask, key_padding_mask, return_weights, return_lse, variants,
+                      sinks.has_value())
+          .torch) {
+    // torch's kernels and torch's autograd; no weights or lse were asked for.
+    auto out = attention_torch(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                               is_causal, causal_alignment == "bottom_right", scale, enable_gqa);
+    auto none = at::empty({0}, query.options());
+    return {out, none, none.to(accumulate_type(query.scalar_type()))};
+  }
   // The seed is drawn with an ATen op (not by reading the generator directly) so that
   // torch.compile records the draw instead of baking one seed into the graph; on the query's
   // device, so a CUDA call draws from torch's CUDA generator and the kernel reads the seed

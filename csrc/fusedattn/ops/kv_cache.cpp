@@ -2,6 +2,8 @@
 // (CUDA without the fused kernel, and the CPU reference) and its autograd kernel.
 #include "fusedattn/ops/kv_cache.h"
 #include "fusedattn/ops/checks.h"
+#include "fusedattn/ops/params.h"
+#include "fusedattn/ops/route.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -49,6 +51,12 @@ void check_kv_cache_arguments(const at::Tensor& query, const std::optional<at::T
               fn, ": the cache must be on query's device (", query.device(), "), got key_cache ",
               key_cache.device(), ", value_cache ", value_cache.device(), ", lengths ",
               lengths.device());
+  // The cache is written in place (no copy can make it contiguous), and the kernels read
+  // its rows with a contiguous last dim.
+  for (const auto& [t, name] : {std::pair{&key_cache, "key_cache"}, std::pair{&value_cache, "value_cache"}}) {
+    TORCH_SYM_CHECK(t->sym_size(-1).sym_le(1) | t->sym_stride(-1).sym_eq(1), fn, ": ", name,
+                    " must have a contiguous last dim (stride 1), got strides ", t->sym_strides());
+  }
   TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1, fn,
               ": lengths must be a 1-D int64 tensor (batch,), got ", lengths.scalar_type(), " ",
               lengths.sym_sizes());
@@ -209,6 +217,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_aten(
                                                    is_causal, key_padding_mask)
                                 : at::empty({0}, query.options());
   return {out, return_lse ? lse : at::empty({0}, query.options().dtype(acc)), weights};
+}
+
+bool kv_cache_takes_torch_route(const at::Tensor& query,
+                                const std::optional<at::Tensor>& key_padding_mask,
+                                bool return_lse, bool return_weights) {
+  return torch_route_possible(query.device()) &&
+         attention_route(query, std::nullopt, key_padding_mask, return_weights, return_lse,
+                         false, false)
+             .torch;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_torch(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale, bool is_causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa) {
+  check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths, key_padding_mask,
+                           enable_gqa);
+  const int64_t B = query.size(0), T = query.size(2);
+  scale_of(scale, query);  // checks a given scale before the cache changes
+  const int64_t longest = check_kv_cache_lengths(lengths, key ? T : 0, key_cache.size(2));
+  if (key) kv_cache_append_aten(*key, *value, key_cache, value_cache, lengths);
+  const auto acc = accumulate_type(query.scalar_type());
+  auto none = at::empty({0}, query.options());
+  if (longest == 0) {  // nothing visible: every query gives 0
+    return {at::zeros({B, query.size(1), T, value_cache.size(3)}, query.options()),
+            none.to(acc), none};
+  }
+  // Visible positions (B, 1, T, S) as one bool mask (a float key padding mask added on top):
+  // past lengths[b], causal, padding.
+  const int64_t S = longest;
+  const auto long_opts = lengths.options();
+  auto j = at::arange(S, long_opts).view({1, 1, 1, S});
+  auto len = lengths.view({B, 1, 1, 1});
+  auto allowed = j < len;
+  if (is_causal) allowed = allowed & (j <= len - T + at::arange(T, long_opts).view({1, 1, T, 1}));
+  at::Tensor mask = allowed;
+  if (key_padding_mask && key_padding_mask->size(1) > 0) {
+    const int64_t K = std::min<int64_t>(key_padding_mask->size(1), S);
+    auto m = key_padding_mask->narrow(1, 0, K);
+    if (K < S) {
+      const at::Scalar fill = m.scalar_type() == at::kBool ? at::Scalar(false) : at::Scalar(0.0);
+      m = at::cat({m, at::full({B, S - K}, fill, m.options())}, 1);
+    }
+    m = m.view({B, 1, 1, S});
+    if (m.scalar_type() == at::kBool) {
+      mask = allowed & m.logical_not();
+    } else {
+      mask = at::where(allowed, m, at::scalar_tensor(-std::numeric_limits<double>::infinity(),
+                                                     m.options()));
+    }
+  }
+  auto k = key_cache.narrow(0, 0, B).narrow(2, 0, S);
+  auto v = value_cache.narrow(0, 0, B).narrow(2, 0, S);
+  auto out = at::scaled_dot_product_attention(query, k, v, mask, 0.0, false, scale, enable_gqa);
+  return {out, none.to(acc), none};
 }
 
 }  // namespace detail

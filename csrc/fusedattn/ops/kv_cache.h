@@ -1,8 +1,8 @@
 #pragma once
 // The op `fusedattn::kv_cache_attention`: a few new queries per sequence against a
 // preallocated key/value cache, appending the new keys and values first (incremental
-// decoding). Its CPU kernel is the decode kernel (kernels/cpu/decode.cpp); other devices run
-// kv_cache_attention_aten. Gradients are not defined (decoding is inference): a backward
+// decoding). Its CPU kernel is the decode kernel (kernels/cpu/decode.cpp); CUDA takes torch's
+// route (kv_cache_attention_torch) where it serves the call; otherwise kv_cache_attention_aten. Gradients are not defined (decoding is inference): a backward
 // through it is an error that says so.
 #include <ATen/core/Tensor.h>
 
@@ -59,5 +59,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_aten(
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
     bool return_weights);
+// Whether a call takes torch's route (ops/route.h): neither lse nor weights asked for, and the
+// route setting sends calls on query's device to torch.
+bool kv_cache_takes_torch_route(const at::Tensor& query,
+                                const std::optional<at::Tensor>& key_padding_mask,
+                                bool return_lse, bool return_weights);
+// The op on torch's route: the append in ATen operations, then scaled_dot_product_attention
+// over the cache's first max(lengths) positions with the visible positions as one (B, 1, T, S)
+// mask. lse and weights are not computed (empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_torch(
+    const at::Tensor& query, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
+    at::Tensor& lengths, std::optional<double> scale, bool is_causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa);
 }  // namespace detail
 }  // namespace fusedattn

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/route.h"
 #include "fusedattn/ops/varlen.h"
 
 namespace fusedattn {
@@ -238,7 +239,9 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_composite(
   // The op takes fp32 slopes; a module's buffer follows the module's .to(dtype).
   std::optional<at::Tensor> slopes;
   if (alibi_slopes) slopes = alibi_slopes->to(at::kFloat);
-  const bool projected = q_in.is_cpu() && !bias_k && !bias_v && !add_zero_attn && !variants;
+  // Where torch's route may take the call, the split-heads path reaches it.
+  const bool projected = q_in.is_cpu() && !torch_route_possible(q_in.device()) && !bias_k &&
+                         !bias_v && !add_zero_attn && !variants;
   const bool self_packed = in_proj_weight && query.is_same(key) && key.is_same(value);
   // packed: 3, qp holds q|k|v; 2, kp holds k|v; 0, qp, kp, vp apart.
   int packed = 0;

@@ -12,6 +12,7 @@
 #include "fusedattn/ops/attention.h"
 #include "fusedattn/ops/params.h"
 #include "fusedattn/ops/reference.h"
+#include "fusedattn/ops/route.h"
 
 namespace fusedattn {
 namespace {
@@ -233,6 +234,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_back
 
 namespace detail {
 
+namespace {
+
+// torch's route: each sequence through attention_torch (torch's kernels and autograd), the
+// outputs concatenated. -> out (total_q, H, Ev)
+at::Tensor attention_varlen_torch(const at::Tensor& query, const at::Tensor& key,
+                                  const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                                  const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                  int64_t max_seqlen_k, double dropout_p, bool is_causal,
+                                  bool bottom_right, std::optional<double> scale,
+                                  bool enable_gqa) {
+  const auto o = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, std::nullopt);
+  if (o.batch == 0) return at::empty({0, query.size(1), value.size(2)}, query.options());
+  const auto qs = sequences(query, o.q), ks = sequences(key, o.k), vs = sequences(value, o.k);
+  std::vector<at::Tensor> outs;
+  for (int64_t b = 0; b < o.batch; ++b) {
+    outs.push_back(attention_torch(qs[b], ks[b], vs[b], std::nullopt, std::nullopt, dropout_p,
+                                   is_causal, bottom_right, scale, enable_gqa)
+                       .transpose(0, 1));  // (len, H, Ev)
+  }
+  return at::cat(outs, 0);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
@@ -248,6 +274,20 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
               "attention_varlen: query, key and value must be 3-D (total_q, H, E), (total_k, Hk, E), "
               "(total_k, Hk, Ev), got ", query.sym_sizes(), ", ", key.sym_sizes(), ", ",
               value.sym_sizes());
+  const bool variants = window || alibi_slopes || softcap || rel_bias;
+  // The route needs the offsets on the host: not while tracing (fake or functional tensors),
+  // where the op's own fake kernels serve.
+  const bool traced = query.key_set().has(c10::DispatchKey::Python) ||
+                      query.key_set().has(c10::DispatchKey::Functionalize);
+  if (!traced && torch_route_possible(query.device()) &&
+      attention_route(query, std::nullopt, std::nullopt, false, return_lse, variants,
+                      sinks.has_value())
+          .torch) {
+    return {attention_varlen_torch(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, dropout_p, is_causal,
+                                   causal_alignment == "bottom_right", scale, enable_gqa),
+            at::empty({0}, query.options().dtype(accumulate_type(query.scalar_type())))};
+  }
   auto seed = draw_dropout_seed(dropout_p, query.device());
   auto [out, lse] = ops::attention_varlen_forward(
       query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,

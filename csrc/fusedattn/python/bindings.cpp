@@ -38,6 +38,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("window") = py::none(), py::arg("alibi_slopes") = py::none(),
       py::arg("softcap") = py::none(), py::arg("rel_bias") = py::none());
 
+  m.def("_explain_attention", &fusedattn::explain_attention,
+        "The route a fusedattn::attention call with these properties takes, and why",
+        py::arg("query"), py::arg("attn_mask"), py::arg("key_padding_mask"),
+        py::arg("return_weights"), py::arg("return_lse"), py::arg("variants"), py::arg("sinks"));
+
   m.def("_check_kv_cache_arguments", &fusedattn::check_kv_cache_arguments,
         "kv_cache_attention's argument checks, for its fake kernel", py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),

@@ -21,19 +21,16 @@
 namespace fusedattn::cpu {
 namespace {
 
-// Rows of the (b, h, row) layout the kernels read: a contiguous last dim. The cache is
-// written in place, so it cannot be copied into one.
-void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "kv_cache_attention: ", name,
-              " must have a contiguous last dim (stride 1), got strides ", t.strides());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     const at::Tensor& query, const std::optional<at::Tensor>& key,
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
     bool return_weights) {
+  if (detail::kv_cache_takes_torch_route(query, key_padding_mask, return_lse, return_weights)) {
+    return detail::kv_cache_attention_torch(query, key, value, key_cache, value_cache, lengths,
+                                            scale, is_causal, key_padding_mask, enable_gqa);
+  }
   if (kernel_switches().reference) {
     return detail::kv_cache_attention_aten(query, key, value, key_cache, value_cache, lengths,
                                            scale, is_causal, key_padding_mask, enable_gqa,
@@ -41,8 +38,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
   }
   check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths, key_padding_mask,
                            enable_gqa);
-  check_rows(key_cache, "key_cache");
-  check_rows(value_cache, "value_cache");
   const int64_t B = query.size(0), H = query.size(1), T = query.size(2), E = query.size(3);
   const int64_t capacity = key_cache.size(2);
   const auto acc = accumulate_type(query.scalar_type());

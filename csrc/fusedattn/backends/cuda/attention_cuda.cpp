@@ -1,4 +1,6 @@
-// CUDA implementations of `_attention_forward` and `_attention_backward`.
+// CUDA implementations of `_attention_forward` and `_attention_backward`: the calls that stay
+// on fusedattn's route (ops/route.h; by default a CUDA call torch's SDPA serves goes there
+// from the `attention` composite and never reaches this file).
 //
 // Forward: the fused kernel (kernels/cuda/flash_cuda.h) for fp16/bf16 on sm_80+ at head dims up to
 // 256, every mask kind, causal in both alignments, GQA, dropout, lse, returned weights and the

@@ -1,7 +1,8 @@
-// CUDA implementation of `kv_cache_attention`: the decode kernel (kernels/cuda/decode_cuda.h) for
-// fp32/fp16/bf16 at head dims up to 256, with FUSEDATTN_CUDA_KERNEL=fused (opt-in, as the
-// forward: no GPU run of this project's tests has validated it); otherwise, and for fp64, the ATen
-// implementation. The lengths are read on the host once per call (a synchronisation) to
+// CUDA implementation of `kv_cache_attention`: by default torch's route (SDPA over the cache,
+// ops/kv_cache.h) where neither lse nor weights are asked for; with FUSEDATTN_CUDA_KERNEL=fused
+// (opt-in, as the forward: no GPU run of this project's tests has validated it) the decode
+// kernel (kernels/cuda/decode_cuda.h) for fp32/fp16/bf16 at head dims up to 256; otherwise, and
+// for fp64, the ATen implementation. The lengths are read on the host once per call (a synchronisation) to
 // refuse a full cache and to size the split.
 //
 // This file needs no nvcc: without FUSEDATTN_WITH_CUDA_KERNELS it registers the ATen path.
@@ -35,6 +36,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
     bool return_weights) {
+  if (detail::kv_cache_takes_torch_route(query, key_padding_mask, return_lse, return_weights)) {
+    return detail::kv_cache_attention_torch(query, key, value, key_cache, value_cache, lengths,
+                                            scale, is_causal, key_padding_mask, enable_gqa);
+  }
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
   const char* mode = std::getenv("FUSEDATTN_CUDA_KERNEL");
   const bool fused = mode != nullptr && std::strcmp(mode, "fused") == 0 &&
@@ -44,9 +49,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
   if (fused) {
     check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths,
                              key_padding_mask, enable_gqa);
-    for (const auto* t : {&key_cache, &value_cache})
-      TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1,
-                  "kv_cache_attention: the cache must have a contiguous last dim");
     c10::cuda::CUDAGuard guard(query.device());
     const int64_t B = query.size(0), H = query.size(1), T = query.size(2), E = query.size(3);
     const int64_t C = key_cache.size(2), Ev = value_cache.size(3), Hk = key_cache.size(1);
