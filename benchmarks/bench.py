@@ -6,6 +6,11 @@
 
 For each case it times fusedattn and the PyTorch path a user would otherwise take, in the same
 process, alternating, median over repeats after a warm-up: forward, and forward + backward.
+Beside them, alternating with the same calls, a 2048^3 GEMM of the case's dtype (torch.mm: MKL
+or oneDNN), so each attention case also reads as GFLOP/s and as a share of the GEMM rate this
+machine gave in the same minutes (the host's speed drifts; a rate from another run would not
+compare). FLOPs counted as FlashAttention's benchmarks count them: the forward 4 B H L S E
+(two products), halved when causal; forward + backward 3.5 times that (five more products).
 Peak memory is the growth of the process's resident-set high-water mark during one call
 (Linux: /proc/self/clear_refs). Prints a table, writes JSON and a PNG plot (with matplotlib).
 """
@@ -61,6 +66,21 @@ def time_pair(fns, repeats, budget_s):
         if n >= repeats or (n >= 3 and time.perf_counter() - start > budget_s):
             break
     return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
+GEMM_N = 2048
+
+
+def gemm_fn(dtype):
+    """A GEMM_N^3 product of `dtype` (the machine's matrix rate, timed beside each case)."""
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(GEMM_N, GEMM_N, generator=g).to(dtype) for _ in range(2))
+    return lambda: torch.mm(a, b)
+
+
+def attention_flops(B, H, L, S, E, causal, mode):
+    fwd = 4 * B * H * L * S * E * (0.5 if causal else 1.0)
+    return fwd if mode == "fwd" else 3.5 * fwd
 
 
 def progress_bar(total):
@@ -167,7 +187,7 @@ def main():
     max_len = min(args.max_len, 1024) if args.quick else args.max_len
     repeats = 3 if args.quick else args.repeats
     budget = 2.0 if args.quick else 10.0
-    lengths = [n for n in (128, 512, 1024, 2048, 4096) if n <= max_len]
+    lengths = [n for n in (128, 512, 1024, 2048, 4096, 8192) if n <= max_len]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     variants = args.variants.split(",")
 
@@ -183,19 +203,26 @@ def main():
             inputs, ours, theirs, path = attention_case(variant, dtype, L, causal)
             for mode in ("fwd", "fwd+bwd"):
                 label = f"{variant} {str(dtype)[6:]} L={L} {'causal' if causal else ''} {mode}"
+                gemm = gemm_fn(dtype)
                 if mode == "fwd":
                     with torch.no_grad():
                         fa = lambda: ours(*inputs)
                         tb = lambda: theirs(*inputs)
-                        t_ours, t_theirs = time_pair([fa, tb], repeats, budget)
+                        t_ours, t_theirs, t_gemm = time_pair([fa, tb, gemm], repeats, budget)
                         m_ours, m_theirs = peak_mb(fa), peak_mb(tb)
                 else:
                     fa, tb = fwd_bwd(ours, inputs), fwd_bwd(theirs, inputs)
-                    t_ours, t_theirs = time_pair([fa, tb], repeats, budget)
+                    t_ours, t_theirs, t_gemm = time_pair([fa, tb, gemm], repeats, budget)
                     m_ours, m_theirs = peak_mb(fa), peak_mb(tb)
+                B, H, _, E = inputs[0].shape
+                flops = attention_flops(B, H, L, L, E, causal, mode)
+                gemm_gflops = 2 * GEMM_N ** 3 / t_gemm / 1e9
                 rows.append(dict(case=variant, dtype=str(dtype)[6:], L=L, causal=causal, mode=mode,
                                  torch_path=path, fusedattn_ms=t_ours * 1e3,
                                  torch_ms=t_theirs * 1e3, speedup=t_theirs / t_ours,
+                                 fusedattn_gflops=flops / t_ours / 1e9,
+                                 torch_gflops=flops / t_theirs / 1e9, gemm_gflops=gemm_gflops,
+                                 share_of_gemm=flops / t_ours / 1e9 / gemm_gflops,
                                  fusedattn_peak_mb=m_ours, torch_peak_mb=m_theirs))
                 advance(progress, label)
         # need_weights=True is nn.MultiheadAttention's default and its O(L^2) path (scores,
@@ -230,14 +257,19 @@ def main():
                 python=platform.python_version())
     print(f"CPU: {meta['cpu']}; fusedattn tier {meta['fusedattn_tier']}, ATen {meta['aten_capability']}, "
           f"ONEDNN_MAX_CPU_ISA {meta['onednn_max_isa']}; {meta['threads']} threads; torch {meta['torch']}")
+    print(f"GFLOP/s: fusedattn's; GEMM: a {GEMM_N}^3 torch.mm of the dtype timed alternately in the "
+          f"same run; share: fusedattn's rate / the GEMM's")
     header = (f"{'case':<22}{'dtype':<10}{'L':>6} {'causal':<7}{'mode':<9}{'torch path':<22}"
-              f"{'fusedattn ms':>13}{'torch ms':>11}{'speedup':>9}{'peak MiB ours/torch':>22}")
+              f"{'fusedattn ms':>13}{'torch ms':>11}{'speedup':>9}{'GFLOP/s':>9}{'GEMM':>7}"
+              f"{'share':>7}{'peak MiB ours/torch':>22}")
     print(header)
     print("-" * len(header))
     for r in rows:
+        rate = (f"{r['fusedattn_gflops']:>9.0f}{r['gemm_gflops']:>7.0f}{r['share_of_gemm']:>6.0%} "
+                if "gemm_gflops" in r else f"{'':>23}")
         print(f"{r['case']:<22}{r['dtype']:<10}{r['L']:>6} {str(r['causal']):<7}{r['mode']:<9}"
               f"{r['torch_path']:<22}{r['fusedattn_ms']:>13.2f}{r['torch_ms']:>11.2f}"
-              f"{r['speedup']:>8.2f}x{r['fusedattn_peak_mb']:>11.0f}/{r['torch_peak_mb']:<10.0f}")
+              f"{r['speedup']:>8.2f}x{rate}{r['fusedattn_peak_mb']:>11.0f}/{r['torch_peak_mb']:<10.0f}")
 
     if module_cases:
         print("MultiheadAttention rows (fwd+bwd, fp32, H=8): " +
@@ -253,7 +285,8 @@ def main():
 
 
 def plot(rows, path):
-    """Speedup against L, one panel per mode: colour = dtype and causality, line = case."""
+    """Against L, one column per mode: the speedup (top) and fusedattn's share of the same-run
+    GEMM rate (bottom); colour = dtype and causality, line = case."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -264,22 +297,29 @@ def plot(rows, path):
               "weights": ("-.", "D")}
     colours = {("float32", False): "tab:blue", ("float32", True): "tab:cyan",
                ("bfloat16", False): "tab:red", ("bfloat16", True): "tab:orange"}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        for (variant, (ls, marker)) in styles.items():
-            for (dtype, causal), colour in colours.items():
-                pts = [(r["L"], r["speedup"]) for r in rows if r["case"] == variant and
-                       r["mode"] == mode and r["dtype"] == dtype and r["causal"] == causal]
-                if pts:
-                    ax.plot(*zip(*pts), ls=ls, marker=marker, color=colour,
-                            label=f"{variant} {dtype}{' causal' if causal else ''}")
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("L = S  (B=4, H=8, E=64)")
-        ax.set_title(f"{mode}: PyTorch time / fusedattn time")
-    axes[0].set_ylabel("speedup (>1: fusedattn faster)")
-    axes[1].legend(fontsize=6, ncol=2)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True)
+    for col, mode in enumerate(("fwd", "fwd+bwd")):
+        for row, key in enumerate(("speedup", "share_of_gemm")):
+            ax = axes[row][col]
+            for (variant, (ls, marker)) in styles.items():
+                for (dtype, causal), colour in colours.items():
+                    pts = [(r["L"], r[key]) for r in rows if r["case"] == variant and key in r
+                           and r["mode"] == mode and r["dtype"] == dtype and r["causal"] == causal]
+                    if pts:
+                        ax.plot(*zip(*pts), ls=ls, marker=marker, color=colour,
+                                label=f"{variant} {dtype}{' causal' if causal else ''}")
+            ax.set_xscale("log", base=2)
+            if key == "speedup":
+                ax.axhline(1.0, color="black", lw=0.8)
+                ax.set_yscale("log", base=2)
+                ax.set_title(f"{mode}: PyTorch time / fusedattn time")
+            else:
+                ax.set_ylim(0, 1.05)
+                ax.set_title(f"{mode}: fusedattn GFLOP/s / same-run {GEMM_N}^3 GEMM GFLOP/s")
+                ax.set_xlabel("L = S  (B=4, H=8, E=64)")
+    axes[0][0].set_ylabel("speedup (>1: fusedattn faster)")
+    axes[1][0].set_ylabel("share of the GEMM rate")
+    axes[0][1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
