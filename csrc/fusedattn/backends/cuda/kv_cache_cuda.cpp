@@ -2,8 +2,8 @@
 // ops/kv_cache.h) where neither lse nor weights are asked for; with FUSEDATTN_CUDA_KERNEL=fused
 // (opt-in, as the forward: no GPU run of this project's tests has validated it) the decode
 // kernel (kernels/cuda/decode_cuda.h) for fp32/fp16/bf16 at head dims up to 256; otherwise, and
-// for fp64, the ATen implementation. The lengths are read on the host once per call (a synchronisation) to
-// refuse a full cache and to size the split.
+// for fp64, the ATen implementation. The lengths are read on the host once per call (a
+// synchronisation) to refuse a full cache and to size the split.
 //
 // This file needs no nvcc: without FUSEDATTN_WITH_CUDA_KERNELS it registers the ATen path.
 #include <ATen/ATen.h>
