@@ -334,7 +334,7 @@ TEST_CASE("the route: torch's SDPA for what it serves on CUDA, fusedattn's kerne
     call.*flag = true;
     const auto choice = choose_route(call, RouteSetting::Auto);
     REQUIRE_FALSE(choice.torch);
-    REQUIRE(choice.reason.find(reason) != std::string::npos);
+    REQUIRE(std::string(choice.reason).find(reason) != std::string::npos);
   }
 }
 

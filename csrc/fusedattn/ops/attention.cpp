@@ -178,8 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
   // once (make_attention_params).
   check_attention_devices(query, key, value, attn_mask, key_padding_mask, alibi_slopes, rel_bias);
   const bool variants = window || alibi_slopes || softcap || rel_bias;
-  if (torch_route_possible(query.device()) &&
-      attention_route(query, attn_mask, key_padding_mask, return_weights, return_lse, variants,
+  if (attention_route(query, attn_mask, key_padding_mask, return_weights, return_lse, variants,
                       sinks.has_value())
           .torch) {
     // torch's kernels and torch's autograd; no weights or lse were asked for.

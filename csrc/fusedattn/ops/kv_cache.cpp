@@ -136,9 +136,42 @@ int64_t check_kv_cache_lengths(const at::Tensor& lengths, int64_t appended, int6
   return longest;
 }
 
+// The visibility of the cache's first S positions to the queries: hidden (B, 1, T, S) bool,
+// True past lengths[b] (after the append), after a causal query's position, and where a bool
+// key padding mask pads; a float key padding mask as padding (B, 1, 1, S) in its own dtype,
+// else undefined.
+struct CacheVisibility {
+  at::Tensor hidden, padding;
+};
+CacheVisibility cache_visibility(const at::Tensor& lengths, int64_t T, int64_t S, bool is_causal,
+                                 const std::optional<at::Tensor>& key_padding_mask) {
+  const int64_t B = lengths.size(0);
+  const auto long_opts = lengths.options();
+  auto j = at::arange(S, long_opts).view({1, 1, 1, S});
+  auto len = lengths.view({B, 1, 1, 1});
+  CacheVisibility v;
+  v.hidden = j >= len;
+  if (is_causal) v.hidden = v.hidden | (j > len - T + at::arange(T, long_opts).view({1, 1, T, 1}));
+  if (key_padding_mask && key_padding_mask->size(1) > 0 && S > 0) {
+    const int64_t K = std::min<int64_t>(key_padding_mask->size(1), S);
+    auto m = key_padding_mask->narrow(1, 0, K);
+    if (K < S) {
+      const at::Scalar fill = m.scalar_type() == at::kBool ? at::Scalar(false) : at::Scalar(0.0);
+      m = at::cat({m, at::full({B, S - K}, fill, m.options())}, 1);
+    }
+    m = m.view({B, 1, 1, S});
+    if (m.scalar_type() == at::kBool) {
+      v.hidden = v.hidden | m;
+    } else {
+      v.padding = m;
+    }
+  }
+  return v;
+}
+
 // Scaled scores of the queries against the cache's first S positions, (B, H, T, S) in the
-// accumulate type, -inf where a position is hidden (past lengths[b], causal, bool padding);
-// a float key padding mask added. lengths: after the append.
+// accumulate type, -inf where a position is hidden (cache_visibility); a float key padding
+// mask added. lengths: after the append.
 at::Tensor visible_scores(const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& lengths, int64_t S, double scale, bool is_causal,
                           const std::optional<at::Tensor>& key_padding_mask) {
@@ -147,24 +180,9 @@ at::Tensor visible_scores(const at::Tensor& query, const at::Tensor& key_cache,
   auto k = key_cache.narrow(0, 0, B).narrow(2, 0, S).to(acc);
   if (H != k.size(1)) k = k.repeat_interleave(H / k.size(1), 1);
   auto scores = at::matmul(query.to(acc), k.transpose(-2, -1)).mul_(scale);  // (B, H, T, S)
-  const auto long_opts = lengths.options();
-  auto j = at::arange(S, long_opts).view({1, 1, 1, S});
-  auto len = lengths.view({B, 1, 1, 1});
-  auto hidden = j >= len;
-  if (is_causal) hidden = hidden | (j > len - T + at::arange(T, long_opts).view({1, 1, T, 1}));
-  if (key_padding_mask && key_padding_mask->size(1) > 0 && S > 0) {
-    const int64_t K = std::min<int64_t>(key_padding_mask->size(1), S);
-    auto m = key_padding_mask->narrow(1, 0, K);
-    auto pad = [&](const at::Tensor& x, const at::Scalar& fill) {
-      return K == S ? x : at::cat({x, at::full({B, S - K}, fill, x.options())}, 1);
-    };
-    if (m.scalar_type() == at::kBool) {
-      hidden = hidden | pad(m, false).view({B, 1, 1, S});
-    } else {
-      scores = scores + pad(m.to(acc), 0.0).view({B, 1, 1, S});
-    }
-  }
-  return scores.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
+  const auto vis = cache_visibility(lengths, T, S, is_causal, key_padding_mask);
+  if (vis.padding.defined()) scores = scores + vis.padding.to(acc);
+  return scores.masked_fill_(vis.hidden, -std::numeric_limits<double>::infinity());
 }
 
 double scale_of(std::optional<double> scale, const at::Tensor& query) {
@@ -222,10 +240,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_aten(
 bool kv_cache_takes_torch_route(const at::Tensor& query,
                                 const std::optional<at::Tensor>& key_padding_mask,
                                 bool return_lse, bool return_weights) {
-  return torch_route_possible(query.device()) &&
-         attention_route(query, std::nullopt, key_padding_mask, return_weights, return_lse,
-                         false, false)
-             .torch;
+  return attention_route(query, std::nullopt, key_padding_mask, return_weights, return_lse, false,
+                         false)
+      .torch;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_torch(
@@ -245,30 +262,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_torch(
     return {at::zeros({B, query.size(1), T, value_cache.size(3)}, query.options()),
             none.to(acc), none};
   }
-  // Visible positions (B, 1, T, S) as one bool mask (a float key padding mask added on top):
-  // past lengths[b], causal, padding.
+  // The visible positions as one mask: bool (True = visible), or the float padding with -inf
+  // where hidden.
   const int64_t S = longest;
-  const auto long_opts = lengths.options();
-  auto j = at::arange(S, long_opts).view({1, 1, 1, S});
-  auto len = lengths.view({B, 1, 1, 1});
-  auto allowed = j < len;
-  if (is_causal) allowed = allowed & (j <= len - T + at::arange(T, long_opts).view({1, 1, T, 1}));
-  at::Tensor mask = allowed;
-  if (key_padding_mask && key_padding_mask->size(1) > 0) {
-    const int64_t K = std::min<int64_t>(key_padding_mask->size(1), S);
-    auto m = key_padding_mask->narrow(1, 0, K);
-    if (K < S) {
-      const at::Scalar fill = m.scalar_type() == at::kBool ? at::Scalar(false) : at::Scalar(0.0);
-      m = at::cat({m, at::full({B, S - K}, fill, m.options())}, 1);
-    }
-    m = m.view({B, 1, 1, S});
-    if (m.scalar_type() == at::kBool) {
-      mask = allowed & m.logical_not();
-    } else {
-      mask = at::where(allowed, m, at::scalar_tensor(-std::numeric_limits<double>::infinity(),
-                                                     m.options()));
-    }
-  }
+  const auto vis = cache_visibility(lengths, T, S, is_causal, key_padding_mask);
+  const auto mask =
+      vis.padding.defined()
+          ? at::where(vis.hidden, at::scalar_tensor(-std::numeric_limits<double>::infinity(),
+                                                    vis.padding.options()),
+                      vis.padding)
+          : vis.hidden.logical_not();
   auto k = key_cache.narrow(0, 0, B).narrow(2, 0, S);
   auto v = value_cache.narrow(0, 0, B).narrow(2, 0, S);
   auto out = at::scaled_dot_product_attention(query, k, v, mask, 0.0, false, scale, enable_gqa);

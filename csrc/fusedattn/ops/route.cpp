@@ -78,7 +78,7 @@ RouteChoice attention_route(const at::Tensor& query, const std::optional<at::Ten
 }
 
 std::string describe(const RouteChoice& choice, c10::Device device) {
-  if (choice.torch) return "torch: " + choice.reason;
+  if (choice.torch) return std::string("torch: ") + choice.reason;
   std::string own = device.is_cpu() ? "fusedattn CPU kernels" : "fusedattn " + device.str() + " kernels";
   if (device.is_cuda()) {
     const char* v = std::getenv("FUSEDATTN_CUDA_KERNEL");

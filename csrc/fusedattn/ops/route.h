@@ -41,7 +41,7 @@ struct RouteCall {
 
 struct RouteChoice {
   bool torch = false;  // at::scaled_dot_product_attention; else fusedattn's own kernels
-  std::string reason;  // why, for fusedattn.explain
+  const char* reason = "";  // why, for fusedattn.explain (a literal)
 };
 
 // Pure: the route of `call` under `setting`.

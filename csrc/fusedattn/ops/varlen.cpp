@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_composite(
   // where the op's own fake kernels serve.
   const bool traced = query.key_set().has(c10::DispatchKey::Python) ||
                       query.key_set().has(c10::DispatchKey::Functionalize);
-  if (!traced && torch_route_possible(query.device()) &&
+  if (!traced &&
       attention_route(query, std::nullopt, std::nullopt, false, return_lse, variants,
                       sinks.has_value())
           .torch) {
