@@ -43,6 +43,11 @@ def _seed():
 
 
 def pytest_configure(config):
+    # A custom op whose outputs alias its inputs or each other is an error under torch.compile
+    # wherever the environment sets CI (torch's default), a warning elsewhere: make it an error
+    # on every machine so that such an op fails here as it would in CI.
+    import torch._functorch.config
+    torch._functorch.config.error_on_custom_op_aliasing = True
     config.addinivalue_line(
         "markers", "own_kernels: compares fusedattn's own kernels with each other; skipped when "
         "FUSEDATTN_ROUTE=torch sends the op to torch's kernels")

@@ -184,8 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_composite(
     // torch's kernels and torch's autograd; no weights or lse were asked for.
     auto out = attention_torch(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                is_causal, causal_alignment == "bottom_right", scale, enable_gqa);
-    auto none = at::empty({0}, query.options());
-    return {out, none, none.to(accumulate_type(query.scalar_type()))};
+    // Two distinct empty tensors: outputs must not alias each other.
+    return {out, at::empty({0}, query.options()),
+            at::empty({0}, query.options().dtype(accumulate_type(query.scalar_type())))};
   }
   // The seed is drawn with an ATen op (not by reading the generator directly) so that
   // torch.compile records the draw instead of baking one seed into the graph; on the query's

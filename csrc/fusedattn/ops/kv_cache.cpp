@@ -256,11 +256,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_torch(
   scale_of(scale, query);  // checks a given scale before the cache changes
   const int64_t longest = check_kv_cache_lengths(lengths, key ? T : 0, key_cache.size(2));
   if (key) kv_cache_append_aten(*key, *value, key_cache, value_cache, lengths);
-  const auto acc = accumulate_type(query.scalar_type());
-  auto none = at::empty({0}, query.options());
+  // lse and weights are not asked for on this route: two distinct empty tensors (outputs of
+  // an op must not alias each other, and .to() of a tensor already in that dtype is itself).
+  const auto none_lse = [&] {
+    return at::empty({0}, query.options().dtype(accumulate_type(query.scalar_type())));
+  };
+  const auto none_weights = [&] { return at::empty({0}, query.options()); };
   if (longest == 0) {  // nothing visible: every query gives 0
-    return {at::zeros({B, query.size(1), T, value_cache.size(3)}, query.options()),
-            none.to(acc), none};
+    return {at::zeros({B, query.size(1), T, value_cache.size(3)}, query.options()), none_lse(),
+            none_weights()};
   }
   // The visible positions as one mask: bool (True = visible), or the float padding with -inf
   // where hidden.
@@ -275,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_torch(
   auto k = key_cache.narrow(0, 0, B).narrow(2, 0, S);
   auto v = value_cache.narrow(0, 0, B).narrow(2, 0, S);
   auto out = at::scaled_dot_product_attention(query, k, v, mask, 0.0, false, scale, enable_gqa);
-  return {out, none.to(acc), none};
+  return {out, none_lse(), none_weights()};
 }
 
 }  // namespace detail
