@@ -24,7 +24,7 @@ for tier in $tiers; do
   FUSEDATTN_CPU_CAPABILITY=$tier ONEDNN_MAX_CPU_ISA=$onednn \
     $PY -m pytest python/test_cpu_kernels.py python/test_attention.py \
     python/test_multihead_attention.py python/test_capability.py python/test_variants.py python/test_varlen.py \
-    python/test_kv_cache.py -q -ra
+    python/test_kv_cache.py python/test_kv_cache_storage.py -q -ra
 done
 # The AMX paths' own code (keys as rows, the packed forward) on the portable implementation of
 # the packed layout (FUSEDATTN_PACKED_GEMM=reference), where the CPU runs avx512_bf16 but has
@@ -40,6 +40,7 @@ esac
 # and decoding tests again with every call torch's SDPA serves sent to it.
 echo "== op, module and variant tests through torch's route (FUSEDATTN_ROUTE=torch)"
 FUSEDATTN_ROUTE=torch $PY -m pytest python/test_attention.py python/test_multihead_attention.py \
-  python/test_variants.py python/test_varlen.py python/test_kv_cache.py python/test_route.py -q -ra
+  python/test_variants.py python/test_varlen.py python/test_kv_cache.py \
+  python/test_kv_cache_storage.py python/test_route.py -q -ra
 echo "== all tests at tier $top"
 $PY -m pytest python -q -ra "$@"

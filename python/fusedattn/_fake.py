@@ -131,10 +131,11 @@ def _attention_projected_backward_fake(grad_out, grad_weights, grad_lse, query, 
 @torch.library.register_fake("fusedattn::kv_cache_attention")
 def _kv_cache_attention_fake(query, key, value, key_cache, value_cache, lengths, *, scale=None,
                              is_causal=False, key_padding_mask=None, enable_gqa=False,
-                             return_lse=False, return_weights=False):
+                             return_lse=False, return_weights=False, key_scales=None,
+                             value_scales=None):
     # Shapes only: the lengths' values (a full cache) are checked by the real kernel.
     _C._check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths,
-                                 key_padding_mask, enable_gqa)
+                                 key_padding_mask, enable_gqa, key_scales, value_scales)
     b, h, t, _ = query.shape
     out = query.new_empty((b, h, t, value_cache.shape[-1]))
     acc = _accumulate_dtype(query.dtype)

@@ -9,9 +9,27 @@ import operator
 
 import torch
 
+from . import _C
+
 # The overload itself: skips the packet's overload resolution on every call (a decode step
 # makes one call per layer and token).
 _kv_cache_attention = torch.ops.fusedattn.kv_cache_attention.default
+
+
+_STORAGES = (torch.bfloat16, torch.float16, torch.int8)
+
+
+def _check_cache_dtype(where, cache_dtype, model_dtype):
+    if cache_dtype is None or cache_dtype == model_dtype:
+        return
+    if not isinstance(cache_dtype, torch.dtype):
+        raise TypeError(f"{where}: cache_dtype must be a torch.dtype, got "
+                        f"{type(cache_dtype).__name__} {cache_dtype!r}")
+    if cache_dtype not in _STORAGES or model_dtype not in (torch.float32, torch.bfloat16,
+                                                          torch.float16):
+        raise ValueError(f"{where}: cache_dtype must be the model's dtype ({model_dtype}) or, for a "
+                         f"float32, bfloat16 or float16 model, torch.bfloat16, torch.float16 or "
+                         f"torch.int8; got {cache_dtype}")
 
 
 def _positive_int(name, value):
@@ -37,10 +55,18 @@ class KVCache:
     A module fills it through ``mha(x, x, x, cache=cache, is_causal=True)``;
     ``mha.memory_cache(encoder_out)`` makes a read-only one for cross-attention, and
     ``attend`` runs the op on it directly.
+
+    ``dtype`` is the model's (queries, new keys and values); ``cache_dtype`` how the cache
+    stores keys and values: ``dtype`` by default, or in fewer bytes for a float32, bfloat16 or
+    float16 model: ``torch.bfloat16`` / ``torch.float16`` (rounded), or ``torch.int8`` (a
+    quarter of float32's bytes; one float scale per stored row of keys and of values,
+    ``key_scales`` / ``value_scales`` ``(max_batch, num_heads, max_len)``). The append stores
+    in that form and the decode kernel reads it back block by block, so a decode step streams
+    the stored bytes only.
     """
 
     def __init__(self, max_batch, max_len, num_heads, head_dim, value_dim=None, dtype=None,
-                 device=None):
+                 device=None, cache_dtype=None):
         max_batch = _positive_int("max_batch", max_batch)
         max_len = _positive_int("max_len", max_len)
         num_heads = _positive_int("num_heads", num_heads)
@@ -48,29 +74,55 @@ class KVCache:
         value_dim = head_dim if value_dim is None else _positive_int("value_dim", value_dim)
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"KVCache: dtype must be a floating-point dtype, got {dtype}")
-        self.key_cache = torch.zeros(max_batch, num_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.value_cache = torch.zeros(max_batch, num_heads, max_len, value_dim, dtype=dtype,
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        _check_cache_dtype("KVCache", cache_dtype, dtype)
+        stored = dtype if cache_dtype is None else cache_dtype
+        self.key_cache = torch.zeros(max_batch, num_heads, max_len, head_dim, dtype=stored,
+                                     device=device)
+        self.value_cache = torch.zeros(max_batch, num_heads, max_len, value_dim, dtype=stored,
                                        device=device)
+        self.key_scales = self.value_scales = None
+        if stored == torch.int8:
+            self.key_scales = torch.zeros(max_batch, num_heads, max_len, device=device)
+            self.value_scales = torch.zeros(max_batch, num_heads, max_len, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.key_padding_mask = None
         self.read_only = False
 
     @classmethod
-    def from_tensors(cls, keys, values, lengths=None, key_padding_mask=None, read_only=True):
+    def from_tensors(cls, keys, values, lengths=None, key_padding_mask=None, read_only=True,
+                     cache_dtype=None):
         """A cache over given ``keys (B, H, S, E)`` and ``values (B, H, S, Ev)`` (used in
-        place, not copied), full by default (``lengths`` = S each), read-only by default (a
-        cross-attention memory); ``key_padding_mask (B, S)`` applies to every query."""
+        place, not copied; with a ``cache_dtype`` other than theirs, stored in it), full by
+        default (``lengths`` = S each), read-only by default (a cross-attention memory);
+        ``key_padding_mask (B, S)`` applies to every query."""
         for name, t in (("keys", keys), ("values", values)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"KVCache.from_tensors: {name} must be a 4-D tensor (B, H, S, E)")
+        _check_cache_dtype("KVCache.from_tensors", cache_dtype, keys.dtype)
         self = cls.__new__(cls)
-        self.key_cache, self.value_cache = keys, values
+        if cache_dtype is None or cache_dtype == keys.dtype:
+            self.key_cache, self.value_cache = keys, values
+            self.key_scales = self.value_scales = None
+        else:
+            self.key_cache, self.key_scales = _C._quantize_for_cache(keys, cache_dtype)
+            self.value_cache, self.value_scales = _C._quantize_for_cache(values, cache_dtype)
         b, s = keys.shape[0], keys.shape[2]
         self.lengths = (torch.full((b,), s, dtype=torch.long, device=keys.device) if lengths is None
                         else lengths)
         self.key_padding_mask = key_padding_mask
         self.read_only = read_only
         return self
+
+    @property
+    def cache_dtype(self):
+        """How keys and values are stored (the model's dtype unless a smaller one was chosen)."""
+        return self.key_cache.dtype
+
+    def _row_tensors(self):
+        # The tensors indexed by (batch, head, position): the caches and int8's scales.
+        rows = ["key_cache", "value_cache"]
+        return rows + (["key_scales", "value_scales"] if self.key_scales is not None else [])
 
     @property
     def max_batch(self):
@@ -113,12 +165,13 @@ class KVCache:
             raise ValueError(f"KVCache.reorder: index values must be in [0, batch = {self.batch}), "
                              f"got {index.tolist()}")
         if self.read_only:
-            self.key_cache = self.key_cache[: self.batch].index_select(0, index)
-            self.value_cache = self.value_cache[: self.batch].index_select(0, index)
+            for name in self._row_tensors():
+                setattr(self, name, getattr(self, name)[: self.batch].index_select(0, index))
         else:
             # Only the filled positions move (beam search reorders every step).
             used = int(self.lengths.max()) if self.batch > 0 else 0
-            for t in (self.key_cache, self.value_cache):
+            for name in self._row_tensors():
+                t = getattr(self, name)
                 src = t[: self.batch, :, :used].index_select(0, index)
                 t[:n, :, :used].copy_(src)
         if self.key_padding_mask is not None:
@@ -140,11 +193,12 @@ class KVCache:
         out, lse, weights = _kv_cache_attention(
             query, key, value, self.key_cache, self.value_cache, self.lengths, scale=scale,
             is_causal=is_causal, key_padding_mask=key_padding_mask, enable_gqa=enable_gqa,
-            return_lse=return_lse, return_weights=return_weights)
+            return_lse=return_lse, return_weights=return_weights, key_scales=self.key_scales,
+            value_scales=self.value_scales)
         return out, (lse if return_lse else None), (weights if return_weights else None)
 
     def __repr__(self):
         return (f"KVCache(batch={self.batch}, max_batch={self.max_batch}, max_len={self.max_len}, "
                 f"heads={self.key_cache.shape[1]}, head_dim={self.key_cache.shape[3]}, "
-                f"value_dim={self.value_cache.shape[3]}, dtype={self.key_cache.dtype}, "
+                f"value_dim={self.value_cache.shape[3]}, cache_dtype={self.key_cache.dtype}, "
                 f"read_only={self.read_only})")

@@ -197,27 +197,31 @@ class MultiheadAttention(torch.nn.Module):
             merged = merged + key_padding_mask.view(n, 1, 1, seq)
         return merged, 2
 
-    def kv_cache(self, max_batch, max_len):
+    def kv_cache(self, max_batch, max_len, cache_dtype=None):
         """An empty ``KVCache`` for this module's self-attention: ``max_batch`` sequences of up
-        to ``max_len`` positions, in the parameters' dtype and device."""
+        to ``max_len`` positions, in the parameters' dtype and device, stored in
+        ``cache_dtype`` (default: the parameters' dtype; ``torch.bfloat16``, ``torch.float16``
+        or ``torch.int8`` store fewer bytes, see ``KVCache``)."""
         w = self.out_proj.weight
         return KVCache(max_batch, max_len, self.num_heads, self.head_dim, self.head_dim,
-                       dtype=w.dtype, device=w.device)
+                       dtype=w.dtype, device=w.device, cache_dtype=cache_dtype)
 
     @torch.jit.unused
-    def memory_cache(self, memory, key_padding_mask=None):
+    def memory_cache(self, memory, key_padding_mask=None, cache_dtype=None):
         """Cross-attention keys and values projected once: a read-only ``KVCache`` over
         ``memory`` (the encoder's output, in the query's layout: ``(S, N, kdim)``, ``(N, S,
         kdim)`` with batch_first, or ``(S, kdim)``), with its ``key_padding_mask (N, S)``.
         ``mha(y, None, None, cache=memory)`` then equals ``mha(y, memory, memory,
-        key_padding_mask=key_padding_mask)``."""
+        key_padding_mask=key_padding_mask)`` (up to the storage's rounding with a
+        ``cache_dtype``, as ``kv_cache``'s)."""
         self._check_cacheable()
         _, k, v = _in_projection(None, memory, memory, self.num_heads, self.in_proj_weight,
                                  self.in_proj_bias, self.q_proj_weight, self.k_proj_weight,
                                  self.v_proj_weight, self.batch_first)
         if key_padding_mask is not None and memory.dim() == 2:
             key_padding_mask = key_padding_mask.unsqueeze(0)
-        return KVCache.from_tensors(k, v, key_padding_mask=key_padding_mask)
+        return KVCache.from_tensors(k, v, key_padding_mask=key_padding_mask,
+                                    cache_dtype=cache_dtype)
 
     def _check_cacheable(self, what="a KV cache"):
         if self.bias_k is not None or self.add_zero_attn:
@@ -251,7 +255,8 @@ class MultiheadAttention(torch.nn.Module):
             batch_first=self.batch_first, key_padding_mask=key_padding_mask,
             need_weights=need_weights, average_attn_weights=average_attn_weights,
             is_causal=is_causal, read_only=cache.read_only,
-            cache_key_padding_mask=cache.key_padding_mask)
+            cache_key_padding_mask=cache.key_padding_mask, key_scales=cache.key_scales,
+            value_scales=cache.value_scales)
         return result, (weights if need_weights else None)
 
     @torch.jit.unused

@@ -16,14 +16,21 @@ class FUSEDATTN_API KVCache {
  public:
   // key_cache (max_batch, num_heads, max_len, head_dim), value_cache (..., value_dim), zeros;
   // lengths int64 (max_batch,) zeros. Storage never reallocates while the cache fills.
+  // options: the model's dtype and device. cache_dtype: how the keys and values are stored,
+  // the model's dtype by default; bfloat16 or float16 (half the bytes of float), or int8 (a
+  // quarter, with one float scale per stored row: key_scales / value_scales (max_batch,
+  // num_heads, max_len)), for a float, bfloat16 or half model (ops/kv_cache.h).
   KVCache(int64_t max_batch, int64_t max_len, int64_t num_heads, int64_t head_dim,
-          std::optional<int64_t> value_dim = std::nullopt, at::TensorOptions options = {});
-  // A cache over given keys (B, H, S, E) and values (B, H, S, Ev), used in place; lengths
-  // default to S each (full); read-only by default (a cross-attention memory), with a
-  // key_padding_mask (B, S) that applies to every query.
+          std::optional<int64_t> value_dim = std::nullopt, at::TensorOptions options = {},
+          std::optional<at::ScalarType> cache_dtype = std::nullopt);
+  // A cache over given keys (B, H, S, E) and values (B, H, S, Ev), used in place (or, with a
+  // cache_dtype other than theirs, stored in it: quantize_for_cache); lengths default to S each
+  // (full); read-only by default (a cross-attention memory), with a key_padding_mask (B, S)
+  // that applies to every query.
   static KVCache from_tensors(const at::Tensor& keys, const at::Tensor& values,
                               const at::Tensor& lengths = {},
-                              const at::Tensor& key_padding_mask = {}, bool read_only = true);
+                              const at::Tensor& key_padding_mask = {}, bool read_only = true,
+                              std::optional<at::ScalarType> cache_dtype = std::nullopt);
 
   int64_t max_batch() const { return key_cache_.size(0); }
   int64_t max_len() const { return key_cache_.size(2); }
@@ -38,6 +45,10 @@ class FUSEDATTN_API KVCache {
   const at::Tensor& key_padding_mask() const { return key_padding_mask_; }
   at::Tensor& key_cache() { return key_cache_; }
   at::Tensor& value_cache() { return value_cache_; }
+  // An int8 cache's scales, float (max_batch, H, max_len); undefined for other storages.
+  at::Tensor& key_scales() { return key_scales_; }
+  at::Tensor& value_scales() { return value_scales_; }
+  at::ScalarType cache_dtype() const { return key_cache_.scalar_type(); }
 
   // Empties the cache for batch sequences (default max_batch).
   void reset(std::optional<int64_t> batch = std::nullopt);
@@ -55,7 +66,7 @@ class FUSEDATTN_API KVCache {
 
  private:
   KVCache() = default;
-  at::Tensor key_cache_, value_cache_, lengths_, key_padding_mask_;
+  at::Tensor key_cache_, value_cache_, lengths_, key_padding_mask_, key_scales_, value_scales_;
   bool read_only_ = false;
 };
 

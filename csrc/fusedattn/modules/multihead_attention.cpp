@@ -164,20 +164,22 @@ void MultiheadAttentionImpl::check_cacheable() const {
               "max_relative_distance, softcap) or sinks");
 }
 
-KVCache MultiheadAttentionImpl::kv_cache(int64_t max_batch, int64_t max_len) {
+KVCache MultiheadAttentionImpl::kv_cache(int64_t max_batch, int64_t max_len,
+                                        std::optional<at::ScalarType> cache_dtype) {
   return KVCache(max_batch, max_len, options.num_heads(), head_dim(), head_dim(),
-                 out_proj->weight.options().requires_grad(false));
+                 out_proj->weight.options().requires_grad(false), cache_dtype);
 }
 
 KVCache MultiheadAttentionImpl::memory_cache(const at::Tensor& memory,
-                                            const at::Tensor& key_padding_mask) {
+                                            const at::Tensor& key_padding_mask,
+                                            std::optional<at::ScalarType> cache_dtype) {
   check_cacheable();
   auto [q, k, v] = ops::multihead_attention_in_projection(
       std::nullopt, memory, memory, options.num_heads(), opt(in_proj_weight), opt(in_proj_bias),
       opt(q_proj_weight), opt(k_proj_weight), opt(v_proj_weight), options.batch_first());
   const auto kpm = key_padding_mask.defined() && memory.dim() == 2 ? key_padding_mask.unsqueeze(0)
                                                                   : key_padding_mask;
-  return KVCache::from_tensors(k, v, at::Tensor(), kpm);
+  return KVCache::from_tensors(k, v, at::Tensor(), kpm, /*read_only=*/true, cache_dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward_cached(
@@ -193,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward_cached(
       options.num_heads(), opt(in_proj_weight), opt(in_proj_bias), opt(q_proj_weight),
       opt(k_proj_weight), opt(v_proj_weight), out_proj->weight, opt(out_proj->bias),
       options.batch_first(), opt(key_padding_mask), need_weights, average_attn_weights,
-      is_causal, cache.read_only(), opt(cache.key_padding_mask()));
+      is_causal, cache.read_only(), opt(cache.key_padding_mask()), opt(cache.key_scales()),
+      opt(cache.value_scales()));
   return {out, need_weights ? weights : at::Tensor()};
 }
 

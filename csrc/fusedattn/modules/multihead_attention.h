@@ -99,10 +99,15 @@ class FUSEDATTN_API MultiheadAttentionImpl : public torch::nn::Cloneable<Multihe
                                                     bool average_attn_weights = true,
                                                     bool is_causal = false);
   // Cross-attention keys and values of memory (the encoder's output, in forward's layout)
-  // projected once: a read-only cache with memory's key_padding_mask (N, S).
-  KVCache memory_cache(const at::Tensor& memory, const at::Tensor& key_padding_mask = {});
-  // An empty cache for this module's self-attention, in its parameters' dtype and device.
-  KVCache kv_cache(int64_t max_batch, int64_t max_len);
+  // projected once: a read-only cache with memory's key_padding_mask (N, S). cache_dtype:
+  // as kv_cache's.
+  KVCache memory_cache(const at::Tensor& memory, const at::Tensor& key_padding_mask = {},
+                       std::optional<at::ScalarType> cache_dtype = std::nullopt);
+  // An empty cache for this module's self-attention, in its parameters' dtype and device,
+  // stored in cache_dtype (default: the parameters' dtype; bfloat16, float16 or int8 store
+  // fewer bytes, KVCache).
+  KVCache kv_cache(int64_t max_batch, int64_t max_len,
+                   std::optional<at::ScalarType> cache_dtype = std::nullopt);
 
   void reset() override;
   void reset_parameters();

@@ -21,19 +21,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
-    bool return_weights) {
+    bool return_weights, const std::optional<at::Tensor>& key_scales,
+    const std::optional<at::Tensor>& value_scales) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedattn::kv_cache_attention", "")
                        .typed<decltype(kv_cache_attention)>();
   return op.call(query, key, value, key_cache, value_cache, lengths, scale, is_causal,
-                 key_padding_mask, enable_gqa, return_lse, return_weights);
+                 key_padding_mask, enable_gqa, return_lse, return_weights, key_scales,
+                 value_scales);
 }
 }  // namespace ops
+
+bool cache_storage_supported(at::ScalarType storage, at::ScalarType model) {
+  if (storage == model) return true;
+  const bool small_model = model == at::kFloat || model == at::kBFloat16 || model == at::kHalf;
+  return small_model && (storage == at::kBFloat16 || storage == at::kHalf || storage == at::kChar);
+}
+
+std::pair<at::Tensor, at::Tensor> quantize_for_cache(const at::Tensor& x, at::ScalarType storage) {
+  TORCH_CHECK(cache_storage_supported(storage, x.scalar_type()),
+              "quantize_for_cache: a ", x.scalar_type(), " tensor cannot be stored as ", storage,
+              " (the cache stores float, bfloat16 or half in bfloat16, float16 or int8)");
+  if (storage != at::kChar) return {x.to(storage), at::Tensor()};
+  const auto xf = x.to(at::kFloat);
+  const auto finite = at::isfinite(xf).all(-1);
+  const auto amax = xf.abs().amax(-1);
+  // fp32 division by 127, as the kernel; a row with a NaN or inf: scale NaN, q 0.
+  auto scale = at::where(finite, amax / 127.0f,
+                         at::full({}, std::numeric_limits<float>::quiet_NaN(), amax.options()));
+  const auto usable = (scale > 0).unsqueeze(-1);
+  auto q = at::where(usable, at::round(xf / scale.unsqueeze(-1)), at::zeros({}, xf.options()));
+  return {q.clamp(-127, 127).to(at::kChar), scale};
+}
+
+at::Tensor dequantize_cache(const at::Tensor& stored, const std::optional<at::Tensor>& scales,
+                            at::ScalarType dtype) {
+  if (stored.scalar_type() != at::kChar) return stored.to(dtype);
+  TORCH_CHECK(scales.has_value(), "dequantize_cache: an int8 cache needs its scales");
+  return (stored.to(at::kFloat) * scales->unsqueeze(-1)).to(dtype);
+}
 
 void check_kv_cache_arguments(const at::Tensor& query, const std::optional<at::Tensor>& key,
                               const std::optional<at::Tensor>& value, const at::Tensor& key_cache,
                               const at::Tensor& value_cache, const at::Tensor& lengths,
-                              const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa) {
+                              const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa,
+                              const std::optional<at::Tensor>& key_scales,
+                              const std::optional<at::Tensor>& value_scales) {
   constexpr const char* fn = "kv_cache_attention";
   const auto qs = query.sym_sizes(), kcs = key_cache.sym_sizes(), vcs = value_cache.sym_sizes();
   TORCH_CHECK(query.dim() == 4, fn, ": query must be 4-D (B, H, T, E), got shape ", qs);
@@ -43,9 +76,31 @@ void check_kv_cache_arguments(const at::Tensor& query, const std::optional<at::T
   const auto t = query.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, fn,
               ": query must be float, double, bfloat16 or half, got ", t);
-  TORCH_CHECK(key_cache.scalar_type() == t && value_cache.scalar_type() == t, fn,
-              ": the cache must have query's dtype (", t, "), got key_cache ",
-              key_cache.scalar_type(), " and value_cache ", value_cache.scalar_type());
+  const auto st = key_cache.scalar_type();
+  TORCH_CHECK(value_cache.scalar_type() == st, fn,
+              ": key_cache and value_cache must have one dtype, got ", st, " and ",
+              value_cache.scalar_type());
+  TORCH_CHECK(cache_storage_supported(st, t), fn, ": the cache must have query's dtype (", t,
+              ")", t == at::kDouble ? "" : " or store it in bfloat16, float16 or int8",
+              ", got ", st);
+  if (st == at::kChar) {
+    TORCH_CHECK(key_scales.has_value() && value_scales.has_value(), fn,
+                ": an int8 cache needs key_scales and value_scales (float, (batch, Hk, max_len))");
+    for (const auto& [sc, name] : {std::pair{&*key_scales, "key_scales"}, std::pair{&*value_scales, "value_scales"}}) {
+      TORCH_CHECK(sc->scalar_type() == at::kFloat && sc->device() == key_cache.device(), fn,
+                  ": ", name, " must be float on the cache's device (", key_cache.device(),
+                  "), got ", sc->scalar_type(), " on ", sc->device());
+      TORCH_CHECK(sc->dim() == 3, fn, ": ", name, " must be 3-D (batch, Hk, max_len), got ",
+                  sc->sym_sizes());
+      TORCH_SYM_CHECK(sc->sym_size(0).sym_eq(kcs[0]) & sc->sym_size(1).sym_eq(kcs[1]) &
+                          sc->sym_size(2).sym_eq(kcs[2]),
+                      fn, ": ", name, " must have the cache's (batch, Hk, max_len) = (", kcs[0],
+                      ", ", kcs[1], ", ", kcs[2], "), got ", sc->sym_sizes());
+    }
+  } else {
+    TORCH_CHECK(!key_scales.has_value() && !value_scales.has_value(), fn,
+                ": key_scales and value_scales belong to an int8 cache; this one is ", st);
+  }
   TORCH_CHECK(key_cache.device() == query.device() && value_cache.device() == query.device() &&
                   lengths.device() == query.device(),
               fn, ": the cache must be on query's device (", query.device(), "), got key_cache ",
@@ -90,7 +145,7 @@ void check_kv_cache_arguments(const at::Tensor& query, const std::optional<at::T
                 ": key and value must be 4-D (B, Hk, T, E|Ev), got ", key->sym_sizes(), " and ",
                 value->sym_sizes());
     TORCH_CHECK(key->scalar_type() == t && value->scalar_type() == t, fn,
-                ": key and value must have the cache's dtype (", t, "), got ", key->scalar_type(),
+                ": key and value must have query's dtype (", t, "), got ", key->scalar_type(),
                 " and ", value->scalar_type());
     TORCH_CHECK(key->device() == query.device() && value->device() == query.device(), fn,
                 ": key and value must be on query's device (", query.device(), ")");
@@ -172,12 +227,21 @@ CacheVisibility cache_visibility(const at::Tensor& lengths, int64_t T, int64_t S
 // Scaled scores of the queries against the cache's first S positions, (B, H, T, S) in the
 // accumulate type, -inf where a position is hidden (cache_visibility); a float key padding
 // mask added. lengths: after the append.
+// The cache's first S positions of the batch's B rows in `dtype` (dequantized).
+at::Tensor cache_rows(const at::Tensor& cache, const std::optional<at::Tensor>& scales, int64_t B,
+                      int64_t S, at::ScalarType dtype) {
+  std::optional<at::Tensor> sc;
+  if (scales) sc = scales->narrow(0, 0, B).narrow(2, 0, S);
+  return dequantize_cache(cache.narrow(0, 0, B).narrow(2, 0, S), sc, dtype);
+}
+
 at::Tensor visible_scores(const at::Tensor& query, const at::Tensor& key_cache,
-                          const at::Tensor& lengths, int64_t S, double scale, bool is_causal,
+                          const std::optional<at::Tensor>& key_scales, const at::Tensor& lengths,
+                          int64_t S, double scale, bool is_causal,
                           const std::optional<at::Tensor>& key_padding_mask) {
   const int64_t B = query.size(0), H = query.size(1), T = query.size(2);
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto k = key_cache.narrow(0, 0, B).narrow(2, 0, S).to(acc);
+  auto k = cache_rows(key_cache, key_scales, B, S, acc);
   if (H != k.size(1)) k = k.repeat_interleave(H / k.size(1), 1);
   auto scores = at::matmul(query.to(acc), k.transpose(-2, -1)).mul_(scale);  // (B, H, T, S)
   const auto vis = cache_visibility(lengths, T, S, is_causal, key_padding_mask);
@@ -193,8 +257,9 @@ double scale_of(std::optional<double> scale, const at::Tensor& query) {
 at::Tensor kv_cache_weights(const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& lengths, const at::Tensor& lse,
                             std::optional<double> scale, bool is_causal,
-                            const std::optional<at::Tensor>& key_padding_mask) {
-  auto scores = visible_scores(query, key_cache, lengths, key_cache.size(2),
+                            const std::optional<at::Tensor>& key_padding_mask,
+                            const CacheScales& scales) {
+  auto scores = visible_scores(query, key_cache, scales.key, lengths, key_cache.size(2),
                                scale_of(scale, query), is_causal, key_padding_mask);
   // A row with no visible position (lse -inf) has weights 0, not NaN.
   auto sub = lse.masked_fill(lse.isneginf(), 0).unsqueeze(-1);
@@ -202,12 +267,20 @@ at::Tensor kv_cache_weights(const at::Tensor& query, const at::Tensor& key_cache
 }
 
 void kv_cache_append_aten(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                          at::Tensor& value_cache, at::Tensor& lengths) {
+                          at::Tensor& value_cache, at::Tensor& lengths,
+                          const CacheScales& scales) {
   const int64_t B = key.size(0), Hk = key.size(1), T = key.size(2);
   // Positions lengths[b] + t, as scatter indices along the cache's position dim.
   auto pos = (lengths.unsqueeze(1) + at::arange(T, lengths.options())).view({B, 1, T, 1});
-  key_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, key.size(3)}), key);
-  value_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, value.size(3)}), value);
+  auto [k, k_scale] = quantize_for_cache(key, key_cache.scalar_type());
+  auto [v, v_scale] = quantize_for_cache(value, value_cache.scalar_type());
+  key_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, key.size(3)}), k);
+  value_cache.narrow(0, 0, B).scatter_(2, pos.expand({B, Hk, T, value.size(3)}), v);
+  if (k_scale.defined()) {
+    auto at_pos = pos.squeeze(-1).expand({B, Hk, T});
+    scales.key->narrow(0, 0, B).scatter_(2, at_pos, k_scale);
+    scales.value->narrow(0, 0, B).scatter_(2, at_pos, v_scale);
+  }
   lengths.add_(T);
 }
 
@@ -216,23 +289,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_aten(
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
-    bool return_weights) {
+    bool return_weights, const CacheScales& scales) {
   check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths, key_padding_mask,
-                           enable_gqa);
+                           enable_gqa, scales.key, scales.value);
   const int64_t B = query.size(0), H = query.size(1), T = query.size(2);
   const int64_t Hk = key_cache.size(1);
   const int64_t longest = check_kv_cache_lengths(lengths, key ? T : 0, key_cache.size(2));
-  if (key) kv_cache_append_aten(*key, *value, key_cache, value_cache, lengths);
+  if (key) kv_cache_append_aten(*key, *value, key_cache, value_cache, lengths, scales);
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto scores = visible_scores(query, key_cache, lengths, longest, scale_of(scale, query),
-                               is_causal, key_padding_mask);
+  auto scores = visible_scores(query, key_cache, scales.key, lengths, longest,
+                               scale_of(scale, query), is_causal, key_padding_mask);
   auto lse = at::logsumexp(scores, -1);  // -inf where no position is visible
   auto probs = at::exp(scores - lse.masked_fill(lse.isneginf(), 0).unsqueeze(-1));
-  auto v = value_cache.narrow(0, 0, B).narrow(2, 0, longest).to(acc);
+  auto v = cache_rows(value_cache, scales.value, B, longest, acc);
   if (H != Hk) v = v.repeat_interleave(H / Hk, 1);
   auto out = at::matmul(probs, v).to(query.scalar_type());
   auto weights = return_weights ? kv_cache_weights(query, key_cache, lengths, lse, scale,
-                                                   is_causal, key_padding_mask)
+                                                   is_causal, key_padding_mask, scales)
                                 : at::empty({0}, query.options());
   return {out, return_lse ? lse : at::empty({0}, query.options().dtype(acc)), weights};
 }
@@ -249,13 +322,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_torch(
     const at::Tensor& query, const std::optional<at::Tensor>& key,
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
-    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa) {
+    const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa,
+    const CacheScales& scales) {
   check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths, key_padding_mask,
-                           enable_gqa);
+                           enable_gqa, scales.key, scales.value);
   const int64_t B = query.size(0), T = query.size(2);
   scale_of(scale, query);  // checks a given scale before the cache changes
   const int64_t longest = check_kv_cache_lengths(lengths, key ? T : 0, key_cache.size(2));
-  if (key) kv_cache_append_aten(*key, *value, key_cache, value_cache, lengths);
+  if (key) kv_cache_append_aten(*key, *value, key_cache, value_cache, lengths, scales);
   // lse and weights are not asked for on this route: two distinct empty tensors (outputs of
   // an op must not alias each other, and .to() of a tensor already in that dtype is itself).
   const auto none_lse = [&] {
@@ -276,8 +350,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_torch(
                                                     vis.padding.options()),
                       vis.padding)
           : vis.hidden.logical_not();
-  auto k = key_cache.narrow(0, 0, B).narrow(2, 0, S);
-  auto v = value_cache.narrow(0, 0, B).narrow(2, 0, S);
+  // A cache stored in fewer bytes is dequantized here (torch's kernels read the model's dtype).
+  auto k = cache_rows(key_cache, scales.key, B, S, query.scalar_type());
+  auto v = cache_rows(value_cache, scales.value, B, S, query.scalar_type());
   auto out = at::scaled_dot_product_attention(query, k, v, mask, 0.0, false, scale, enable_gqa);
   return {out, none_lse(), none_weights()};
 }
@@ -316,7 +391,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_autograd(
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
-    bool return_weights) {
+    bool return_weights, const std::optional<at::Tensor>& key_scales,
+    const std::optional<at::Tensor>& value_scales) {
   auto wants = [](const std::optional<at::Tensor>& t) { return t && t->requires_grad(); };
   const bool grad = at::GradMode::is_enabled() &&
                     (query.requires_grad() || wants(key) || wants(value) || wants(key_padding_mask));
@@ -325,13 +401,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     r = ops::kv_cache_attention(query, key, value, key_cache, value_cache, lengths, scale,
                                 is_causal, key_padding_mask, enable_gqa, return_lse,
-                                return_weights);
+                                return_weights, key_scales, value_scales);
   }
   // The in-place writes, as autograd's own in-place ops record them.
   if (key) {
     key_cache.unsafeGetTensorImpl()->bump_version();
     value_cache.unsafeGetTensorImpl()->bump_version();
     lengths.unsafeGetTensorImpl()->bump_version();
+    for (const auto* sc : {&key_scales, &value_scales}) {
+      if (sc->has_value()) (*sc)->unsafeGetTensorImpl()->bump_version();
+    }
   }
   if (!grad) return r;
   auto outs = NoGradThroughCache::apply(query, key, value, key_padding_mask,

@@ -60,8 +60,9 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_attention
 // new tokens in the module's layout, key and value the same tokens (self-attention: appended
 // to the cache) or none (attend to the cache only). read_only: the cache is a memory (no
 // append); cache_key_padding_mask: the memory's own (N, S) mask, exclusive with
-// key_padding_mask (N, K) over the cache's first K positions. -> (attn_output like query,
-// weights (N, T, max_len) averaged or (N, H, T, max_len), empty unless need_weights).
+// key_padding_mask (N, K) over the cache's first K positions; key_scales, value_scales: an
+// int8 cache's (kv_cache_attention). -> (attn_output like query, weights (N, T, max_len)
+// averaged or (N, H, T, max_len), empty unless need_weights).
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> multihead_attention_cached(
     const at::Tensor& query, const std::optional<at::Tensor>& key,
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
@@ -71,7 +72,9 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor> multihead_attention_cached(
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool batch_first = false, const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
     bool need_weights = false, bool average_attn_weights = true, bool is_causal = false,
-    bool read_only = false, const std::optional<at::Tensor>& cache_key_padding_mask = std::nullopt);
+    bool read_only = false, const std::optional<at::Tensor>& cache_key_padding_mask = std::nullopt,
+    const std::optional<at::Tensor>& key_scales = std::nullopt,
+    const std::optional<at::Tensor>& value_scales = std::nullopt);
 }  // namespace ops
 
 namespace detail {
@@ -94,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_cached_composite(
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
     bool average_attn_weights, bool is_causal, bool read_only,
-    const std::optional<at::Tensor>& cache_key_padding_mask);
+    const std::optional<at::Tensor>& cache_key_padding_mask,
+    const std::optional<at::Tensor>& key_scales, const std::optional<at::Tensor>& value_scales);
 
 // Its CompositeImplicitAutograd kernel. Written with SymInt sizes so that torch.compile can
 // trace it with dynamic shapes.

@@ -50,13 +50,14 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_cached(
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
     bool average_attn_weights, bool is_causal, bool read_only,
-    const std::optional<at::Tensor>& cache_key_padding_mask) {
+    const std::optional<at::Tensor>& cache_key_padding_mask,
+    const std::optional<at::Tensor>& key_scales, const std::optional<at::Tensor>& value_scales) {
   static auto op = detail::op_handle<decltype(multihead_attention_cached)>(
       "fusedattn::multihead_attention_cached");
   return op.call(query, key, value, key_cache, value_cache, lengths, num_heads, in_proj_weight,
                  in_proj_bias, q_proj_weight, k_proj_weight, v_proj_weight, out_proj_weight,
                  out_proj_bias, batch_first, key_padding_mask, need_weights, average_attn_weights,
-                 is_causal, read_only, cache_key_padding_mask);
+                 is_causal, read_only, cache_key_padding_mask, key_scales, value_scales);
 }
 }  // namespace ops
 
@@ -128,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_cached_composite(
     const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias,
     bool batch_first, const std::optional<at::Tensor>& key_padding_mask, bool need_weights,
     bool average_attn_weights, bool is_causal, bool read_only,
-    const std::optional<at::Tensor>& cache_key_padding_mask) {
+    const std::optional<at::Tensor>& cache_key_padding_mask,
+    const std::optional<at::Tensor>& key_scales, const std::optional<at::Tensor>& value_scales) {
   TORCH_CHECK_VALUE(key.has_value() == value.has_value(), kFn,
               ": with a cache, key and value are both the new tokens (self-attention) or both "
               "None (attend to the cache only)");
@@ -156,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_attention_cached_composite(
   std::tie(out, std::ignore, weights) =
       ops::kv_cache_attention(q, k_new, v_new, key_cache, value_cache, lengths, std::nullopt,
                               is_causal, kpm, /*enable_gqa=*/false, /*return_lse=*/false,
-                              need_weights);
+                              need_weights, key_scales, value_scales);
   // (N, H, T, Dv) -> (N, T, H * Dv) -> the output projection, in the caller's layout.
   const SymInt n = out.sym_size(0), t = out.sym_size(2);
   auto merged = out.transpose(1, 2).reshape_symint({n, t, out.sym_size(1) * out.sym_size(3)});

@@ -149,19 +149,21 @@ TORCH_LIBRARY(fusedattn, m) {
       "Tensor? k_proj_weight, Tensor? v_proj_weight, Tensor out_proj_weight, "
       "Tensor? out_proj_bias, *, bool batch_first=False, Tensor? key_padding_mask=None, "
       "bool need_weights=False, bool average_attn_weights=True, bool is_causal=False, "
-      "bool read_only=False, Tensor? cache_key_padding_mask=None) -> (Tensor, Tensor)");
+      "bool read_only=False, Tensor? cache_key_padding_mask=None, Tensor(d!)? key_scales=None, "
+      "Tensor(e!)? value_scales=None) -> (Tensor, Tensor)");
   m.impl("multihead_attention_cached", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(fusedattn::detail::multihead_attention_cached_composite));
 
   // Incremental decoding (ops/kv_cache.h): query (B, H, T, E) against a preallocated cache
   // (Bc >= B, Hk, max_len, E|Ev); key and value (B, Hk, T, E|Ev), when given, are written
-  // at each sequence's lengths[b] and lengths grows by T, in place. -> (out (B, H, T, Ev),
-  // lse (B, H, T), empty unless return_lse). No gradient.
+  // at each sequence's lengths[b] and lengths grows by T, in place (an int8 cache's scales
+  // too). -> (out (B, H, T, Ev), lse (B, H, T), empty unless return_lse). No gradient.
   m.def(
       "kv_cache_attention(Tensor query, Tensor? key, Tensor? value, Tensor(a!) key_cache, "
       "Tensor(b!) value_cache, Tensor(c!) lengths, *, float? scale=None, bool is_causal=False, "
       "Tensor? key_padding_mask=None, bool enable_gqa=False, bool return_lse=False, "
-      "bool return_weights=False) -> (Tensor, Tensor, Tensor)");
+      "bool return_weights=False, Tensor(d!)? key_scales=None, Tensor(e!)? value_scales=None) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // The single-head layers (ops/layers.h): SelfAttention, AttentionPooling, Gaussian-kernel attention.
   m.def(

@@ -46,7 +46,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("_check_kv_cache_arguments", &fusedattn::check_kv_cache_arguments,
         "kv_cache_attention's argument checks, for its fake kernel", py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
-        py::arg("lengths"), py::arg("key_padding_mask"), py::arg("enable_gqa"));
+        py::arg("lengths"), py::arg("key_padding_mask"), py::arg("enable_gqa"),
+        py::arg("key_scales") = py::none(), py::arg("value_scales") = py::none());
+  m.def("_quantize_for_cache", &fusedattn::quantize_for_cache,
+        "x in a KV cache's storage dtype -> (stored, int8 scales or None)", py::arg("x"),
+        py::arg("dtype"));
 
   // _C.cpp.MultiheadAttention: the C++ module itself (parameters, train/eval, clone, forward).
   torch::python::bind_module<fusedattn::MultiheadAttentionImpl, /*force_enable=*/true>(

@@ -21,23 +21,35 @@
 namespace fusedattn::cpu {
 namespace {
 
+kernels::CacheStorage cache_storage(at::ScalarType stored, at::ScalarType model) {
+  if (stored == model) return kernels::CacheStorage::Model;
+  switch (stored) {
+    case at::kBFloat16: return kernels::CacheStorage::BFloat16;
+    case at::kHalf: return kernels::CacheStorage::Half;
+    default: return kernels::CacheStorage::Int8;  // checked: the only other storage
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     const at::Tensor& query, const std::optional<at::Tensor>& key,
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
-    bool return_weights) {
+    bool return_weights, const std::optional<at::Tensor>& key_scales,
+    const std::optional<at::Tensor>& value_scales) {
+  const detail::CacheScales scales{key_scales, value_scales};
   if (detail::kv_cache_takes_torch_route(query, key_padding_mask, return_lse, return_weights)) {
     return detail::kv_cache_attention_torch(query, key, value, key_cache, value_cache, lengths,
-                                            scale, is_causal, key_padding_mask, enable_gqa);
+                                            scale, is_causal, key_padding_mask, enable_gqa,
+                                            scales);
   }
   if (kernel_switches().reference) {
     return detail::kv_cache_attention_aten(query, key, value, key_cache, value_cache, lengths,
                                            scale, is_causal, key_padding_mask, enable_gqa,
-                                           return_lse, return_weights);
+                                           return_lse, return_weights, scales);
   }
   check_kv_cache_arguments(query, key, value, key_cache, value_cache, lengths, key_padding_mask,
-                           enable_gqa);
+                           enable_gqa, key_scales, value_scales);
   const int64_t B = query.size(0), H = query.size(1), T = query.size(2), E = query.size(3);
   const int64_t capacity = key_cache.size(2);
   const auto acc = accumulate_type(query.scalar_type());
@@ -54,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     if (key) lengths.add_(T);
     if (return_weights) {
       weights = detail::kv_cache_weights(query, key_cache, after, lse, scale, is_causal,
-                                         key_padding_mask);
+                                         key_padding_mask, scales);
     }
     return {out, return_lse ? lse : at::empty({0}, lse.options()), weights};
   };
@@ -72,6 +84,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
   p.gemm = &torch_gemms();
   auto q = query.stride(-1) == 1 || E <= 1 ? query : query.contiguous();
   fill_operands(q, key_cache, value_cache, p);
+  p.storage = cache_storage(key_cache.scalar_type(), query.scalar_type());
+  if (key_scales) {  // int8 (checked): the scales, written by the append, read by the tasks
+    p.k_scale = key_scales->data_ptr<float>(), p.v_scale = value_scales->data_ptr<float>();
+    p.ks_sb = key_scales->stride(0), p.ks_sh = key_scales->stride(1), p.ks_sr = key_scales->stride(2);
+    p.vs_sb = value_scales->stride(0), p.vs_sh = value_scales->stride(1),
+    p.vs_sr = value_scales->stride(2);
+  }
   p.lengths = after.data_ptr<int64_t>();
   p.causal = is_causal;
   at::Tensor k_new, v_new;

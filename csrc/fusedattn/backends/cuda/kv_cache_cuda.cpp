@@ -1,9 +1,10 @@
 // CUDA implementation of `kv_cache_attention`: by default torch's route (SDPA over the cache,
 // ops/kv_cache.h) where neither lse nor weights are asked for; with FUSEDATTN_CUDA_KERNEL=fused
 // (opt-in, as the forward: no GPU run of this project's tests has validated it) the decode
-// kernel (kernels/cuda/decode_cuda.h) for fp32/fp16/bf16 at head dims up to 256; otherwise, and
-// for fp64, the ATen implementation. The lengths are read on the host once per call (a
-// synchronisation) to refuse a full cache and to size the split.
+// kernel (kernels/cuda/decode_cuda.h) for fp32/fp16/bf16 caches of the model's dtype at head
+// dims up to 256; otherwise (fp64, a cache stored in fewer bytes) the ATen implementation. The
+// lengths are read on the host once per call (a synchronisation) to refuse a full cache and to
+// size the split.
 //
 // This file needs no nvcc: without FUSEDATTN_WITH_CUDA_KERNELS it registers the ATen path.
 #include <ATen/ATen.h>
@@ -35,15 +36,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     const std::optional<at::Tensor>& value, at::Tensor& key_cache, at::Tensor& value_cache,
     at::Tensor& lengths, std::optional<double> scale, bool is_causal,
     const std::optional<at::Tensor>& key_padding_mask, bool enable_gqa, bool return_lse,
-    bool return_weights) {
+    bool return_weights, const std::optional<at::Tensor>& key_scales,
+    const std::optional<at::Tensor>& value_scales) {
+  const detail::CacheScales scales{key_scales, value_scales};
   if (detail::kv_cache_takes_torch_route(query, key_padding_mask, return_lse, return_weights)) {
     return detail::kv_cache_attention_torch(query, key, value, key_cache, value_cache, lengths,
-                                            scale, is_causal, key_padding_mask, enable_gqa);
+                                            scale, is_causal, key_padding_mask, enable_gqa,
+                                            scales);
   }
 #ifdef FUSEDATTN_WITH_CUDA_KERNELS
   const char* mode = std::getenv("FUSEDATTN_CUDA_KERNEL");
   const bool fused = mode != nullptr && std::strcmp(mode, "fused") == 0 &&
                      query.scalar_type() != at::kDouble && query.dim() == 4 &&
+                     key_cache.scalar_type() == query.scalar_type() &&
                      query.size(-1) <= kernels::kDecodeCudaMaxHeadDim &&
                      value_cache.size(-1) <= kernels::kDecodeCudaMaxHeadDim;
   if (fused) {
@@ -94,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
 #endif
   return detail::kv_cache_attention_aten(query, key, value, key_cache, value_cache, lengths,
                                          scale, is_causal, key_padding_mask, enable_gqa,
-                                         return_lse, return_weights);
+                                         return_lse, return_weights, scales);
 }
 
 }  // namespace

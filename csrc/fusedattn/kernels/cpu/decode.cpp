@@ -5,13 +5,17 @@
 // splits > 1 (flash-decoding, planned in plan.cpp) the tasks leave their partial softmax
 // state (max, sum, unnormalised output) and the merge tasks combine the ranges by their
 // log-sum-exp. Half types widen their rows to fp32 where the plan says so (half_on_f32),
-// else run the half GEMMs with P rounded to the type.
+// else run the half GEMMs with P rounded to the type. A cache stored in fewer bytes
+// (cache_storage.h) is read once, in its stored size: a few query rows take their fp32
+// products from the stored rows converted in registers, more rows dequantize a key block into
+// fp32 and run the GEMMs.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "fusedattn/kernels/cpu/forward.h"  // FUSEDATTN_FOR_EACH_TYPE
+#include "fusedattn/kernels/cpu/cache_storage.h"
 #include "fusedattn/kernels/cpu/decode.h"
 #include "fusedattn/kernels/cpu/scratch.h"
 
@@ -19,16 +23,36 @@ FUSEDATTN_TIER_NS_BEGIN
 
 template <typename T>
 void Decode<T>::append(int64_t begin, int64_t end) const {
+  const bool stored = !std::is_same_v<T, double> && d.storage != CacheStorage::Model;
+  const int64_t width = std::max(d.E, d.Ev);
+  Scratch<float> row(stored ? width : 0);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / d.Hk, hk = t % d.Hk;
     const int64_t first = d.lengths[b] - d.L;  // checked >= 0 by the caller
     const T* kn = static_cast<const T*>(d.kn) + b * d.kn_sb + hk * d.kn_sh;
     const T* vn = static_cast<const T*>(d.vn) + b * d.vn_sb + hk * d.vn_sh;
-    T* k = const_cast<T*>(this->k_rows(b, hk, first));
-    T* v = const_cast<T*>(this->v_rows(b, hk, first));
+    if (!stored) {
+      T* k = const_cast<T*>(this->k_rows(b, hk, first));
+      T* v = const_cast<T*>(this->v_rows(b, hk, first));
+      for (int64_t i = 0; i < d.L; ++i) {
+        std::memcpy(k + i * d.k_sr, kn + i * d.kn_sr, sizeof(T) * d.E);
+        std::memcpy(v + i * d.v_sr, vn + i * d.vn_sr, sizeof(T) * d.Ev);
+      }
+      continue;
+    }
+    const int64_t es = storage_bytes(d.storage, sizeof(T));
     for (int64_t i = 0; i < d.L; ++i) {
-      std::memcpy(k + i * d.k_sr, kn + i * d.kn_sr, sizeof(T) * d.E);
-      std::memcpy(v + i * d.v_sr, vn + i * d.vn_sr, sizeof(T) * d.Ev);
+      const int64_t pos = first + i;
+      widen_rows(kn + i * d.kn_sr, 0, 1, d.E, row.data());
+      quantize_row(d.storage, row.data(), d.E,
+                   static_cast<char*>(const_cast<void*>(d.k)) +
+                       (b * d.k_sb + hk * d.k_sh + pos * d.k_sr) * es,
+                   k_scale(b, hk, pos));
+      widen_rows(vn + i * d.vn_sr, 0, 1, d.Ev, row.data());
+      quantize_row(d.storage, row.data(), d.Ev,
+                   static_cast<char*>(const_cast<void*>(d.v)) +
+                       (b * d.v_sb + hk * d.v_sh + pos * d.v_sr) * es,
+                   v_scale(b, hk, pos));
     }
   }
 }
@@ -38,12 +62,17 @@ void Decode<T>::run(int64_t begin, int64_t end) const {
   using layout::kDecodeBlockK;
   constexpr A kNegInf = Masks<T>::kNegInf;
   const int64_t g = this->group, rows = g * d.L;
-  const bool wide = kIsHalf<T> && d.half_on_f32;
+  // stored: the cache in fewer bytes (never for fp64: the op refuses it), its products in
+  // registers from the stored rows (direct: a few rows) or on a dequantized block.
+  const bool stored = !std::is_same_v<T, double> && d.storage != CacheStorage::Model;
+  const bool direct = stored && rows <= kStoredRegisterRows;
+  const bool wide = stored || (kIsHalf<T> && d.half_on_f32);
   const bool narrow = kIsHalf<T> && !wide;
+  const int64_t es = storage_bytes(d.storage, sizeof(T));
   // Rows r = gi * T + t: query head hk * g + gi, new token t.
   Scratch<T> q(rows * d.E), pn(narrow ? rows * kDecodeBlockK : 0);
-  Scratch<float> qf(wide ? rows * d.E : 0), kf(wide ? kDecodeBlockK * d.E : 0),
-      vf(wide ? kDecodeBlockK * d.Ev : 0);
+  Scratch<float> qf(wide ? rows * d.E : 0), k_block(wide && !direct ? kDecodeBlockK * d.E : 0),
+      v_block(wide && !direct ? kDecodeBlockK * d.Ev : 0);
   Scratch<A> s(rows * kDecodeBlockK), acc(rows * d.Ev), m(rows), l(rows), bias(kDecodeBlockK);
   Scratch<int32_t> pad(kDecodeBlockK);
   const A mul = this->mul;
@@ -64,9 +93,22 @@ void Decode<T>::run(int64_t begin, int64_t end) const {
       const int64_t bk = std::min(kDecodeBlockK, j_end - j0);
       const T* kb = this->k_rows(b, hk, j0);
       const T* vb = this->v_rows(b, hk, j0);
-      if (wide) {
-        widen_rows(kb, d.k_sr, bk, d.E, kf.data());
-        d.gemm->f32(false, true, rows, bk, d.E, 1.f, qf.data(), d.E, kf.data(), d.E, 0.f,
+      // The stored rows (elements of the storage; T's own rows are kb, vb).
+      const char* k_stored =
+          static_cast<const char*>(d.k) + (b * d.k_sb + hk * d.k_sh + j0 * d.k_sr) * es;
+      const char* v_stored =
+          static_cast<const char*>(d.v) + (b * d.v_sb + hk * d.v_sh + j0 * d.v_sr) * es;
+      if (direct) {
+        stored_products(d.storage, false, rows, k_stored, d.k_sr, bk, d.E, k_scale(b, hk, j0),
+                        d.ks_sr, qf.data(), reinterpret_cast<float*>(s.data()));
+      } else if (wide) {
+        if (stored) {
+          dequantize_rows(d.storage, k_stored, d.k_sr, bk, d.E, k_scale(b, hk, j0), d.ks_sr,
+                          k_block.data());
+        } else {
+          widen_rows(kb, d.k_sr, bk, d.E, k_block.data());
+        }
+        d.gemm->f32(false, true, rows, bk, d.E, 1.f, qf.data(), d.E, k_block.data(), d.E, 0.f,
                     reinterpret_cast<float*>(s.data()), bk);
       } else {
         this->mm(false, true, rows, bk, d.E, A(1), q.data(), d.E, kb, d.k_sr, A(0), s.data(), bk);
@@ -111,10 +153,19 @@ void Decode<T>::run(int64_t begin, int64_t end) const {
         if (alpha != A(1)) scale_row(acc.data() + r * d.Ev, d.Ev, alpha);
         m[r] = m_new;
       }
-      if (wide) {
-        widen_rows(vb, d.v_sr, bk, d.Ev, vf.data());
+      if (direct) {
+        stored_products(d.storage, true, rows, v_stored, d.v_sr, bk, d.Ev, v_scale(b, hk, j0),
+                        d.vs_sr, reinterpret_cast<const float*>(s.data()),
+                        reinterpret_cast<float*>(acc.data()));
+      } else if (wide) {
+        if (stored) {
+          dequantize_rows(d.storage, v_stored, d.v_sr, bk, d.Ev, v_scale(b, hk, j0), d.vs_sr,
+                          v_block.data());
+        } else {
+          widen_rows(vb, d.v_sr, bk, d.Ev, v_block.data());
+        }
         d.gemm->f32(false, false, rows, d.Ev, bk, 1.f, reinterpret_cast<const float*>(s.data()),
-                    bk, vf.data(), d.Ev, 1.f, reinterpret_cast<float*>(acc.data()), d.Ev);
+                    bk, v_block.data(), d.Ev, 1.f, reinterpret_cast<float*>(acc.data()), d.Ev);
       } else {
         const T* pv = nullptr;
         if constexpr (kIsHalf<T>) pv = pn.data(); else pv = s.data();

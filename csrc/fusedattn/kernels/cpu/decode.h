@@ -23,6 +23,13 @@ struct Decode : Problem<T> {
   A* partial_row(int64_t b, int64_t h, int64_t t, int64_t c) const {
     return static_cast<A*>(d.partial) + (((b * d.H + h) * d.L + t) * d.splits + c) * (2 + d.Ev);
   }
+  // The int8 scale of (b, hk, position j) and on; null for other storages.
+  float* k_scale(int64_t b, int64_t hk, int64_t j) const {
+    return d.k_scale ? d.k_scale + b * d.ks_sb + hk * d.ks_sh + j * d.ks_sr : nullptr;
+  }
+  float* v_scale(int64_t b, int64_t hk, int64_t j) const {
+    return d.v_scale ? d.v_scale + b * d.vs_sb + hk * d.vs_sh + j * d.vs_sr : nullptr;
+  }
   void finish_row(int64_t b, int64_t h, int64_t t, A m, A l, const A* acc) const;
 };
 

@@ -77,12 +77,26 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
 
 // Decoding over a KV cache (decode.cpp): T = L new queries per sequence against the first
 // lengths[b] positions of a preallocated cache. k, v point at the cache, (B, Hk, S, E|Ev)
-// with S its capacity; kn, vn (when set) are the T new keys and values, (B, Hk, T, E|Ev),
-// which the append tasks copy to positions [lengths[b] - T, lengths[b]) first. Causal (the
+// with S its capacity, elements of `storage`; kn, vn (when set) are the T new keys and values,
+// (B, Hk, T, E|Ev) in the queries' type, which the append tasks store (rounded or quantized
+// to the storage) at positions [lengths[b] - T, lengths[b]) first. Causal (the
 // MaskParams' flag): query t sees positions <= lengths[b] - T + t. The key padding mask
 // covers positions [0, kpm_len) only (later ones are not padding). The other MaskParams
 // (attn_mask, windows, biases) are not used. lse is (B, H, T) contiguous or null.
+// How the cache stores its keys and values: in the queries' type (Model), or in fewer bytes,
+// dequantized into fp32 per key block inside the kernel (the products then run in fp32):
+// bf16 or fp16 rounded from the model's values, or int8 with one fp32 scale per (b, hk,
+// position) for keys and one for values: x ~ q * scale, scale = max |x| / 127 over the row (0
+// for a zero row, NaN for a row holding a NaN or inf, so that the row reads back as NaN).
+enum class CacheStorage : uint8_t { Model, BFloat16, Half, Int8 };
+
 struct DecodeParams : FlashParams {
+  CacheStorage storage = CacheStorage::Model;
+  // Int8: the scales, float, (B, Hk, S) through these strides (position stride ks_sr).
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  int64_t ks_sb = 0, ks_sh = 0, ks_sr = 0;
+  int64_t vs_sb = 0, vs_sh = 0, vs_sr = 0;
   const int64_t* lengths = nullptr;  // (B,) positions valid after the append, <= S
   const void* kn = nullptr;
   int64_t kn_sb = 0, kn_sh = 0, kn_sr = 0;
