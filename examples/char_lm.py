@@ -67,22 +67,26 @@ class CharLM(nn.Module):
             x = x + ff(n2(x))
         return self.head(self.out_norm(x))
 
-    def caches(self, batch, max_len):
-        return [a.kv_cache(batch, max_len) for a in self.attn]
+    def caches(self, batch, max_len, cache_dtype=None):
+        return [a.kv_cache(batch, max_len, cache_dtype=cache_dtype) for a in self.attn]
 
 
 @torch.no_grad()
-def generate(model, prompt, new_tokens, temperature=0.8, seed=0, cached=True):
-    """Sampling from prompt (N, P): through per-layer KV caches, or (cached=False) by running
-    the whole sequence again for every token. -> (N, P + new_tokens) tokens."""
+def generate(model, prompt, new_tokens, temperature=0.8, seed=0, cached=True, cache_dtype=None):
+    """Sampling from prompt (N, P) (temperature 0: greedy): through per-layer KV caches
+    stored in cache_dtype, or (cached=False) by running the whole sequence again for every
+    token. -> (N, P + new_tokens) tokens."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     tokens = prompt
-    caches = model.caches(prompt.shape[0], prompt.shape[1] + new_tokens) if cached else None
+    caches = (model.caches(prompt.shape[0], prompt.shape[1] + new_tokens, cache_dtype)
+              if cached else None)
     logits = model(prompt, caches)[:, -1]
     for i in range(new_tokens):
-        probs = F.softmax(logits / temperature, -1)
-        nxt = torch.multinomial(probs, 1, generator=gen)
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=gen)
         tokens = torch.cat([tokens, nxt], 1)
         if i + 1 == new_tokens:
             break
@@ -91,6 +95,22 @@ def generate(model, prompt, new_tokens, temperature=0.8, seed=0, cached=True):
         else:
             logits = model(tokens)[:, -1]
     return tokens
+
+
+@torch.no_grad()
+def forced_agreement(model, prompt, continuation, cache_dtype):
+    """The fraction of positions at which decoding through caches stored in cache_dtype picks
+    the same greedy token as `continuation` (the full cache's), each position given the same
+    prefix (the continuation's tokens fed back, so that one different pick does not change
+    every later one)."""
+    model.eval()
+    caches = model.caches(prompt.shape[0], prompt.shape[1] + continuation.shape[1], cache_dtype)
+    logits = model(prompt, caches)[:, -1]
+    same = []
+    for i in range(continuation.shape[1]):
+        same.append(logits.argmax(-1) == continuation[:, i])
+        logits = model(continuation[:, i:i + 1], caches, start=prompt.shape[1] + i)[:, -1]
+    return torch.stack(same, 1).float().mean().item()
 
 
 def run(steps=300, tokens=96, batch=32, context=128, quiet=False):
@@ -123,12 +143,19 @@ def run(steps=300, tokens=96, batch=32, context=128, quiet=False):
         t0 = time.perf_counter()
         out = generate(model, prompt, tokens, cached=cached)
         results[cached] = (out, tokens / (time.perf_counter() - t0))
+    # Greedy continuations of 16 prompts with the full cache and with an int8 one.
+    prompts = torch.stack([data[s:s + 32] for s in range(0, 16 * 97, 97)])
+    full = generate(model, prompts, tokens, temperature=0)[:, 32:]
+    int8 = generate(model, prompts, tokens, temperature=0, cache_dtype=torch.int8)[:, 32:]
+    forced = forced_agreement(model, prompts, full, torch.int8)
     sample = "".join(chars[i] for i in results[True][0][0].tolist())
     words = sample[32:].replace(".", " ").split()
     known = set(" ".join(SUBJECTS + VERBS + OBJECTS + PLACES).split())
     return {"loss": loss, "sample": sample, "tokens_per_s": results[True][1],
             "tokens_per_s_recompute": results[False][1],
             "same_tokens": bool(torch.equal(results[True][0], results[False][0])),
+            "int8_cache_same_greedy_tokens": (full == int8).float().mean().item(),
+            "int8_cache_same_next_token": forced,
             "known_word_fraction": sum(w in known for w in words) / max(len(words), 1)}
 
 
@@ -144,6 +171,10 @@ def main(argv=None):
     print(f"generation through fusedattn.KVCache: {r['tokens_per_s']:.0f} tokens/s; recomputing "
           f"the prefix: {r['tokens_per_s_recompute']:.0f} tokens/s "
           f"({r['tokens_per_s'] / r['tokens_per_s_recompute']:.1f}x); same tokens: {r['same_tokens']}")
+    print(f"greedy decoding of 16 prompts with an int8 cache: the same next token as the full "
+          f"cache's at {r['int8_cache_same_next_token']:.1%} of positions (same prefix); "
+          f"free-running, {r['int8_cache_same_greedy_tokens']:.1%} of the tokens equal (a "
+          f"different pick changes the rest of its sequence)")
     return r
 
 

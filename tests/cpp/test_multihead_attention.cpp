@@ -272,6 +272,54 @@ TEST_CASE("MultiheadAttention: decoding through a KVCache equals the full causal
   REQUIRE_THROWS_WITH(m->forward_cached(q2, q2, q2, cache), Catch::Contains("query's batch"));
 }
 
+TEST_CASE("MultiheadAttention: a KVCache stored in bfloat16 or int8 decodes near the full cache", "[mha][kv_cache]") {
+  torch::manual_seed(0);
+  fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(32, 2).batch_first(true));
+  m->eval();
+  torch::NoGradGuard g;
+  const int64_t N = 2, L = 12;
+  auto x = torch::randn({N, L, 32});
+  auto full = m->kv_cache(N + 1, 16);
+  full.reset(N);
+  std::vector<at::Tensor> want;
+  for (int64_t t = 0; t < L; ++t) {
+    auto step = x.narrow(1, t, 1);
+    want.push_back(std::get<0>(m->forward_cached(step, step, step, full, {}, false, true, true)));
+  }
+  const auto reference = torch::cat(want, 1);
+  for (const auto [storage, tol] : {std::pair{torch::kBFloat16, 4e-3}, std::pair{torch::kChar, 1e-2}}) {
+    auto cache = m->kv_cache(N + 1, 16, storage);
+    cache.reset(N);
+    REQUIRE(cache.cache_dtype() == storage);
+    REQUIRE(cache.key_scales().defined() == (storage == torch::kChar));
+    std::vector<at::Tensor> outs;
+    for (int64_t t = 0; t < L; ++t) {
+      auto step = x.narrow(1, t, 1);
+      outs.push_back(std::get<0>(m->forward_cached(step, step, step, cache, {}, false, true, true)));
+    }
+    auto got = torch::cat(outs, 1);
+    const double rel = ((got - reference).norm(2, {-1}) / reference.norm(2, {-1})).max().item<double>();
+    REQUIRE(rel < tol);
+    // Beams reorder the stored rows and int8's scales with them.
+    auto index = torch::tensor({1, 1, 0}, torch::kLong);
+    cache.reorder(index);
+    auto y = torch::randn({3, 1, 32});
+    auto a = std::get<0>(m->forward_cached(y, y, y, cache, {}, false, true, true));
+    auto hist = torch::cat({x.index_select(0, index), y}, 1);
+    auto b = std::get<0>(m->forward(hist, hist, hist, {}, false, {}, true, true)).narrow(1, L, 1);
+    REQUIRE(((a - b).norm(2, {-1}) / b.norm(2, {-1})).max().item<double>() < tol);
+    // A cross-attention memory in the same storage.
+    auto enc = torch::randn({N, 5, 32});
+    auto memory = m->memory_cache(enc, {}, storage);
+    REQUIRE(memory.cache_dtype() == storage);
+    auto mq = torch::randn({N, 3, 32});
+    auto c = std::get<0>(m->forward_cached(mq, {}, {}, memory, {}, false));
+    auto d = std::get<0>(m->forward(mq, enc, enc, {}, false));
+    REQUIRE(((c - d).norm(2, {-1}) / d.norm(2, {-1})).max().item<double>() < tol);
+  }
+  REQUIRE_THROWS_WITH(m->kv_cache(1, 4, torch::kInt), Catch::Contains("cache_dtype must be the model's"));
+}
+
 TEST_CASE("MultiheadAttention: packed sequences (forward_packed) equal each sequence alone", "[mha][varlen]") {
   torch::manual_seed(3);
   fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(12, 3).window({4, 0}));
