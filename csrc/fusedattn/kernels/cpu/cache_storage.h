@@ -1,6 +1,7 @@
 #pragma once
 // A KV cache stored in fewer bytes than the model's type (params.h's CacheStorage): rows
-// quantized on the append and dequantized into fp32 per key block by the decode tasks. The
+// quantized on the append and read back in fp32 by the decode tasks (converted in registers
+// for a few query rows, a dequantized key block for more). The
 // arithmetic is the one ops/kv_cache.cpp's ATen path writes (the tests compare the two):
 // bf16/fp16 round to nearest even; int8 per row: scale = max|x| / 127 in fp32, q =
 // round-half-even(x / scale) (|q| <= 127), x' = q * scale; a zero row has scale 0 (q 0), a row
