@@ -25,63 +25,6 @@ inline int64_t storage_bytes(CacheStorage s, int64_t model_bytes) {
   }
 }
 
-// n stored rows (x, row stride ld elements) -> contiguous fp32 rows of cols; int8 rows times
-// scale[r * scale_ld]. With the tier's own conversions (vpmovsxbd + vcvtdq2ps, vpmovzxwd +
-// shift, vcvtph2ps): GCC left the portable vectors' int8 -> float conversion scalar
-// (vcvtsi2ss per element: an int8 decode step 1.3x slower than fp32's).
-inline void dequantize_rows(CacheStorage s, const void* x, int64_t ld, int64_t n, int64_t cols,
-                            const float* scale, int64_t scale_ld, float* y) {
-  for (int64_t r = 0; r < n; ++r) {
-    float* out = y + r * cols;
-    int64_t c = 0;
-    if (s == CacheStorage::Int8) {
-      const int8_t* in = static_cast<const int8_t*>(x) + r * ld;
-      const float a = scale[r * scale_ld];
-#if defined(FUSEDATTN_AVX512)
-      const __m512 va = _mm512_set1_ps(a);
-      for (; c + 16 <= cols; c += 16) {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c));
-        _mm512_storeu_ps(out + c, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), va));
-      }
-#elif defined(__AVX2__)
-      const __m256 va = _mm256_set1_ps(a);
-      for (; c + 8 <= cols; c += 8) {
-        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + c));
-        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), va));
-      }
-#endif
-      for (; c < cols; ++c) out[c] = float(in[c]) * a;
-    } else if (s == CacheStorage::BFloat16) {
-      const uint16_t* in = static_cast<const uint16_t*>(x) + r * ld;
-#if defined(FUSEDATTN_AVX512)
-      for (; c + 16 <= cols; c += 16) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + c));
-        _mm512_storeu_ps(out + c, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-      }
-#elif defined(__AVX2__)
-      for (; c + 8 <= cols; c += 8) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c));
-        _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-      }
-#endif
-      for (; c < cols; ++c) out[c] = bits_to_float(uint32_t(in[c]) << 16);
-    } else {  // Half
-      const uint16_t* in = static_cast<const uint16_t*>(x) + r * ld;
-#if defined(FUSEDATTN_AVX512)
-      for (; c + 16 <= cols; c += 16) {
-        _mm512_storeu_ps(out + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + c))));
-      }
-#elif defined(__F16C__)
-      for (; c + 8 <= cols; c += 8) {
-        _mm256_storeu_ps(out + c,
-                         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c))));
-      }
-#endif
-      for (; c < cols; ++c) out[c] = half_to_float(in[c]);
-    }
-  }
-}
-
 // Up to kStoredRegisterRows query rows (the GQA group x the new tokens) take their products
 // straight from the stored rows, converted in registers: no fp32 block is written (the
 // dequantize-then-GEMM path wrote 256 x E floats per block, past L1, and called a GEMV per
@@ -100,7 +43,10 @@ inline float stored_value(const void* row, int64_t c) {
   }
 }
 
-// 16 stored values from element c of a row, in fp32 (int8 unscaled).
+// 16 stored values from element c of a row, in fp32 (int8 unscaled), by the tier's own
+// conversions (vpmovsxbd + vcvtdq2ps, vpmovzxwd + shift, vcvtph2ps): GCC left the portable
+// vectors' int8 -> float conversion scalar (vcvtsi2ss per element: an int8 decode step 1.3x
+// slower than fp32's).
 template <CacheStorage S>
 FUSEDATTN_VINLINE vf load_stored(const void* row, int64_t c) {
 #if defined(FUSEDATTN_AVX512)
@@ -154,6 +100,33 @@ FUSEDATTN_VINLINE float tree_sum(vf v) {
                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// n stored rows (x, row stride ld elements) -> contiguous fp32 rows of cols; int8 rows times
+// scale[r * scale_ld].
+template <CacheStorage S>
+void dequantize_rows(const void* x, int64_t ld, int64_t n, int64_t cols, const float* scale,
+                     int64_t scale_ld, float* y) {
+  constexpr int64_t es = S == CacheStorage::Int8 ? 1 : 2;
+  const int64_t full = cols / kLanes * kLanes;
+  for (int64_t r = 0; r < n; ++r) {
+    const void* row = static_cast<const char*>(x) + r * ld * es;
+    const float a = S == CacheStorage::Int8 ? scale[r * scale_ld] : 1.f;
+    float* out = y + r * cols;
+    for (int64_t c = 0; c < full; c += kLanes) vstore(out + c, load_stored<S>(row, c) * a);
+    for (int64_t c = full; c < cols; ++c) out[c] = stored_value<S>(row, c) * a;
+  }
+}
+inline void dequantize_rows(CacheStorage s, const void* x, int64_t ld, int64_t n, int64_t cols,
+                            const float* scale, int64_t scale_ld, float* y) {
+  switch (s) {
+    case CacheStorage::Int8:
+      return dequantize_rows<CacheStorage::Int8>(x, ld, n, cols, scale, scale_ld, y);
+    case CacheStorage::BFloat16:
+      return dequantize_rows<CacheStorage::BFloat16>(x, ld, n, cols, scale, scale_ld, y);
+    default:
+      return dequantize_rows<CacheStorage::Half>(x, ld, n, cols, scale, scale_ld, y);
+  }
 }
 
 // s (R x bk, row stride bk) = q (R x E fp32, contiguous) . stored key rows j < bk (row stride
