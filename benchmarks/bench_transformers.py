@@ -1,6 +1,8 @@
 """Hugging Face transformers models on "fusedattn", "sdpa" and "eager" attention, in one run
 (CPU), the same weights for all: prefill (fp32, bf16; with and without left padding), a
-training step (forward + backward, left padding), greedy generation tokens/s, for a
+training step (forward + backward, left padding), greedy generation tokens/s, decode
+tokens/s with transformers' cache and with fusedattn's FusedCache (model dtype, bf16, int8)
+at a 1024-token prompt, for a
 Llama-shaped and a Gemma-2-shaped decoder (softcap and sliding windows, which "sdpa" refuses:
 compared with "eager") and a BERT-shaped encoder with right padding.
 
@@ -157,6 +159,47 @@ def case_generate(kind, dtype, b, prompt, new, rounds, quick, baseline):
     return {k: b * new / v for k, v in t.items()}, same
 
 
+STORAGES = {"fusedattn+FusedCache": None, "fusedattn+FusedCache(bf16)": torch.bfloat16,
+            "fusedattn+FusedCache(int8)": torch.int8}
+
+
+def case_decode_cache(kind, dtype, b, prompt, new, rounds, quick):
+    """Decode tokens/s (the prefill taken out: generate(new) - generate(1)) with transformers'
+    DynamicCache under "sdpa" and "fusedattn", and FusedCache per storage under "fusedattn";
+    greedy tokens compared with sdpa's; cache bytes per token."""
+    ms = models(kind, quick, dtype, ["sdpa", "fusedattn"])
+    ids, mask = batch(b, prompt, "left")
+    runs = {"sdpa": (ms["sdpa"], None), "fusedattn": (ms["fusedattn"], None)}
+    runs.update({k: (ms["fusedattn"], s) for k, s in STORAGES.items()})
+    outs, caches = {}, {}
+
+    def run(k, m, storage, n):
+        def f():
+            cache = (fa_hf.FusedCache(m.config, cache_dtype=storage) if k in STORAGES else None)
+            with torch.no_grad():
+                out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=0, cache=cache)
+            if n > 1:
+                outs[k], caches[k] = out, cache
+        return f
+    fns = {}
+    for k, (m, storage) in runs.items():
+        fns[k, new] = run(k, m, storage, new)
+        fns[k, 1] = run(k, m, storage, 1)
+    t = interleaved(fns, rounds)
+    tps = {k: b * (new - 1) / max(t[k, new] - t[k, 1], 1e-9) for k in runs}
+    same = {k: round((outs[k][:, prompt:] == outs["sdpa"][:, prompt:]).float().mean().item(), 4)
+            for k in runs}
+    per_token = {}
+    for k, cache in caches.items():
+        if cache is not None:
+            kv = [layer.kv for layer in cache.layers if hasattr(layer, "kv")]
+            stored = sum(t.element_size() * t[0, :, 0].numel()
+                         for c in kv for t in [getattr(c, n) for n in c._row_tensors()])
+            per_token[k] = round(stored / 1024, 2)
+    return tps, same, per_token
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small models and sequences")
@@ -174,7 +217,8 @@ def main():
               ("prefill", "gemma2", gemma2, torch.float32, "left", "eager"),
               ("prefill", "bert", bert, torch.float32, "right", "sdpa"),
               ("generate", "llama", llama, torch.float32, "left", "sdpa"),
-              ("generate", "llama", llama, torch.bfloat16, "left", "sdpa")]
+              ("generate", "llama", llama, torch.bfloat16, "left", "sdpa"),
+              ("decode", "llama", llama, torch.float32, "left", "sdpa")]
     rows = []
     for what, name, kind, dtype, padding, baseline in tqdm(cases, desc="cases"):
         dt = str(dtype).replace("torch.", "")
@@ -183,6 +227,19 @@ def main():
             t = case_prefill(kind, dtype, padding, b, length, args.rounds, q, baseline)
         elif what == "train":
             t = case_train(kind, dtype, b, length // 2, args.rounds, q, baseline)
+        elif what == "decode":
+            tps, same, kib = case_decode_cache(kind, dtype, 2 if q else 8, 128 if q else 1024,
+                                               8 if q else 32, max(args.rounds // 2, 2), q)
+            row.update(decode_tokens_per_s={k: round(v, 1) for k, v in tps.items()},
+                       speedup={k: round(v / tps["sdpa"], 3) for k, v in tps.items()},
+                       same_tokens_as_sdpa=same, cache_kib_per_token=kib,
+                       batch=2 if q else 8, prompt=128 if q else 1024)
+            rows.append(row)
+            for k, v in tps.items():
+                tqdm.write(f"{what:8} {name:6} {dt:8} {k:27} decode tokens/s {v:7.1f} "
+                           f"({v / tps['sdpa']:.2f}x sdpa, tokens as sdpa's {same[k]:.3f}"
+                           + (f", {kib[k]} KiB/token)" if k in kib else ")"))
+            continue
         else:
             tps, same = case_generate(kind, dtype, b, 64 if q else 128, 16 if q else 32,
                                       max(args.rounds // 2, 2), q, baseline)
@@ -221,10 +278,12 @@ def plot(rows, meta, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = [f"{r['case']} {r['model']}\n{r['dtype']} {r['padding']} vs {r['baseline']}"
-              for r in rows]
+              + ("\n(int8 FusedCache)" if r["case"] == "decode" else "") for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["speedup"] for r in rows], 0.4, label="end to end")
+    def end_to_end(r):  # a decode row: the int8 FusedCache's speed-up
+        return r["speedup"]["fusedattn+FusedCache(int8)"] if r["case"] == "decode" else r["speedup"]
+    ax.bar([i - 0.2 for i in x], [end_to_end(r) for r in rows], 0.4, label="end to end")
     ax.bar([i + 0.2 for i in x], [r.get("attention_speedup", 0) for r in rows], 0.4,
            label="attention alone")
     ax.axhline(1.0, color="k", lw=0.8)

@@ -178,6 +178,16 @@ class KVCache:
             self.key_padding_mask = self.key_padding_mask.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
 
+    def append(self, key, value):
+        """Stores ``key (batch, Hk, T, E)`` and ``value (batch, Hk, T, Ev)`` after each
+        sequence's cached positions (in the cache's storage form) and advances ``lengths`` by
+        T, without attending (not traced as an op by ``torch.compile``)."""
+        if self.read_only:
+            raise ValueError("KVCache: this cache is read-only (a cross-attention memory); "
+                             "append needs a writable cache")
+        _C._kv_cache_append(key, value, self.key_cache, self.value_cache, self.lengths,
+                            self.key_scales, self.value_scales)
+
     def attend(self, query, key=None, value=None, *, is_causal=False, key_padding_mask=None,
                scale=None, enable_gqa=False, return_lse=False, return_weights=False):
         """``kv_cache_attention`` on this cache: query ``(batch, H, T, E)``; key and value

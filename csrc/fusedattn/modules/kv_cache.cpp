@@ -99,6 +99,13 @@ void KVCache::reorder(const at::Tensor& index) {
   lengths_ = lengths_.index_select(0, idx);
 }
 
+void KVCache::append(const at::Tensor& key, const at::Tensor& value) {
+  TORCH_CHECK(!read_only_, "KVCache: this cache is read-only (a cross-attention memory); "
+              "append needs a writable cache");
+  kv_cache_append(key, value, key_cache_, value_cache_, lengths_, opt(key_scales_),
+                  opt(value_scales_));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> KVCache::attend(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool is_causal,
     const at::Tensor& key_padding_mask, std::optional<double> scale, bool enable_gqa,

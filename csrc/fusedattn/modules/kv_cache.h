@@ -55,6 +55,9 @@ class FUSEDATTN_API KVCache {
   // Row i becomes old row index[i] (beam search), in place; index int64 (new_batch <=
   // max_batch). A read-only cache (a memory) is gathered into new tensors, of any new_batch.
   void reorder(const at::Tensor& index);
+  // Stores key (batch, Hk, T, E) and value (batch, Hk, T, Ev) after each sequence's cached
+  // positions (in the cache's storage form) and advances lengths by T, without attending.
+  void append(const at::Tensor& key, const at::Tensor& value);
   // kv_cache_attention on this cache: query (batch, H, T, E); key/value (batch, Hk, T, E|Ev)
   // appended first (undefined: attend only). -> (out, lse, weights), the last two undefined
   // unless asked for.

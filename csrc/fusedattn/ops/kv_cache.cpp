@@ -61,6 +61,18 @@ at::Tensor dequantize_cache(const at::Tensor& stored, const std::optional<at::Te
   return (stored.to(at::kFloat) * scales->unsqueeze(-1)).to(dtype);
 }
 
+void kv_cache_append(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                     at::Tensor& value_cache, at::Tensor& lengths,
+                     const std::optional<at::Tensor>& key_scales,
+                     const std::optional<at::Tensor>& value_scales) {
+  // The keys stand in for the queries: one query head per key head, the same head dim.
+  check_kv_cache_arguments(key, key, value, key_cache, value_cache, lengths, std::nullopt,
+                           /*enable_gqa=*/false, key_scales, value_scales);
+  detail::check_kv_cache_lengths(lengths, key.size(2), key_cache.size(2));
+  detail::kv_cache_append_aten(key, value, key_cache, value_cache, lengths,
+                               detail::CacheScales{key_scales, value_scales});
+}
+
 void check_kv_cache_arguments(const at::Tensor& query, const std::optional<at::Tensor>& key,
                               const std::optional<at::Tensor>& value, const at::Tensor& key_cache,
                               const at::Tensor& value_cache, const at::Tensor& lengths,

@@ -39,6 +39,16 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_cache_attention(
     const std::optional<at::Tensor>& value_scales = std::nullopt);
 }  // namespace ops
 
+// The append of kv_cache_attention without the attention: key (B, Hk, T, E) and value
+// (B, Hk, T, Ev) written at positions [lengths[b], lengths[b] + T) of the cache's first B rows
+// in its stored form, lengths += T (in place). Checked as kv_cache_attention checks them.
+// ATen operations on any device; not an op (not traced by torch.compile).
+FUSEDATTN_API void kv_cache_append(const at::Tensor& key, const at::Tensor& value,
+                                   at::Tensor& key_cache, at::Tensor& value_cache,
+                                   at::Tensor& lengths,
+                                   const std::optional<at::Tensor>& key_scales = std::nullopt,
+                                   const std::optional<at::Tensor>& value_scales = std::nullopt);
+
 // Whether a cache of dtype `storage` can hold a model of dtype `model`: the same dtype, or
 // bfloat16, float16 or int8 for a float, bfloat16 or half model.
 FUSEDATTN_API bool cache_storage_supported(at::ScalarType storage, at::ScalarType model);

@@ -51,6 +51,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("_quantize_for_cache", &fusedattn::quantize_for_cache,
         "x in a KV cache's storage dtype -> (stored, int8 scales or None)", py::arg("x"),
         py::arg("dtype"));
+  m.def("_dequantize_cache", &fusedattn::dequantize_cache,
+        "A KV cache's stored rows (and int8 scales) back in dtype", py::arg("stored"),
+        py::arg("scales"), py::arg("dtype"));
+  m.def("_kv_cache_append", &fusedattn::kv_cache_append,
+        "kv_cache_attention's append alone: key and value stored after lengths, lengths += T",
+        py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("lengths"), py::arg("key_scales") = py::none(),
+        py::arg("value_scales") = py::none());
 
   // _C.cpp.MultiheadAttention: the C++ module itself (parameters, train/eval, clone, forward).
   torch::python::bind_module<fusedattn::MultiheadAttentionImpl, /*force_enable=*/true>(
