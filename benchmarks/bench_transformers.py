@@ -1,8 +1,8 @@
 """Hugging Face transformers models on "fusedattn", "sdpa" and "eager" attention, in one run
 (CPU), the same weights for all: prefill (fp32, bf16; with and without left padding), a
 training step (forward + backward, left padding), greedy generation tokens/s, decode
-tokens/s with transformers' cache and with fusedattn's FusedCache (model dtype, bf16, int8)
-at a 1024-token prompt, for a
+step tokens/s at a 1024-position cache with transformers' cache and with fusedattn's
+FusedCache (model dtype, bf16, int8), for a
 Llama-shaped and a Gemma-2-shaped decoder (softcap and sliding windows, which "sdpa" refuses:
 compared with "eager") and a BERT-shaped encoder with right padding.
 
@@ -164,40 +164,47 @@ STORAGES = {"fusedattn+FusedCache": None, "fusedattn+FusedCache(bf16)": torch.bf
 
 
 def case_decode_cache(kind, dtype, b, prompt, new, rounds, quick):
-    """Decode tokens/s (the prefill taken out: generate(new) - generate(1)) with transformers'
-    DynamicCache under "sdpa" and "fusedattn", and FusedCache per storage under "fusedattn";
-    greedy tokens compared with sdpa's; cache bytes per token."""
+    """One decode step at a cache of `prompt` positions (the step's token cropped off again
+    after each timed step, so every step sees the same length), interleaved, with
+    transformers' DynamicCache under "sdpa" and "fusedattn" and FusedCache per storage under
+    "fusedattn"; -> tokens/s (batch / median step), greedy generation of `new` tokens
+    compared with sdpa's, cache KiB per token."""
     ms = models(kind, quick, dtype, ["sdpa", "fusedattn"])
     ids, mask = batch(b, prompt, "left")
     runs = {"sdpa": (ms["sdpa"], None), "fusedattn": (ms["fusedattn"], None)}
     runs.update({k: (ms["fusedattn"], s) for k, s in STORAGES.items()})
-    outs, caches = {}, {}
 
-    def run(k, m, storage, n):
-        def f():
-            cache = (fa_hf.FusedCache(m.config, cache_dtype=storage) if k in STORAGES else None)
-            with torch.no_grad():
-                out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, pad_token_id=0, cache=cache)
-            if n > 1:
-                outs[k], caches[k] = out, cache
-        return f
-    fns = {}
-    for k, (m, storage) in runs.items():
-        fns[k, new] = run(k, m, storage, new)
-        fns[k, 1] = run(k, m, storage, 1)
+    def make_cache(k, m, storage):
+        if k in STORAGES:
+            return fa_hf.FusedCache(m.config, cache_dtype=storage)
+        return transformers.DynamicCache(config=m.config)
+
+    step_ids = ids[:, -1:]
+    step_mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
+    fns, same, per_token = {}, {}, {}
+    with torch.no_grad():
+        ref = None
+        for k, (m, storage) in runs.items():
+            out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, pad_token_id=0,
+                             cache=make_cache(k, m, storage))
+            ref = out if ref is None else ref
+            same[k] = round((out[:, prompt:] == ref[:, prompt:]).float().mean().item(), 4)
+            cache = make_cache(k, m, storage)
+            m(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+            if k in STORAGES:
+                kv = [layer.kv for layer in cache.layers if hasattr(layer, "kv")]
+                per_token[k] = round(sum(t.element_size() * t[0, :, 0].numel() for c in kv
+                                         for t in (getattr(c, n) for n in c._row_tensors()))
+                                     / 1024, 2)
+
+            def step(m=m, cache=cache):
+                with torch.no_grad():
+                    m(input_ids=step_ids, attention_mask=step_mask, cache=cache, use_cache=True)
+                    cache.crop(-1)
+            fns[k] = step
     t = interleaved(fns, rounds)
-    tps = {k: b * (new - 1) / max(t[k, new] - t[k, 1], 1e-9) for k in runs}
-    same = {k: round((outs[k][:, prompt:] == outs["sdpa"][:, prompt:]).float().mean().item(), 4)
-            for k in runs}
-    per_token = {}
-    for k, cache in caches.items():
-        if cache is not None:
-            kv = [layer.kv for layer in cache.layers if hasattr(layer, "kv")]
-            stored = sum(t.element_size() * t[0, :, 0].numel()
-                         for c in kv for t in [getattr(c, n) for n in c._row_tensors()])
-            per_token[k] = round(stored / 1024, 2)
-    return tps, same, per_token
+    return {k: b / v for k, v in t.items()}, same, per_token
 
 
 def main():
@@ -205,6 +212,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small models and sequences")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "transformers.json"))
+    ap.add_argument("--only", default=None,
+                    help="comma-separated cases (prefill, train, generate, decode) to rerun; "
+                         "the other rows of --out are kept")
     args = ap.parse_args()
     register_all()
     q = args.quick
@@ -219,6 +229,13 @@ def main():
               ("generate", "llama", llama, torch.float32, "left", "sdpa"),
               ("generate", "llama", llama, torch.bfloat16, "left", "sdpa"),
               ("decode", "llama", llama, torch.float32, "left", "sdpa")]
+    kept = []
+    if args.only:
+        only = set(args.only.split(","))
+        cases = [c for c in cases if c[0] in only]
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                kept = [r for r in json.load(f)["rows"] if r["case"] not in only]
     rows = []
     for what, name, kind, dtype, padding, baseline in tqdm(cases, desc="cases"):
         dt = str(dtype).replace("torch.", "")
@@ -229,7 +246,7 @@ def main():
             t = case_train(kind, dtype, b, length // 2, args.rounds, q, baseline)
         elif what == "decode":
             tps, same, kib = case_decode_cache(kind, dtype, 2 if q else 8, 128 if q else 1024,
-                                               8 if q else 32, max(args.rounds // 2, 2), q)
+                                               8 if q else 32, 4 * args.rounds, q)
             row.update(decode_tokens_per_s={k: round(v, 1) for k, v in tps.items()},
                        speedup={k: round(v / tps["sdpa"], 3) for k, v in tps.items()},
                        same_tokens_as_sdpa=same, cache_kib_per_token=kib,
@@ -267,6 +284,7 @@ def main():
                 batch=b, length=length, rounds=args.rounds, quick=q,
                 date=time.strftime("%Y-%m-%d"))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    rows = kept + rows
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     plot(rows, meta, args.out[:-5] + ".png")

@@ -320,6 +320,26 @@ TEST_CASE("MultiheadAttention: a KVCache stored in bfloat16 or int8 decodes near
   REQUIRE_THROWS_WITH(m->kv_cache(1, 4, torch::kInt), Catch::Contains("cache_dtype must be the model's"));
 }
 
+TEST_CASE("KVCache: append stores as the attention's own append does", "[kv_cache]") {
+  torch::manual_seed(5);
+  torch::NoGradGuard g;
+  const int64_t B = 2, Hk = 2, E = 8;
+  auto q = torch::randn({B, 2 * Hk, 3, E}), k = torch::randn({B, Hk, 3, E}), v = torch::randn({B, Hk, 3, E});
+  for (const auto storage : {torch::kFloat, torch::kBFloat16, torch::kChar}) {
+    fusedattn::KVCache fused(B, 8, Hk, E, std::nullopt, torch::kFloat, storage);
+    fusedattn::KVCache split(B, 8, Hk, E, std::nullopt, torch::kFloat, storage);
+    auto want = std::get<0>(fused.attend(q, k, v, true, {}, std::nullopt, true));
+    split.append(k, v);
+    REQUIRE(torch::equal(split.lengths(), torch::full({B}, 3, torch::kLong)));
+    REQUIRE(torch::equal(split.key_cache(), fused.key_cache()));
+    REQUIRE(torch::equal(split.value_cache(), fused.value_cache()));
+    auto got = std::get<0>(split.attend(q, {}, {}, true, {}, std::nullopt, true));
+    REQUIRE(torch::equal(got, want));
+  }
+  fusedattn::KVCache small(B, 2, Hk, E);
+  REQUIRE_THROWS_WITH(small.append(k, v), Catch::Contains("the cache is full"));
+}
+
 TEST_CASE("MultiheadAttention: packed sequences (forward_packed) equal each sequence alone", "[mha][varlen]") {
   torch::manual_seed(3);
   fusedattn::MultiheadAttention m(fusedattn::MultiheadAttentionOptions(12, 3).window({4, 0}));

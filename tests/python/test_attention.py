@@ -343,3 +343,73 @@ def test_average_weights_needs_return_weights():
     q = rand(1, 2, 3, 4)
     with pytest.raises(RuntimeError, match="average_weights=True .* needs return_weights=True"):
         fusedattn.attention(q, q, q, average_weights=True)
+
+
+# Gradients at peaked softmax rows, tiny head dims and GQA: fusedattn's error against an fp64
+# reference at most twice SDPA's own in the same dtype. Peaked rows (inputs randn * 4) once
+# lost accuracy two ways: D = rowsum(dO * O) read O rounded to fp16/bf16 (a cancellation in
+# dP - D), and P = exp(s - lse) carried lse's fp32 rounding; rows whose keys fit one backward
+# block now take their own softmax and D = rowsum(P * dP).
+PEAKED_CASES = [
+    # dtype, B, H, Hk, L, S, E, Ev, attn_mask, key_padding_mask, causal, alignment, scale
+    (torch.float16, 2, 2, 1, 1, 70, 44, 130, None, "float", False, "top_left", 0.845),
+    (torch.float16, 2, 2, 2, 11, 63, 2, 128, "bool", None, False, "top_left", None),
+    (torch.bfloat16, 2, 2, 2, 21, 65, 127, 15, "float", "float", False, "top_left", 1.25),
+    (torch.float32, 2, 4, 2, 65, 2, 1, 52, "float", None, True, "top_left", None),
+    (torch.float32, 2, 4, 2, 64, 63, 57, 57, "bool", "bool", True, "bottom_right", None),
+    (torch.float32, 1, 3, 1, 40, 200, 3, 9, None, "bool", True, "bottom_right", 2.0),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("case", PEAKED_CASES, ids=lambda c: f"{str(c[0])[6:]}-L{c[4]}-S{c[5]}-E{c[6]}")
+def test_peaked_gradients_within_twice_sdpas_error(case, seed):
+    dtype, B, H, Hk, L, S, E, Ev, mask_kind, kpm_kind, causal, align, scale = case
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, H, L, E, generator=g) * 4, torch.randn(B, Hk, S, E, generator=g) * 4
+    v, do = torch.randn(B, Hk, S, Ev, generator=g) * 4, torch.randn(B, H, L, Ev, generator=g)
+    am = kpm = None
+    if mask_kind == "float":
+        am = torch.randn(B, H, L, S, generator=g)
+    elif mask_kind == "bool":
+        am = torch.rand(B, H, L, S, generator=g) > 0.3
+    if kpm_kind == "float":
+        kpm = torch.randn(B, S, generator=g)
+    elif kpm_kind == "bool":
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[:, -(S // 3):] = True
+
+    def additive(dt):  # every mask as one (B, H, L, S) additive mask, for SDPA
+        m = torch.zeros(B, H, L, S, dtype=dt)
+        if am is not None:
+            m = m + (am.to(dt) if am.dtype != torch.bool
+                     else torch.zeros_like(m).masked_fill(~am, float("-inf")))
+        if kpm is not None:
+            m = m + (kpm.to(dt) if kpm.dtype != torch.bool else torch.zeros(B, S, dtype=dt)
+                     .masked_fill(kpm, float("-inf")))[:, None, None, :]
+        if causal:
+            visible = torch.ones(L, S, dtype=torch.bool).tril(S - L if align == "bottom_right" else 0)
+            m = m.masked_fill(~visible, float("-inf"))
+        return m
+
+    def grads(f, dt):
+        qq, kk, vv = (t.to(dt).clone().requires_grad_() for t in (q, k, v))
+        f(qq, kk, vv).backward(do.to(dt))
+        return [t.grad.double() for t in (qq, kk, vv)]
+
+    def sdpa(dt):
+        return lambda a, b, c: F.scaled_dot_product_attention(
+            a, b, c, attn_mask=additive(dt), scale=scale, enable_gqa=H != Hk)
+
+    def ours(a, b, c):
+        cast = lambda m: None if m is None else (m if m.dtype == torch.bool else m.to(dtype))  # noqa: E731
+        return fusedattn.attention(a, b, c, attn_mask=cast(am), key_padding_mask=cast(kpm),
+                                   is_causal=causal, causal_alignment=align, scale=scale,
+                                   enable_gqa=H != Hk)
+
+    ref = grads(sdpa(torch.float64), torch.float64)
+    theirs, got = grads(sdpa(dtype), dtype), grads(ours, dtype)
+    for name, r, t, o in zip(("dq", "dk", "dv"), ref, theirs, got):
+        size = r.abs().max().item() or 1.0
+        err_t, err_o = (t - r).abs().max().item() / size, (o - r).abs().max().item() / size
+        assert err_o <= 2 * err_t + 1e-6, f"{name}: {err_o:.3g} against SDPA's {err_t:.3g}"

@@ -265,6 +265,27 @@ def test_export_captures_a_decode_step(storage):
     assert c.lengths.tolist() == [5, 5]
 
 
+@pytest.mark.parametrize("storage", [None, *STORAGES])
+def test_append_alone_stores_what_the_attention_appends(storage):
+    torch.manual_seed(6)
+    B, Hk, T, E = 2, 2, 3, 8
+    q, k, v = torch.randn(B, 2 * Hk, T, E), torch.randn(B, Hk, T, E), torch.randn(B, Hk, T, E)
+    fused = fusedattn.KVCache(B, 8, Hk, E, cache_dtype=storage)
+    split = fusedattn.KVCache(B, 8, Hk, E, cache_dtype=storage)
+    want, _, _ = fused.attend(q, k, v, is_causal=True, enable_gqa=True)
+    split.append(k, v)
+    assert split.lengths.tolist() == [T, T]
+    for name in split._row_tensors():
+        assert torch.equal(getattr(split, name), getattr(fused, name)), name
+    got, _, _ = split.attend(q, is_causal=True, enable_gqa=True)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="the cache is full"):
+        fusedattn.KVCache(B, 2, Hk, E, cache_dtype=storage).append(k, v)
+    memory = fusedattn.KVCache.from_tensors(k, v)
+    with pytest.raises(ValueError, match="read-only"):
+        memory.append(k, v)
+
+
 def test_opcheck_with_scales():
     kc, vc, ks, vs = empty_cache(2, 2, 20, 8, 6, torch.int8)
     args = (torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 6), kc, vc,

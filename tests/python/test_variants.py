@@ -534,8 +534,11 @@ def test_keys_as_rows_with_variants(kw, L, S, bottom_right, dtype, monkeypatch):
     monkeypatch.setenv("FUSEDATTN_CPU_KERNEL", "unpacked")  # the query-rows backward
     rows = grads()
     # Within twice the query-rows path's own error (fp32: sums over 300 queries round; bf16:
-    # P and dS rounded to 8 bits for the products on both paths, in different orders).
-    floor = 1e-5 if dtype == torch.float32 else 1e-2
+    # P and dS rounded to 8 bits for the products, and D from O rounded to bf16, on keys as
+    # rows; the query rows keep P and dS in fp32 and, where a key block holds the whole row,
+    # take D = rowsum(P * dP): rel_bias's gradient, a sum of dS over the table entry's
+    # scores, then differs by up to 1.6% of its largest value at S = 77).
+    floor = 1e-5 if dtype == torch.float32 else 2e-2
     for name, got, other, w in zip(["out", "dq", "dk", "dv", "d_rel"], fused, rows, want):
         err = (got.double() - w).abs().max().item()
         other_err = (other.double() - w).abs().max().item()

@@ -65,6 +65,9 @@ void kv_cache_append(const at::Tensor& key, const at::Tensor& value, at::Tensor&
                      at::Tensor& value_cache, at::Tensor& lengths,
                      const std::optional<at::Tensor>& key_scales,
                      const std::optional<at::Tensor>& value_scales) {
+  TORCH_CHECK(key.dim() == 4 && value.dim() == 4,
+              "kv_cache_append: key and value must be 4-D (B, Hk, T, E|Ev), got shapes ",
+              key.sizes(), " and ", value.sizes());
   // The keys stand in for the queries: one query head per key head, the same head dim.
   check_kv_cache_arguments(key, key, value, key_cache, value_cache, lengths, std::nullopt,
                            /*enable_gqa=*/false, key_scales, value_scales);

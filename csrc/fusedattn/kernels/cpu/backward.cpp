@@ -77,6 +77,10 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
     std::fill(w.dq.begin(), w.dq.end(), A(0));
     // Keys some query sees: from the first query's window edge to the last query's end.
     const int64_t j_end = std::min(ke, this->visible_end(p.L - 1));
+    // One key block holds every row whole: P from each row's own softmax and D = rowsum(P *
+    // dP), both exact to the fp32 sums, where dO * O would read O rounded to T (fp16/bf16
+    // peaked rows: a cancellation in dP - D) and exp(s - lse) lse's rounding.
+    const bool whole_rows = j_end - this->visible_begin(0) <= kBwdBlockK;
     for (int64_t j0 = this->visible_begin(0); j0 < j_end; j0 += kBwdBlockK) {
       const int64_t bk = std::min(kBwdBlockK, j_end - j0);
       // Queries that see any key of this block (causal, the window): [i_first, i_end).
@@ -92,7 +96,12 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
         mm(false, true, bq, bk, p.E, A(1), qi, q_sr, kj, k_sr, A(0), s, bk);
         A* cap = p.softcap > 0 ? w.cap.data() : nullptr;
         this->apply_masks(s, bk, b, h, i0, bq, j0, bk, w.bias.data(), cap);
-        this->probabilities(s, bq, bk, lse + i0);
+        uint8_t* own = w.own.data();
+        if (whole_rows) {
+          this->whole_row_probabilities(s, bq, bk, lse + i0, w.bias.data(), own);
+        } else {
+          this->probabilities(s, bq, bk, lse + i0);
+        }
         // dP = dO V^T. With dropout the forward used P * M: dP picks up M here, and dV
         // takes P * M below, once dS (which needs P itself) is formed.
         mm(false, true, bq, bk, p.Ev, A(1), doi, do_sr, vj, v_sr, A(0), dp, bk);
@@ -101,6 +110,7 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
         }
         for (int64_t r = 0; r < bq; ++r) {
           const A glse = dlse ? dlse[i0 + r] : A(0);
+          if (whole_rows && own[r]) w.d[i0 + r] = dot_row(s + r * bk, dp + r * bk, bk);
           if (w.one_key[i0 + r]) {
             one_key_grad_row(dp + r * bk, s + r * bk, bk, w.d[i0 + r], glse);
           } else {

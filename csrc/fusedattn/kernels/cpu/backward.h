@@ -24,6 +24,7 @@ struct Backward : Problem<T> {
     // Per query: it sees exactly one key (Masks::sees_one_key); keys-as-rows: as lane masks,
     // bit l of one_key_lanes[v] for query 16 v + l.
     Scratch<uint8_t> one_key;
+    Scratch<uint8_t> own;  // per row of a query block: its P from its own softmax
     Scratch<uint16_t> one_key_lanes;
     Scratch<A> d_one;  // keys-as-rows: -dlse, D's part for a query with one key and p = 1
     Scratch<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
@@ -34,7 +35,7 @@ struct Backward : Problem<T> {
           dq((kr ? layout::ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev),
           d(kr ? layout::l_pad(p) : p.L), bias(2 * layout::kBwdBlockK), lse(kr ? layout::l_pad(p) : 0),
           cap(p.softcap > 0 ? s.size() : 0),
-          one_key(d.size()), one_key_lanes(kr ? layout::l_pad(p) / 16 : 0),
+          one_key(d.size()), own(layout::kKrQ), one_key_lanes(kr ? layout::l_pad(p) / 16 : 0),
           d_one(kr ? layout::l_pad(p) : 0),
           narrow_s(kIsHalf<T> && !p.half_on_f32 ? s.size() : 0), narrow_dp(narrow_s.size()),
           ds_packed(kr && kIsHalf<T> ? s.size() : 0), kt(kr ? p.E * layout::ld_kt(p) : 0),

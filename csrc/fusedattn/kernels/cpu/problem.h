@@ -90,6 +90,39 @@ struct Problem : Masks<T> {
       }
     }
   }
+  // Rows of s (scores, masked, whole: every key the query sees is in the row) -> their
+  // softmax from the row's own maximum, exp((s - m) * mul) / l, where the forward's lse is
+  // this row's own (within 4 ulp of |lse| + 1 of m * mul + log l): exp(s * mul - lse) would
+  // carry lse's rounding, a relative error of |lse| x eps in every probability (2e-6 at
+  // |lse| = 30 in fp32: dK at 3-8x the math path's error for peaked rows, L = 65, S = 2,
+  // E = 1). own[r] says which rows took it; the others (an lse merged over more keys than
+  // this call's, as ring attention's shards pass) take exp(s * mul - lse). `row` is
+  // scratch of bk values.
+  void whole_row_probabilities(A* s, int64_t bq, int64_t bk, const A* lse, A* row,
+                               uint8_t* own) const {
+    constexpr A kTol = 4 * std::numeric_limits<A>::epsilon();
+    for (int64_t r = 0; r < bq; ++r) {
+      A* x = s + r * bk;
+      own[r] = 0;
+      if (lse[r] == Masks<T>::kNegInf) {
+        std::fill(x, x + bk, A(0));
+        continue;
+      }
+      const A m = row_max(x, bk);
+      A l = A(0);
+      if (std::isfinite(m)) {
+        for (int64_t j = 0; j < bk; ++j) row[j] = x[j] - m;
+        l = exp_sum_row(row, bk, this->mul, A(0));
+      }
+      const A local = m * this->mul + std::log(l);
+      if (l > A(0) && std::abs(local - lse[r]) <= kTol * (std::abs(lse[r]) + A(1))) {
+        store_scaled_row(row, A(1) / l, x, bk);
+        own[r] = 1;
+      } else {
+        exp_rows(x, bk, this->mul, lse[r]);
+      }
+    }
+  }
   // D_i = rowsum(dO * O) for query i: softmax's backward term.
   A out_dot_dout(int64_t b, int64_t h, int64_t i) const {
     return dot_row(out_rows(b, h, i), dout_rows(b, h, i), p.Ev);
