@@ -312,6 +312,10 @@ class FusedCacheLayer(_cache_utils.CacheLayerMixin):
         self.keys, self.values = self.kv.key_cache, self.kv.value_cache
 
     def update(self, key_states, value_states, *args, kwargs=None, **extra):
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            raise RuntimeError("FusedCache: gradients do not flow through a cache's stored "
+                               "keys and values; run under torch.no_grad() (generation) or "
+                               "use transformers' DynamicCache for training")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._held is not None:  # an attention function that did not take them

@@ -221,6 +221,10 @@ def test_misuse_is_a_named_error():
     ours.train()
     with pytest.raises(RuntimeError, match="FusedCache: gradients do not flow"):
         ours(input_ids=ids, cache=fa_hf.FusedCache(ours.config), use_cache=True)
+    _, gemma = _build("gemma2")  # softcap: the layer's rows read back, refused the same way
+    gemma.train()
+    with pytest.raises(RuntimeError, match="FusedCache: gradients do not flow"):
+        gemma(input_ids=ids, cache=fa_hf.FusedCache(gemma.config), use_cache=True)
     ours.eval()
     with torch.no_grad():
         cache = fa_hf.FusedCache(ours.config)
