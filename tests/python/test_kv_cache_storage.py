@@ -10,6 +10,7 @@ import torch
 
 import fusedattn
 from fusedattn import _C
+from test_kv_cache import formula  # fp64 over the dequantized keys and values
 
 op = torch.ops.fusedattn.kv_cache_attention
 STORAGES = [torch.bfloat16, torch.float16, torch.int8]
@@ -32,31 +33,6 @@ def quantize(x, storage):
 def dequantize(stored, scale):
     x = stored.double()
     return x if scale is None else x * scale.double().unsqueeze(-1)
-
-
-def formula(q, k, v, lengths, causal, kpm=None):
-    """fp64 over given (dequantized) keys and values (B, Hk, C, E|Ev)."""
-    B, H, T, E = q.shape
-    Hk, C = k.shape[1], k.shape[2]
-    k = k[:B].double().repeat_interleave(H // Hk, 1)
-    v = v[:B].double().repeat_interleave(H // Hk, 1)
-    s = q.double() @ k.transpose(-2, -1) * E ** -0.5
-    j = torch.arange(C).view(1, 1, 1, C)
-    n = lengths.view(B, 1, 1, 1)
-    hidden = j >= n
-    if causal:
-        hidden = hidden | (j > n - T + torch.arange(T).view(1, 1, T, 1))
-    if kpm is not None:
-        full = torch.zeros(B, C, dtype=kpm.dtype)
-        full[:, :kpm.shape[1]] = kpm
-        if kpm.dtype == torch.bool:
-            hidden = hidden | full.view(B, 1, 1, C)
-        else:
-            s = s + full.double().view(B, 1, 1, C)
-    s = s.masked_fill(hidden, -math.inf)
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse.masked_fill(lse.isneginf(), 0).unsqueeze(-1))
-    return p @ v, lse
 
 
 def empty_cache(B, Hk, C, E, Ev, storage):
@@ -114,7 +90,7 @@ def test_append_and_attend_against_the_formula(storage, model, B, H, Hk, T, E, E
         q_pre = torch.randn(B, H, n_max, E).to(model)
         pre = op(q_pre, keys[:, :, :n_max], values[:, :, :n_max], kc, vc, lengths,
                  enable_gqa=H != Hk, key_scales=ks, value_scales=vs)[0]
-        ref, _ = formula(q_pre, dequantize(kc, ks), dequantize(vc, vs), lengths, False)
+        ref, _, _ = formula(q_pre, dequantize(kc, ks), dequantize(vc, vs), lengths, False)
         torch.testing.assert_close(pre.double(), ref, atol=tol, rtol=tol)
         lengths.copy_(torch.tensor(prompt))
     # The decode step: T new tokens at each sequence's own length.
@@ -139,7 +115,7 @@ def test_append_and_attend_against_the_formula(storage, model, B, H, Hk, T, E, E
                 torch.testing.assert_close(scales[b, :, :n + T], want_scale, atol=0, rtol=0)
             else:
                 assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-    ref, ref_lse = formula(q, dequantize(kc, ks), dequantize(vc, vs), lengths, causal, kpm)
+    ref, ref_lse, _ = formula(q, dequantize(kc, ks), dequantize(vc, vs), lengths, causal, kpm)
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
 
