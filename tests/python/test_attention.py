@@ -413,3 +413,93 @@ def test_peaked_gradients_within_twice_sdpas_error(case, seed):
         size = r.abs().max().item() or 1.0
         err_t, err_o = (t - r).abs().max().item() / size, (o - r).abs().max().item() / size
         assert err_o <= 2 * err_t + 1e-6, f"{name}: {err_o:.3g} against SDPA's {err_t:.3g}"
+
+
+# torch's fp32 matmul precision: at bf16 ("medium", or torch.backends.mkldnn.matmul.fp32_precision
+# = "bf16") fp32 inputs take bf16 products where torch's own do (oneDNN on AMX); the portable
+# packed GEMM (FUSEDATTN_PACKED_GEMM=reference) runs that path on any avx512_bf16 CPU.
+def _bf16_model(q, k, v, do, additive, scale, group):
+    """fp32 attention with every product's operands rounded to bf16 (SDPA's CPU kernel under
+    bf16 matmul precision on AMX), the softmax, D and the sums in fp32: (out, dq, dk, dv)."""
+    r = lambda x: x.bfloat16().float()  # noqa: E731
+    k, v = (t.repeat_interleave(group, dim=-3) for t in (k, v))
+    s = r(q) @ r(k).transpose(-1, -2) * scale + additive
+    p = s.softmax(-1).nan_to_num()
+    out = r(p) @ r(v)
+    dv = r(p).transpose(-1, -2) @ r(do)
+    ds = p * (r(do) @ r(v).transpose(-1, -2) - (do * out).sum(-1, keepdim=True))
+    dq = r(ds) @ r(k) * scale
+    dk = r(ds).transpose(-1, -2) @ r(q) * scale
+    fold = lambda g: g.unflatten(-3, (-1, group)).sum(-3)  # noqa: E731
+    return out, dq, fold(dk), fold(dv)
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    yield
+    torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("setting", ["medium", "mkldnn_bf16", "high"])
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("case", [
+    # B, H, Hk, L, S, E, causal alignment (None: not causal), key padding
+    (2, 3, 3, 130, 77, 64, None, True),
+    (1, 4, 2, 200, 530, 32, "bottom_right", False),
+    (2, 2, 1, 129, 65, 33, "top_left", True),  # odd E: the forward keeps fp32 products
+])
+def test_fp32_matmul_precision_setting(case, portable, setting, monkeypatch, restore_matmul_precision):
+    B, H, Hk, L, S, E, align, padded = case
+    if portable:
+        monkeypatch.setenv("FUSEDATTN_PACKED_GEMM", "reference")
+    g = torch.Generator().manual_seed(L * S + E)
+    q = torch.randn(B, H, L, E, generator=g)
+    k, v = (torch.randn(B, Hk, S, E, generator=g) for _ in range(2))
+    do = torch.randn(B, H, L, E, generator=g)
+    kpm = torch.rand(B, S, generator=g) < 0.2 if padded else None
+    additive = torch.zeros(B, 1, L, S)
+    if kpm is not None:
+        additive = additive.masked_fill(kpm[:, None, None, :], float("-inf"))
+    if align is not None:
+        visible = torch.ones(L, S, dtype=torch.bool).tril(S - L if align == "bottom_right" else 0)
+        additive = additive.masked_fill(~visible, float("-inf"))
+
+    def run():
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fusedattn.attention(qq, kk, vv, key_padding_mask=kpm, is_causal=align is not None,
+                                  causal_alignment=align or "top_left", enable_gqa=H != Hk)
+        out.backward(do)
+        return [out.detach(), qq.grad, kk.grad, vv.grad]
+
+    exact = run()
+    if setting == "mkldnn_bf16":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    else:
+        torch.set_float32_matmul_precision(setting)
+    got = run()
+    assert all(t.dtype == torch.float32 for t in got)
+    cap = fusedattn.cpu_capability()
+    rounded = setting != "high" and (cap == "amx" or (portable and cap == "avx512_bf16"))
+    if not rounded:  # "high" (tf32: nothing on the CPU), or a CPU where torch keeps fp32 too
+        for e, t in zip(exact, got):
+            assert torch.equal(e, t)
+        return
+    model = _bf16_model(q, k, v, do, additive, E ** -0.5, H // Hk)
+    fp64 = [t.double() for t in run_fp64(q, k, v, do, kpm, align, H != Hk)]
+    for name, m, t, e in zip(("out", "dq", "dk", "dv"), model, got, fp64):
+        size = e.abs().max().item()
+        err_t, err_m = (t.double() - e).abs().max().item(), (m.double() - e).abs().max().item()
+        assert err_t <= 2 * err_m + 1e-6 * size, f"{name}: {err_t:.3g} against the bf16 model's {err_m:.3g}"
+    # Honoured: the products were bf16's (fp32's error is ~1e-6 of the values).
+    size = fp64[0].abs().max().item()
+    err_out = (got[0].double() - fp64[0]).abs().max().item()
+    assert (err_out > 1e-4 * size) == (E % 2 == 0), err_out
+
+
+def run_fp64(q, k, v, do, kpm, align, gqa):
+    """The formula in fp64 (conftest's reference) and its autograd gradients."""
+    qq, kk, vv = (t.double().requires_grad_() for t in (q, k, v))
+    out, _ = reference_attention(qq, kk, vv, key_padding_mask=kpm, is_causal=align is not None,
+                                 bottom_right=align == "bottom_right")
+    out.backward(do.double())
+    return [out.detach(), qq.grad, kk.grad, vv.grad]

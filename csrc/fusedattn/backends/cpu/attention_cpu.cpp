@@ -46,6 +46,7 @@ Launch prepare(const AttentionParams& params) {
   p.B = pb.batch_size, p.H = pb.heads, p.Hk = pb.kv_heads;
   p.L = pb.q_len, p.S = pb.kv_len, p.E = pb.head_dim, p.Ev = pb.v_head_dim;
   p.scale = pb.scale;
+  p.bf16_products = pb.dtype == at::kFloat && fp32_matmul_allows_bf16();
   l.q = as_4d(params.query, p.B), l.k = as_4d(params.key, p.B), l.v = as_4d(params.value, p.B);
   p.gemm = &torch_gemms();
   fill_operands(l.q, l.k, l.v, p);
@@ -93,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const AttentionParams& params,
     if (params.return_weights) weights.zero_();
     return {lse, weights};
   }
-  p.packed = packed_gemm_offer(pb.dtype, kernel_switches().unpacked);
-  p.fgemm = float_gemm_offer(kernel_switches().unpacked);
+  offer_gemms(p, pb.dtype);
   auto plan = plan_or_error(kernels::cpu::plan_forward, p);
   at::Tensor packed_ws;  // holds a workspace too large to keep
   if (plan.packed_elems > 0) {
@@ -155,8 +155,7 @@ void backward_into(const AttentionParams& params, const AttentionGrads& grads,
   p.dv = dv4.data_ptr(), p.dv_sb = dv4.stride(0), p.dv_sh = dv4.stride(1), p.dv_sr = dv4.stride(2);
   if (d_rel_partial.defined()) p.d_rel_bias = d_rel_partial.data_ptr();
   if (pb.heads == 0) return;  // no heads: the gradients are empty
-  p.packed = packed_gemm_offer(pb.dtype, kernel_switches().unpacked);
-  p.fgemm = float_gemm_offer(kernel_switches().unpacked);
+  offer_gemms(p, pb.dtype);
   if (kernels::cpu::backward_widened(p)) {
     // The same call on fp32 copies (a float key padding mask widened with them).
     const auto wide = [](const at::Tensor& t) { return t.to(at::kFloat); };

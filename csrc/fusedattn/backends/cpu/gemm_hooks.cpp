@@ -240,6 +240,18 @@ kernels::FloatGemm float_gemm_offer(bool unpacked) {
 #endif
 }
 
+void offer_gemms(kernels::FlashParams& p, at::ScalarType dtype) {
+  const bool unpacked = kernel_switches().unpacked;
+  const bool rounded = p.bf16_products && dtype == at::kFloat;
+  p.packed = packed_gemm_offer(rounded ? at::kBFloat16 : dtype, unpacked);
+  p.fgemm = float_gemm_offer(unpacked);
+}
+
+bool fp32_matmul_allows_bf16() {
+  return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
+         at::Float32Precision::BF16;
+}
+
 const char* gemm_backend() { return sgemm_ ? "blas" : "torch.mm"; }
 
 BlasOnThisThread::BlasOnThisThread() {

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "fusedattn/kernels/cpu/gemm.h"
+#include "fusedattn/kernels/cpu/params.h"
 
 namespace fusedattn::cpu {
 
@@ -18,6 +19,13 @@ const kernels::Gemms& torch_gemms();
 // packed forward) then runs, slowly, on any CPU with AVX512-BF16, so that tests cover it there.
 const kernels::PackedGemm* packed_gemm_offer(at::ScalarType t, bool unpacked);
 kernels::FloatGemm float_gemm_offer(bool unpacked);
+// A call's offers into p.packed and p.fgemm (the kernel switches applied): for fp32 inputs
+// under p.bf16_products, bf16's packed GEMM.
+void offer_gemms(kernels::FlashParams& p, at::ScalarType dtype);
+// Whether torch's fp32 matmul precision for the CPU allows bf16 products, read as ATen's own
+// CPU matmul reads it (torch.set_float32_matmul_precision("medium"), or
+// torch.backends.mkldnn.matmul.fp32_precision = "bf16"; "high" / "tf32" keep fp32 on the CPU).
+bool fp32_matmul_allows_bf16();
 // Which serves torch_gemms()'s fp32 products: "blas" or "torch.mm".
 const char* gemm_backend();
 

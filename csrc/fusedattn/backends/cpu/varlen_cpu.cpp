@@ -104,8 +104,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward(
   p.out = out.data_ptr(), p.o_sb = 0, p.o_sh = out.stride(1), p.o_sr = out.stride(0);
   p.lse = lse.data_ptr();
   if (heads == 0 || pl.offsets.batch == 0) return {out, lse};
-  p.packed = packed_gemm_offer(query.scalar_type(), kernel_switches().unpacked);
-  p.fgemm = float_gemm_offer(kernel_switches().unpacked);
+  offer_gemms(p, query.scalar_type());
   auto plan = plan_or_error(kernels::cpu::plan_varlen_forward, p,
                             varlen_params(pl.offsets, bottom_right), int64_t(at::get_num_threads()));
   at::Tensor holder;
@@ -176,8 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
     dq.zero_(), dk.zero_(), dv.zero_();
     return {dq, dk, dv, d_rel.defined() ? d_rel.sum(0) : none};
   }
-  p.packed = packed_gemm_offer(query.scalar_type(), kernel_switches().unpacked);
-  p.fgemm = float_gemm_offer(kernel_switches().unpacked);
+  offer_gemms(p, query.scalar_type());
   const auto plan = plan_or_error(kernels::cpu::plan_varlen_backward, p,
                                   varlen_params(pl.offsets, bottom_right));
   run_items(plan, plan.items, [](const auto& k) { return k.backward; });

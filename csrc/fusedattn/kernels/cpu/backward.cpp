@@ -1,5 +1,7 @@
 // The backward on query rows: per key/value head and block of 256 keys, blocks of 64 queries;
 // P rebuilt from the forward's lse, dropout regenerated, every product on p.gemm.
+#include <array>
+
 #include "fusedattn/kernels/cpu/backward.h"
 #include "fusedattn/kernels/cpu/forward.h"  // FUSEDATTN_FOR_EACH_TYPE
 
@@ -23,6 +25,8 @@ template <typename T>
 void Backward<T>::query_rows_task(int64_t t, Work& w) const {
   if constexpr (kIsHalf<T>) {
     if (p.half_on_f32) return query_rows_body<float>(t, w);
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (p.bf16_products) return query_rows_body<bf16>(t, w);
   }
   query_rows_body<T>(t, w);
 }
@@ -33,26 +37,47 @@ void Backward<T>::query_rows_task(int64_t t, Work& w) const {
 // half values are exact in fp32, so S and dP are the same numbers either way. (fp16's dS, rounded,
 // fell below its smallest normal for long rows under a small grad_out: dQ at 10x the error of
 // PyTorch's math path at S = 4096, grad_out ~ 1e-3; in fp32, the math path's own.)
+// U = bf16 for T = float (p.bf16_products): the products read copies of Q, K, V, dO and P, dS
+// rounded to bf16, on the bf16 GEMM; the sums, D and the gradients stay fp32.
 template <typename T>
 template <typename U>
 void Backward<T>::query_rows_body(int64_t t, Work& w) const {
   using layout::kBwdBlockK;
   using layout::kBwdBlockQ;
-  constexpr bool kWide = !std::is_same_v<U, T>;
+  constexpr bool kWide = !std::is_same_v<U, T>;  // the products read copies (widened or rounded)
+  constexpr bool kRounded = kWide && std::is_same_v<U, bf16>;
+  // Rows of x (row stride ld) copied as U into y (contiguous rows of `cols`).
+  const auto copy_rows = [](const T* x, int64_t ld, int64_t n, int64_t cols, U* y) {
+    if constexpr (kRounded) {
+      for (int64_t r = 0; r < n; ++r) narrow_row(x + r * ld, y + r * cols, cols);
+    } else if constexpr (kWide) {
+      widen_rows(x, ld, n, cols, y);
+    }
+  };
+  const auto copies = [&w]() {
+    if constexpr (kRounded) {
+      return std::array<U*, 4>{w.k16.data(), w.v16.data(), w.q16.data(), w.do16.data()};
+    } else {
+      return std::array<float*, 4>{w.kf.data(), w.vf.data(), w.qf.data(), w.dof.data()};
+    }
+  }();
   const int64_t b = t / p.Hk, hk = t % p.Hk, ke = this->key_end(b);
   // Row r of X (one of q, k, v, dout) is x + r * x_sr.
   const U *k = nullptr, *v = nullptr, *q = nullptr, *dout = nullptr;
   int64_t k_sr = p.k_sr, v_sr = p.v_sr, q_sr = p.q_sr, do_sr = p.do_sr;
   if constexpr (kWide) {
-    widen_rows(this->k_rows(b, hk, 0), p.k_sr, ke, p.E, w.kf.data());
-    widen_rows(this->v_rows(b, hk, 0), p.v_sr, ke, p.Ev, w.vf.data());
-    k = w.kf.data(), v = w.vf.data(), k_sr = p.E, v_sr = p.Ev, q_sr = p.E, do_sr = p.Ev;
+    copy_rows(this->k_rows(b, hk, 0), p.k_sr, ke, p.E, copies[0]);
+    copy_rows(this->v_rows(b, hk, 0), p.v_sr, ke, p.Ev, copies[1]);
+    k = copies[0], v = copies[1], k_sr = p.E, v_sr = p.Ev, q_sr = p.E, do_sr = p.Ev;
   } else {
     k = this->k_rows(b, hk, 0), v = this->v_rows(b, hk, 0);
   }
   const auto mm = [&](bool ta, bool tb, int64_t m, int64_t n, int64_t kk, A alpha, const U* a,
                       int64_t lda, const U* bb, int64_t ldb, A beta, A* c, int64_t ldc) {
-    if constexpr (kWide) {
+    if constexpr (kRounded) {
+      p.gemm->half(true, ta, tb, m, n, kk, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                   reinterpret_cast<const uint16_t*>(bb), ldb, beta, c, ldc);
+    } else if constexpr (kWide) {
       p.gemm->f32(ta, tb, m, n, kk, alpha, a, lda, bb, ldb, beta, c, ldc);
     } else {
       this->mm(ta, tb, m, n, kk, alpha, a, lda, bb, ldb, beta, c, ldc);
@@ -64,9 +89,9 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
     const A* lse = this->lse_row(b, h);
     const A* dlse = this->dlse_row(b, h);
     if constexpr (kWide) {
-      widen_rows(this->q_rows(b, h, 0), p.q_sr, p.L, p.E, w.qf.data());
-      widen_rows(this->dout_rows(b, h, 0), p.do_sr, p.L, p.Ev, w.dof.data());
-      q = w.qf.data(), dout = w.dof.data();
+      copy_rows(this->q_rows(b, h, 0), p.q_sr, p.L, p.E, copies[2]);
+      copy_rows(this->dout_rows(b, h, 0), p.do_sr, p.L, p.Ev, copies[3]);
+      q = copies[2], dout = copies[3];
     } else {
       q = this->q_rows(b, h, 0), dout = this->dout_rows(b, h, 0);
     }
@@ -131,7 +156,11 @@ void Backward<T>::query_rows_body(int64_t t, Work& w) const {
         }
         // dV += P^T dO; dS is in dp: dQ += scale dS K, dK += scale dS^T Q.
         const U *pm = nullptr, *ds = nullptr;
-        if constexpr (kWide) {
+        if constexpr (kRounded) {
+          narrow_row(s, w.s16.data(), bq * bk);
+          narrow_row(dp, w.ds16.data(), bq * bk);
+          pm = w.s16.data(), ds = w.ds16.data();
+        } else if constexpr (kWide) {
           pm = s, ds = dp;
         } else {
           pm = this->operand(s, bq * bk, w.narrow_s.data());

@@ -30,6 +30,8 @@ struct Backward : Problem<T> {
     Scratch<T> narrow_s, narrow_dp, ds_packed, kt, qt, dot, qp, dop, tmp;
     // half_on_f32: K and V of the task, Q and dO of the head, in fp32 (contiguous rows).
     Scratch<float> kf, vf, qf, dof;
+    // bf16_products (T = float): the same rounded to bf16, and P, dS in bf16.
+    Scratch<bf16> k16, v16, q16, do16, s16, ds16;
     Work(const FlashParams& p, bool kr)
         : s((kr ? layout::kKrQ : layout::kBwdBlockQ) * layout::kBwdBlockK), dp(s.size()),
           dq((kr ? layout::ld_qt(p) : p.L) * p.E), dk(p.S * p.E), dv(p.S * p.Ev),
@@ -44,7 +46,10 @@ struct Backward : Problem<T> {
           dop(kr && kIsHalf<T> ? layout::l_pad(p) * layout::round64(p.Ev) : 0),
           tmp(kr && kIsHalf<T> ? layout::l_pad(p) * std::max(p.E, p.Ev) : 0),
           kf(p.half_on_f32 ? p.S * p.E : 0), vf(p.half_on_f32 ? p.S * p.Ev : 0),
-          qf(p.half_on_f32 ? p.L * p.E : 0), dof(p.half_on_f32 ? p.L * p.Ev : 0) {}
+          qf(p.half_on_f32 ? p.L * p.E : 0), dof(p.half_on_f32 ? p.L * p.Ev : 0),
+          k16(p.bf16_products ? p.S * p.E : 0), v16(p.bf16_products ? p.S * p.Ev : 0),
+          q16(p.bf16_products ? p.L * p.E : 0), do16(p.bf16_products ? p.L * p.Ev : 0),
+          s16(p.bf16_products ? s.size() : 0), ds16(s16.size()) {}
   };
 
   // The task's accumulated dK, dV (fp32/fp64) into the outputs.
@@ -82,7 +87,8 @@ struct Backward : Problem<T> {
 
   void run(int64_t begin, int64_t end) const;           // backward.cpp
   void query_rows_task(int64_t t, Work& w) const;       // backward.cpp
-  template <typename U>  // the products' operand type: T, or float under p.half_on_f32
+  // The products' operand type: T, float under p.half_on_f32, bf16 under p.bf16_products.
+  template <typename U>
   void query_rows_body(int64_t t, Work& w) const;
   void keys_as_rows_task(int64_t t, Work& w) const;     // backward_keys_as_rows.cpp
   void keys_as_rows_bf16(int64_t t, Work& w) const;     // the same, per type

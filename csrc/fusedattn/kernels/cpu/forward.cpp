@@ -22,20 +22,41 @@ void Forward<T>::run(int64_t begin, int64_t end) const {
 
 template <typename T>
 void Forward<T>::query_rows_task(int64_t t, Work& w) const {
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.bf16_products) return query_rows_body<bf16>(t, w);
+  }
+  query_rows_body<T>(t, w);
+}
+
+// PT = T: the products read the inputs (or the packed / widened copies of them); PT = bf16
+// for T = float (bf16_products()): the packed bf16 K^T and V of the pack tasks, the task's
+// queries rounded once into w.q16 and P into w.p16, everything else as for fp32.
+template <typename T>
+template <typename PT>
+void Forward<T>::query_rows_body(int64_t t, Work& w) const {
   using layout::kFwdBlockK;
+  constexpr bool kRounded = !std::is_same_v<PT, T>;
   constexpr A kNegInf = Masks<T>::kNegInf;
   const auto [bh, b, h, hk, i0, bq] = q_task(t);
-  const T* q = this->q_rows(b, h, i0);
+  const T* q_in = this->q_rows(b, h, i0);
+  const PT* q = nullptr;
+  int64_t q_sr = p.q_sr;
+  if constexpr (kRounded) {
+    for (int64_t r = 0; r < bq; ++r) narrow_row(q_in + r * p.q_sr, w.q16.data() + r * p.E, p.E);
+    q = w.q16.data(), q_sr = p.E;
+  } else {
+    q = q_in;
+  }
   std::fill(w.m.begin(), w.m.end(), kNegInf);  // running max, in units of raw s
   std::fill(w.l.begin(), w.l.end(), A(0));
   std::fill(w.acc.begin(), w.acc.end(), A(0));
   const int64_t kv_end = this->kv_end(b, i0 + bq - 1);
-  const bool packed = this->packed(), fk = this->fk(), wide = this->wide();
-  // Half types round P for their P V product; on fp32 products (wide) P stays fp32.
-  const bool narrow = kIsHalf<T> && !wide;
+  const bool packed = this->packed() || kRounded, fk = this->fk(), wide = this->wide();
+  // Half products round P for their P V product; on fp32 products (wide) P stays fp32.
+  const bool narrow = kIsHalf<PT> && !wide;
   const A mul = this->mul;
   float* qf = w.qf.data();
-  if (wide) widen_rows(q, p.q_sr, bq, p.E, qf);
+  if (wide) widen_rows(q_in, p.q_sr, bq, p.E, qf);
   // A sliding window's left edge: keys before it are skipped, from its exact start where
   // the products read K and V in place, from its block where they read the packed operands
   // (per block of kFwdBlockK keys).
@@ -52,8 +73,10 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
     const int64_t bkp = packed ? bk + (bk & 1) : bk;
     A* s = w.s.data();
     if (packed) {
-      p.packed->gemm(bq, bk, p.E, p.E, p.q_sr, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK),
+      p.packed->gemm(bq, bk, p.E, p.E, q_sr, bk, false, q, packed_kt(b, hk, j0 / kFwdBlockK),
                      reinterpret_cast<float*>(s));
+    } else if constexpr (kRounded) {
+      // unreachable: bf16_products() runs on packed operands alone
     } else if (fk) {
       this->fgemm(bq, bk, p.E, p.q_sr, layout::slot_ld_kt(p), bk, false, q,
                   packed_kt(b, hk, j0 / kFwdBlockK), s);
@@ -75,15 +98,20 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
       for (int64_t r = 0; r < bq; ++r) std::fill(s + r * bk + kd, s + (r + 1) * bk, kNegInf);
     // P for the P V product: s itself, or (half types) rounded into w.narrow row by row
     // while the row is still in L1.
-    T* pn = narrow ? w.narrow.data() : nullptr;
+    PT* pn = nullptr;
+    if constexpr (kRounded) {
+      pn = w.p16.data();
+    } else if (narrow) {
+      pn = w.narrow.data();
+    }
     for (int64_t r = 0; r < bq; ++r) {
       A* row = s + r * bk;
-      if (narrow && bkp != bk) pn[r * bkp + bk] = T{};
+      if (narrow && bkp != bk) pn[r * bkp + bk] = PT{};
       // NaN-keeping max: a NaN score makes m NaN, and with it the row's output and lse.
       const A m_new = max_nan(w.m[r], row_max(row, bk));
       if (m_new == kNegInf) {  // this row has seen no visible key yet
         std::fill(row, row + bk, A(0));
-        if constexpr (kIsHalf<T>) {
+        if constexpr (kIsHalf<PT>) {
           if (narrow) narrow_row(row, pn + r * bkp, bk);
         }
         continue;
@@ -92,7 +120,7 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
       if (!narrow) {
         block_sum = exp_sum_row(row, bk, mul, m_new * mul);
         if (p.dropout) this->drop_row(row, b, h, i0 + r, j0, bk);
-      } else if constexpr (std::is_same_v<T, bf16>) {
+      } else if constexpr (std::is_same_v<PT, bf16>) {
         if (!p.dropout) {  // one pass: exp, sum, round to bf16
           block_sum = exp_sum_bf16_row(row, pn + r * bkp, bk, mul, m_new * mul);
         } else {
@@ -103,7 +131,7 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
       } else {
         block_sum = exp_sum_row(row, bk, mul, m_new * mul);
         if (p.dropout) this->drop_row(row, b, h, i0 + r, j0, bk);
-        if constexpr (kIsHalf<T>) narrow_row(row, pn + r * bkp, bk);
+        if constexpr (kIsHalf<PT>) narrow_row(row, pn + r * bkp, bk);
       }
       const A alpha = exp_scalar((w.m[r] - m_new) * mul);  // 0 when m was -inf
       w.l[r] = w.l[r] * alpha + block_sum;  // normaliser of the probabilities before dropout
@@ -112,7 +140,7 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
     }
     if (packed) {
       int64_t depth = kd < bk ? kd : bkp;
-      if constexpr (kIsHalf<T>) {
+      if constexpr (kIsHalf<PT>) {
         if (depth & 1) {  // kd odd: its last key by a rank-1 update
           --depth;
           const T* vrow = this->v_rows(b, hk, j0 + depth);
@@ -125,7 +153,9 @@ void Forward<T>::query_rows_task(int64_t t, Work& w) const {
       }
       if (depth > 0)
         p.packed->gemm(bq, p.Ev, depth, v_depth(j0), bkp, p.Ev, true, pn,
-                       packed_v(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
+                       packed_v<PT>(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(w.acc.data()));
+    } else if constexpr (kRounded) {
+      // unreachable, as above
     } else if (fk) {
       this->fgemm(bq, p.Ev, bk, bk, p.v_sr, p.Ev, true, s, this->v_rows(b, hk, j0), w.acc.data());
     } else if (wide && p.fgemm) {

@@ -23,6 +23,8 @@ struct Forward : Problem<T> {
   bool packed() const { return kIsHalf<T> && p.packed != nullptr; }
   bool fk() const { return std::is_same_v<T, float> && p.fgemm != nullptr; }
   bool wide() const { return kIsHalf<T> && p.half_on_f32; }
+  // fp32 on bf16 products (p.bf16_products): the packed operands hold bf16 K^T and V.
+  bool bf16_products() const { return std::is_same_v<T, float> && p.bf16_products; }
 
   struct Work {
     Scratch<A> s, acc, m, l, bias;  // bias: a block's key bias, then softcap's scratch
@@ -33,6 +35,7 @@ struct Forward : Problem<T> {
     Scratch<T> narrow, qt, qt_packed;  // the last two: Q^T of the keys-as-rows path
     Scratch<uint16_t> keep;            // its lane masks per key
     Scratch<float> qf;                 // wide(): the task's queries in fp32 (bq x E)
+    Scratch<bf16> q16, p16;            // bf16_products(): the task's queries, P, in bf16
     explicit Work(const FlashParams& p)
         : s(layout::kFwdBlockQ * layout::kFwdBlockK), acc(layout::kFwdBlockQ * p.Ev),
           m(layout::kFwdBlockQ), l(layout::kFwdBlockQ), bias(2 * layout::kFwdBlockK),
@@ -43,7 +46,9 @@ struct Forward : Problem<T> {
           qt(p.forward_path == ForwardPath::KeysAsRows ? p.E * layout::kFwdBlockQ : 0),
           qt_packed(qt.size()),
           keep(p.forward_path == ForwardPath::KeysAsRows ? 4 * layout::kFwdBlockK : 0),
-          qf(p.half_on_f32 ? layout::kFwdBlockQ * p.E : 0) {}
+          qf(p.half_on_f32 ? layout::kFwdBlockQ * p.E : 0),
+          q16(p.bf16_products ? layout::kFwdBlockQ * p.E : 0),
+          p16(p.bf16_products ? layout::kFwdBlockQ * layout::kFwdBlockK : 0) {}
   };
 
   // Task t: batch-head bh = (b, h), key/value head hk, queries [i0, i0 + bq).
@@ -68,8 +73,11 @@ struct Forward : Problem<T> {
   float* wide_v(int64_t b, int64_t hk, int64_t jb) const {
     return wide_k(b, hk, jb) + layout::wide_k_floats(p);
   }
-  T* packed_v(int64_t b, int64_t hk, int64_t jb) const {
-    return packed_kt(b, hk, jb) + layout::slot_keys(p) * p.E;
+  // The packed V after K^T, in elements of the products' type PT (T, or bf16 for
+  // bf16_products()).
+  template <typename PT = T>
+  PT* packed_v(int64_t b, int64_t hk, int64_t jb) const {
+    return reinterpret_cast<PT*>(packed_kt(b, hk, jb)) + layout::slot_keys(p) * p.E;
   }
   // The depth packed V of the key block starting at j0 was packed with (its bkp): a causal
   // product that stops early still steps over V's panels with it.
@@ -80,6 +88,8 @@ struct Forward : Problem<T> {
 
   void run(int64_t begin, int64_t end) const;                       // forward.cpp
   void query_rows_task(int64_t t, Work& w) const;                   // forward.cpp
+  template <typename PT>  // the products' operand type: T, or bf16 for bf16_products()
+  void query_rows_body(int64_t t, Work& w) const;
   void keys_as_rows_task(int64_t t, Work& w) const;                 // forward.cpp
   void keys_as_rows_bf16(int64_t t, Work& w) const;                 // forward_keys_as_rows.cpp
   void weights_task(int64_t t, Work& w, A* avg = nullptr) const;    // weights.cpp

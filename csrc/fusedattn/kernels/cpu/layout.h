@@ -49,6 +49,9 @@ inline int64_t wide_k_floats(const FlashParams& p) {
   return p.fgemm ? p.E * slot_ld_kt(p) : slot_keys(p) * p.E;
 }
 inline int64_t packed_slot(const FlashParams& p) {
+  // fp32 on bf16 products: the half types' packed K^T and V in bf16, counted in floats (a
+  // multiple of 64 bf16 values: the slots stay cache-line aligned).
+  if (p.bf16_products) return slot_keys(p) * (p.E + round64(p.Ev)) / 2;
   if (p.half_on_f32) return 2 * (wide_k_floats(p) + slot_keys(p) * p.Ev);
   if (p.fgemm) return p.E * slot_ld_kt(p);
   if (p.forward_path == ForwardPath::KeysAsRows) return p.Ev * slot_ld_vt(p);

@@ -18,6 +18,11 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
   const bool staged_packed = kIsHalf<T> && packed() && !keys_as_rows();
   Scratch<float> kf(staged_wide ? kFwdBlockK * p.E : 0);
   Scratch<T> kt(staged_packed ? kLdT * std::max(p.E, p.Ev) : 0);
+  // bf16_products(): the block's K, then V, rounded to bf16 (rows16), K^T of them (kt16).
+  constexpr int64_t kLdT16 = kFwdBlockK + 64 / sizeof(bf16);
+  const bool rounded = bf16_products();
+  Scratch<bf16> rows16(rounded ? (kFwdBlockK + 1) * std::max(p.E, p.Ev) : 0);
+  Scratch<bf16> kt16(rounded ? kLdT16 * p.E : 0);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t jb = t % nb, b = t / nb / p.Hk, hk = t / nb % p.Hk;
     const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
@@ -36,6 +41,16 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
         widen_rows(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, wide_k(b, hk, jb));
       }
       widen_rows(this->v_rows(b, hk, j0), p.v_sr, bk, p.Ev, wide_v(b, hk, jb));
+    } else if (rounded) {  // fp32 K and V rounded to bf16, then packed as bf16's are
+      if constexpr (std::is_same_v<T, float>) {
+        const int64_t bkp = bk + (bk & 1);
+        for (int64_t r = 0; r < bk; ++r) narrow_row(this->k_rows(b, hk, j0 + r), &rows16[r * p.E], p.E);
+        transpose(rows16.data(), p.E, bk, p.E, kt16.data(), kLdT16);
+        p.packed->pack(p.E, bk, kLdT16, kt16.data(), packed_kt(b, hk, jb));
+        for (int64_t r = 0; r < bk; ++r) narrow_row(this->v_rows(b, hk, j0 + r), &rows16[r * p.Ev], p.Ev);
+        std::fill(rows16.begin() + bk * p.Ev, rows16.begin() + bkp * p.Ev, bf16{});
+        p.packed->pack(bkp, p.Ev, p.Ev, rows16.data(), packed_v<bf16>(b, hk, jb));
+      }
     } else if constexpr (std::is_same_v<T, float>) {  // K^T for fgemm
       transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), layout::slot_ld_kt(p));
     } else if constexpr (kIsHalf<T>) {

@@ -73,6 +73,12 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   // bf16/fp16 query-rows forward and backward on fp32 GEMMs (p.gemm->f32): Q, K, V (and dO)
   // widened once, P (and dS) kept in fp32. Set by the plans.
   bool half_on_f32 = false;
+  // fp32 on bf16 products (torch's fp32 matmul precision set to bf16, which the caller reads):
+  // Q, K, V (and dO) and P (and dS) rounded to bf16 for the products, every sum, the softmax,
+  // lse and the outputs in fp32. The caller offers the bf16 packed GEMM in p.packed; the plans
+  // keep the flag only where they take it (the forward's query rows on packed operands, the
+  // query-rows backward on p.gemm->half) and clear it elsewhere.
+  bool bf16_products = false;
 };
 
 // Decoding over a KV cache (decode.cpp): T = L new queries per sequence against the first

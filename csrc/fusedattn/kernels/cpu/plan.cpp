@@ -91,12 +91,27 @@ bool half_on_f32(const FlashParams& p, Capability tier) {
   return p.dtype == DType::Half || (p.dtype == DType::BFloat16 && tier < kBf16GemmTier);
 }
 
-// Packed (AMX) GEMMs for a half-type call: on the amx tier (a portable offer from
-// avx512_bf16 up, where the keys-as-rows kernels are compiled), even head dims, enough queries.
+// Where the packed (AMX) GEMMs run: the amx tier, or a portable offer from avx512_bf16 up
+// (where the keys-as-rows kernels are compiled).
+bool packed_tier(const FlashParams& p, Capability tier) {
+  return p.packed != nullptr &&
+         (tier == Capability::Amx || (p.packed->portable && tier >= Capability::Avx512Bf16));
+}
+
+// fp32 on bf16 products (torch's fp32 matmul precision at bf16; the caller offers the bf16
+// packed GEMM): where torch's own fp32 products become bf16's under that setting. oneDNN rounds
+// them only on AMX: on AVX512-BF16 without it (AMD EPYC, torch 2.15, 2026-12-07) a "medium"
+// matmul of 1 + 2^-12 by 1 keeps the 2^-12 and SDPA's fp32 error stays at highest's (6.8e-7 vs
+// 3.9e-7 at B=4, H=8, L=1024, E=64; bf16 products give ~1e-3), so fusedattn keeps fp32 there
+// too. On the packed path's tiers (amx, or the portable offer in tests).
+bool bf16_products(const FlashParams& p, Capability tier) {
+  return p.bf16_products && p.dtype == DType::Float && packed_tier(p, tier);
+}
+
+// Packed (AMX) GEMMs for a half-type call or fp32 on bf16 products: on the packed tiers, even
+// head dims, enough queries.
 bool keep_packed(const FlashParams& p, Capability tier, bool backward) {
-  const bool tier_ok = tier == Capability::Amx || (p.packed != nullptr && p.packed->portable &&
-                                                   tier >= Capability::Avx512Bf16);
-  return p.packed != nullptr && is_half(p) && tier_ok && p.S > 0 &&
+  return (is_half(p) || bf16_products(p, tier)) && packed_tier(p, tier) && p.S > 0 &&
          p.E % 2 == 0 && (!backward || p.Ev % 2 == 0) &&
          queries_per_kv_head(p) >= kPackedMinQueries;
 }
@@ -111,12 +126,14 @@ bool keys_as_rows_bf16(const FlashParams& p) {
   return vnni;
 }
 
-// The caller's parameters with the tier's table, the packed offer kept only where it pays.
+// The caller's parameters with the tier's table, the packed offer kept only where it pays;
+// bf16_products kept where the tier takes it (the paths narrow it further).
 Plan start(const FlashParams& in, bool backward) {
   Plan r;
   r.p = in;
   r.tier = capability();
   r.kernels = &table_for(r.tier);
+  r.p.bf16_products = bf16_products(r.p, r.tier);
   if (!keep_packed(r.p, r.tier, backward)) r.p.packed = nullptr;
   return r;
 }
@@ -143,13 +160,18 @@ Plan plan_forward(const FlashParams& in) {
   } else {
     p.forward_path = keys_as_rows_bf16(p) ? ForwardPath::KeysAsRows : ForwardPath::QueryRows;
   }
+  // fp32 on bf16 products: the query-rows forward on packed operands; the weights paths, odd
+  // head dims and short calls (no packed offer kept) keep fp32 products.
+  p.bf16_products = p.bf16_products && p.packed != nullptr &&
+                    p.forward_path == ForwardPath::QueryRows;
+  if (p.dtype == DType::Float && !p.bf16_products) p.packed = nullptr;
   p.half_on_f32 = p.forward_path == ForwardPath::QueryRows && p.packed == nullptr && p.S > 0 &&
                   half_on_f32(p, r.tier);
   // The JIT GEMM takes fp32 products: fp32's, and the half types' widened ones (K^T widened by
   // the pack tasks). bf16 without AMX (AMD EPYC, avx512_bf16, B=4, H=12 over 3 kv heads,
   // L=1024, causal): 44 -> 25 ms on it, against MKL's sgemm on the widened rows (fp32: 23-30
   // ms in the same runs). fp16 takes it on every tier (not timed on AMX).
-  if ((p.dtype != DType::Float && !p.half_on_f32) || p.S == 0 ||
+  if ((p.dtype != DType::Float && !p.half_on_f32) || p.bf16_products || p.S == 0 ||
       queries_per_kv_head(p) < kFloatGemmForwardMinQueries || narrow_window)
     p.fgemm = nullptr;
   if (p.packed || p.fgemm || p.half_on_f32) {
@@ -180,7 +202,9 @@ bool backward_widened(const FlashParams& p) {
 Plan plan_backward(const FlashParams& in) {
   Plan r = start(in, /*backward=*/true);
   FlashParams& p = r.p;
-  const bool f32_kr = p.dtype == DType::Float && float_keys_as_rows(p, r.tier);
+  // fp32 on bf16 products: the query-rows backward on the bf16 GEMM (p.gemm->half; MKL's
+  // runs on AMX), every mask and variant included.
+  const bool f32_kr = p.dtype == DType::Float && !p.bf16_products && float_keys_as_rows(p, r.tier);
   if (keys_as_rows_bf16(p) || f32_kr) {
     p.backward_path = BackwardPath::KeysAsRows;
   } else {
@@ -208,6 +232,7 @@ DecodePlan plan_decode(const DecodeParams& in, int64_t max_len) {
   r.kernels = &table_for(tier);
   p.packed = nullptr;
   p.fgemm = nullptr;
+  p.bf16_products = false;  // a few rows against a long cache: memory-bound, fp32 products
   p.half_on_f32 = half_on_f32(p, tier);
   const int64_t bh = p.B * p.Hk;
   int64_t splits = 1;
