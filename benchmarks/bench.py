@@ -183,7 +183,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--skip-modules", action="store_true", help="no MultiheadAttention cases")
+    ap.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+                    help="torch.set_float32_matmul_precision for the whole run (both libraries "
+                         "and the GEMM): 'medium' allows bf16 products for fp32")
     args = ap.parse_args()
+    torch.set_float32_matmul_precision(args.matmul_precision)
     max_len = min(args.max_len, 1024) if args.quick else args.max_len
     repeats = 3 if args.quick else args.repeats
     budget = 2.0 if args.quick else 10.0
@@ -254,9 +258,11 @@ def main():
                 cpu=cpu_model(), fusedattn_tier=fusedattn.cpu_capability(),
                 aten_capability=torch.backends.cpu.get_cpu_capability(),
                 onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "(not set)"),
+                matmul_precision=args.matmul_precision,
                 python=platform.python_version())
     print(f"CPU: {meta['cpu']}; fusedattn tier {meta['fusedattn_tier']}, ATen {meta['aten_capability']}, "
-          f"ONEDNN_MAX_CPU_ISA {meta['onednn_max_isa']}; {meta['threads']} threads; torch {meta['torch']}")
+          f"ONEDNN_MAX_CPU_ISA {meta['onednn_max_isa']}; {meta['threads']} threads; torch {meta['torch']}; "
+          f"fp32 matmul precision {meta['matmul_precision']}")
     print(f"GFLOP/s: fusedattn's; GEMM: a {GEMM_N}^3 torch.mm of the dtype timed alternately in the "
           f"same run; share: fusedattn's rate / the GEMM's")
     header = (f"{'case':<22}{'dtype':<10}{'L':>6} {'causal':<7}{'mode':<9}{'torch path':<22}"

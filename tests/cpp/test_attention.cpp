@@ -1,4 +1,5 @@
 #include <catch2/catch.hpp>
+#include <cstdlib>
 #include <limits>
 #include <torch/torch.h>
 
@@ -143,6 +144,30 @@ TEST_CASE("attention in float32, bfloat16 and float16 against fp64", "[attention
     auto out = fusedattn::attention(q.to(dtype), k.to(dtype), v.to(dtype)).out;
     REQUIRE(out.dtype() == dtype);
     require_close(out, expected, tol);
+  }
+}
+
+TEST_CASE("fp32 honours torch's fp32 matmul precision set from C++", "[attention][dtype]") {
+  torch::manual_seed(5);
+  auto q = randn({1, 2, 150, 32}), k = randn({1, 2, 90, 32}), v = randn({1, 2, 90, 32});
+  auto expected = reference_attention(q, k, v).first;
+  const auto f = [&] { return fusedattn::attention(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat)).out; };
+  const auto highest = f();
+  // The portable packed GEMM: the bf16-product path on any avx512_bf16 CPU, not only on AMX.
+  ::setenv("FUSEDATTN_PACKED_GEMM", "reference", 1);
+  at::globalContext().setFloat32MatmulPrecision("medium");
+  const auto medium = f();
+  at::globalContext().setFloat32MatmulPrecision("highest");
+  ::unsetenv("FUSEDATTN_PACKED_GEMM");
+  REQUIRE(medium.dtype() == torch::kFloat);
+  require_close(highest, expected, 1e-5);
+  require_close(medium, expected, 2e-2);  // bf16 products: ~2^-8 of the values
+  const auto cap = fusedattn::cpu_capability();
+  const double moved = (medium - highest).abs().max().item<double>();
+  if (cap == "amx" || cap == "avx512_bf16") {
+    REQUIRE(moved > 1e-4);
+  } else {
+    REQUIRE(moved == 0.0);
   }
 }
 
