@@ -36,6 +36,10 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
       ``sinks[h]`` joins the softmax's denominator and carries no value (softmax over
       ``[scores, sinks[h]]``, the sink's column dropped); ``out``, the weights and ``lse`` are
       the sink-inclusive ones, and ``sinks`` gets a gradient.
+
+    fp32 inputs follow torch's fp32 matmul precision on the CPU: under
+    ``torch.set_float32_matmul_precision("medium")`` (mkldnn ``fp32_precision`` ``"bf16"``) their
+    products run in bf16 where torch's own do (CPUs with AMX), softmax, sums and outputs in fp32.
     """
     out, weights, lse = torch.ops.fusedattn.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
