@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <torch/torch.h>
 
 #include <fusedattn/fusedattn.h>
@@ -154,11 +155,17 @@ TEST_CASE("fp32 honours torch's fp32 matmul precision set from C++", "[attention
   const auto f = [&] { return fusedattn::attention(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat)).out; };
   const auto highest = f();
   // The portable packed GEMM: the bf16-product path on any avx512_bf16 CPU, not only on AMX.
+  const char* before = std::getenv("FUSEDATTN_PACKED_GEMM");
+  const std::string previous = before ? before : "";
   ::setenv("FUSEDATTN_PACKED_GEMM", "reference", 1);
   at::globalContext().setFloat32MatmulPrecision("medium");
   const auto medium = f();
   at::globalContext().setFloat32MatmulPrecision("highest");
-  ::unsetenv("FUSEDATTN_PACKED_GEMM");
+  if (before) {
+    ::setenv("FUSEDATTN_PACKED_GEMM", previous.c_str(), 1);
+  } else {
+    ::unsetenv("FUSEDATTN_PACKED_GEMM");
+  }
   REQUIRE(medium.dtype() == torch::kFloat);
   require_close(highest, expected, 1e-5);
   require_close(medium, expected, 2e-2);  // bf16 products: ~2^-8 of the values
