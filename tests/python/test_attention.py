@@ -440,6 +440,7 @@ def restore_matmul_precision():
     torch.set_float32_matmul_precision("highest")
 
 
+@pytest.mark.own_kernels
 @pytest.mark.parametrize("setting", ["medium", "mkldnn_bf16", "high"])
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("case", [
