@@ -4,6 +4,24 @@
 
 FUSEDATTN_TIER_NS_BEGIN
 
+namespace {
+// One key block of a half type for the packed query-rows forward: K^T (E x bk) packed into
+// kt_out, V (bkp x Ev, bkp = bk rounded up to even, a zero row appended) into v_out. k, v are
+// bk rows (row strides k_sr, v_sr); staging holds K^T at row stride ld, then an odd block's V.
+template <typename H>
+void pack_half_block(const PackedGemm& g, const H* k, int64_t k_sr, const H* v, int64_t v_sr,
+                     int64_t bk, int64_t E, int64_t Ev, H* staging, int64_t ld, void* kt_out,
+                     void* v_out) {
+  const int64_t bkp = bk + (bk & 1);
+  transpose(k, k_sr, bk, E, staging, ld);
+  g.pack(E, bk, ld, staging, kt_out);
+  if (bkp == bk) return g.pack(bk, Ev, v_sr, v, v_out);
+  for (int64_t r = 0; r < bk; ++r) std::copy(v + r * v_sr, v + r * v_sr + Ev, staging + r * Ev);
+  std::fill(staging + bk * Ev, staging + bkp * Ev, H{});
+  g.pack(bkp, Ev, Ev, staging, v_out);
+}
+}  // namespace
+
 template <typename T>
 void Forward<T>::pack(int64_t begin, int64_t end) const {
   using layout::kFwdBlockK;
@@ -18,11 +36,11 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
   const bool staged_packed = kIsHalf<T> && packed() && !keys_as_rows();
   Scratch<float> kf(staged_wide ? kFwdBlockK * p.E : 0);
   Scratch<T> kt(staged_packed ? kLdT * std::max(p.E, p.Ev) : 0);
-  // bf16_products(): the block's K, then V, rounded to bf16 (rows16), K^T of them (kt16).
+  // bf16_products(): the block's K and V rounded to bf16 (k16, v16), then staged as above.
   constexpr int64_t kLdT16 = kFwdBlockK + 64 / sizeof(bf16);
   const bool rounded = bf16_products();
-  Scratch<bf16> rows16(rounded ? (kFwdBlockK + 1) * std::max(p.E, p.Ev) : 0);
-  Scratch<bf16> kt16(rounded ? kLdT16 * p.E : 0);
+  Scratch<bf16> k16(rounded ? kFwdBlockK * p.E : 0), v16(rounded ? kFwdBlockK * p.Ev : 0);
+  Scratch<bf16> kt16(rounded ? kLdT16 * std::max(p.E, p.Ev) : 0);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t jb = t % nb, b = t / nb / p.Hk, hk = t / nb % p.Hk;
     const int64_t j0 = jb * kFwdBlockK, bk = std::min(kFwdBlockK, p.S - j0);
@@ -43,28 +61,19 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
       widen_rows(this->v_rows(b, hk, j0), p.v_sr, bk, p.Ev, wide_v(b, hk, jb));
     } else if (rounded) {  // fp32 K and V rounded to bf16, then packed as bf16's are
       if constexpr (std::is_same_v<T, float>) {
-        const int64_t bkp = bk + (bk & 1);
-        for (int64_t r = 0; r < bk; ++r) narrow_row(this->k_rows(b, hk, j0 + r), &rows16[r * p.E], p.E);
-        transpose(rows16.data(), p.E, bk, p.E, kt16.data(), kLdT16);
-        p.packed->pack(p.E, bk, kLdT16, kt16.data(), packed_kt(b, hk, jb));
-        for (int64_t r = 0; r < bk; ++r) narrow_row(this->v_rows(b, hk, j0 + r), &rows16[r * p.Ev], p.Ev);
-        std::fill(rows16.begin() + bk * p.Ev, rows16.begin() + bkp * p.Ev, bf16{});
-        p.packed->pack(bkp, p.Ev, p.Ev, rows16.data(), packed_v<bf16>(b, hk, jb));
+        for (int64_t r = 0; r < bk; ++r) {
+          narrow_row(this->k_rows(b, hk, j0 + r), &k16[r * p.E], p.E);
+          narrow_row(this->v_rows(b, hk, j0 + r), &v16[r * p.Ev], p.Ev);
+        }
+        pack_half_block(*p.packed, k16.data(), p.E, v16.data(), p.Ev, bk, p.E, p.Ev, kt16.data(),
+                        kLdT16, packed_kt(b, hk, jb), packed_v<bf16>(b, hk, jb));
       }
     } else if constexpr (std::is_same_v<T, float>) {  // K^T for fgemm
       transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), layout::slot_ld_kt(p));
     } else if constexpr (kIsHalf<T>) {
-      const int64_t bkp = bk + (bk & 1);
-      transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, kt.data(), kLdT);
-      p.packed->pack(p.E, bk, kLdT, kt.data(), packed_kt(b, hk, jb));
-      const T* v = this->v_rows(b, hk, j0);
-      if (bkp == bk) {
-        p.packed->pack(bk, p.Ev, p.v_sr, v, packed_v(b, hk, jb));
-      } else {
-        for (int64_t r = 0; r < bk; ++r) std::copy(v + r * p.v_sr, v + r * p.v_sr + p.Ev, &kt[r * p.Ev]);
-        std::fill(&kt[bk * p.Ev], &kt[bkp * p.Ev], T{});
-        p.packed->pack(bkp, p.Ev, p.Ev, kt.data(), packed_v(b, hk, jb));
-      }
+      pack_half_block(*p.packed, this->k_rows(b, hk, j0), p.k_sr, this->v_rows(b, hk, j0),
+                      p.v_sr, bk, p.E, p.Ev, kt.data(), kLdT, packed_kt(b, hk, jb),
+                      packed_v(b, hk, jb));
     }
   }
 }
