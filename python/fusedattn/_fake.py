@@ -10,6 +10,11 @@ def _accumulate_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _out_dtype(dtype, fp32_out):
+    # fp32_out widens bf16/fp16 outputs only (the forwards' flag, ops/params.h).
+    return torch.float32 if fp32_out and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _check_shapes(query, key, value, attn_mask, key_padding_mask, dropout_p, scale, enable_gqa,
                   window=None, alibi_slopes=None, softcap=None, rel_bias=None):
     # The real kernels' checks (one implementation, in C++, on SymInts): with symbolic sizes
@@ -32,7 +37,7 @@ def _check_devices(query, **others):
 def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, dropout_seed,
                             dropout_p, is_causal, bottom_right, scale, enable_gqa,
                             return_weights, average_weights=False, window=None,
-                            alibi_slopes=None, softcap=None, rel_bias=None):
+                            alibi_slopes=None, softcap=None, rel_bias=None, fp32_out=False):
     torch._check(query.dim() >= 3, lambda: "attention: query must have at least 3 dims")
     _check_devices(query, key=key, value=value, attn_mask=attn_mask,
                    key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes,
@@ -41,7 +46,7 @@ def _attention_forward_fake(query, key, value, attn_mask, key_padding_mask, drop
                   window, alibi_slopes, softcap, rel_bias)
     *batch, heads, q_len, _ = query.shape
     kv_len, v_dim = key.shape[-2], value.shape[-1]
-    out = query.new_empty((*batch, heads, q_len, v_dim))
+    out = query.new_empty((*batch, heads, q_len, v_dim), dtype=_out_dtype(query.dtype, fp32_out))
     lse = query.new_empty((*batch, heads, q_len), dtype=_accumulate_dtype(query.dtype))
     if not return_weights:
         weights = query.new_empty((0,))
@@ -95,11 +100,12 @@ def _projected_sizes(query, key, value, seq_first):
 @torch.library.register_fake("fusedattn::_attention_projected_forward")
 def _attention_projected_forward_fake(query, key, value, num_heads, seq_first, attn_mask,
                                       key_padding_mask, dropout_seed, dropout_p, is_causal,
-                                      return_weights, average_weights):
+                                      return_weights, average_weights, fp32_out=False):
     _check_devices(query, key=key, value=value, attn_mask=attn_mask,
                    key_padding_mask=key_padding_mask)
     n, seq_q, seq_k, out_features = _projected_sizes(query, key, value, seq_first)
-    out = query.new_empty((*query.shape[:2], out_features))
+    out = query.new_empty((*query.shape[:2], out_features),
+                          dtype=_out_dtype(query.dtype, fp32_out))
     lse = query.new_empty((n, num_heads, seq_q), dtype=_accumulate_dtype(query.dtype))
     if not return_weights:
         weights = query.new_empty((0,))
@@ -158,11 +164,12 @@ def _check_varlen_shapes(query, key, value, cu_seqlens_q, cu_seqlens_k):
 @torch.library.register_fake("fusedattn::_attention_varlen_forward")
 def _attention_varlen_forward_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, dropout_seed, dropout_p, is_causal, bottom_right,
-                                   scale, enable_gqa, window, alibi_slopes, softcap, rel_bias):
+                                   scale, enable_gqa, window, alibi_slopes, softcap, rel_bias,
+                                   fp32_out=False):
     _check_devices(query, key=key, value=value, alibi_slopes=alibi_slopes, rel_bias=rel_bias)
     _check_varlen_shapes(query, key, value, cu_seqlens_q, cu_seqlens_k)
     total_q, heads, _ = query.shape
-    out = query.new_empty((total_q, heads, value.shape[2]))
+    out = query.new_empty((total_q, heads, value.shape[2]), dtype=_out_dtype(query.dtype, fp32_out))
     lse = query.new_empty((heads, total_q), dtype=_accumulate_dtype(query.dtype))
     return out, lse
 

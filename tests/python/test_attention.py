@@ -348,13 +348,16 @@ def test_average_weights_needs_return_weights():
 # Gradients at peaked softmax rows, tiny head dims and GQA: fusedattn's error against an fp64
 # reference at most twice SDPA's own in the same dtype. Peaked rows (inputs randn * 4) once
 # lost accuracy two ways: D = rowsum(dO * O) read O rounded to fp16/bf16 (a cancellation in
-# dP - D), and P = exp(s - lse) carried lse's fp32 rounding; rows whose keys fit one backward
-# block now take their own softmax and D = rowsum(P * dP).
+# dP - D), and P = exp(s - lse) carried lse's fp32 rounding. Rows whose keys fit one backward
+# block (256) take their own softmax and D = rowsum(P * dP); longer rows read O in fp32,
+# which the forward keeps where a gradient is wanted (fp32_out).
 PEAKED_CASES = [
     # dtype, B, H, Hk, L, S, E, Ev, attn_mask, key_padding_mask, causal, alignment, scale
     (torch.float16, 2, 2, 1, 1, 70, 44, 130, None, "float", False, "top_left", 0.845),
     (torch.float16, 2, 2, 2, 11, 63, 2, 128, "bool", None, False, "top_left", None),
     (torch.bfloat16, 2, 2, 2, 21, 65, 127, 15, "float", "float", False, "top_left", 1.25),
+    (torch.float16, 2, 2, 1, 3, 700, 44, 130, None, "float", False, "top_left", 0.845),
+    (torch.bfloat16, 2, 2, 1, 21, 650, 127, 15, "float", "float", True, "bottom_right", 1.25),
     (torch.float32, 2, 4, 2, 65, 2, 1, 52, "float", None, True, "top_left", None),
     (torch.float32, 2, 4, 2, 64, 63, 57, 57, "bool", "bool", True, "bottom_right", None),
     (torch.float32, 1, 3, 1, 40, 200, 3, 9, None, "bool", True, "bottom_right", 2.0),
@@ -413,6 +416,58 @@ def test_peaked_gradients_within_twice_sdpas_error(case, seed):
         size = r.abs().max().item() or 1.0
         err_t, err_o = (t - r).abs().max().item() / size, (o - r).abs().max().item() / size
         assert err_o <= 2 * err_t + 1e-6, f"{name}: {err_o:.3g} against SDPA's {err_t:.3g}"
+
+
+# fp32_out (the forwards' flag, which the autograd sets for half-precision inputs that want a
+# gradient): out in fp32 that rounds to the default out's bits, on every forward path: query
+# rows, the weights' paths, the modules' projected form and packed sequences (and bf16's
+# keys-as-rows forward where the portable packed GEMM runs it).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["rows", "weights", "averaged", "projected", "varlen"])
+def test_fp32_out_rounds_to_the_default_out(dtype, path):
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    ops = torch.ops.fusedattn
+    if path == "projected":  # packed q|k|v (L, N, 3 H D), 2 heads of 24
+        x, pad = r(130, 2, 144), torch.rand(2, 130, generator=g) > 0.8
+        call = lambda f32: ops._attention_projected_forward(  # noqa: E731
+            x, None, None, 2, True, None, pad, None, 0.0, True, False, False, f32)
+    elif path == "varlen":
+        cu = torch.tensor([0, 130, 131, 200], dtype=torch.int32)
+        q, k, v = r(200, 4, 24), r(200, 2, 24), r(200, 2, 40)
+        call = lambda f32: ops._attention_varlen_forward(  # noqa: E731
+            q, k, v, cu, cu, 130, 130, None, 0.0, True, False, None, True, None, None, None,
+            None, f32)
+    else:
+        q, k, v = r(2, 4, 130, 24), r(2, 2, 77, 24), r(2, 2, 77, 40)
+        pad = torch.rand(2, 77, generator=g) > 0.8
+        weights, averaged = path != "rows", path == "averaged"
+        call = lambda f32: ops._attention_forward(  # noqa: E731
+            q, k, v, None, pad, None, 0.0, True, True, None, True, weights, averaged, None,
+            None, None, None, f32)
+    torch.manual_seed(0)
+    out = call(False)[0]
+    torch.manual_seed(0)
+    wide = call(True)[0]
+    assert out.dtype == dtype and wide.dtype == torch.float32 and wide.shape == out.shape
+    assert torch.equal(wide.to(dtype), out)
+    assert (wide != wide.to(dtype).float()).any()  # digits past the dtype's: kept
+
+
+def test_fp32_out_opcheck_and_autograd_dtype():
+    q = rand(2, 4, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    k = rand(2, 2, 7, 8, dtype=torch.bfloat16, requires_grad=True)
+    v = rand(2, 2, 7, 8, dtype=torch.bfloat16, requires_grad=True)
+    args = (q, k, v, None, torch.rand(2, 7) > 0.5, None, 0.0, True, False, None, True, False,
+            False, None, None, None, None, True)
+    torch.library.opcheck(torch.ops.fusedattn._attention_forward.default, args)
+    # The caller gets the inputs' dtype whether or not the forward kept fp32 for the backward.
+    out = fusedattn.attention(q, k, v, enable_gqa=True)
+    assert out.dtype == torch.bfloat16 and out.requires_grad
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
+    with torch.no_grad():
+        assert fusedattn.attention(q, k, v, enable_gqa=True).dtype == torch.bfloat16
 
 
 # torch's fp32 matmul precision: at bf16 ("medium", or torch.backends.mkldnn.matmul.fp32_precision

@@ -42,11 +42,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+    const std::optional<at::Tensor>& rel_bias, bool fp32_out) {
   static auto op = detail::op_handle<decltype(attention_forward)>("fusedattn::_attention_forward");
   return op.call(query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p,
                  is_causal, bottom_right, scale, enable_gqa, return_weights, average_weights,
-                 window, alibi_slopes, softcap, rel_bias);
+                 window, alibi_slopes, softcap, rel_bias, fp32_out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -70,11 +70,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
     const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool return_weights, bool average_weights) {
+    bool return_weights, bool average_weights, bool fp32_out) {
   static auto op = detail::op_handle<decltype(attention_projected_forward)>(
       "fusedattn::_attention_projected_forward");
   return op.call(query, key, value, num_heads, seq_first, attn_mask, key_padding_mask,
-                 dropout_seed, dropout_p, is_causal, return_weights, average_weights);
+                 dropout_seed, dropout_p, is_causal, return_weights, average_weights, fp32_out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -132,7 +132,7 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     bool average_weights = false, at::OptionalIntArrayRef window = std::nullopt,
     const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
     std::optional<double> softcap = std::nullopt,
-    const std::optional<at::Tensor>& rel_bias = std::nullopt);
+    const std::optional<at::Tensor>& rel_bias = std::nullopt, bool fp32_out = false);
 
 // -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask,
 // grad_rel_bias); the last three are empty unless asked for (rel_bias: given).
@@ -156,7 +156,7 @@ FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected
     const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool return_weights, bool average_weights);
+    bool return_weights, bool average_weights, bool fp32_out = false);
 FUSEDATTN_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 attention_projected_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,

@@ -40,11 +40,35 @@ std::pair<bool, bool> mask_grads_wanted(AutogradContext* ctx, size_t first_mask,
   return {mask_grad, kpm_grad};
 }
 
-// What both functions' forwards keep the same way: saved tensors query, key, value, out, lse,
-// attn_mask, key_padding_mask, dropout_seed (undefined where absent), the flags the backward
-// op takes, and the weights differentiable only when returned. -> (out, lse, weights)
+// Whether a half-precision forward keeps out in fp32 for its backward: a gradient is wanted
+// (grad mode on, an input requiring grad) and the inputs are bf16/fp16. D = rowsum(dO * O)
+// from O rounded to the dtype turned dP - D into a cancellation at peaked rows (fp16, L = 3,
+// S = 700, GQA, float key padding, inputs randn * 4: dQ, dK at 11-14x SDPA's error); the
+// fp32 O costs B H L Ev floats and one rounding pass (0.5 ms of a 120 ms bf16 forward at
+// B = 4, H = 8, L = 2048, E = 64).
+bool keeps_fp32_out(const at::Tensor& query,
+                    std::initializer_list<std::optional<at::Tensor>> inputs) {
+  const auto t = query.scalar_type();
+  if (!at::GradMode::is_enabled() || (t != at::kBFloat16 && t != at::kHalf)) return false;
+  for (const auto& x : inputs) {
+    if (x && x->defined() && x->requires_grad()) return true;
+  }
+  return false;
+}
+
+// The forward's out as the caller gets it: rounded to the inputs' dtype where the autograd
+// asked for fp32 (`rounded`), as the op returned it otherwise.
+at::Tensor caller_out(const at::Tensor& out, const at::Tensor& query, bool rounded) {
+  return rounded && out.scalar_type() != query.scalar_type() ? out.to(query.scalar_type()) : out;
+}
+
+// What both functions' forwards keep the same way: saved tensors query, key, value, out (as
+// the op returned it: fp32 where kept so), lse, attn_mask, key_padding_mask, dropout_seed
+// (undefined where absent), the flags the backward op takes, and the weights differentiable
+// only when returned. -> (out as the caller gets it, lse, weights)
 variable_list save_forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
-                           const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+                           const at::Tensor& value, const at::Tensor& out, bool round_out,
+                           const at::Tensor& lse,
                            const at::Tensor& weights, const std::optional<at::Tensor>& attn_mask,
                            const std::optional<at::Tensor>& key_padding_mask,
                            const std::optional<at::Tensor>& dropout_seed, double dropout_p,
@@ -57,7 +81,7 @@ variable_list save_forward(AutogradContext* ctx, const at::Tensor& query, const 
   ctx->saved_data["average_weights"] = return_weights && average_weights;
   ctx->set_materialize_grads(false);
   if (!return_weights) ctx->mark_non_differentiable({weights});
-  return {out, lse, weights};
+  return {caller_out(out, query, round_out), lse, weights};
 }
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
@@ -73,12 +97,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                at::OptionalIntArrayRef window,
                                const std::optional<at::Tensor>& alibi_slopes,
                                std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+                               const std::optional<at::Tensor>& rel_bias, bool fp32_out,
+                               bool round_out) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, weights] =
-        ops::attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_seed,
-                               dropout_p, is_causal, bottom_right, scale, enable_gqa,
-                               return_weights, average_weights, window, alibi_slopes, softcap, rel_bias);
+    auto [out, lse, weights] = ops::attention_forward(
+        query, key, value, attn_mask, key_padding_mask, dropout_seed, dropout_p, is_causal,
+        bottom_right, scale, enable_gqa, return_weights, average_weights, window, alibi_slopes,
+        softcap, rel_bias, fp32_out || round_out);
     ctx->saved_data["bottom_right"] = bottom_right;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["enable_gqa"] = enable_gqa;
@@ -87,8 +112,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["alibi_slopes"] = alibi_slopes ? c10::IValue(alibi_slopes->detach()) : c10::IValue();
     ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["rel_bias"] = rel_bias ? c10::IValue(rel_bias->detach()) : c10::IValue();
-    return save_forward(ctx, query, key, value, out, lse, weights, attn_mask, key_padding_mask,
-                        dropout_seed, dropout_p, is_causal, return_weights, average_weights);
+    return save_forward(ctx, query, key, value, out, round_out, lse, weights, attn_mask,
+                        key_padding_mask, dropout_seed, dropout_p, is_causal, return_weights,
+                        average_weights);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -99,7 +125,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                &lse = saved[4], &attn_mask = saved[5], &key_padding_mask = saved[6],
                &dropout_seed = saved[7];
     const auto [mask_grad, kpm_grad] = mask_grads_wanted(ctx, 3, attn_mask, key_padding_mask);
-    const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const auto grad_out =
+        grads[0].defined() ? grads[0] : at::zeros(out.sizes(), query.options());
     const auto grad_weights = per_head_grad(grads[2], ctx->saved_data["average_weights"].toBool(),
                                             query.size(-3));
     const auto& window_iv = ctx->saved_data["window"];
@@ -125,7 +152,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
             kpm_grad ? d_kpm : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            rel_iv.isNone() ? at::Tensor() : d_rel.to(rel_iv.toTensor().scalar_type())};
+            rel_iv.isNone() ? at::Tensor() : d_rel.to(rel_iv.toTensor().scalar_type()),
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -139,15 +167,16 @@ class ProjectedAttentionFunction : public torch::autograd::Function<ProjectedAtt
                                bool seq_first, const std::optional<at::Tensor>& attn_mask,
                                const std::optional<at::Tensor>& key_padding_mask,
                                const std::optional<at::Tensor>& dropout_seed, double dropout_p,
-                               bool is_causal, bool return_weights, bool average_weights) {
+                               bool is_causal, bool return_weights, bool average_weights,
+                               bool fp32_out, bool round_out) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, weights] = ops::attention_projected_forward(
         query, key, value, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed,
-        dropout_p, is_causal, return_weights, average_weights);
+        dropout_p, is_causal, return_weights, average_weights, fp32_out || round_out);
     ctx->saved_data["num_heads"] = num_heads;
     ctx->saved_data["seq_first"] = seq_first;
     return save_forward(ctx, query, key.value_or(at::Tensor()), value.value_or(at::Tensor()), out,
-                        lse, weights, attn_mask, key_padding_mask, dropout_seed, dropout_p,
+                        round_out, lse, weights, attn_mask, key_padding_mask, dropout_seed, dropout_p,
                         is_causal, return_weights, average_weights);
   }
 
@@ -164,7 +193,8 @@ class ProjectedAttentionFunction : public torch::autograd::Function<ProjectedAtt
     const auto [mask_grad, kpm_grad] =
         mask_grads_wanted(ctx, first_mask, attn_mask, key_padding_mask);
     const int64_t heads = ctx->saved_data["num_heads"].toInt();
-    const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const auto grad_out =
+        grads[0].defined() ? grads[0] : at::zeros(out.sizes(), query.options());
     const auto grad_weights =
         per_head_grad(grads[2], ctx->saved_data["average_weights"].toBool(), heads);
     auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_projected_backward(
@@ -181,7 +211,8 @@ class ProjectedAttentionFunction : public torch::autograd::Function<ProjectedAtt
             at::Tensor(),
             mask_grad ? d_mask : at::Tensor(),
             kpm_grad ? d_kpm : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -197,12 +228,13 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
                                at::OptionalIntArrayRef window,
                                const std::optional<at::Tensor>& alibi_slopes,
                                std::optional<double> softcap,
-                               const std::optional<at::Tensor>& rel_bias) {
+                               const std::optional<at::Tensor>& rel_bias, bool fp32_out,
+                               bool round_out) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = ops::attention_varlen_forward(
         query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_seed,
         dropout_p, is_causal, bottom_right, scale, enable_gqa, window, alibi_slopes, softcap,
-        rel_bias);
+        rel_bias, fp32_out || round_out);
     ctx->save_for_backward({query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k,
                             dropout_seed.value_or(at::Tensor()),
                             alibi_slopes ? alibi_slopes->detach() : at::Tensor(),
@@ -217,7 +249,7 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     ctx->saved_data["window"] = window ? c10::IValue(window->vec()) : c10::IValue();
     ctx->saved_data["softcap"] = softcap;
     ctx->set_materialize_grads(false);
-    return {out, lse};
+    return {caller_out(out, query, round_out), lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -227,7 +259,8 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     const auto &query = saved[0], &key = saved[1], &value = saved[2], &out = saved[3],
                &lse = saved[4], &cu_q = saved[5], &cu_k = saved[6], &seed = saved[7],
                &alibi = saved[8], &rel_bias = saved[9];
-    const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const auto grad_out =
+        grads[0].defined() ? grads[0] : at::zeros(out.sizes(), query.options());
     const auto& window_iv = ctx->saved_data["window"];
     const auto window = window_iv.isNone() ? std::vector<int64_t>() : window_iv.toIntVector();
     auto [dq, dk, dv, d_rel] = ops::attention_varlen_backward(
@@ -239,7 +272,7 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
         window_iv.isNone() ? at::OptionalIntArrayRef() : at::OptionalIntArrayRef(window),
         defined_or_none(alibi), ctx->saved_data["softcap"].toOptional<double>(),
         defined_or_none(rel_bias));
-    variable_list r(17);
+    variable_list r(19);
     r[0] = dq, r[1] = dk, r[2] = dv;
     if (rel_bias.defined()) r[16] = d_rel.to(rel_bias.scalar_type());
     return r;
@@ -252,11 +285,12 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_autograd(
     int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
     bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
-    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias, bool fp32_out) {
+  const bool round_out = !fp32_out && keeps_fp32_out(query, {query, key, value, rel_bias});
   auto outs = VarlenAttentionFunction::apply(query, key, value, cu_seqlens_q, cu_seqlens_k,
                                              max_seqlen_q, max_seqlen_k, dropout_seed, dropout_p,
                                              is_causal, bottom_right, scale, enable_gqa, window,
-                                             alibi_slopes, softcap, rel_bias);
+                                             alibi_slopes, softcap, rel_bias, fp32_out, round_out);
   return {outs[0], outs[1]};
 }
 
@@ -265,10 +299,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward_autog
     const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool return_weights, bool average_weights) {
-  auto outs = ProjectedAttentionFunction::apply(query, key, value, num_heads, seq_first, attn_mask,
-                                                key_padding_mask, dropout_seed, dropout_p,
-                                                is_causal, return_weights, average_weights);
+    bool return_weights, bool average_weights, bool fp32_out) {
+  const bool round_out =
+      !fp32_out && keeps_fp32_out(query, {query, key, value, attn_mask, key_padding_mask});
+  auto outs = ProjectedAttentionFunction::apply(
+      query, key, value, num_heads, seq_first, attn_mask, key_padding_mask, dropout_seed,
+      dropout_p, is_causal, return_weights, average_weights, fp32_out, round_out);
   return {outs[0], outs[1], outs[2]};
 }
 
@@ -279,11 +315,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+    const std::optional<at::Tensor>& rel_bias, bool fp32_out) {
+  const bool round_out = !fp32_out && keeps_fp32_out(query, {query, key, value, attn_mask,
+                                                              key_padding_mask, rel_bias});
   auto outs = AttentionFunction::apply(query, key, value, attn_mask, key_padding_mask,
                                        dropout_seed, dropout_p, is_causal, bottom_right, scale,
                                        enable_gqa, return_weights, average_weights, window,
-                                       alibi_slopes, softcap, rel_bias);
+                                       alibi_slopes, softcap, rel_bias, fp32_out, round_out);
   return {outs[0], outs[1], outs[2]};
 }
 

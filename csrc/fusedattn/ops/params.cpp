@@ -10,6 +10,23 @@ at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::ScalarType out_dtype(at::ScalarType dtype, bool fp32_out) {
+  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
+  return fp32_out && half ? at::kFloat : dtype;
+}
+
+at::ScalarType AttentionParams::out_dtype() const {
+  return fusedattn::out_dtype(problem.dtype, fp32_out);
+}
+
+bool check_backward_out_dtype(at::ScalarType dtype, const at::Tensor& out, const char* op) {
+  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const bool widened = half && out.scalar_type() == at::kFloat;
+  TORCH_CHECK(out.scalar_type() == dtype || widened, op, " backward: out must be ", dtype,
+              half ? " (or float32, an fp32_out forward's)" : "", ", got ", out.scalar_type());
+  return widened;
+}
+
 std::vector<int64_t> AttentionProblem::out_shape() const {
   auto s = batch;
   s.insert(s.end(), {heads, q_len, v_head_dim});

@@ -53,6 +53,12 @@ struct AttentionParams {
   // The forward's outputs beyond out and lse.
   bool return_weights = false;
   bool average_weights = false;  // (..., L, S), the mean over heads
+  // bf16/fp16 inputs: out returned in fp32, unrounded. The autograd asks for it where a
+  // gradient is wanted and keeps it for the backward, whose D = rowsum(dO * O) would read a
+  // cancellation from O rounded to the dtype at peaked rows; the caller gets it rounded.
+  bool fp32_out = false;
+  // out's dtype: fp32 under fp32_out for half-precision inputs, the inputs' otherwise.
+  at::ScalarType out_dtype() const;
 };
 
 // The backward's inputs beyond the call's: out and lse of the forward, the gradients of its
@@ -80,6 +86,13 @@ AttentionParams make_attention_params(const at::Tensor& query, const at::Tensor&
                                       const std::optional<at::Tensor>& rel_bias = std::nullopt);
 // grad_out's shape is the call's output shape (..., H, L, Ev): a named error otherwise.
 void check_backward_output(const AttentionParams& params, const at::Tensor& grad_out);
+// A forward's out dtype: fp32 under fp32_out for bf16/fp16 inputs, the inputs' otherwise.
+at::ScalarType out_dtype(at::ScalarType dtype, bool fp32_out);
+
+// A backward's `out` (the forward's output it reads for D): the inputs' dtype, or fp32 for
+// bf16/fp16 inputs (an fp32_out forward's); a named error otherwise. -> whether it is fp32
+// for half-precision inputs.
+bool check_backward_out_dtype(at::ScalarType dtype, const at::Tensor& out, const char* op);
 
 // A backend's `_attention_forward` / `_attention_backward` kernel from a function of the
 // struct: the schema's arguments become AttentionParams (and AttentionGrads) here, once, so
@@ -97,12 +110,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_entry(
     bool bottom_right, std::optional<double> scale, bool enable_gqa, bool return_weights,
     bool average_weights, at::OptionalIntArrayRef window,
     const std::optional<at::Tensor>& alibi_slopes, std::optional<double> softcap,
-    const std::optional<at::Tensor>& rel_bias) {
+    const std::optional<at::Tensor>& rel_bias, bool fp32_out) {
   auto params = make_attention_params(query, key, value, attn_mask, key_padding_mask,
                                       dropout_seed, dropout_p, is_causal, bottom_right, scale,
                                       enable_gqa, window, alibi_slopes, softcap, rel_bias);
   params.return_weights = return_weights, params.average_weights = average_weights;
-  return Forward(params);
+  params.fp32_out = fp32_out;
+  auto [out, lse, weights] = Forward(params);
+  // A backend that writes out in the inputs' dtype alone: the fp32 out asked for, widened.
+  if (out.scalar_type() != params.out_dtype()) out = out.to(params.out_dtype());
+  return {out, lse, weights};
 }
 
 // grad_out is checked against the call's output shape (out_shape) before Backward runs.
@@ -123,6 +140,7 @@ attention_backward_entry(
                                             scale, enable_gqa, window, alibi_slopes, softcap,
                                             rel_bias);
   check_backward_output(params, grad_out);
+  check_backward_out_dtype(params.problem.dtype, out, "attention");
   AttentionGrads grads;
   grads.grad_out = grad_out, grads.out = out, grads.lse = lse;
   grads.grad_weights = grad_weights, grads.grad_lse = grad_lse;

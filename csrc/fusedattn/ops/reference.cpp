@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const Attention
   auto lse = at::logsumexp(s, -1);
   auto probs = probabilities(s, lse);
   const auto mult = dropout_of(params, probs);
-  auto out = at::matmul(mult.defined() ? probs * mult : probs, v).to(p.dtype);
+  auto out = at::matmul(mult.defined() ? probs * mult : probs, v).to(params.out_dtype());
   auto weights = !params.return_weights ? at::empty({0}, options)
                  : params.average_weights ? (p.heads > 0 ? probs.mean(-3) : probs.sum(-3)).to(p.dtype)
                                           : probs.to(p.dtype);

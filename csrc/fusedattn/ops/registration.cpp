@@ -53,7 +53,8 @@ TORCH_LIBRARY(fusedattn, m) {
       "_attention_varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? dropout_seed, "
       "float dropout_p, bool is_causal, bool bottom_right, float? scale, bool enable_gqa, "
-      "int[]? window, Tensor? alibi_slopes, float? softcap, Tensor? rel_bias) -> (Tensor, Tensor)");
+      "int[]? window, Tensor? alibi_slopes, float? softcap, Tensor? rel_bias, "
+      "bool fp32_out=False) -> (Tensor, Tensor)");
   // -> (grad_query, grad_key, grad_value, grad_rel_bias (accumulate type; empty without it))
   m.def(
       "_attention_varlen_backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, "
@@ -67,13 +68,16 @@ TORCH_LIBRARY(fusedattn, m) {
   m.impl("_attention_varlen_backward", c10::DispatchKey::CompositeExplicitAutograd,
          TORCH_FN(fusedattn::detail::attention_varlen_backward_per_sequence));
 
-  // Internal, pure given dropout_seed: what the backends implement. -> (out, lse, weights)
+  // Internal, pure given dropout_seed: what the backends implement. -> (out, lse, weights).
+  // fp32_out: bf16/fp16 inputs get out in fp32, unrounded (the autograd keeps it for the
+  // backward, which accepts either); the same flag on the projected and packed forwards.
   m.def(
       "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor? key_padding_mask, Tensor? dropout_seed, float dropout_p, bool is_causal, "
       "bool bottom_right, float? scale, bool enable_gqa, bool return_weights, "
       "bool average_weights=False, int[]? window=None, Tensor? alibi_slopes=None, "
-      "float? softcap=None, Tensor? rel_bias=None) -> (Tensor, Tensor, Tensor)");
+      "float? softcap=None, Tensor? rel_bias=None, bool fp32_out=False) "
+      "-> (Tensor, Tensor, Tensor)");
   // -> (grad_query, grad_key, grad_value, grad_attn_mask, grad_key_padding_mask,
   //     grad_rel_bias); the last three empty unless asked for / given
   m.def(
@@ -98,8 +102,8 @@ TORCH_LIBRARY(fusedattn, m) {
   m.def(
       "_attention_projected_forward(Tensor query, Tensor? key, Tensor? value, int num_heads, "
       "bool seq_first, Tensor? attn_mask, Tensor? key_padding_mask, Tensor? dropout_seed, "
-      "float dropout_p, bool is_causal, bool return_weights, bool average_weights) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float dropout_p, bool is_causal, bool return_weights, bool average_weights, "
+      "bool fp32_out=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "_attention_projected_backward(Tensor grad_out, Tensor? grad_weights, Tensor? grad_lse, "
       "Tensor query, Tensor? key, Tensor? value, Tensor out, Tensor lse, int num_heads, "

@@ -117,13 +117,14 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_per_sequence(
     int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
     bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
-    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias, bool fp32_out) {
   const auto o = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, alibi_slopes);
   const int64_t heads = query.size(1);
   const auto acc = accumulate_type(query.scalar_type());
   if (o.batch == 0) {
-    return {at::empty({0, heads, value.size(2)}, query.options()),
+    return {at::empty({0, heads, value.size(2)},
+                      query.options().dtype(out_dtype(query.scalar_type(), fp32_out))),
             at::empty({heads, 0}, query.options().dtype(acc))};
   }
   const auto args = sequence_args(o, heads, dropout_seed, dropout_p, alibi_slopes);
@@ -132,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_per_sequence(
   for (int64_t b = 0; b < o.batch; ++b) {
     auto [out, lse, weights] = ops::attention_forward(
         qs[b], ks[b], vs[b], std::nullopt, std::nullopt, args.seeds[b], dropout_p, is_causal,
-        bottom_right, scale, enable_gqa, false, false, window, args.slopes[b], softcap, rel_bias);
+        bottom_right, scale, enable_gqa, false, false, window, args.slopes[b], softcap, rel_bias,
+        fp32_out);
     outs.push_back(out.transpose(0, 1));  // (len, H, Ev)
     lses.push_back(lse);                  // (H, len)
   }
@@ -204,13 +206,13 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
     int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
     bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
-    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias, bool fp32_out) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedattn::_attention_varlen_forward", "")
                        .typed<decltype(attention_varlen_forward)>();
   return op.call(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  dropout_seed, dropout_p, is_causal, bottom_right, scale, enable_gqa, window,
-                 alibi_slopes, softcap, rel_bias);
+                 alibi_slopes, softcap, rel_bias, fp32_out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(

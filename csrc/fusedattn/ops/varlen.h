@@ -19,7 +19,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
     int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
     bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
-    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias);
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias,
+    bool fp32_out = false);
 // -> (grad_query, grad_key, grad_value, grad_rel_bias (accumulate type; empty without one))
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
@@ -61,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_per_sequence(
     int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
     bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
-    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias);
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias, bool fp32_out);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_per_sequence(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

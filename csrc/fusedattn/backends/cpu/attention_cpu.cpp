@@ -78,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const AttentionParams& params,
   auto& p = launch.p;
   auto lse = at::empty(pb.lse_shape(), options.dtype(accumulate_type(pb.dtype)));
   p.out = out4.data_ptr(), p.o_sb = out4.stride(0), p.o_sh = out4.stride(1), p.o_sr = out4.stride(2);
+  p.out_f32 = out4.scalar_type() != pb.dtype;  // params.fp32_out's fp32 out of half inputs
   p.lse = lse.data_ptr();
   at::Tensor weights = at::empty({0}, options);
   if (params.return_weights) {
@@ -108,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const AttentionParams& params,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const AttentionParams& params) {
   if (kernel_switches().reference) return reference::attention_forward(params);
   const AttentionProblem& pb = params.problem;
-  auto out = at::empty(pb.out_shape(), params.query.options());
+  auto out = at::empty(pb.out_shape(), params.query.options().dtype(params.out_dtype()));
   auto [lse, weights] =
       forward_into(params, out.view({pb.batch_size, pb.heads, pb.q_len, pb.v_head_dim}));
   return {out, lse, weights};
@@ -146,6 +147,7 @@ void backward_into(const AttentionParams& params, const AttentionGrads& grads,
   at::Tensor dlse;
   if (grads.grad_lse && grads.grad_lse->numel() > 0) dlse = grads.grad_lse->to(acc).contiguous();
   p.out = out4.data_ptr(), p.o_sb = out4.stride(0), p.o_sh = out4.stride(1), p.o_sr = out4.stride(2);
+  p.out_f32 = check_backward_out_dtype(pb.dtype, out, "attention");
   p.dout = dout4.data_ptr(), p.do_sb = dout4.stride(0), p.do_sh = dout4.stride(1),
   p.do_sr = dout4.stride(2);
   p.lse = lse_c.data_ptr();
@@ -206,14 +208,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_projected_forward(
     const std::optional<at::Tensor>& value, int64_t num_heads, bool seq_first,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& dropout_seed, double dropout_p, bool is_causal,
-    bool return_weights, bool average_weights) {
+    bool return_weights, bool average_weights, bool fp32_out) {
   const auto [q, k, v] = detail::split_projected(query, key, value, num_heads, seq_first);
   auto params = make_attention_params(q, k, v, attn_mask, key_padding_mask, dropout_seed,
                                       dropout_p, is_causal, /*bottom_right=*/false, std::nullopt,
                                       /*enable_gqa=*/false);
   params.return_weights = return_weights, params.average_weights = average_weights;
+  params.fp32_out = fp32_out;
   const AttentionProblem& pb = params.problem;
-  auto out = at::empty({query.size(0), query.size(1), pb.heads * pb.v_head_dim}, query.options());
+  auto out = at::empty({query.size(0), query.size(1), pb.heads * pb.v_head_dim},
+                       query.options().dtype(params.out_dtype()));
   const auto out4 = detail::split_heads(out, num_heads, seq_first);  // (N, H, L, Dv) view
   if (kernel_switches().reference) {
     auto [o, lse, weights] = reference::attention_forward(params);

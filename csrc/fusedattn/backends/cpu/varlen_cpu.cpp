@@ -87,21 +87,23 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward(
     int64_t max_seqlen_k, const std::optional<at::Tensor>& dropout_seed, double dropout_p,
     bool is_causal, bool bottom_right, std::optional<double> scale, bool enable_gqa,
     at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes,
-    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias) {
+    std::optional<double> softcap, const std::optional<at::Tensor>& rel_bias, bool fp32_out) {
   if (kernel_switches().reference) {
     return detail::attention_varlen_forward_per_sequence(
         query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_seed,
         dropout_p, is_causal, bottom_right, scale, enable_gqa, window, alibi_slopes, softcap,
-        rel_bias);
+        rel_bias, fp32_out);
   }
   auto pl = prepare_packed(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                            max_seqlen_k, dropout_seed, dropout_p, is_causal, bottom_right, scale,
                            enable_gqa, window, alibi_slopes, softcap, rel_bias);
   auto& p = pl.launch.p;
   const int64_t total_q = query.size(0), heads = query.size(1), ev = value.size(2);
-  auto out = at::empty({total_q, heads, ev}, query.options());
+  auto out = at::empty({total_q, heads, ev},
+                       query.options().dtype(out_dtype(query.scalar_type(), fp32_out)));
   auto lse = at::empty({heads, total_q}, query.options().dtype(accumulate_type(query.scalar_type())));
   p.out = out.data_ptr(), p.o_sb = 0, p.o_sh = out.stride(1), p.o_sr = out.stride(0);
+  p.out_f32 = out.scalar_type() != query.scalar_type();
   p.lse = lse.data_ptr();
   if (heads == 0 || pl.offsets.batch == 0) return {out, lse};
   offer_gemms(p, query.scalar_type());
@@ -156,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
   at::Tensor dlse;
   if (grad_lse && grad_lse->numel() > 0) dlse = grad_lse->to(acc).contiguous();
   p.out = out_r.data_ptr(), p.o_sb = 0, p.o_sh = out_r.stride(1), p.o_sr = out_r.stride(0);
+  p.out_f32 = check_backward_out_dtype(query.scalar_type(), out, "attention_varlen");
   p.dout = dout.data_ptr(), p.do_sb = 0, p.do_sh = dout.stride(1), p.do_sr = dout.stride(0);
   p.lse = lse_c.data_ptr();
   p.dlse = dlse.defined() ? dlse.data_ptr() : nullptr;

@@ -172,16 +172,15 @@ void Forward<T>::query_rows_body(int64_t t, Work& w) const {
                w.acc.data(), p.Ev);
     }
   }
-  T* out = this->out_rows(b, h, i0);
   A* lse = this->lse_row(b, h) + i0;
+  A inv[layout::kFwdBlockQ];
   for (int64_t r = 0; r < bq; ++r) {
     // l == 0: no visible key, output 0 and lse -inf; l NaN (a NaN input) stays NaN in both.
     const A l = w.l[r];
-    const A inv = l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l);
-    store_fwd_row(w.acc.data() + r * p.Ev, inv, out + r * p.o_sr, p.Ev);
+    inv[r] = l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l);
     lse[r] = l > A(0) ? w.m[r] * mul + std::log(l) : (l == A(0) ? kNegInf : l);
   }
-  out_rows_done();
+  this->store_out_rows(b, h, i0, bq, w.acc.data(), p.Ev, inv);
 }
 
 // The keys-as-rows task exists for bf16 on the avx512_bf16 tier (forward_keys_as_rows.cpp);

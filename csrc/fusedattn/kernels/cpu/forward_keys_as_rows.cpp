@@ -214,13 +214,17 @@ void Forward<bf16>::keys_as_rows_bf16(int64_t t, Work& w) const {
   }
   alignas(64) float mf[64], lf[64];
   for (int c = 0; c < nc; ++c) _mm512_store_ps(mf + 16 * c, m[c]), _mm512_store_ps(lf + 16 * c, l[c]);
-  T* out = this->out_rows(b, h, i0);
   A* lse = this->lse_row(b, h) + i0;
   const __m512i cols = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(kLd)));
   for (int64_t i = 0; i < bq; ++i) {  // row i of the output is column i of O^T: gathered
     // no visible key: 0; a NaN sum stays NaN
     const float li = lf[i], inv = li > 0.f ? 1.f / li : (li == 0.f ? 0.f : li);
-    column_to_bf16_row(ot + i, kLd, cols, p.Ev, _mm512_set1_ps(inv), out + i * p.o_sr, /*nt=*/false);
+    if (p.out_f32) {
+      column_to_f32_row(ot + i, kLd, cols, p.Ev, _mm512_set1_ps(inv), this->out_rows_f32(b, h, i0 + i));
+    } else {
+      column_to_bf16_row(ot + i, kLd, cols, p.Ev, _mm512_set1_ps(inv), this->out_rows(b, h, i0 + i),
+                         /*nt=*/false);
+    }
     lse[i] = li > 0.f ? mf[i] * kLn2 + std::log(li) : (li == 0.f ? -kInf : li);
   }
 }

@@ -79,6 +79,10 @@ struct FlashParams : ProblemParams {  // out: written by the forward, read by th
   // keep the flag only where they take it (the forward's query rows on packed operands, the
   // query-rows backward on p.gemm->half) and clear it elsewhere.
   bool bf16_products = false;
+  // bf16/fp16 inputs with out in fp32 (the op's fp32_out): the forward stores O unrounded and
+  // the backward's D = rowsum(dO * O) reads it, where O rounded to the dtype makes dP - D a
+  // cancellation at peaked rows. out's strides count floats then.
+  bool out_f32 = false;
 };
 
 // Decoding over a KV cache (decode.cpp): T = L new queries per sequence against the first

@@ -276,7 +276,7 @@ FlashParams sequence_view(const FlashParams& pk, const VarlenParams& v, int64_t 
   p.L = v.cu_q[s + 1] - q0;
   p.S = v.cu_k[s + 1] - k0;
   p.q = advance(pk.q, q0 * pk.q_sr * es);
-  p.out = advance(pk.out, q0 * pk.o_sr * es);
+  p.out = advance(pk.out, q0 * pk.o_sr * (pk.out_f32 ? int64_t(sizeof(float)) : es));
   p.dout = advance(pk.dout, q0 * pk.do_sr * es);
   p.dq = advance(pk.dq, q0 * pk.dq_sr * es);
   p.k = advance(pk.k, k0 * pk.k_sr * es);

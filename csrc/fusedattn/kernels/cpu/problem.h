@@ -67,6 +67,40 @@ struct Problem : Masks<T> {
   T* out_rows(int64_t b, int64_t h, int64_t i) const {
     return static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
   }
+  // out's rows as fp32 (p.out_f32).
+  float* out_rows_f32(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<float*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sr;
+  }
+  // The forward's output rows i0 .. i0 + n - 1: row r = x[r * ldx ..] * inv[r] (inv null: 1),
+  // in out's type (T, or fp32 under p.out_f32); ends with out_rows_done().
+  void store_out_rows(int64_t b, int64_t h, int64_t i0, int64_t n, const A* x, int64_t ldx,
+                      const A* inv) const {
+    const auto store = [&](auto* out) {
+      for (int64_t r = 0; r < n; ++r)
+        store_fwd_row(x + r * ldx, inv ? inv[r] : A(1), out + r * p.o_sr, p.Ev);
+    };
+    if constexpr (kIsHalf<T>) {
+      if (p.out_f32) {
+        store(out_rows_f32(b, h, i0));
+        out_rows_done();
+        return;
+      }
+    }
+    store(out_rows(b, h, i0));
+    out_rows_done();
+  }
+  // Output rows i0 .. i0 + n - 1 set to 0.
+  void zero_out_rows(int64_t b, int64_t h, int64_t i0, int64_t n) const {
+    for (int64_t r = 0; r < n; ++r) {
+      if (kIsHalf<T> && p.out_f32) {
+        float* o = out_rows_f32(b, h, i0 + r);
+        std::fill(o, o + p.Ev, 0.f);
+      } else {
+        T* o = out_rows(b, h, i0 + r);
+        std::fill(o, o + p.Ev, T{});
+      }
+    }
+  }
   // The gradients' rows of one (b, head): row i at + i * d*_sr.
   T* dq_rows(int64_t b, int64_t h) const { return static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh; }
   int64_t lse_offset(int64_t b, int64_t h) const { return (b * p.H + h) * (p.lse_sh ? p.lse_sh : p.L); }
@@ -125,6 +159,9 @@ struct Problem : Masks<T> {
   }
   // D_i = rowsum(dO * O) for query i: softmax's backward term.
   A out_dot_dout(int64_t b, int64_t h, int64_t i) const {
+    if constexpr (kIsHalf<T>) {
+      if (p.out_f32) return dot_row(out_rows_f32(b, h, i), dout_rows(b, h, i), p.Ev);
+    }
     return dot_row(out_rows(b, h, i), dout_rows(b, h, i), p.Ev);
   }
 };

@@ -161,6 +161,20 @@ inline float dot_row(const bf16* a, const bf16* b, int64_t n) {
   for (; i < n; ++i) s += to_acc(a[i]) * to_acc(b[i]);
   return s;
 }
+// An fp32 row against a bf16 one (O kept in fp32, dO in bf16).
+inline float dot_row(const float* a, const bf16* b, int64_t n) {
+  vf acc{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += vload(a + i) * widen(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * to_acc(b[i]);
+  return s;
+}
+inline float dot_row(const float* a, const fp16* b, int64_t n) {
+  float s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * to_acc(b[i]);
+  return s;
+}
 template <typename T>
 typename AccOf<T>::type dot_row(const T* a, const T* b, int64_t n) {  // fp64, fp16
   typename AccOf<T>::type s = 0;

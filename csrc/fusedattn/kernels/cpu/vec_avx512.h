@@ -135,6 +135,15 @@ inline void column_to_bf16_row(const float* x, int64_t ld, __m512i stride, int64
     }
   }
 }
+// The same column into an fp32 row (an output kept in fp32).
+inline void column_to_f32_row(const float* x, int64_t ld, __m512i stride, int64_t n, __m512 a,
+                              float* y) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 in = tail_mask(n - c);
+    const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, stride, x + c * ld, 4);
+    _mm512_mask_storeu_ps(y + c, in, _mm512_mul_ps(v, a));
+  }
+}
 // vpermw indices that interleave the two halves of 32 bf16 (lane k of vector 2 i is lane i
 // of the low half, of 2 i + 1 the high half): two rows of keys into the packed pair layout.
 alignas(64) inline constexpr uint16_t kInterleave[32] = {

@@ -46,7 +46,6 @@ void Forward<T>::weights_task(int64_t t, Work& w, A* avg) const {
       wout = w.head.data();
     }
   }
-  T* out = this->out_rows(b, h, i0);
   A* lse = this->lse_row(b, h) + i0;
   const bool packed = this->packed(), fk = this->fk();
   const A mul = this->mul;
@@ -64,9 +63,9 @@ void Forward<T>::weights_task(int64_t t, Work& w, A* avg) const {
   if (ns == 0) {  // no query of the block sees a key
     for (int64_t r = 0; r < bq; ++r) {
       if (!avg) std::fill(wout + r * p.S, wout + (r + 1) * p.S, T{});
-      std::fill(out + r * p.o_sr, out + r * p.o_sr + p.Ev, T{});
       lse[r] = kNegInf;
     }
+    this->zero_out_rows(b, h, i0, bq);
     return;
   }
   if (packed) {
@@ -157,10 +156,7 @@ void Forward<T>::weights_task(int64_t t, Work& w, A* avg) const {
                A(j0 > 0 ? 1 : 0), acc, p.Ev);
     }
   }
-  for (int64_t r = 0; r < bq; ++r) {
-    store_fwd_row(acc + r * p.Ev, out_scaled ? w.l[r] : A(1), out + r * p.o_sr, p.Ev);
-  }
-  out_rows_done();
+  this->store_out_rows(b, h, i0, bq, acc, p.Ev, out_scaled ? w.l.data() : nullptr);
 }
 
 #define FUSEDATTN_INSTANTIATE(T)                                           \
