@@ -349,8 +349,8 @@ def test_average_weights_needs_return_weights():
 # reference at most twice SDPA's own in the same dtype. Peaked rows (inputs randn * 4) once
 # lost accuracy two ways: D = rowsum(dO * O) read O rounded to fp16/bf16 (a cancellation in
 # dP - D), and P = exp(s - lse) carried lse's fp32 rounding. Rows whose keys fit one backward
-# block (256) take their own softmax and D = rowsum(P * dP); longer rows read O in fp32,
-# which the forward keeps where a gradient is wanted (fp32_out).
+# block (256) take their own softmax and D = rowsum(P * dP) (both backward layouts); longer
+# rows read O in fp32, which the forward keeps where a gradient is wanted (fp32_out).
 PEAKED_CASES = [
     # dtype, B, H, Hk, L, S, E, Ev, attn_mask, key_padding_mask, causal, alignment, scale
     (torch.float16, 2, 2, 1, 1, 70, 44, 130, None, "float", False, "top_left", 0.845),
@@ -361,6 +361,10 @@ PEAKED_CASES = [
     (torch.float32, 2, 4, 2, 65, 2, 1, 52, "float", None, True, "top_left", None),
     (torch.float32, 2, 4, 2, 64, 63, 57, 57, "bool", "bool", True, "bottom_right", None),
     (torch.float32, 1, 3, 1, 40, 200, 3, 9, None, "bool", True, "bottom_right", 2.0),
+    # no attn_mask and 128+ queries per kv head: fp32's keys-as-rows backward (avx512 up)
+    (torch.float32, 2, 4, 2, 65, 2, 1, 52, None, None, True, "top_left", None),
+    (torch.float32, 2, 4, 2, 65, 2, 1, 52, None, None, True, "bottom_right", None),
+    (torch.float32, 1, 8, 2, 100, 200, 3, 9, None, "bool", True, "bottom_right", 2.0),
 ]
 
 

@@ -215,6 +215,8 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
     const ScoreModsZmm mods(p, b, h);
     float* d_table = this->rel_grad_row(b, h);
 
+    // One key block holds every key the queries see: each column's softmax is whole.
+    const bool own_rows = ke <= kBwdBlockK;
     for (int64_t j0 = 0; j0 < ke; j0 += kBwdBlockK) {
       const int64_t bk = std::min(kBwdBlockK, ke - j0);
       float* bias = w.bias.data();
@@ -229,33 +231,102 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
         p.fgemm(bk, nq, p.E, p.k_sr, ldq, nq, false, this->k_rows(b, hk, j0), qt + i0, st);
         p.fgemm(bk, nq, p.Ev, p.v_sr, ldq, nq, false, this->v_rows(b, hk, j0), dot + i0, dpt);
         const float* lse = w.lse.data() + i0;
-        const float* dd = w.d.data() + i0;
         const float* d1 = w.d_one.data() + i0;
         const uint16_t* one_key = w.one_key_lanes.data() + i0 / 16;
-        for (int64_t j = 0; j < bk; ++j) {
-          const __m512 bj = _mm512_set1_ps(bias[j]);
-          const __mmask16 key = bias[j] == kNegInfF ? 0 : 0xffff;
-          for (int64_t c = 0; c < nv; ++c) {
-            __mmask16 keep = key;
-            if (p.causal) {  // query i0 + 16 c + l sees key j0 + j iff l >= cut
-              const int64_t cut = std::clamp<int64_t>(j0 + j - causal_shift - i0 - 16 * c, 0, 16);
-              keep &= __mmask16(0xffffu << cut);
+        // Key j0 + j against queries i0 + 16 c ..: s * scale (through the variants) + the
+        // key's bias - sub; keep loses the lanes the masks hide, cap_d is softcap's
+        // derivative, base the key's offset from lane 0's diagonal.
+        const auto score = [&](int64_t j, int64_t c, __m512 sub, __mmask16& keep, __m512& cap_d,
+                               int64_t& base) {
+          keep = bias[j] == kNegInfF ? 0 : 0xffff;
+          if (p.causal) {  // query i0 + 16 c + l sees key j0 + j iff l >= cut
+            const int64_t cut = std::clamp<int64_t>(j0 + j - causal_shift - i0 - 16 * c, 0, 16);
+            keep &= __mmask16(0xffffu << cut);
+          }
+          const float* sp = st + j * nq + 16 * c;
+          const __m512 bj = _mm512_sub_ps(_mm512_set1_ps(bias[j]), sub);
+          cap_d = one, base = 0;
+          if (!mods.any) return _mm512_fmadd_ps(_mm512_loadu_ps(sp), scale, bj);
+          base = mods.base(j0 + j, i0 + 16 * c);
+          const __m512 xs = mods.apply(_mm512_mul_ps(_mm512_loadu_ps(sp), scale), base, &cap_d);
+          keep &= mods.window(base);
+          return _mm512_add_ps(xs, bj);
+        };
+        // P = exp(x - lse) from the forward's lse, one exp per score; without the variants
+        // it overwrites S^T first (as e = exp(x - shift), P = e * pmul) and the dS pass reads
+        // it back. Where this block holds every key (own_rows), each column's own softmax, P =
+        // exp(x - m) / l from its maximum m and sum l, and D = sum P dP, as SDPA's math path
+        // forms them: exp(x - lse) carries lse's rounding (|lse| x 6e-8), and dO . O's
+        // rounding does not cancel dP's in dP - D as D's does (dQ, dK at 2-8x SDPA's error at
+        // peaked rows, S = 2, E = 1, GQA, causal). A column whose m + log l is not its lse to
+        // within 4 ulp of |lse| + 1 (ring attention's lse, merged over more keys than this
+        // call's) keeps exp(x - lse) = e * exp(m - lse).
+        alignas(64) float shift[kKrQ], pmul[kKrQ], dcol[kKrQ];
+        std::copy(lse, lse + nq, shift);
+        std::fill(pmul, pmul + nq, 1.f);
+        std::copy(w.d.data() + i0, w.d.data() + i0 + nq, dcol);
+        if (own_rows) {
+          __m512 m[kKrQ / 16];
+          for (int64_t c = 0; c < nv; ++c) m[c] = _mm512_set1_ps(kNegInfF);
+          for (int64_t j = 0; j < bk; ++j) {
+            for (int64_t c = 0; c < nv; ++c) {
+              __mmask16 keep;
+              __m512 cap_d;
+              int64_t base;
+              const __m512 x = score(j, c, _mm512_setzero_ps(), keep, cap_d, base);
+              m[c] = _mm512_mask_max_ps(m[c], keep, m[c], x);
             }
+          }
+          for (int64_t c = 0; c < nv; ++c) _mm512_store_ps(shift + 16 * c, m[c]);
+        }
+        if (!mods.any || own_rows) {
+          __m512 l[kKrQ / 16], de[kKrQ / 16];
+          for (int64_t c = 0; c < nv; ++c) l[c] = de[c] = _mm512_setzero_ps();
+          for (int64_t j = 0; j < bk; ++j) {
+            for (int64_t c = 0; c < nv; ++c) {
+              __mmask16 keep;
+              __m512 cap_d;
+              int64_t base;
+              const __m512 x = score(j, c, _mm512_load_ps(shift + 16 * c), keep, cap_d, base);
+              const __m512 e = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
+              if (!mods.any) _mm512_storeu_ps(st + j * nq + 16 * c, e);
+              if (own_rows) {
+                l[c] = _mm512_add_ps(l[c], e);
+                de[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(dpt + j * nq + 16 * c), de[c]);
+              }
+            }
+          }
+          if (own_rows) {
+            alignas(64) float lf[kKrQ], df[kKrQ];
+            for (int64_t c = 0; c < nv; ++c) _mm512_store_ps(lf + 16 * c, l[c]), _mm512_store_ps(df + 16 * c, de[c]);
+            constexpr float kTol = 4 * std::numeric_limits<float>::epsilon();
+            for (int64_t i = 0; i < nq; ++i) {
+              const float own = shift[i] + std::log(lf[i]);
+              if (i < kq && lf[i] > 0.f && std::abs(own - lse[i]) <= kTol * (std::abs(lse[i]) + 1.f)) {
+                pmul[i] = 1.f / lf[i], dcol[i] = df[i] / lf[i] + d1[i];
+              } else if (!mods.any) {  // e * exp(m - lse): 0 past L and where no key is seen
+                pmul[i] = std::exp(shift[i] - lse[i]);
+              } else {  // the dS pass forms exp(x - lse) again
+                shift[i] = lse[i];
+              }
+            }
+          }
+        }
+        for (int64_t j = 0; j < bk; ++j) {
+          for (int64_t c = 0; c < nv; ++c) {
             float* sp = st + j * nq + 16 * c;
             float* dp = dpt + j * nq + 16 * c;
-            __m512 x, cap_d = one;
+            __m512 e, cap_d = one;
             int64_t base = 0;
             if (!mods.any) {
-              x = _mm512_fmadd_ps(_mm512_loadu_ps(sp), scale,
-                                  _mm512_sub_ps(bj, _mm512_loadu_ps(lse + 16 * c)));
-            } else {  // key j0 + j is at base - l from lane l's diagonal
-              base = mods.base(j0 + j, i0 + 16 * c);
-              const __m512 xs = mods.apply(_mm512_mul_ps(_mm512_loadu_ps(sp), scale), base, &cap_d);
-              keep &= mods.window(base);
-              x = _mm512_add_ps(xs, _mm512_sub_ps(bj, _mm512_loadu_ps(lse + 16 * c)));
+              e = _mm512_loadu_ps(sp);
+            } else {
+              __mmask16 keep;
+              const __m512 x = score(j, c, _mm512_load_ps(shift + 16 * c), keep, cap_d, base);
+              e = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
             }
-            const __m512 pr = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
-            const __m512 dpv = _mm512_loadu_ps(dp), dv = _mm512_loadu_ps(dd + 16 * c);
+            const __m512 pr = _mm512_mul_ps(e, _mm512_load_ps(pmul + 16 * c));
+            const __m512 dpv = _mm512_loadu_ps(dp), dv = _mm512_load_ps(dcol + 16 * c);
             const __mmask16 exact = one_key[c] & whole_softmax_lanes(pr, kExactOneTol);
             const __m512 d = _mm512_mask_add_ps(dv, exact, _mm512_loadu_ps(d1 + 16 * c), dpv);
             const __m512 g = _mm512_mul_ps(pr, _mm512_sub_ps(dpv, d));  // d loss / d score
