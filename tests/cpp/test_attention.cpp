@@ -178,6 +178,31 @@ TEST_CASE("fp32 honours torch's fp32 matmul precision set from C++", "[attention
   }
 }
 
+TEST_CASE("half-precision gradients read O in fp32 from C++ too", "[attention][dtype]") {
+  // Peaked rows longer than a backward block, GQA, float key padding: D = rowsum(dO * O) from
+  // O rounded to fp16 gave dQ 3.4e-3 of the largest value (11x SDPA's); the autograd keeps O
+  // in fp32 for the backward (3.1e-4), and the caller still gets fp16.
+  torch::manual_seed(11);
+  auto q = randn({2, 2, 3, 44}) * 4, k = randn({2, 1, 700, 44}) * 4, v = randn({2, 1, 700, 130});
+  auto pad = randn({2, 700}), grad = randn({2, 2, 3, 130});
+  for (auto* t : {&q, &k, &v, &pad, &grad}) *t = t->to(torch::kHalf).to(torch::kDouble);  // the fp16 values
+  const auto dq = [&](torch::Dtype dtype) {
+    auto qq = q.to(dtype).detach().requires_grad_(), kk = k.to(dtype), vv = v.to(dtype);
+    auto r = fusedattn::attention(qq, kk, vv, AttentionOptions().enable_gqa(true).scale(0.845).key_padding_mask(pad.to(dtype)));
+    REQUIRE(r.out.dtype() == dtype);
+    r.out.backward(grad.to(dtype));
+    return qq.grad().to(torch::kDouble);
+  };
+  const auto exact = dq(torch::kDouble), half = dq(torch::kHalf);
+  const double err = (half - exact).abs().max().item<double>() / exact.abs().max().item<double>();
+  REQUIRE(err < 1e-3);
+  const auto wide = fusedattn::ops::attention_forward(
+      q.to(torch::kHalf), k.to(torch::kHalf), v.to(torch::kHalf), {}, {}, {}, 0.0, false, false,
+      std::nullopt, true, false, false, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+      /*fp32_out=*/true);
+  REQUIRE(std::get<0>(wide).dtype() == torch::kFloat);
+}
+
 TEST_CASE("dropout repeats under a seed and keeps the expectation", "[attention][dropout]") {
   auto q = randn({2, 2, 16, 8}), k = randn({2, 2, 16, 8}), v = randn({2, 2, 16, 8});
   torch::manual_seed(7);
