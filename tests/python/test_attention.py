@@ -474,6 +474,21 @@ def test_fp32_out_opcheck_and_autograd_dtype():
         assert fusedattn.attention(q, k, v, enable_gqa=True).dtype == torch.bfloat16
 
 
+def test_backward_names_out_and_grad_out_dtypes():
+    q = rand(1, 2, 9, 8, dtype=torch.bfloat16)
+    out, lse, _ = torch.ops.fusedattn._attention_forward(
+        q, q, q, None, None, None, 0.0, False, False, None, False, False, False, None, None,
+        None, None, True)
+    back = lambda g, o: torch.ops.fusedattn._attention_backward(  # noqa: E731
+        g, None, None, q, q, q, o, lse, None, None, None, 0.0, False, False, None, False, False,
+        False)
+    assert back(torch.ones_like(q), out)[0].dtype == torch.bfloat16  # fp32 out: accepted
+    with pytest.raises(RuntimeError, match="grad_out must be BFloat16"):
+        back(torch.ones_like(out), out)
+    with pytest.raises(RuntimeError, match=r"out must be BFloat16 \(or float32"):
+        back(torch.ones_like(q), out.double())
+
+
 # torch's fp32 matmul precision: at bf16 ("medium", or torch.backends.mkldnn.matmul.fp32_precision
 # = "bf16") fp32 inputs take bf16 products where torch's own do (oneDNN on AMX); the portable
 # packed GEMM (FUSEDATTN_PACKED_GEMM=reference) runs that path on any avx512_bf16 CPU.

@@ -57,7 +57,8 @@ bool keeps_fp32_out(const at::Tensor& query,
 }
 
 // The forward's out as the caller gets it: rounded to the inputs' dtype where the autograd
-// asked for fp32 (`rounded`), as the op returned it otherwise.
+// asked for fp32 (`rounded`), as the op returned it otherwise (fp32 where the caller passed
+// fp32_out; its gradient then reaches the backward ops in the inputs' dtype).
 at::Tensor caller_out(const at::Tensor& out, const at::Tensor& query, bool rounded) {
   return rounded && out.scalar_type() != query.scalar_type() ? out.to(query.scalar_type()) : out;
 }
@@ -126,7 +127,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                &dropout_seed = saved[7];
     const auto [mask_grad, kpm_grad] = mask_grads_wanted(ctx, 3, attn_mask, key_padding_mask);
     const auto grad_out =
-        grads[0].defined() ? grads[0] : at::zeros(out.sizes(), query.options());
+        grads[0].defined() ? grads[0].to(query.scalar_type()) : at::zeros(out.sizes(), query.options());
     const auto grad_weights = per_head_grad(grads[2], ctx->saved_data["average_weights"].toBool(),
                                             query.size(-3));
     const auto& window_iv = ctx->saved_data["window"];
@@ -194,7 +195,7 @@ class ProjectedAttentionFunction : public torch::autograd::Function<ProjectedAtt
         mask_grads_wanted(ctx, first_mask, attn_mask, key_padding_mask);
     const int64_t heads = ctx->saved_data["num_heads"].toInt();
     const auto grad_out =
-        grads[0].defined() ? grads[0] : at::zeros(out.sizes(), query.options());
+        grads[0].defined() ? grads[0].to(query.scalar_type()) : at::zeros(out.sizes(), query.options());
     const auto grad_weights =
         per_head_grad(grads[2], ctx->saved_data["average_weights"].toBool(), heads);
     auto [dq, dk, dv, d_mask, d_kpm] = ops::attention_projected_backward(
@@ -260,7 +261,7 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
                &lse = saved[4], &cu_q = saved[5], &cu_k = saved[6], &seed = saved[7],
                &alibi = saved[8], &rel_bias = saved[9];
     const auto grad_out =
-        grads[0].defined() ? grads[0] : at::zeros(out.sizes(), query.options());
+        grads[0].defined() ? grads[0].to(query.scalar_type()) : at::zeros(out.sizes(), query.options());
     const auto& window_iv = ctx->saved_data["window"];
     const auto window = window_iv.isNone() ? std::vector<int64_t>() : window_iv.toIntVector();
     auto [dq, dk, dv, d_rel] = ops::attention_varlen_backward(

@@ -105,6 +105,8 @@ void check_backward_output(const AttentionParams& params, const at::Tensor& grad
   TORCH_CHECK(grad_out.sizes().equals(params.problem.out_shape()),
               "attention backward: grad_out must have shape ",
               c10::IntArrayRef(params.problem.out_shape()), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == params.problem.dtype, "attention backward: grad_out must be ",
+              params.problem.dtype, " (query's dtype), got ", grad_out.scalar_type());
 }
 
 }  // namespace fusedattn

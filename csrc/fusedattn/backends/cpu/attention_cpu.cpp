@@ -136,6 +136,8 @@ void backward_into(const AttentionParams& params, const AttentionGrads& grads,
   TORCH_CHECK(grad_out.sizes().equals(pb.out_shape()) && out.sizes().equals(pb.out_shape()),
               "attention backward: grad_out and out must have shape ",
               c10::IntArrayRef(pb.out_shape()), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == pb.dtype, "attention backward: grad_out must be ", pb.dtype,
+              " (query's dtype), got ", grad_out.scalar_type());
   const auto acc = accumulate_type(pb.dtype);
   TORCH_CHECK(lse.sizes().equals(pb.lse_shape()) && lse.scalar_type() == acc,
               "attention backward: lse must be ", acc, " of shape ",

@@ -149,6 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
   TORCH_CHECK(grad_out.sizes().equals(out_shape) && out.sizes().equals(out_shape),
               "attention_varlen backward: grad_out and out must have shape ",
               c10::IntArrayRef(out_shape), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type(), "attention_varlen backward: grad_out must be ",
+              query.scalar_type(), " (query's dtype), got ", grad_out.scalar_type());
   const auto acc = accumulate_type(query.scalar_type());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == heads && lse.size(1) == total_q &&
                   lse.scalar_type() == acc,
