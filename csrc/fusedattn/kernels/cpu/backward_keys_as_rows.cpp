@@ -252,63 +252,55 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
           keep &= mods.window(base);
           return _mm512_add_ps(xs, bj);
         };
-        // P = exp(x - lse) from the forward's lse, one exp per score; without the variants
-        // it overwrites S^T first (as e = exp(x - shift), P = e * pmul) and the dS pass reads
-        // it back. Where this block holds every key (own_rows), each column's own softmax, P =
-        // exp(x - m) / l from its maximum m and sum l, and D = sum P dP, as SDPA's math path
-        // forms them: exp(x - lse) carries lse's rounding (|lse| x 6e-8), and dO . O's
-        // rounding does not cancel dP's in dP - D as D's does (dQ, dK at 2-8x SDPA's error at
-        // peaked rows, S = 2, E = 1, GQA, causal). A column whose m + log l is not its lse to
-        // within 4 ulp of |lse| + 1 (ring attention's lse, merged over more keys than this
-        // call's) keeps exp(x - lse) = e * exp(m - lse).
+        // P = exp(x - lse) from the forward's lse, or, where this block holds every key
+        // (own_rows), each column's own softmax, P = exp(x - m) / l from its maximum m and sum
+        // l, and D = sum P dP, as SDPA's math path forms them: exp(x - lse) carries lse's
+        // rounding (|lse| x 6e-8), and dO . O's rounding does not cancel dP's in dP - D as D's
+        // does (dQ, dK at 2-8x SDPA's error at peaked rows, S = 2, E = 1, GQA, causal). A
+        // column whose m + log l is not its lse to within 4 ulp of |lse| + 1 (ring attention's
+        // lse, merged over more keys than this call's) keeps exp(x - lse) = e * exp(m - lse).
+        // Without the variants the sum pass stores e = exp(x - m) over S^T and the dS pass
+        // reads it back (P = e * pmul): one exp per score either way.
         alignas(64) float shift[kKrQ], pmul[kKrQ], dcol[kKrQ];
         std::copy(lse, lse + nq, shift);
         std::fill(pmul, pmul + nq, 1.f);
         std::copy(w.d.data() + i0, w.d.data() + i0 + nq, dcol);
+        const bool stored = own_rows && !mods.any;  // S^T holds e
         if (own_rows) {
-          __m512 m[kKrQ / 16];
-          for (int64_t c = 0; c < nv; ++c) m[c] = _mm512_set1_ps(kNegInfF);
+          __m512 m[kKrQ / 16], l[kKrQ / 16], de[kKrQ / 16];
+          for (int64_t c = 0; c < nv; ++c) {
+            m[c] = _mm512_set1_ps(kNegInfF), l[c] = de[c] = _mm512_setzero_ps();
+          }
+          __mmask16 keep;
+          __m512 cap_d;
+          int64_t base;
           for (int64_t j = 0; j < bk; ++j) {
             for (int64_t c = 0; c < nv; ++c) {
-              __mmask16 keep;
-              __m512 cap_d;
-              int64_t base;
               const __m512 x = score(j, c, _mm512_setzero_ps(), keep, cap_d, base);
               m[c] = _mm512_mask_max_ps(m[c], keep, m[c], x);
             }
           }
-          for (int64_t c = 0; c < nv; ++c) _mm512_store_ps(shift + 16 * c, m[c]);
-        }
-        if (!mods.any || own_rows) {
-          __m512 l[kKrQ / 16], de[kKrQ / 16];
-          for (int64_t c = 0; c < nv; ++c) l[c] = de[c] = _mm512_setzero_ps();
           for (int64_t j = 0; j < bk; ++j) {
             for (int64_t c = 0; c < nv; ++c) {
-              __mmask16 keep;
-              __m512 cap_d;
-              int64_t base;
-              const __m512 x = score(j, c, _mm512_load_ps(shift + 16 * c), keep, cap_d, base);
+              const __m512 x = score(j, c, m[c], keep, cap_d, base);
               const __m512 e = exp2_zmm<false>(_mm512_mul_ps(x, l2e), keep);
-              if (!mods.any) _mm512_storeu_ps(st + j * nq + 16 * c, e);
-              if (own_rows) {
-                l[c] = _mm512_add_ps(l[c], e);
-                de[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(dpt + j * nq + 16 * c), de[c]);
-              }
+              if (stored) _mm512_storeu_ps(st + j * nq + 16 * c, e);
+              l[c] = _mm512_add_ps(l[c], e);
+              de[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(dpt + j * nq + 16 * c), de[c]);
             }
           }
-          if (own_rows) {
-            alignas(64) float lf[kKrQ], df[kKrQ];
-            for (int64_t c = 0; c < nv; ++c) _mm512_store_ps(lf + 16 * c, l[c]), _mm512_store_ps(df + 16 * c, de[c]);
-            constexpr float kTol = 4 * std::numeric_limits<float>::epsilon();
-            for (int64_t i = 0; i < nq; ++i) {
-              const float own = shift[i] + std::log(lf[i]);
-              if (i < kq && lf[i] > 0.f && std::abs(own - lse[i]) <= kTol * (std::abs(lse[i]) + 1.f)) {
-                pmul[i] = 1.f / lf[i], dcol[i] = df[i] / lf[i] + d1[i];
-              } else if (!mods.any) {  // e * exp(m - lse): 0 past L and where no key is seen
-                pmul[i] = std::exp(shift[i] - lse[i]);
-              } else {  // the dS pass forms exp(x - lse) again
-                shift[i] = lse[i];
-              }
+          alignas(64) float mf[kKrQ], lf[kKrQ], df[kKrQ];
+          for (int64_t c = 0; c < nv; ++c) {
+            _mm512_store_ps(mf + 16 * c, m[c]), _mm512_store_ps(lf + 16 * c, l[c]);
+            _mm512_store_ps(df + 16 * c, de[c]);
+          }
+          constexpr float kTol = 4 * std::numeric_limits<float>::epsilon();
+          for (int64_t i = 0; i < nq; ++i) {
+            const float own = mf[i] + std::log(lf[i]);
+            if (i < kq && lf[i] > 0.f && std::abs(own - lse[i]) <= kTol * (std::abs(lse[i]) + 1.f)) {
+              shift[i] = mf[i], pmul[i] = 1.f / lf[i], dcol[i] = df[i] / lf[i] + d1[i];
+            } else if (stored) {  // e * exp(m - lse): 0 past L and where no key is seen
+              pmul[i] = std::exp(mf[i] - lse[i]);
             }
           }
         }
@@ -318,7 +310,7 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
             float* dp = dpt + j * nq + 16 * c;
             __m512 e, cap_d = one;
             int64_t base = 0;
-            if (!mods.any) {
+            if (stored) {
               e = _mm512_loadu_ps(sp);
             } else {
               __mmask16 keep;

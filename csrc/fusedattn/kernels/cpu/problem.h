@@ -79,14 +79,11 @@ struct Problem : Masks<T> {
       for (int64_t r = 0; r < n; ++r)
         store_fwd_row(x + r * ldx, inv ? inv[r] : A(1), out + r * p.o_sr, p.Ev);
     };
-    if constexpr (kIsHalf<T>) {
-      if (p.out_f32) {
-        store(out_rows_f32(b, h, i0));
-        out_rows_done();
-        return;
-      }
+    if (kIsHalf<T> && p.out_f32) {
+      if constexpr (kIsHalf<T>) store(out_rows_f32(b, h, i0));
+    } else {
+      store(out_rows(b, h, i0));
     }
-    store(out_rows(b, h, i0));
     out_rows_done();
   }
   // Output rows i0 .. i0 + n - 1 set to 0.
