@@ -16,7 +16,9 @@ FUSEDATTN_TIER_NS_BEGIN
 
 // The row's max; NaN if any element is NaN (so that a NaN score reaches the output).
 inline float row_max(const float* x, int64_t n) {
-#ifdef FUSEDATTN_AVX2
+#ifdef FUSEDATTN_AVX512
+  return row_max_zmm(x, n);
+#elif defined(FUSEDATTN_AVX2)
   return row_max_ymm(x, n);
 #endif
   vf m = vsplat(kNegInfF);

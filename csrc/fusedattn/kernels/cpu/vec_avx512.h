@@ -3,6 +3,7 @@
 // gathers that transpose, bf16 rounding in one instruction (avx512_bf16).
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "fusedattn/kernels/cpu/vec.h"
 
@@ -51,6 +52,29 @@ FUSEDATTN_VINLINE __m512 exp2_zmm(__m512 t, __mmask16 keep = 0xffff) {
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000001192092896f));
     return _mm512_maskz_scalef_ps(live, y, _mm512_sub_ps(t, f));
   }
+}
+// The row's max, NaN if any element is (vmaxps drops NaN operands: they are tracked apart, by
+// an unordered compare). Four accumulators: the single-chain max with a NaN select, then a
+// lane-by-lane scalar reduction, was 12% of an fp32 forward at L = 4096 (perf, AMD EPYC).
+inline float row_max_zmm(const float* x, int64_t n) {
+  const __m512 lo = _mm512_set1_ps(kNegInfF);
+  __m512 m0 = lo, m1 = lo, m2 = lo, m3 = lo;
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    const __m512 c = _mm512_loadu_ps(x + i + 32), d = _mm512_loadu_ps(x + i + 48);
+    m0 = _mm512_max_ps(m0, a), m1 = _mm512_max_ps(m1, b);
+    m2 = _mm512_max_ps(m2, c), m3 = _mm512_max_ps(m3, d);
+    nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
+  }
+  for (; i < n; i += 16) {
+    const __m512 a = _mm512_mask_loadu_ps(lo, tail_mask(n - i), x + i);
+    m0 = _mm512_max_ps(m0, a);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
 // For every 16-lane chunk of a row of n: e = exp(x * mul - sub) (the product formed first, as
 // in vexp), then sink(i, lanes, e); returns the sum of e over the row if kSum.
