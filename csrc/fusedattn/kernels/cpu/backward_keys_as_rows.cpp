@@ -333,12 +333,8 @@ void Backward<float>::keys_as_rows_f32(int64_t t, Work& w) const {
         p.fgemm(p.E, nq, bk, ldkt, nq, ldq, true, kt + j0, dpt, dqt + i0);
       }
     }
-    // dQ^T back to dQ's rows (16 dims a gather), by non-temporal stores where aligned.
-    if (15 * ldq + p.L < (int64_t(1) << 31)) {
-      transpose_zmm(dqt, ldq, p.E, p.L, this->dq_rows(b, h), p.dq_sr, /*stream=*/true);
-    } else {
-      transpose_plain(dqt, ldq, p.E, p.L, this->dq_rows(b, h), p.dq_sr);
-    }
+    // dQ^T back to dQ's rows, by non-temporal stores where aligned.
+    transpose_zmm(dqt, ldq, p.E, p.L, this->dq_rows(b, h), p.dq_sr, /*stream=*/true);
   }
   store_dk_dv(b, hk, w);
 }

@@ -312,8 +312,8 @@ inline void out_rows_done() {
 #endif
 }
 
-// y (cols x rows, row stride ldy) = x^T, x rows x cols with row stride ldx; by gathers
-// (vec_avx512.h) where the tier and the 32-bit indices allow.
+// y (cols x rows, row stride ldy) = x^T, x rows x cols with row stride ldx; on AVX-512 by
+// registers (fp32) or gathers (16-bit types, where the 32-bit indices allow; vec_avx512.h).
 template <typename T>
 void transpose_plain(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* y, int64_t ldy) {
   for (int64_t r = 0; r < rows; ++r)
@@ -326,7 +326,7 @@ void transpose(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* y, int64_
     if (15 * ldx + cols < (int64_t(1) << 30)) return transpose16_zmm(x, ldx, rows, cols, y, ldy);
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (15 * ldx + cols < (int64_t(1) << 31)) return transpose_zmm(x, ldx, rows, cols, y, ldy);
+    return transpose_zmm(x, ldx, rows, cols, y, ldy);
   }
 #endif
   transpose_plain(x, ldx, rows, cols, y, ldy);
