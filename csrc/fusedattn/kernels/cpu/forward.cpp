@@ -1,7 +1,7 @@
 // The forward on query rows: one task per (b, h, block of 64 queries), key blocks of 512 with
 // an online softmax; the products on packed operands (half types with p.packed), on the JIT
-// GEMM (fp32, or half types widened, with p.fgemm, K^T from the pack tasks), on p.gemm's fp32
-// products of widened rows, or on p.gemm reading q, k, v in place.
+// GEMM (p.fgemm: fp32 with K^T transposed by the tasks, or half types widened by the pack
+// tasks), on p.gemm's fp32 products of widened rows, or on p.gemm reading q, k, v in place.
 #include "fusedattn/kernels/cpu/forward.h"
 
 FUSEDATTN_TIER_NS_BEGIN
@@ -18,6 +18,24 @@ void Forward<T>::run(int64_t begin, int64_t end) const {
     }
   }
   if (p.packed) p.packed->release();
+}
+
+template <typename T>
+const T* Forward<T>::kt_block(int64_t b, int64_t hk, int64_t jb, Work& w) const {
+  using layout::kFwdBlockK;
+  const int64_t head = b * p.Hk + hk;
+  if (w.kt_head != head) {
+    std::fill(w.kt_ready.begin(), w.kt_ready.end(), char(0));
+    w.kt_head = head;
+  }
+  T* kt = w.kt.data() + jb * layout::packed_slot(p);
+  if (!w.kt_ready[jb]) {
+    const int64_t j0 = jb * kFwdBlockK;
+    transpose(this->k_rows(b, hk, j0), p.k_sr, std::min(kFwdBlockK, p.S - j0), p.E, kt,
+              layout::slot_ld_kt(p));
+    w.kt_ready[jb] = 1;
+  }
+  return kt;
 }
 
 template <typename T>
@@ -79,7 +97,7 @@ void Forward<T>::query_rows_body(int64_t t, Work& w) const {
       // unreachable: bf16_products() runs on packed operands alone
     } else if (fk) {
       this->fgemm(bq, bk, p.E, p.q_sr, layout::slot_ld_kt(p), bk, false, q,
-                  packed_kt(b, hk, j0 / kFwdBlockK), s);
+                  kt_block(b, hk, j0 / kFwdBlockK, w), s);
     } else if (wide && p.fgemm) {
       p.fgemm(bq, bk, p.E, p.E, layout::slot_ld_kt(p), bk, false, qf,
               this->wide_k(b, hk, j0 / kFwdBlockK), reinterpret_cast<float*>(s));

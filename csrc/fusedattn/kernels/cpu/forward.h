@@ -36,6 +36,11 @@ struct Forward : Problem<T> {
     Scratch<uint16_t> keep;            // its lane masks per key
     Scratch<float> qf;                 // wide(): the task's queries in fp32 (bq x E)
     Scratch<bf16> q16, p16;            // bf16_products(): the task's queries, P, in bf16
+    // layout::kt_in_tasks: K^T's blocks of one (b, kv head) (kt_head = b * Hk + hk), in
+    // packed_slot(p)-sized slots; kt_ready[jb]: block jb transposed.
+    Scratch<T> kt;
+    std::vector<char> kt_ready;
+    int64_t kt_head = -1;
     explicit Work(const FlashParams& p)
         : s(layout::kFwdBlockQ * layout::kFwdBlockK), acc(layout::kFwdBlockQ * p.Ev),
           m(layout::kFwdBlockQ), l(layout::kFwdBlockQ), bias(2 * layout::kFwdBlockK),
@@ -48,7 +53,9 @@ struct Forward : Problem<T> {
           keep(p.forward_path == ForwardPath::KeysAsRows ? 4 * layout::kFwdBlockK : 0),
           qf(p.half_on_f32 ? layout::kFwdBlockQ * p.E : 0),
           q16(p.bf16_products ? layout::kFwdBlockQ * p.E : 0),
-          p16(p.bf16_products ? layout::kFwdBlockQ * layout::kFwdBlockK : 0) {}
+          p16(p.bf16_products ? layout::kFwdBlockQ * layout::kFwdBlockK : 0),
+          kt(layout::kt_in_tasks(p) ? layout::key_blocks(p) * layout::packed_slot(p) : 0),
+          kt_ready(layout::kt_in_tasks(p) ? layout::key_blocks(p) : 0) {}
   };
 
   // Task t: batch-head bh = (b, h), key/value head hk, queries [i0, i0 + bq).
@@ -86,6 +93,9 @@ struct Forward : Problem<T> {
     return bk + (bk & 1);
   }
 
+  // layout::kt_in_tasks: block jb of (b, hk)'s K^T (E x bk, row stride slot_ld_kt(p)),
+  // transposed into w.kt by the first task of this thread that asks for it.
+  const T* kt_block(int64_t b, int64_t hk, int64_t jb, Work& w) const;  // forward.cpp
   void run(int64_t begin, int64_t end) const;                       // forward.cpp
   void query_rows_task(int64_t t, Work& w) const;                   // forward.cpp
   template <typename PT>  // the products' operand type: T, or bf16 for bf16_products()

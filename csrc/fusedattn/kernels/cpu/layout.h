@@ -58,6 +58,16 @@ inline int64_t packed_slot(const FlashParams& p) {
   return slot_keys(p) * (p.E + round64(p.Ev));
 }
 inline int64_t pack_tasks(const FlashParams& p) { return p.B * p.Hk * key_blocks(p); }
+// fp32 query rows on p.fgemm: no pack tasks; each thread transposes a (b, kv head)'s K blocks
+// into its own packed_slot(p)-sized slots when its tasks first reach them (Forward::kt_block),
+// where they stay in L2 for the head's other query blocks. The call-wide K^T workspace made
+// every K element cross memory three times (read, written, read back): the pack was 4% of
+// an fp32 causal forward at L = 1024 (perf, AMD EPYC). The weights paths keep the pack tasks
+// (the head-averaged one visits every head per task).
+inline bool kt_in_tasks(const FlashParams& p) {
+  return p.dtype == DType::Float && p.fgemm != nullptr && !p.bf16_products &&
+         p.forward_path == ForwardPath::QueryRows;
+}
 
 // Keys-as-rows backward: Lp = L rounded up to 64; K^T's row stride; fp32: the row stride of
 // Q^T, dO^T and dQ^T, 16 floats more than Lp (at Lp = 1024, a 4 KiB stride put the products'

@@ -68,7 +68,7 @@ void Forward<T>::pack(int64_t begin, int64_t end) const {
         pack_half_block(*p.packed, k16.data(), p.E, v16.data(), p.Ev, bk, p.E, p.Ev, kt16.data(),
                         kLdT16, packed_kt(b, hk, jb), packed_v<bf16>(b, hk, jb));
       }
-    } else if constexpr (std::is_same_v<T, float>) {  // K^T for fgemm
+    } else if constexpr (std::is_same_v<T, float>) {  // K^T for fgemm (the weights paths)
       transpose(this->k_rows(b, hk, j0), p.k_sr, bk, p.E, packed_kt(b, hk, jb), layout::slot_ld_kt(p));
     } else if constexpr (kIsHalf<T>) {
       pack_half_block(*p.packed, this->k_rows(b, hk, j0), p.k_sr, this->v_rows(b, hk, j0),

@@ -45,11 +45,12 @@ const KernelTable& table_for(Capability c) {
 // Packing K/V costs one pass over them per call; worth it when each packed block serves
 // several query blocks: at least this many queries per key/value head (L * H / Hk).
 constexpr int64_t kPackedMinQueries = 128;
-// fp32 forward on the JIT GEMM: it forms K^T once per call (a workspace the size of K, whose
-// first touch costs page faults: at L=128-256 that outweighed the faster products, 3.7 vs
-// 2.2 ms with every block its own mapping), so it needs 512 queries per key/value head; the
-// keys-as-rows fp32 backward, 128.
-constexpr int64_t kFloatGemmForwardMinQueries = 512;
+// fp32 forward on the JIT GEMM: each thread transposes the K blocks its tasks reach, into
+// buffers it keeps (layout::kt_in_tasks), which pays from 4 queries per key/value head (AMD
+// EPYC, B=4, H=8, S=1024-4096, against MKL's sgemm reading K in place: 1 query 0.8x, 4
+// queries 1.0-1.3x, 8-32 queries 1.2-1.6x, L=128-384 2.0x); the keys-as-rows fp32 backward
+// needs 128.
+constexpr int64_t kFloatGemmForwardMinQueries = 4;
 constexpr int64_t kFloatGemmBackwardMinQueries = 128;
 
 // Half types on fp32 products (p.half_on_f32): the query-rows forward (K and V widened by the
@@ -174,7 +175,7 @@ Plan plan_forward(const FlashParams& in) {
   if ((p.dtype != DType::Float && !p.half_on_f32) || p.bf16_products || p.S == 0 ||
       queries_per_kv_head(p) < kFloatGemmForwardMinQueries || narrow_window)
     p.fgemm = nullptr;
-  if (p.packed || p.fgemm || p.half_on_f32) {
+  if ((p.packed || p.fgemm || p.half_on_f32) && !layout::kt_in_tasks(p)) {
     r.pack_tasks = layout::pack_tasks(p);
     r.packed_elems = r.pack_tasks * layout::packed_slot(p);
   }
