@@ -654,3 +654,23 @@ def test_trailing_padding_is_never_read(monkeypatch, dtype, extra, S):
     for got, want in zip(run(float("nan")), run(0.0)):
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("L", [5, 600])  # 600: the JIT GEMM paths (forward, keys-as-rows backward)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("E,Ev", [(8, 0), (0, 4), (0, 0)])
+def test_empty_head_dims_are_answers(L, dtype, E, Ev):
+    # An empty value dim gives an empty output, an empty key dim (scale given) uniform weights;
+    # the JIT GEMM cannot take an empty dim (it once raised std::bad_alloc), so the plan keeps
+    # such calls off it.
+    gen = torch.Generator().manual_seed(L)
+    q = torch.randn(2, 3, L, E, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(2, 3, L + 2, E, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(2, 3, L + 2, Ev, generator=gen).to(dtype).requires_grad_()
+    out = fusedattn.attention(q, k, v, scale=0.5)
+    assert out.shape == (2, 3, L, Ev) and out.dtype == dtype
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and not t.grad.isnan().any()

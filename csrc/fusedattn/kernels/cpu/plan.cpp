@@ -172,8 +172,8 @@ Plan plan_forward(const FlashParams& in) {
   // the pack tasks). bf16 without AMX (AMD EPYC, avx512_bf16, B=4, H=12 over 3 kv heads,
   // L=1024, causal): 44 -> 25 ms on it, against MKL's sgemm on the widened rows (fp32: 23-30
   // ms in the same runs). fp16 takes it on every tier (not timed on AMX).
-  if ((p.dtype != DType::Float && !p.half_on_f32) || p.bf16_products || p.S == 0 ||
-      queries_per_kv_head(p) < kFloatGemmForwardMinQueries || narrow_window)
+  if ((p.dtype != DType::Float && !p.half_on_f32) || p.bf16_products || p.S == 0 || p.E == 0 ||
+      p.Ev == 0 || queries_per_kv_head(p) < kFloatGemmForwardMinQueries || narrow_window)
     p.fgemm = nullptr;
   if ((p.packed || p.fgemm || p.half_on_f32) && !layout::kt_in_tasks(p)) {
     r.pack_tasks = layout::pack_tasks(p);
@@ -191,7 +191,7 @@ namespace {
 // EPYC, 2 threads). bf16's keys-as-rows path has them too.
 bool float_keys_as_rows(const FlashParams& p, Capability tier) {
   return p.fgemm != nullptr && p.mask_kind == MaskKind::None && !p.dropout && p.S > 0 &&
-         tier >= Capability::Avx512 && queries_per_kv_head(p) >= kFloatGemmBackwardMinQueries;
+         p.E > 0 && p.Ev > 0 && tier >= Capability::Avx512 && queries_per_kv_head(p) >= kFloatGemmBackwardMinQueries;
 }
 }  // namespace
 
