@@ -191,7 +191,8 @@ namespace {
 // EPYC, 2 threads). bf16's keys-as-rows path has them too.
 bool float_keys_as_rows(const FlashParams& p, Capability tier) {
   return p.fgemm != nullptr && p.mask_kind == MaskKind::None && !p.dropout && p.S > 0 &&
-         p.E > 0 && p.Ev > 0 && tier >= Capability::Avx512 && queries_per_kv_head(p) >= kFloatGemmBackwardMinQueries;
+         p.E > 0 && p.Ev > 0 && tier >= Capability::Avx512 &&
+         queries_per_kv_head(p) >= kFloatGemmBackwardMinQueries;
 }
 }  // namespace
 

@@ -1,6 +1,7 @@
 #pragma once
 // The AVX-512 vocabulary (tiers avx512 and up): exp2 on zmm, row loops with masked tails,
-// gathers that transpose, bf16 rounding in one instruction (avx512_bf16).
+// transposes (fp32 in registers, 16-bit types by gathers), bf16 rounding in one instruction
+// (avx512_bf16).
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -137,8 +138,10 @@ inline void transpose_zmm(const float* x, int64_t ldx, int64_t rows, int64_t col
       const int64_t nc = std::min<int64_t>(cols - c, 16);
       const __mmask16 in = tail_mask(nc);
       __m512 a[16];
-      for (int i = 0; i < 16; ++i)  // rows past the end: zeros, their address not formed
-        a[i] = _mm512_maskz_loadu_ps(i < nr ? in : __mmask16(0), x + (r + std::min<int64_t>(i, nr - 1)) * ldx + c);
+      for (int i = 0; i < 16; ++i) {  // rows past the end: zeros, read from no address past x
+        const float* row = x + (r + std::min<int64_t>(i, nr - 1)) * ldx + c;
+        a[i] = _mm512_maskz_loadu_ps(i < nr ? in : __mmask16(0), row);
+      }
       transpose16x16_zmm(a);
       for (int64_t j = 0; j < nc; ++j) {
         float* dst = y + (c + j) * ldy + r;
