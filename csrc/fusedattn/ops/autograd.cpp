@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "fusedattn/ops/attention.h"
+#include "fusedattn/ops/params.h"
 #include "fusedattn/ops/varlen.h"
 
 namespace fusedattn {
@@ -49,7 +50,7 @@ std::pair<bool, bool> mask_grads_wanted(AutogradContext* ctx, size_t first_mask,
 bool keeps_fp32_out(const at::Tensor& query,
                     std::initializer_list<std::optional<at::Tensor>> inputs) {
   const auto t = query.scalar_type();
-  if (!at::GradMode::is_enabled() || (t != at::kBFloat16 && t != at::kHalf)) return false;
+  if (!at::GradMode::is_enabled() || out_dtype(t, /*fp32_out=*/true) == t) return false;
   for (const auto& x : inputs) {
     if (x && x->defined() && x->requires_grad()) return true;
   }

@@ -19,8 +19,11 @@ at::ScalarType AttentionParams::out_dtype() const {
   return fusedattn::out_dtype(problem.dtype, fp32_out);
 }
 
-bool check_backward_out_dtype(at::ScalarType dtype, const at::Tensor& out, const char* op) {
-  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
+bool check_backward_dtypes(at::ScalarType dtype, const at::Tensor& grad_out,
+                           const at::Tensor& out, const char* op) {
+  TORCH_CHECK(grad_out.scalar_type() == dtype, op, " backward: grad_out must be ", dtype,
+              " (query's dtype), got ", grad_out.scalar_type());
+  const bool half = out_dtype(dtype, /*fp32_out=*/true) != dtype;
   const bool widened = half && out.scalar_type() == at::kFloat;
   TORCH_CHECK(out.scalar_type() == dtype || widened, op, " backward: out must be ", dtype,
               half ? " (or float32, an fp32_out forward's)" : "", ", got ", out.scalar_type());
@@ -105,8 +108,6 @@ void check_backward_output(const AttentionParams& params, const at::Tensor& grad
   TORCH_CHECK(grad_out.sizes().equals(params.problem.out_shape()),
               "attention backward: grad_out must have shape ",
               c10::IntArrayRef(params.problem.out_shape()), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == params.problem.dtype, "attention backward: grad_out must be ",
-              params.problem.dtype, " (query's dtype), got ", grad_out.scalar_type());
 }
 
 }  // namespace fusedattn

@@ -89,10 +89,11 @@ void check_backward_output(const AttentionParams& params, const at::Tensor& grad
 // A forward's out dtype: fp32 under fp32_out for bf16/fp16 inputs, the inputs' otherwise.
 at::ScalarType out_dtype(at::ScalarType dtype, bool fp32_out);
 
-// A backward's `out` (the forward's output it reads for D): the inputs' dtype, or fp32 for
-// bf16/fp16 inputs (an fp32_out forward's); a named error otherwise. -> whether it is fp32
-// for half-precision inputs.
-bool check_backward_out_dtype(at::ScalarType dtype, const at::Tensor& out, const char* op);
+// A backward's dtypes, named errors otherwise: grad_out in the inputs' dtype, `out` (the
+// forward's output it reads for D) too, or fp32 for bf16/fp16 inputs (an fp32_out forward's).
+// -> whether out is fp32 for half-precision inputs.
+bool check_backward_dtypes(at::ScalarType dtype, const at::Tensor& grad_out,
+                           const at::Tensor& out, const char* op);
 
 // A backend's `_attention_forward` / `_attention_backward` kernel from a function of the
 // struct: the schema's arguments become AttentionParams (and AttentionGrads) here, once, so
@@ -140,7 +141,7 @@ attention_backward_entry(
                                             scale, enable_gqa, window, alibi_slopes, softcap,
                                             rel_bias);
   check_backward_output(params, grad_out);
-  check_backward_out_dtype(params.problem.dtype, out, "attention");
+  check_backward_dtypes(params.problem.dtype, grad_out, out, "attention");
   AttentionGrads grads;
   grads.grad_out = grad_out, grads.out = out, grads.lse = lse;
   grads.grad_weights = grad_weights, grads.grad_lse = grad_lse;

@@ -136,8 +136,7 @@ void backward_into(const AttentionParams& params, const AttentionGrads& grads,
   TORCH_CHECK(grad_out.sizes().equals(pb.out_shape()) && out.sizes().equals(pb.out_shape()),
               "attention backward: grad_out and out must have shape ",
               c10::IntArrayRef(pb.out_shape()), ", got ", grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == pb.dtype, "attention backward: grad_out must be ", pb.dtype,
-              " (query's dtype), got ", grad_out.scalar_type());
+  const bool out_f32 = check_backward_dtypes(pb.dtype, grad_out, out, "attention");
   const auto acc = accumulate_type(pb.dtype);
   TORCH_CHECK(lse.sizes().equals(pb.lse_shape()) && lse.scalar_type() == acc,
               "attention backward: lse must be ", acc, " of shape ",
@@ -149,7 +148,7 @@ void backward_into(const AttentionParams& params, const AttentionGrads& grads,
   at::Tensor dlse;
   if (grads.grad_lse && grads.grad_lse->numel() > 0) dlse = grads.grad_lse->to(acc).contiguous();
   p.out = out4.data_ptr(), p.o_sb = out4.stride(0), p.o_sh = out4.stride(1), p.o_sr = out4.stride(2);
-  p.out_f32 = check_backward_out_dtype(pb.dtype, out, "attention");
+  p.out_f32 = out_f32;
   p.dout = dout4.data_ptr(), p.do_sb = dout4.stride(0), p.do_sh = dout4.stride(1),
   p.do_sr = dout4.stride(2);
   p.lse = lse_c.data_ptr();

@@ -149,8 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
   TORCH_CHECK(grad_out.sizes().equals(out_shape) && out.sizes().equals(out_shape),
               "attention_varlen backward: grad_out and out must have shape ",
               c10::IntArrayRef(out_shape), ", got ", grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type(), "attention_varlen backward: grad_out must be ",
-              query.scalar_type(), " (query's dtype), got ", grad_out.scalar_type());
+  const bool out_f32 = check_backward_dtypes(query.scalar_type(), grad_out, out, "attention_varlen");
   const auto acc = accumulate_type(query.scalar_type());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == heads && lse.size(1) == total_q &&
                   lse.scalar_type() == acc,
@@ -160,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
   at::Tensor dlse;
   if (grad_lse && grad_lse->numel() > 0) dlse = grad_lse->to(acc).contiguous();
   p.out = out_r.data_ptr(), p.o_sb = 0, p.o_sh = out_r.stride(1), p.o_sr = out_r.stride(0);
-  p.out_f32 = check_backward_out_dtype(query.scalar_type(), out, "attention_varlen");
+  p.out_f32 = out_f32;
   p.dout = dout.data_ptr(), p.do_sb = 0, p.do_sh = dout.stride(1), p.do_sr = dout.stride(0);
   p.lse = lse_c.data_ptr();
   p.dlse = dlse.defined() ? dlse.data_ptr() : nullptr;
